@@ -1,0 +1,311 @@
+//! Gatehouse's plugin contract: the [`Plugin`] trait, the per-route [`Chain`] and the built-in
+//! plugin kinds.
+//!
+//! A plugin is an offload feature (auth, rate limit, header transform…) that the core runs at
+//! Pingora's phases. This crate never sees routing internals: a plugin gets Pingora's `Session`,
+//! its own typed config and a small [`PluginCtx`]. Chains are built once per route when the
+//! config is loaded, one list per phase, so a request only calls the plugins that act in that
+//! phase (see `../shared/PINGORA-NOTES.md`: calling every plugin at every phase costs µs).
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use pingora_error::{Error, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+pub mod config;
+pub mod headers;
+pub mod request_id;
+
+pub use config::{PluginConfig, KINDS};
+
+/// What a plugin's request hook decided.
+#[must_use]
+#[derive(Debug)]
+pub enum Decision {
+    /// Go on with the next plugin, then the upstream.
+    Continue,
+    /// Answer the client with this reply; no later plugin and no upstream sees the request.
+    Respond(Reply),
+}
+
+/// A response produced by the gateway itself (a policy refusal, a preflight answer…).
+///
+/// The core writes it, after running the chain's response hooks over its header, so that
+/// request ids, CORS headers and metrics apply to it like to any proxied response.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// A small JSON error body in the one shape every gateway-made error uses, so clients
+    /// and support staff can quote the request id.
+    pub fn json_error(status: StatusCode, message: &str, request_id: &HeaderValue) -> Reply {
+        let id = String::from_utf8_lossy(request_id.as_bytes());
+        Reply {
+            status,
+            headers: vec![(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body: Bytes::from(format!(
+                "{{\"status\":{},\"error\":{},\"request_id\":{}}}\n",
+                status.as_u16(),
+                json_string(message),
+                json_string(&id)
+            )),
+        }
+    }
+}
+
+/// Quotes `s` as a JSON string; enough for error messages, which we write ourselves.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Per-request state the core shares with plugins.
+#[derive(Debug, Default)]
+pub struct PluginCtx {
+    /// The request's id: set by the `request_id` plugin, or by the core when it needs one.
+    pub request_id: Option<HeaderValue>,
+    /// The client's address, resolved through `trusted_proxies`.
+    pub client_ip: Option<IpAddr>,
+    /// Name of the matched route, if any.
+    pub route: Option<Arc<str>>,
+    /// Name of the gateway that took the request.
+    pub gateway: Option<Arc<str>>,
+}
+
+impl PluginCtx {
+    /// The request id, generated on first use when no plugin set one.
+    pub fn request_id(&mut self) -> &HeaderValue {
+        self.request_id.get_or_insert_with(request_id::generate)
+    }
+}
+
+/// The phases a plugin acts in; the chain calls a plugin only in these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Phases(u8);
+
+impl Phases {
+    pub const REQUEST: Phases = Phases(1);
+    pub const UPSTREAM_REQUEST: Phases = Phases(1 << 1);
+    pub const RESPONSE: Phases = Phases(1 << 2);
+    pub const RESPONSE_BODY: Phases = Phases(1 << 3);
+    pub const LOGGING: Phases = Phases(1 << 4);
+    pub const ALL: Phases = Phases(0x1f);
+
+    pub const fn union(self, other: Phases) -> Phases {
+        Phases(self.0 | other.0)
+    }
+
+    pub const fn contains(self, other: Phases) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+/// An offload feature run by the core at Pingora's phases. Every hook defaults to a no-op;
+/// a plugin overrides the ones it needs and lists them in [`Plugin::phases`].
+#[async_trait]
+pub trait Plugin: Send + Sync + 'static {
+    /// The TOML `kind`; also the metrics label.
+    fn kind(&self) -> &'static str;
+
+    /// The phases this plugin acts in. Hooks of other phases are never called.
+    fn phases(&self) -> Phases;
+
+    /// Runs after routing, before the upstream is chosen. `Respond` ends the request here.
+    async fn request(&self, _s: &mut Session, _cx: &mut PluginCtx) -> Result<Decision> {
+        Ok(Decision::Continue)
+    }
+
+    /// Runs on the header about to be sent upstream, after the core's path rewrite and
+    /// X-Forwarded-* headers.
+    async fn upstream_request(
+        &self,
+        _s: &mut Session,
+        _req: &mut RequestHeader,
+        _cx: &mut PluginCtx,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs on every response header sent to the client, proxied or made by the gateway.
+    async fn response(
+        &self,
+        _s: &mut Session,
+        _resp: &mut ResponseHeader,
+        _cx: &mut PluginCtx,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs on each response body chunk; keep it cheap, it is synchronous.
+    fn response_body(
+        &self,
+        _s: &mut Session,
+        _body: &mut Option<Bytes>,
+        _eos: bool,
+        _cx: &mut PluginCtx,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs once when the request is done, whatever its outcome.
+    async fn logging(&self, _s: &mut Session, _e: Option<&Error>, _cx: &mut PluginCtx) {}
+}
+
+/// The plugins of one route (global, then gateway, then route, in file order), split per phase
+/// at load time.
+///
+/// Request-side hooks run in chain order; response-side hooks run in reverse, so the plugin
+/// nearest the upstream sees the response first and the outermost one has the last word,
+/// as in Envoy's filter chains.
+#[derive(Default, Clone)]
+pub struct Chain {
+    request: Box<[Arc<dyn Plugin>]>,
+    upstream_request: Box<[Arc<dyn Plugin>]>,
+    response: Box<[Arc<dyn Plugin>]>,
+    response_body: Box<[Arc<dyn Plugin>]>,
+    logging: Box<[Arc<dyn Plugin>]>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kinds = |v: &[Arc<dyn Plugin>]| v.iter().map(|p| p.kind()).collect::<Vec<_>>();
+        f.debug_struct("Chain")
+            .field("request", &kinds(&self.request))
+            .field("upstream_request", &kinds(&self.upstream_request))
+            .field("response", &kinds(&self.response))
+            .finish()
+    }
+}
+
+impl Chain {
+    /// Builds the per-phase lists from plugins in request order.
+    pub fn new(plugins: &[Arc<dyn Plugin>]) -> Chain {
+        let pick = |phase: Phases, reverse: bool| -> Box<[Arc<dyn Plugin>]> {
+            let mut v: Vec<_> = plugins
+                .iter()
+                .filter(|p| p.phases().contains(phase))
+                .cloned()
+                .collect();
+            if reverse {
+                v.reverse();
+            }
+            v.into_boxed_slice()
+        };
+        Chain {
+            request: pick(Phases::REQUEST, false),
+            upstream_request: pick(Phases::UPSTREAM_REQUEST, false),
+            response: pick(Phases::RESPONSE, true),
+            response_body: pick(Phases::RESPONSE_BODY, true),
+            logging: pick(Phases::LOGGING, false),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty()
+            && self.upstream_request.is_empty()
+            && self.response.is_empty()
+            && self.response_body.is_empty()
+            && self.logging.is_empty()
+    }
+
+    pub async fn request(&self, s: &mut Session, cx: &mut PluginCtx) -> Result<Decision> {
+        for p in self.request.iter() {
+            if let Decision::Respond(r) = p.request(s, cx).await? {
+                return Ok(Decision::Respond(r));
+            }
+        }
+        Ok(Decision::Continue)
+    }
+
+    pub async fn upstream_request(
+        &self,
+        s: &mut Session,
+        req: &mut RequestHeader,
+        cx: &mut PluginCtx,
+    ) -> Result<()> {
+        for p in self.upstream_request.iter() {
+            p.upstream_request(s, req, cx).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn response(
+        &self,
+        s: &mut Session,
+        resp: &mut ResponseHeader,
+        cx: &mut PluginCtx,
+    ) -> Result<()> {
+        for p in self.response.iter() {
+            p.response(s, resp, cx).await?;
+        }
+        Ok(())
+    }
+
+    pub fn has_response_body(&self) -> bool {
+        !self.response_body.is_empty()
+    }
+
+    pub fn response_body(
+        &self,
+        s: &mut Session,
+        body: &mut Option<Bytes>,
+        eos: bool,
+        cx: &mut PluginCtx,
+    ) -> Result<()> {
+        for p in self.response_body.iter() {
+            p.response_body(s, body, eos, cx)?;
+        }
+        Ok(())
+    }
+
+    pub async fn logging(&self, s: &mut Session, e: Option<&Error>, cx: &mut PluginCtx) {
+        for p in self.logging.iter() {
+            p.logging(s, e, cx).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_string_escapes() {
+        assert_eq!(json_string("a\"b\\c\n\u{1}"), r#""a\"b\\c\n\u0001""#);
+    }
+
+    #[test]
+    fn phases_contain() {
+        let p = Phases::REQUEST.union(Phases::RESPONSE);
+        assert!(p.contains(Phases::REQUEST));
+        assert!(!p.contains(Phases::LOGGING));
+        assert!(Phases::ALL.contains(p));
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what building Gatehouse needs, when it is missing, on Debian or Ubuntu:
+# cmake (Pingora's zlib-ng build), pkg-config and the OpenSSL headers, and a C compiler.
+# Safe to run every time: it does nothing when all is there.
+set -euo pipefail
+
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v cc >/dev/null 2>&1 || need+=(build-essential)
+[ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${need[*]}" >&2
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null 2>&1 || { echo "bootstrap: cargo not found; install Rust from rustup" >&2; exit 1; }

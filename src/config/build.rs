@@ -1,0 +1,850 @@
+//! File model → validated model, collecting every error with its place in the file.
+//!
+//! Each top-level section (and each upstream, plugin, gateway and route in it) is deserialized
+//! on its own from toml's spanned document, so one bad route does not hide the errors of the
+//! next, and serde's errors keep the byte span of the value they are about.
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gatehouse_plugins::{PluginConfig, KINDS};
+use http::{HeaderName, HeaderValue, Method};
+use regex::Regex;
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+use super::file::{GatewayFile, RouteFile, ServerFile, UpstreamFile};
+use super::*;
+
+const SECTIONS: &[&str] = &["server", "upstreams", "plugins", "gateways", "routes"];
+
+struct Loader<'a> {
+    src: &'a str,
+    line_starts: Vec<usize>,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Loader<'a> {
+    fn new(src: &'a str) -> Self {
+        let mut line_starts = vec![0];
+        line_starts.extend(src.match_indices('\n').map(|(i, _)| i + 1));
+        Loader {
+            src,
+            line_starts,
+            errors: Vec::new(),
+        }
+    }
+
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let line = self.line_starts.partition_point(|&s| s <= offset).max(1);
+        let start = self.line_starts[line - 1];
+        let col = self
+            .src
+            .get(start..offset.min(self.src.len()))
+            .map_or(1, |s| s.chars().count() + 1);
+        (line, col)
+    }
+
+    fn err(&mut self, span: Range<usize>, context: &str, message: impl Into<String>) {
+        let (line, col) = self.position(span.start);
+        self.errors.push(ConfigError {
+            line,
+            col,
+            context: context.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one section; on error records it (at the value's own span when serde
+    /// knows it, else at the section) and returns `None`.
+    fn de<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        value: Spanned<DeValue<'a>>,
+        context: &str,
+    ) -> Option<T> {
+        let fallback = value.span();
+        match T::deserialize(ValueDeserializer::from(value)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let span = e.span().unwrap_or(fallback);
+                self.err(span, context, tidy(e.message()));
+                None
+            }
+        }
+    }
+
+    /// The entries of a `[section.NAME]` table, each with its name.
+    fn named_tables(
+        &mut self,
+        value: Spanned<DeValue<'a>>,
+        section: &str,
+    ) -> Vec<(Spanned<String>, Spanned<DeValue<'a>>)> {
+        let span = value.span();
+        match value.into_inner() {
+            DeValue::Table(t) => t
+                .into_iter()
+                .map(|(k, v)| {
+                    let ks = k.span();
+                    (Spanned::new(ks, k.into_inner().into_owned()), v)
+                })
+                .collect(),
+            _ => {
+                self.err(
+                    span,
+                    "",
+                    format!("`{section}` must be a table of named entries ([{section}.NAME])"),
+                );
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// serde's messages name Rust types; say it in the user's terms.
+fn tidy(msg: &str) -> String {
+    msg.trim_end()
+        .replace("invalid type: ", "wrong type: ")
+        .replace("usize", "a non-negative integer")
+        .replace("i32", "an integer")
+}
+
+pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> {
+    let mut ld = Loader::new(src);
+    let doc = match DeTable::parse(src) {
+        Ok(d) => d,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            ld.err(span, "", format!("TOML syntax: {}", e.message().trim_end()));
+            return Err(ld.errors);
+        }
+    };
+
+    let mut server = None;
+    let mut upstream_vals = Vec::new();
+    let mut plugin_vals = Vec::new();
+    let mut gateway_vals = Vec::new();
+    let mut route_vals = Vec::new();
+    for (key, value) in doc.into_inner() {
+        let kspan = key.span();
+        match key.get_ref().as_ref() {
+            "server" => server = Some(value),
+            "upstreams" => upstream_vals = ld.named_tables(value, "upstreams"),
+            "plugins" => plugin_vals = ld.named_tables(value, "plugins"),
+            "gateways" => gateway_vals = ld.named_tables(value, "gateways"),
+            "routes" => {
+                let span = value.span();
+                match value.into_inner() {
+                    DeValue::Array(a) => route_vals = a.into_iter().collect(),
+                    _ => ld.err(span, "", "`routes` must be an array of tables ([[routes]])"),
+                }
+            }
+            other => ld.err(
+                kspan,
+                "",
+                format!(
+                    "unknown section `{other}`, expected one of: {}",
+                    SECTIONS.join(", ")
+                ),
+            ),
+        }
+    }
+
+    let server_file: ServerFile = match server {
+        Some(v) => ld.de(v, "[server]").unwrap_or_default(),
+        None => ServerFile::default(),
+    };
+
+    // Plugins first: everything else refers to them by name.
+    let mut plugins = Vec::new();
+    let mut plugin_names = HashMap::new();
+    for (name, value) in plugin_vals {
+        let ctx = format!("plugin \"{}\"", name.get_ref());
+        // Known names even when broken, so references to them are not reported twice.
+        plugin_names.insert(name.get_ref().clone(), None);
+        if let Some(cfg) = plugin_config(&mut ld, value, &ctx) {
+            plugin_names.insert(name.get_ref().clone(), Some(plugins.len()));
+            plugins.push(NamedPlugin {
+                name: name.into_inner(),
+                config: cfg,
+            });
+        }
+    }
+
+    let mut upstreams = Vec::new();
+    let mut upstream_names = HashMap::new();
+    for (name, value) in upstream_vals {
+        let ctx = format!("upstream \"{}\"", name.get_ref());
+        upstream_names.insert(name.get_ref().clone(), None);
+        let span = value.span();
+        if let Some(u) = ld.de::<UpstreamFile>(value, &ctx) {
+            if let Some(u) = upstream(&mut ld, name.get_ref(), u, span, &ctx) {
+                upstream_names.insert(name.get_ref().clone(), Some(upstreams.len()));
+                upstreams.push(u);
+            }
+        }
+    }
+
+    let server_plugins = plugin_refs(&mut ld, &server_file.plugins, &plugin_names, "[server]");
+    let mut gateways = Vec::new();
+    let mut gateway_names = HashMap::new();
+    let mut listens: HashMap<std::net::SocketAddr, String> = HashMap::new();
+    for (name, value) in gateway_vals {
+        let ctx = format!("gateway \"{}\"", name.get_ref());
+        gateway_names.insert(name.get_ref().clone(), None);
+        let Some(g) = ld.de::<GatewayFile>(value, &ctx) else {
+            continue;
+        };
+        if g.listen.get_ref().is_empty() {
+            ld.err(g.listen.span(), &ctx, "`listen` needs at least one address");
+        }
+        for a in g.listen.get_ref() {
+            let addr = a.get_ref().0;
+            if let Some(other) = listens.insert(addr, name.get_ref().clone()) {
+                ld.err(
+                    a.span(),
+                    &ctx,
+                    format!("listen address {addr} is already used by gateway \"{other}\""),
+                );
+            }
+        }
+        let tls = g.tls.map(|t| {
+            for f in [&t.cert, &t.key] {
+                let p = relative_to(path, f.get_ref());
+                if !p.is_file() {
+                    ld.err(
+                        f.span(),
+                        &ctx,
+                        format!("TLS file {} not found", p.display()),
+                    );
+                }
+            }
+            Tls {
+                cert: relative_to(path, t.cert.get_ref()),
+                key: relative_to(path, t.key.get_ref()),
+                h2: t.h2.unwrap_or(true),
+            }
+        });
+        let plugins = plugin_refs(&mut ld, &g.plugins, &plugin_names, &ctx);
+        gateway_names.insert(name.get_ref().clone(), Some(gateways.len()));
+        gateways.push(Gateway {
+            name: name.into_inner(),
+            listen: g
+                .listen
+                .into_inner()
+                .into_iter()
+                .map(|a| a.into_inner().0)
+                .collect(),
+            tls,
+            plugins,
+            routes: Vec::new(),
+        });
+    }
+    if gateways.is_empty() && gateway_names.is_empty() {
+        ld.err(
+            0..0,
+            "",
+            "no gateway: add a [gateways.NAME] table with `listen`",
+        );
+    }
+
+    let refs = Refs {
+        upstreams: &upstream_names,
+        plugins: &plugin_names,
+        gateways: &gateway_names,
+    };
+    let mut seen: HashMap<String, (String, usize)> = HashMap::new();
+    for (i, value) in route_vals.into_iter().enumerate() {
+        let span = value.span();
+        let fallback_ctx = format!("route #{}", i + 1);
+        let Some(r) = ld.de::<RouteFile>(value, &fallback_ctx) else {
+            continue;
+        };
+        let name = r.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+        let ctx = format!("route \"{name}\"");
+        let line = ld.position(span.start).0;
+        let Some((gw, route)) = route(&mut ld, r, name, line, span.clone(), &refs, &ctx) else {
+            continue;
+        };
+        let key = format!("{gw}\u{0}{}", route_key(&route));
+        if let Some((other, other_line)) = seen.get(&key) {
+            ld.err(
+                span,
+                &ctx,
+                format!(
+                    "matches exactly the same requests as route \"{other}\" (line {other_line}); \
+                     change a matcher or set a different `priority`"
+                ),
+            );
+            continue;
+        }
+        seen.insert(key, (route.name.clone(), line));
+        if let Some(g) = gateways.get_mut(gw) {
+            g.routes.push(route);
+        }
+    }
+
+    let threads = match server_file.threads {
+        Some(t) if *t.get_ref() == 0 => {
+            ld.err(t.span(), "[server]", "`threads` must be at least 1");
+            1
+        }
+        Some(t) => *t.get_ref(),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    // Per-file defaults, so two instances on two files never share a pid file or an upgrade
+    // socket, while an upgrade of the same file finds the running one.
+    let tag = {
+        let mut h = DefaultHasher::new();
+        std::fs::canonicalize(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .hash(&mut h);
+        format!("{:08x}", h.finish() as u32)
+    };
+    let tmp = std::env::temp_dir();
+
+    if !ld.errors.is_empty() {
+        return Err(ld.errors);
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        server: Server {
+            threads,
+            grace_period: server_file
+                .grace_period
+                .map_or(Duration::from_secs(10), |d| d.0),
+            shutdown_timeout: server_file
+                .shutdown_timeout
+                .map_or(Duration::from_secs(5), |d| d.0),
+            trusted_proxies: server_file.trusted_proxies.iter().map(|c| c.0).collect(),
+            plugins: server_plugins,
+            upstream_keepalive_pool: server_file.upstream_keepalive_pool.unwrap_or(256),
+            pid_file: server_file
+                .pid_file
+                .unwrap_or_else(|| tmp.join(format!("gatehouse-{tag}.pid"))),
+            upgrade_sock: server_file
+                .upgrade_sock
+                .unwrap_or_else(|| tmp.join(format!("gatehouse-{tag}.sock"))),
+        },
+        upstreams,
+        plugins,
+        gateways,
+    })
+}
+
+fn relative_to(config: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    config
+        .parent()
+        .map_or_else(|| p.to_path_buf(), |d| d.join(p))
+}
+
+fn plugin_config<'a>(
+    ld: &mut Loader<'a>,
+    value: Spanned<DeValue<'a>>,
+    ctx: &str,
+) -> Option<PluginConfig> {
+    let span = value.span();
+    let DeValue::Table(mut table) = value.into_inner() else {
+        ld.err(span, ctx, "a plugin must be a table with a `kind`");
+        return None;
+    };
+    let Some(kind) = table.remove("kind") else {
+        ld.err(
+            span,
+            ctx,
+            format!("missing `kind` (one of: {})", KINDS.join(", ")),
+        );
+        return None;
+    };
+    let kspan = kind.span();
+    let DeValue::String(kind) = kind.into_inner() else {
+        ld.err(kspan, ctx, "`kind` must be a string");
+        return None;
+    };
+    let rest: Spanned<DeValue<'a>> = Spanned::new(span.clone(), DeValue::Table(table));
+    match PluginConfig::deserialize_kind(&kind, ValueDeserializer::from(rest)) {
+        Ok(Some(c)) => Some(c),
+        Ok(None) => {
+            ld.err(
+                kspan,
+                ctx,
+                format!(
+                    "unknown plugin kind \"{kind}\", expected one of: {}",
+                    KINDS.join(", ")
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            ld.err(e.span().unwrap_or(span), ctx, tidy(e.message()));
+            None
+        }
+    }
+}
+
+fn plugin_refs(
+    ld: &mut Loader,
+    names: &[Spanned<String>],
+    known: &HashMap<String, Option<usize>>,
+    ctx: &str,
+) -> Vec<usize> {
+    let mut out = Vec::new();
+    for n in names {
+        match known.get(n.get_ref()) {
+            Some(Some(i)) => out.push(*i),
+            Some(None) => {} // the plugin itself is broken and already reported
+            None => ld.err(
+                n.span(),
+                ctx,
+                format!(
+                    "unknown plugin \"{}\" (define it as [plugins.{}])",
+                    n.get_ref(),
+                    n.get_ref()
+                ),
+            ),
+        }
+    }
+    out
+}
+
+fn upstream(
+    ld: &mut Loader,
+    name: &str,
+    u: UpstreamFile,
+    span: Range<usize>,
+    ctx: &str,
+) -> Option<Upstream> {
+    let errors_before = ld.errors.len();
+    let selection = match u.selection.as_ref().map(|s| s.get_ref().as_str()) {
+        None | Some("round_robin") => Selection::RoundRobin,
+        Some("random") => Selection::Random,
+        Some(other) => {
+            let s = u.selection.as_ref().map_or(span.clone(), |s| s.span());
+            ld.err(
+                s,
+                ctx,
+                format!("unknown selection \"{other}\", expected round_robin or random"),
+            );
+            Selection::RoundRobin
+        }
+    };
+    let mut peers = Vec::new();
+    for p in &u.peers {
+        if p.get_ref().weight == 0 {
+            ld.err(p.span(), ctx, "peer weight must be at least 1");
+        }
+        peers.push(Peer {
+            addr: p.get_ref().addr.0,
+            weight: p.get_ref().weight,
+        });
+    }
+    if ld.errors.len() > errors_before {
+        return None;
+    }
+    let sni = u.sni.unwrap_or_else(|| {
+        if u.tls {
+            log::warn!("upstream \"{name}\": tls without `sni`; sending none");
+        }
+        String::new()
+    });
+    Some(Upstream {
+        name: name.to_string(),
+        peers,
+        selection,
+        tls: u.tls,
+        sni,
+        connect_timeout: u.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
+        read_timeout: u.read_timeout.map_or(Duration::from_secs(60), |d| d.0),
+        write_timeout: u.write_timeout.map_or(Duration::from_secs(60), |d| d.0),
+        idle_timeout: u.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
+    })
+}
+
+struct Refs<'r> {
+    upstreams: &'r HashMap<String, Option<usize>>,
+    plugins: &'r HashMap<String, Option<usize>>,
+    gateways: &'r HashMap<String, Option<usize>>,
+}
+
+/// Validates one route; returns its gateway index and the route.
+fn route(
+    ld: &mut Loader,
+    r: RouteFile,
+    name: String,
+    line: usize,
+    span: Range<usize>,
+    refs: &Refs,
+    ctx: &str,
+) -> Option<(usize, Route)> {
+    let errors_before = ld.errors.len();
+
+    let gateway = match &r.gateway {
+        Some(g) => match refs.gateways.get(g.get_ref()) {
+            Some(i) => *i,
+            None => {
+                ld.err(
+                    g.span(),
+                    ctx,
+                    format!("unknown gateway \"{}\"", g.get_ref()),
+                );
+                None
+            }
+        },
+        None if refs.gateways.len() == 1 => refs.gateways.values().next().copied().flatten(),
+        None => {
+            if !refs.gateways.is_empty() {
+                let mut names: Vec<_> = refs.gateways.keys().map(String::as_str).collect();
+                names.sort_unstable();
+                ld.err(
+                    span.clone(),
+                    ctx,
+                    format!(
+                        "`gateway` is required when there are several gateways ({})",
+                        names.join(", ")
+                    ),
+                );
+            }
+            None
+        }
+    };
+
+    let host = match &r.host {
+        None => HostMatch::Any,
+        Some(h) => match parse_host(h.get_ref()) {
+            Ok(m) => m,
+            Err(e) => {
+                ld.err(h.span(), ctx, e);
+                HostMatch::Any
+            }
+        },
+    };
+
+    let path = match &r.path {
+        None => PathMatch::Prefix("/".into()),
+        Some(p) => match parse_path(p.get_ref()) {
+            Ok(m) => m,
+            Err(e) => {
+                ld.err(p.span(), ctx, e);
+                PathMatch::Prefix("/".into())
+            }
+        },
+    };
+
+    let methods = r.methods.as_ref().map(|ms| {
+        if ms.get_ref().is_empty() {
+            ld.err(
+                ms.span(),
+                ctx,
+                "`methods` is empty: leave it out to match any method",
+            );
+        }
+        let mut out = Vec::new();
+        for m in ms.get_ref() {
+            let s = m.get_ref();
+            match Method::from_bytes(s.as_bytes()) {
+                Ok(method) if s.bytes().all(|b| b.is_ascii_uppercase() || b == b'-') => {
+                    if !out.contains(&method) {
+                        out.push(method);
+                    }
+                }
+                _ => ld.err(
+                    m.span(),
+                    ctx,
+                    format!("invalid method \"{s}\" (write it in upper case, e.g. \"GET\")"),
+                ),
+            }
+        }
+        out
+    });
+
+    let mut headers = Vec::new();
+    for (k, v) in &r.headers {
+        let Ok(name) = HeaderName::from_bytes(k.get_ref().as_bytes()) else {
+            ld.err(
+                k.span(),
+                ctx,
+                format!("invalid header name \"{}\"", k.get_ref()),
+            );
+            continue;
+        };
+        let m = if let Some(re) = v.get_ref().strip_prefix("~ ") {
+            match Regex::new(re.trim()) {
+                Ok(re) => ValueMatch::Regex(re),
+                Err(e) => {
+                    ld.err(
+                        v.span(),
+                        ctx,
+                        format!("invalid regex for header {name}: {e}"),
+                    );
+                    continue;
+                }
+            }
+        } else {
+            match HeaderValue::from_str(v.get_ref()) {
+                Ok(hv) => ValueMatch::Exact(hv),
+                Err(_) => {
+                    ld.err(v.span(), ctx, format!("invalid value for header {name}"));
+                    continue;
+                }
+            }
+        };
+        headers.push((name, m));
+    }
+
+    let upstream = match &r.upstream {
+        Some(u) => match refs.upstreams.get(u.get_ref()) {
+            Some(i) => *i,
+            None => {
+                ld.err(
+                    u.span(),
+                    ctx,
+                    format!(
+                        "unknown upstream \"{}\" (define it as [upstreams.{}])",
+                        u.get_ref(),
+                        u.get_ref()
+                    ),
+                );
+                None
+            }
+        },
+        None => {
+            ld.err(span.clone(), ctx, "a route needs a target: set `upstream`");
+            None
+        }
+    };
+
+    let strip = r.strip_prefix.as_ref().is_some_and(|s| *s.get_ref());
+    let rewrite = match (&path, strip, &r.rewrite) {
+        (_, true, Some(rw)) => {
+            ld.err(
+                rw.span(),
+                ctx,
+                "`strip_prefix` and `rewrite` exclude each other: `rewrite` already replaces the prefix",
+            );
+            Rewrite::Keep
+        }
+        (PathMatch::Prefix(_), true, None) => Rewrite::StripPrefix,
+        (_, true, None) => {
+            let s = r.strip_prefix.as_ref().map_or(span.clone(), |s| s.span());
+            ld.err(s, ctx, "`strip_prefix` only applies to prefix paths");
+            Rewrite::Keep
+        }
+        (PathMatch::Regex(_), false, Some(rw)) => Rewrite::Template(rw.get_ref().clone()),
+        (_, false, Some(rw)) => {
+            if !rw.get_ref().starts_with('/') || rw.get_ref().contains(['?', '#', ' ']) {
+                ld.err(
+                    rw.span(),
+                    ctx,
+                    format!(
+                        "`rewrite` must be a path starting with '/', got \"{}\"",
+                        rw.get_ref()
+                    ),
+                );
+            }
+            Rewrite::Replace(rw.get_ref().clone())
+        }
+        (_, false, None) => Rewrite::Keep,
+    };
+
+    let plugins = plugin_refs(ld, &r.plugins, refs.plugins, ctx);
+
+    if ld.errors.len() > errors_before {
+        return None;
+    }
+    Some((
+        gateway?,
+        Route {
+            name,
+            line,
+            host,
+            path,
+            methods,
+            headers,
+            priority: r.priority.unwrap_or(0),
+            upstream: upstream?,
+            rewrite,
+            preserve_host: r.preserve_host,
+            plugins,
+        },
+    ))
+}
+
+fn parse_host(h: &str) -> Result<HostMatch, String> {
+    let lower = h.to_ascii_lowercase();
+    let (wild, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let ok = !name.is_empty()
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !ok {
+        return Err(format!(
+            "invalid host \"{h}\" (write a name like \"api.example.com\" or \"*.example.com\", no port)"
+        ));
+    }
+    Ok(if wild {
+        HostMatch::Suffix(format!(".{name}"))
+    } else {
+        HostMatch::Exact(name.to_string())
+    })
+}
+
+fn parse_path(p: &str) -> Result<PathMatch, String> {
+    if let Some(re) = p.strip_prefix('~') {
+        let re = re.trim();
+        return Regex::new(re)
+            .map(PathMatch::Regex)
+            .map_err(|e| format!("invalid path regex: {e}"));
+    }
+    let (exact, path) = match p.strip_prefix('=') {
+        Some(rest) => (true, rest.trim()),
+        None => (false, p),
+    };
+    if !path.starts_with('/') || path.contains(['?', '#', ' ', '\t']) {
+        return Err(format!(
+            "invalid path \"{p}\": write \"/prefix\", \"= /exact\" or \"~ ^/regex$\""
+        ));
+    }
+    if path.split('/').any(|s| s == "." || s == "..") {
+        return Err(format!("invalid path \"{p}\": no '.' or '..' segments"));
+    }
+    Ok(if exact {
+        PathMatch::Exact(path.to_string())
+    } else {
+        let trimmed = path.trim_end_matches('/');
+        PathMatch::Prefix(if trimmed.is_empty() {
+            "/".into()
+        } else {
+            trimmed.into()
+        })
+    })
+}
+
+/// Two routes with equal keys match exactly the same requests.
+fn route_key(r: &Route) -> String {
+    let host = match &r.host {
+        HostMatch::Any => String::new(),
+        HostMatch::Exact(h) => h.clone(),
+        HostMatch::Suffix(s) => format!("*{s}"),
+    };
+    let path = match &r.path {
+        PathMatch::Prefix(p) => format!("prefix {p}"),
+        PathMatch::Exact(p) => format!("exact {p}"),
+        PathMatch::Regex(re) => format!("regex {}", re.as_str()),
+    };
+    let mut methods: Vec<_> = r
+        .methods
+        .iter()
+        .flatten()
+        .map(|m| m.as_str().to_string())
+        .collect();
+    methods.sort_unstable();
+    let mut headers: Vec<String> = r
+        .headers
+        .iter()
+        .map(|(n, m)| match m {
+            ValueMatch::Exact(v) => format!("{n}={}", String::from_utf8_lossy(v.as_bytes())),
+            ValueMatch::Regex(re) => format!("{n}~{}", re.as_str()),
+        })
+        .collect();
+    headers.sort_unstable();
+    let uniq: HashSet<_> = headers.iter().collect();
+    debug_assert_eq!(uniq.len(), headers.len());
+    format!(
+        "{host}\u{0}{path}\u{0}{}\u{0}{}\u{0}{}",
+        methods.join(","),
+        headers.join("\u{1}"),
+        r.priority
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(src: &str) -> Vec<ConfigError> {
+        build(Path::new("t.toml"), src).err().unwrap_or_default()
+    }
+
+    const BASE: &str = r#"
+[upstreams.u]
+peers = ["127.0.0.1:9001"]
+
+[gateways.web]
+listen = ["127.0.0.1:18080"]
+"#;
+
+    #[test]
+    fn minimal_config_loads() {
+        let src = format!("{BASE}\n[[routes]]\nupstream = \"u\"\n");
+        let c = build(Path::new("t.toml"), &src).unwrap();
+        assert_eq!(c.gateways[0].routes.len(), 1);
+        assert_eq!(c.upstreams[0].peers[0].weight, 1);
+    }
+
+    #[test]
+    fn reports_all_errors_with_lines() {
+        let src = format!(
+            "{BASE}\n[[routes]]\nupstream = \"nope\"\n\n[[routes]]\nupstream = \"u\"\npath = \"~ (\"\nbogus = 1\n"
+        );
+        let errs = errors(&src);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(errs[0].line, 9);
+        assert!(errs[0].message.contains("unknown upstream \"nope\""));
+        assert_eq!(errs[1].line, 14);
+        assert!(
+            errs[1].message.contains("unknown field `bogus`"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_kind_and_bad_duration() {
+        let src = format!(
+            "{BASE}\n[plugins.x]\nkind = \"jwt_oops\"\n\n[upstreams.v]\npeers = []\nconnect_timeout = \"5 parsecs\"\n"
+        );
+        let errs = errors(&src);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs
+            .iter()
+            .any(|e| e.line == 9 && e.message.contains("unknown plugin kind")));
+        assert!(errs
+            .iter()
+            .any(|e| e.line == 13 && e.message.contains("invalid duration")));
+    }
+
+    #[test]
+    fn duplicate_routes_are_refused() {
+        let src = format!(
+            "{BASE}\n[[routes]]\nname = \"a\"\npath = \"/x/\"\nupstream = \"u\"\n[[routes]]\nname = \"b\"\npath = \"/x\"\nupstream = \"u\"\n"
+        );
+        let errs = errors(&src);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].message.contains("same requests as route \"a\""));
+    }
+
+    #[test]
+    fn paths_and_hosts() {
+        assert!(matches!(parse_path("/a/b/").unwrap(), PathMatch::Prefix(p) if p == "/a/b"));
+        assert!(matches!(parse_path("= /a").unwrap(), PathMatch::Exact(p) if p == "/a"));
+        assert!(matches!(
+            parse_path("~ ^/a/(\\d+)$").unwrap(),
+            PathMatch::Regex(_)
+        ));
+        assert!(parse_path("a").is_err());
+        assert!(parse_path("/a/../b").is_err());
+        assert_eq!(
+            parse_host("*.Example.com").unwrap(),
+            HostMatch::Suffix(".example.com".into())
+        );
+        assert!(parse_host("a.com:80").is_err());
+        assert!(parse_host("*.").is_err());
+    }
+}

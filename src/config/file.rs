@@ -1,0 +1,130 @@
+//! The file model: what users write, one struct per TOML table, every one
+//! `deny_unknown_fields` so a typo is an error at its line. `build.rs` turns it into the
+//! validated runtime model; nothing else reads these structs.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::values::{Cidr, Dur, ListenAddr, PeerAddr};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub threads: Option<Spanned<usize>>,
+    pub grace_period: Option<Dur>,
+    pub shutdown_timeout: Option<Dur>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+    #[serde(default)]
+    pub plugins: Vec<Spanned<String>>,
+    pub upstream_keepalive_pool: Option<usize>,
+    pub pid_file: Option<PathBuf>,
+    pub upgrade_sock: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedPeer {
+    pub addr: PeerAddr,
+    #[serde(default = "one")]
+    pub weight: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub peers: Vec<Spanned<PeerEntry>>,
+    pub selection: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tls: bool,
+    pub sni: Option<String>,
+    pub connect_timeout: Option<Dur>,
+    pub read_timeout: Option<Dur>,
+    pub write_timeout: Option<Dur>,
+    pub idle_timeout: Option<Dur>,
+}
+
+/// A peer as written: `"HOST:PORT"` or `{ addr = "HOST:PORT", weight = 3 }`.
+///
+/// Read by hand rather than with `#[serde(untagged)]`, which would hide the real reason
+/// ("missing port", "unknown field") behind "did not match any variant".
+#[derive(Debug)]
+pub struct PeerEntry {
+    pub addr: PeerAddr,
+    pub weight: usize,
+}
+
+impl<'de> Deserialize<'de> for PeerEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PeerEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"HOST:PORT\" or { addr = \"HOST:PORT\", weight = N }")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PeerEntry, E> {
+                let addr = super::values::parse_peer(s).map_err(E::custom)?;
+                Ok(PeerEntry {
+                    addr: PeerAddr(addr),
+                    weight: 1,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<PeerEntry, A::Error> {
+                let w = WeightedPeer::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(PeerEntry {
+                    addr: w.addr,
+                    weight: w.weight,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    pub listen: Spanned<Vec<Spanned<ListenAddr>>>,
+    pub tls: Option<TlsFile>,
+    #[serde(default)]
+    pub plugins: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert: Spanned<PathBuf>,
+    pub key: Spanned<PathBuf>,
+    #[serde(default)]
+    pub h2: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub name: Option<String>,
+    pub gateway: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub headers: BTreeMap<Spanned<String>, Spanned<String>>,
+    pub priority: Option<i32>,
+    pub upstream: Option<Spanned<String>>,
+    pub strip_prefix: Option<Spanned<bool>>,
+    pub rewrite: Option<Spanned<String>>,
+    #[serde(default = "yes")]
+    pub preserve_host: bool,
+    #[serde(default)]
+    pub plugins: Vec<Spanned<String>>,
+}
+
+fn yes() -> bool {
+    true
+}

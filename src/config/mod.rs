@@ -1,0 +1,208 @@
+//! Configuration: `gatehouse.toml → file model (file.rs) → validated model (this module)`.
+//!
+//! Loading never stops at the first problem: every section is read on its own, with source
+//! positions kept, and every error is collected with its line, column and the route, upstream,
+//! gateway or plugin it belongs to. `check`, `run` and reload all go through [`load`], so they
+//! refuse a bad file the same way.
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gatehouse_plugins::PluginConfig;
+use http::{HeaderName, HeaderValue, Method};
+use ipnet::IpNet;
+use regex::Regex;
+
+mod build;
+pub mod file;
+pub mod values;
+
+/// A validated configuration: every reference resolved, every value typed.
+#[derive(Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub server: Server,
+    pub upstreams: Vec<Upstream>,
+    pub plugins: Vec<NamedPlugin>,
+    pub gateways: Vec<Gateway>,
+}
+
+#[derive(Debug)]
+pub struct Server {
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub shutdown_timeout: Duration,
+    pub trusted_proxies: Vec<IpNet>,
+    /// Indexes into [`Config::plugins`]: run for every route of every gateway.
+    pub plugins: Vec<usize>,
+    pub upstream_keepalive_pool: usize,
+    pub pid_file: PathBuf,
+    pub upgrade_sock: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    RoundRobin,
+    Random,
+}
+
+#[derive(Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub weight: usize,
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub peers: Vec<Peer>,
+    pub selection: Selection,
+    pub tls: bool,
+    pub sni: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct NamedPlugin {
+    pub name: String,
+    pub config: PluginConfig,
+}
+
+#[derive(Debug)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub h2: bool,
+}
+
+#[derive(Debug)]
+pub struct Gateway {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    pub tls: Option<Tls>,
+    pub plugins: Vec<usize>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    /// Lower-case host name, no port.
+    Exact(String),
+    /// `*.example.com` is kept as `.example.com`: matches any name below it, not itself.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    /// Segment-wise prefix without a trailing slash; `"/"` matches everything.
+    Prefix(String),
+    Exact(String),
+    Regex(Regex),
+}
+
+#[derive(Debug, Clone)]
+pub enum ValueMatch {
+    Exact(HeaderValue),
+    Regex(Regex),
+}
+
+impl ValueMatch {
+    pub fn matches(&self, v: &HeaderValue) -> bool {
+        match self {
+            ValueMatch::Exact(want) => want == v,
+            ValueMatch::Regex(re) => v.to_str().is_ok_and(|s| re.is_match(s)),
+        }
+    }
+}
+
+/// How the path sent upstream is made from the client's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rewrite {
+    Keep,
+    /// Drop the matched prefix (`/api/orders/1` on `/api` → `/orders/1`).
+    StripPrefix,
+    /// Replace the matched prefix, or the whole path of an exact route.
+    Replace(String),
+    /// Regex routes: a replacement template with `$1`, `${name}`.
+    Template(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub line: usize,
+    pub host: HostMatch,
+    pub path: PathMatch,
+    pub methods: Option<Vec<Method>>,
+    pub headers: Vec<(HeaderName, ValueMatch)>,
+    pub priority: i32,
+    pub upstream: usize,
+    pub rewrite: Rewrite,
+    pub preserve_host: bool,
+    pub plugins: Vec<usize>,
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based; 0 when the problem has no place in the file (it cannot be read).
+    pub line: usize,
+    pub col: usize,
+    /// What the error belongs to: `route "orders"`, `upstream "users"`…; may be empty.
+    pub context: String,
+    pub message: String,
+}
+
+/// Every problem found in one file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.file.display())?;
+            if e.line > 0 {
+                write!(f, ":{}:{}", e.line, e.col)?;
+            }
+            write!(f, ": error: ")?;
+            if !e.context.is_empty() {
+                write!(f, "{}: ", e.context)?;
+            }
+            write!(f, "{}", e.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let src = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        file: path.to_path_buf(),
+        errors: vec![ConfigError {
+            line: 0,
+            col: 0,
+            context: String::new(),
+            message: format!("cannot read config file: {e}"),
+        }],
+    })?;
+    load_str(path, &src)
+}
+
+/// Validates `src` as if read from `path` (relative paths in it are taken from `path`'s folder).
+pub fn load_str(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
+    build::build(path, src).map_err(|errors| ConfigErrors {
+        file: path.to_path_buf(),
+        errors,
+    })
+}

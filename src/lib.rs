@@ -1,0 +1,11 @@
+//! Gatehouse: an API gateway on Pingora. The binary (`main.rs`) is a thin CLI over this crate.
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod config;
+pub mod demo;
+pub mod proxy;
+pub mod router;
+pub mod runtime;
+pub mod server;
+pub mod upstream;

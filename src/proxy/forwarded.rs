@@ -1,0 +1,134 @@
+//! Client address and X-Forwarded-* headers.
+//!
+//! X-Forwarded-For is believed only from `trusted_proxies`: the client is the right-most
+//! address in the chain that is not a trusted proxy (as nginx's `real_ip_recursive`). From an
+//! untrusted peer, any incoming X-Forwarded-* header is replaced, so a client cannot spoof them.
+use std::net::IpAddr;
+
+use http::header::HeaderName;
+use http::HeaderValue;
+use ipnet::IpNet;
+use pingora_http::RequestHeader;
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+pub fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
+    trusted.iter().any(|n| n.contains(&ip))
+}
+
+/// The client address of a request that arrived from `peer`.
+pub fn client_ip(trusted: &[IpNet], peer: IpAddr, req: &RequestHeader) -> IpAddr {
+    if trusted.is_empty() || !is_trusted(trusted, peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for v in req.headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        let Ok(s) = v.to_str() else { return client };
+        for part in s.rsplit(',') {
+            let Ok(ip) = part.trim().parse::<IpAddr>() else {
+                return client;
+            };
+            client = ip;
+            if !is_trusted(trusted, ip) {
+                return client;
+            }
+        }
+    }
+    client
+}
+
+/// Sets X-Forwarded-For/-Proto/-Host on the request to the upstream.
+pub fn set_headers(
+    req: &mut RequestHeader,
+    peer: Option<IpAddr>,
+    peer_trusted: bool,
+    tls: bool,
+) -> pingora_error::Result<()> {
+    use pingora_error::{ErrorType::InternalError, OrErr};
+    if let Some(peer) = peer {
+        let mut buf = String::new();
+        if peer_trusted {
+            for v in req.headers.get_all(&X_FORWARDED_FOR) {
+                if let Ok(s) = v.to_str() {
+                    buf.push_str(s);
+                    buf.push_str(", ");
+                }
+            }
+        }
+        // Formats into the one buffer; no intermediate strings.
+        use std::fmt::Write;
+        let _ = write!(buf, "{peer}");
+        let v = HeaderValue::from_str(&buf).or_err(InternalError, "x-forwarded-for")?;
+        req.insert_header(X_FORWARDED_FOR.clone(), v)
+            .or_err(InternalError, "x-forwarded-for")?;
+    }
+    if !(peer_trusted && req.headers.contains_key(&X_FORWARDED_PROTO)) {
+        let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
+        req.insert_header(X_FORWARDED_PROTO.clone(), proto)
+            .or_err(InternalError, "x-forwarded-proto")?;
+    }
+    if !(peer_trusted && req.headers.contains_key(&X_FORWARDED_HOST)) {
+        let host = req
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| req.headers.get(http::header::HOST).cloned());
+        match host {
+            Some(h) => req
+                .insert_header(X_FORWARDED_HOST.clone(), h)
+                .or_err(InternalError, "x-forwarded-host")?,
+            None => {
+                req.remove_header(&X_FORWARDED_HOST);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(xff: &[&str]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+        for v in xff {
+            r.append_header("x-forwarded-for", *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn client_ip_walks_trusted_chain() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let r = req(&["1.2.3.4, 10.0.0.7", "10.0.0.9"]);
+        assert_eq!(client_ip(&trusted, peer, &r).to_string(), "1.2.3.4");
+        // untrusted peer: its XFF is ignored
+        let other: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(client_ip(&trusted, other, &r), other);
+        // garbage stops the walk at the last good address
+        let r = req(&["junk, 10.0.0.7"]);
+        assert_eq!(client_ip(&trusted, peer, &r).to_string(), "10.0.0.7");
+    }
+
+    #[test]
+    fn headers_are_replaced_from_untrusted_peers() {
+        let mut r = req(&["6.6.6.6"]);
+        r.insert_header("x-forwarded-proto", "https").unwrap();
+        r.insert_header("host", "a.example").unwrap();
+        set_headers(&mut r, Some("192.0.2.1".parse().unwrap()), false, false).unwrap();
+        assert_eq!(r.headers.get("x-forwarded-for").unwrap(), "192.0.2.1");
+        assert_eq!(r.headers.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(r.headers.get("x-forwarded-host").unwrap(), "a.example");
+
+        let mut r = req(&["6.6.6.6"]);
+        set_headers(&mut r, Some("10.0.0.1".parse().unwrap()), true, true).unwrap();
+        assert_eq!(
+            r.headers.get("x-forwarded-for").unwrap(),
+            "6.6.6.6, 10.0.0.1"
+        );
+        assert_eq!(r.headers.get("x-forwarded-proto").unwrap(), "https");
+    }
+}

@@ -1,0 +1,400 @@
+//! `impl ProxyHttp` for one gateway: the request's life, phase by phase (DESIGN.md's picture).
+//!
+//! Errors become statuses in one place, [`status_for`]: 502 when the upstream refused, reset
+//! or spoke garbage, 504 when it was too slow, 503 when no peer could be chosen, 400 for a
+//! malformed request, 500 for our own faults. Every reply the gateway writes itself, errors and
+//! plugin answers alike, goes through [`write_reply`], which runs the response hooks and puts
+//! the request id in the body.
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use gatehouse_plugins::{Decision, Reply};
+use http::{header, HeaderValue, StatusCode, Uri};
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::router::normalize_path;
+use crate::runtime::{GatewayRt, Live};
+
+pub mod ctx;
+pub mod forwarded;
+pub mod rewrite;
+
+pub use ctx::RequestCtx;
+
+pub struct GatewayProxy {
+    /// Which gateway of the snapshot this service serves.
+    pub index: usize,
+    pub live: Live,
+}
+
+/// Request headers that describe one hop, not the request (RFC 9110 §7.6.1). Connection and
+/// Upgrade stay on upgrade requests: WebSocket needs them.
+const HOP_BY_HOP: &[header::HeaderName] = &[
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// The hop-by-hop headers present in `headers`; empty (no allocation) in the common case.
+fn hop_by_hop(headers: &http::HeaderMap, upgrade: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    // Headers named in Connection are hop-by-hop too.
+    for v in headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        for t in v.split(',').map(str::trim) {
+            let skip = t.is_empty()
+                || t.eq_ignore_ascii_case("close")
+                || t.eq_ignore_ascii_case("keep-alive")
+                || t.eq_ignore_ascii_case("upgrade");
+            if !skip {
+                out.push(t.to_ascii_lowercase());
+            }
+        }
+    }
+    for h in ["keep-alive", "proxy-connection"] {
+        if headers.contains_key(h) {
+            out.push(h.to_string());
+        }
+    }
+    if !upgrade {
+        for h in HOP_BY_HOP {
+            if headers.contains_key(h) {
+                out.push(h.as_str().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Maps an error to the status the client sees; 0 means the client is gone.
+pub fn status_for(e: &Error) -> u16 {
+    use ErrorType::*;
+    match (e.esource(), e.etype()) {
+        (_, HTTPStatus(code)) => *code,
+        (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => 0,
+        (ErrorSource::Downstream, ReadTimedout | WriteTimedout) => 408,
+        (ErrorSource::Downstream, _) => 400,
+        (_, ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout) => 504,
+        (ErrorSource::Upstream, _) => 502,
+        (
+            _,
+            ConnectRefused | ConnectError | ConnectNoRoute | ConnectionClosed | TLSHandshakeFailure,
+        ) => 502,
+        _ => 500,
+    }
+}
+
+fn message_for(status: u16) -> &'static str {
+    match status {
+        400 => "bad request",
+        404 => "no route matches this request",
+        408 => "request timed out",
+        502 => "upstream connection failed",
+        503 => "no upstream peer available",
+        504 => "upstream timed out",
+        _ => "internal error",
+    }
+}
+
+/// Writes a gateway-made reply: response hooks of the request's chain first, then header and
+/// body. Errors writing mean the client is gone; there is nobody left to tell.
+async fn write_reply(
+    gw: Option<&GatewayRt>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    reply: Reply,
+) {
+    let mut resp = match ResponseHeader::build(reply.status, Some(reply.headers.len() + 3)) {
+        Ok(r) => r,
+        Err(_) => return,
+    };
+    for (name, value) in reply.headers {
+        let _ = resp.append_header(name, value);
+    }
+    let _ = resp.insert_header(header::CONTENT_LENGTH, reply.body.len());
+    if let Some(gw) = gw {
+        let chain = match ctx.route {
+            Some(id) => &gw.chains[id],
+            None => &gw.default_chain,
+        };
+        if let Err(e) = chain.response(session, &mut resp, &mut ctx.plugins).await {
+            log::warn!("response plugin failed on a gateway reply: {e}");
+        }
+    }
+    ctx.replied = true;
+    let head_only = session.req_header().method == http::Method::HEAD;
+    if session
+        .write_response_header(Box::new(resp), head_only)
+        .await
+        .is_ok()
+        && !head_only
+    {
+        let _ = session.write_response_body(Some(reply.body), true).await;
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for GatewayProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    /// Snapshot, client address and route, before any module or plugin runs.
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let rt = self.live.load_full();
+        let Some(gw) = rt.gateways.get(self.index) else {
+            return Error::e_explain(ErrorType::InternalError, "gateway missing from snapshot");
+        };
+        let peer_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.plugins.client_ip =
+            peer_ip.map(|ip| forwarded::client_ip(&rt.trusted_proxies, ip, session.req_header()));
+        ctx.plugins.gateway = Some(gw.name.clone());
+
+        let req = session.req_header();
+        let path = normalize_path(req.uri.path());
+        let host = req
+            .uri
+            .host()
+            .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+        ctx.route = gw
+            .router
+            .find(&gw.routes, host, &path, &req.method, &req.headers);
+        if let std::borrow::Cow::Owned(p) = path {
+            ctx.normalized_path = Some(p);
+        }
+        if let Some(id) = ctx.route {
+            ctx.plugins.route = Some(gw.route_names[id].clone());
+        }
+        ctx.rt = Some(rt);
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let Some(gw) = ctx.rt.clone() else {
+            return Ok(false);
+        };
+        let gw = &gw.gateways[self.index];
+        let chain = match ctx.route {
+            Some(id) => &gw.chains[id],
+            None => &gw.default_chain,
+        };
+        if let Decision::Respond(reply) = chain.request(session, &mut ctx.plugins).await? {
+            write_reply(Some(gw), session, ctx, reply).await;
+            return Ok(true);
+        }
+        if ctx.route.is_none() {
+            let reply = Reply::json_error(
+                StatusCode::NOT_FOUND,
+                message_for(404),
+                ctx.plugins.request_id(),
+            );
+            write_reply(Some(gw), session, ctx, reply).await;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let (Some(rt), Some(id)) = (ctx.rt.as_ref(), ctx.route) else {
+            return Error::e_explain(ErrorType::InternalError, "no route at upstream selection");
+        };
+        let route = &rt.gateways[self.index].routes[id];
+        let pool = &rt.pools[route.upstream];
+        match pool.select(b"") {
+            Some(peer) => {
+                ctx.peer = peer.address().as_inet().copied();
+                Ok(peer)
+            }
+            None => Error::e_explain(
+                ErrorType::HTTPStatus(503),
+                format!("upstream \"{}\" has no available peer", pool.name),
+            ),
+        }
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        _ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // No retries are configured yet: a failed connect is final.
+        e.set_retry(false);
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(rt) = ctx.rt.clone() else {
+            return Ok(());
+        };
+        let gw = &rt.gateways[self.index];
+        let Some(id) = ctx.route else { return Ok(()) };
+        let route = &gw.routes[id];
+
+        let new_path = {
+            let path = ctx.path(upstream.uri.path());
+            rewrite::upstream_path(route, &path).or_else(|| ctx.normalized_path.clone())
+        };
+        if let Some(p) = new_path {
+            let uri = match upstream.uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            };
+            let uri = Uri::try_from(uri).or_err(
+                ErrorType::InternalError,
+                "rewritten path is not a valid URI",
+            )?;
+            upstream.set_uri(uri);
+        }
+
+        if !route.preserve_host {
+            if let Some(peer) = ctx.peer {
+                let v = HeaderValue::from_str(&peer.to_string())
+                    .or_err(ErrorType::InternalError, "host header")?;
+                upstream
+                    .insert_header(header::HOST, v)
+                    .or_err(ErrorType::InternalError, "host header")?;
+            }
+        }
+
+        let upgrade = session.is_upgrade_req();
+        for h in hop_by_hop(&upstream.headers, upgrade) {
+            upstream.remove_header(h.as_str());
+        }
+
+        let peer_ip: Option<IpAddr> = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let trusted = peer_ip.is_some_and(|ip| forwarded::is_trusted(&rt.trusted_proxies, ip));
+        forwarded::set_headers(upstream, peer_ip, trusted, gw.tls)?;
+
+        gw.chains[id]
+            .upstream_request(session, upstream, &mut ctx.plugins)
+            .await
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let upgrade = resp.status == StatusCode::SWITCHING_PROTOCOLS;
+        for h in hop_by_hop(&resp.headers, upgrade) {
+            resp.remove_header(h.as_str());
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
+            return Ok(());
+        };
+        rt.gateways[self.index].chains[id]
+            .response(session, resp, &mut ctx.plugins)
+            .await
+    }
+
+    fn response_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if let (Some(rt), Some(id)) = (ctx.rt.as_ref(), ctx.route) {
+            let chain = &rt.gateways[self.index].chains[id];
+            if chain.has_response_body() {
+                chain.response_body(session, body, end_of_stream, &mut ctx.plugins)?;
+            }
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = status_for(e);
+        // Once a response has started, all we can do is cut the connection.
+        if code > 0 && !ctx.replied && session.response_written().is_none() {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let reply = Reply::json_error(status, message_for(code), ctx.plugins.request_id());
+            let rt = ctx.rt.clone();
+            write_reply(
+                rt.as_ref().and_then(|rt| rt.gateways.get(self.index)),
+                session,
+                ctx,
+                reply,
+            )
+            .await;
+        }
+        FailToProxy {
+            error_code: code,
+            // Safe only when nothing was read from an upstream and the request was whole.
+            can_reuse_downstream: code == 503 || code == 404,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(rt) = ctx.rt.clone() {
+            let gw = &rt.gateways[self.index];
+            let chain = match ctx.route {
+                Some(id) => &gw.chains[id],
+                None => &gw.default_chain,
+            };
+            chain.logging(session, e, &mut ctx.plugins).await;
+        }
+    }
+
+    /// A client that goes away is routine, not an error worth a log line.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        status_for(e) == 0
+    }
+
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let id = ctx
+            .plugins
+            .request_id
+            .as_ref()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        format!("{} request_id={id}", session.as_ref().request_summary())
+    }
+}

@@ -1,0 +1,78 @@
+//! The live snapshot: everything a request needs (route tables, pools, plugin chains), built
+//! from a validated [`Config`] off the hot path and published through one `ArcSwap`, so a
+//! reload swaps it atomically and requests in flight finish on the snapshot they started with.
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use gatehouse_plugins::{Chain, Plugin};
+use ipnet::IpNet;
+
+use crate::config::{Config, Route};
+use crate::router::Router;
+use crate::upstream::Pool;
+
+pub type Live = Arc<ArcSwap<Runtime>>;
+
+pub struct GatewayRt {
+    pub name: Arc<str>,
+    pub tls: bool,
+    pub routes: Vec<Route>,
+    pub route_names: Vec<Arc<str>>,
+    /// One chain per route: global, gateway, route plugins.
+    pub chains: Vec<Chain>,
+    /// Global and gateway plugins: for requests no route matches.
+    pub default_chain: Chain,
+    pub router: Router,
+}
+
+pub struct Runtime {
+    pub gateways: Vec<GatewayRt>,
+    pub pools: Vec<Pool>,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Runtime {
+    pub fn build(cfg: &Config) -> Result<Runtime, String> {
+        let plugins: Vec<Arc<dyn Plugin>> = cfg.plugins.iter().map(|p| p.config.build()).collect();
+        let pick = |ids: &[usize]| ids.iter().map(|&i| plugins[i].clone()).collect::<Vec<_>>();
+        let global = pick(&cfg.server.plugins);
+
+        let mut gateways = Vec::with_capacity(cfg.gateways.len());
+        for g in &cfg.gateways {
+            let mut base = global.clone();
+            base.extend(pick(&g.plugins));
+            let chains = g
+                .routes
+                .iter()
+                .map(|r| {
+                    let mut all = base.clone();
+                    all.extend(pick(&r.plugins));
+                    Chain::new(&all)
+                })
+                .collect();
+            gateways.push(GatewayRt {
+                name: g.name.as_str().into(),
+                tls: g.tls.is_some(),
+                router: Router::new(&g.routes),
+                route_names: g
+                    .routes
+                    .iter()
+                    .map(|r| Arc::from(r.name.as_str()))
+                    .collect(),
+                routes: g.routes.clone(),
+                chains,
+                default_chain: Chain::new(&base),
+            });
+        }
+        let pools = cfg
+            .upstreams
+            .iter()
+            .map(|u| Pool::new(u).map_err(|e| format!("upstream \"{}\": {e}", u.name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Runtime {
+            gateways,
+            pools,
+            trusted_proxies: cfg.server.trusted_proxies.clone(),
+        })
+    }
+}

@@ -1,0 +1,140 @@
+//! The Pingora server: one proxy service per gateway (its listeners, its worker threads), the
+//! SIGHUP reload task, and the process settings Pingora would otherwise take from its own YAML
+//! and command line (see PINGORA-NOTES.md: pid file, upgrade socket and grace period are set
+//! per instance here so parallel instances never collide and shutdown does not wait 300 s).
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+
+use crate::config::{self, Config};
+use crate::proxy::GatewayProxy;
+use crate::runtime::{Live, Runtime};
+
+/// Builds the server for `cfg`; the caller may add services (the demo does) before running it.
+pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
+    let conf = ServerConf {
+        daemon: false,
+        threads: cfg.server.threads,
+        pid_file: cfg.server.pid_file.display().to_string(),
+        upgrade_sock: cfg.server.upgrade_sock.display().to_string(),
+        grace_period_seconds: Some(cfg.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_timeout.as_secs().max(1)),
+        upstream_keepalive_pool_size: cfg.server.upstream_keepalive_pool,
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let runtime = Runtime::build(cfg)?;
+    let live: Live = Arc::new(ArcSwap::from_pointee(runtime));
+    for (index, g) in cfg.gateways.iter().enumerate() {
+        let proxy = GatewayProxy {
+            index,
+            live: live.clone(),
+        };
+        let mut svc = pingora_proxy::http_proxy_service_with_name(
+            &server.configuration,
+            proxy,
+            &format!("gateway {}", g.name),
+        );
+        for addr in &g.listen {
+            let addr = addr.to_string();
+            match &g.tls {
+                None => svc.add_tcp(&addr),
+                Some(tls) => {
+                    let (cert, key) = (
+                        tls.cert.display().to_string(),
+                        tls.key.display().to_string(),
+                    );
+                    let mut settings = TlsSettings::intermediate(&cert, &key)
+                        .map_err(|e| format!("gateway \"{}\": TLS {cert} / {key}: {e}", g.name))?;
+                    if tls.h2 {
+                        settings.enable_h2();
+                    }
+                    svc.add_tls_with_settings(&addr, None, settings);
+                }
+            }
+        }
+        server.add_service(svc);
+    }
+    server.add_service(background_service(
+        "config reload",
+        Reloader {
+            path: cfg.path.clone(),
+            live: live.clone(),
+            listeners: listener_set(cfg),
+        },
+    ));
+    Ok((server, live))
+}
+
+fn listener_set(cfg: &Config) -> Vec<(String, Vec<std::net::SocketAddr>, bool)> {
+    cfg.gateways
+        .iter()
+        .map(|g| (g.name.clone(), g.listen.clone(), g.tls.is_some()))
+        .collect()
+}
+
+/// Reloads the file on SIGHUP: a complete new snapshot, swapped in at once; a bad file, or
+/// one that changes listeners (which need a restart or upgrade), leaves the running one.
+struct Reloader {
+    path: PathBuf,
+    live: Live,
+    listeners: Vec<(String, Vec<std::net::SocketAddr>, bool)>,
+}
+
+impl Reloader {
+    fn reload(&self) {
+        let cfg = match config::load(&self.path) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("reload refused, keeping the running config:\n{e}");
+                return;
+            }
+        };
+        if listener_set(&cfg) != self.listeners {
+            log::error!(
+                "reload refused: gateways or listeners changed; restart or upgrade to apply ({})",
+                self.path.display()
+            );
+            return;
+        }
+        match Runtime::build(&cfg) {
+            Ok(rt) => {
+                self.live.store(Arc::new(rt));
+                log::info!("reloaded {}", self.path.display());
+            }
+            Err(e) => log::error!("reload refused, keeping the running config: {e}"),
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot watch SIGHUP, reload disabled: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => self.reload(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
