@@ -60,19 +60,49 @@ impl<'a> Loader<'a> {
 
     /// Deserializes one section; on error records it (at the value's own span when serde
     /// knows it, else at the section) and returns `None`.
+    ///
+    /// serde stops at a struct's first bad field. To report the others too, the bad key is
+    /// dropped from the table and the rest read again, until no error is left; a "missing
+    /// field" for a dropped key is not a new error.
     fn de<T: for<'de> Deserialize<'de>>(
         &mut self,
         value: Spanned<DeValue<'a>>,
         context: &str,
     ) -> Option<T> {
         let fallback = value.span();
-        match T::deserialize(ValueDeserializer::from(value)) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let span = e.span().unwrap_or(fallback);
-                self.err(span, context, tidy(e.message()));
-                None
+        let mut value = value;
+        let mut dropped: Vec<String> = Vec::new();
+        loop {
+            let e = match T::deserialize(ValueDeserializer::from(value.clone())) {
+                Ok(v) => return if dropped.is_empty() { Some(v) } else { None },
+                Err(e) => e,
+            };
+            let msg = e.message();
+            if dropped
+                .iter()
+                .any(|k| msg.contains(&format!("missing field `{k}`")))
+            {
+                return None;
             }
+            let span = e.span().unwrap_or(fallback.clone());
+            self.err(span.clone(), context, tidy(msg));
+            // Find the top-level key the error is in, drop it and try again.
+            let span_r = value.span();
+            let DeValue::Table(table) = value.get_mut() else {
+                return None;
+            };
+            let key = table
+                .iter()
+                .find(|(k, v)| {
+                    let (ks, vs) = (k.span(), v.span());
+                    (ks.start <= span.start && span.start < ks.end.max(ks.start + 1))
+                        || (vs.start <= span.start && span.start < vs.end.max(vs.start + 1))
+                })
+                .map(|(k, _)| k.get_ref().to_string());
+            let key = key?;
+            table.remove(key.as_str());
+            dropped.push(key);
+            value = Spanned::new(span_r, value.into_inner());
         }
     }
 
@@ -265,10 +295,11 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         let name = r.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
         let ctx = format!("route \"{name}\"");
         let line = ld.position(span.start).0;
-        let Some((gw, route)) = route(&mut ld, r, name, line, span.clone(), &refs, &ctx) else {
+        let Some((gw_name, gw, route)) = route(&mut ld, r, name, line, span.clone(), &refs, &ctx)
+        else {
             continue;
         };
-        let key = format!("{gw}\u{0}{}", route_key(&route));
+        let key = format!("{gw_name}\u{0}{}", route_key(&route));
         if let Some((other, other_line)) = seen.get(&key) {
             ld.err(
                 span,
@@ -281,7 +312,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             continue;
         }
         seen.insert(key, (route.name.clone(), line));
-        if let Some(g) = gateways.get_mut(gw) {
+        if let Some(g) = gw.and_then(|gw| gateways.get_mut(gw)) {
             g.routes.push(route);
         }
     }
@@ -306,6 +337,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
     let tmp = std::env::temp_dir();
 
     if !ld.errors.is_empty() {
+        ld.errors.sort_by_key(|e| (e.line, e.col));
         return Err(ld.errors);
     }
     Ok(Config {
@@ -471,7 +503,8 @@ struct Refs<'r> {
     gateways: &'r HashMap<String, Option<usize>>,
 }
 
-/// Validates one route; returns its gateway index and the route.
+/// Validates one route; returns its gateway's name and index (`None` when that gateway is
+/// itself broken, which was reported there) and the route.
 fn route(
     ld: &mut Loader,
     r: RouteFile,
@@ -480,12 +513,16 @@ fn route(
     span: Range<usize>,
     refs: &Refs,
     ctx: &str,
-) -> Option<(usize, Route)> {
+) -> Option<(String, Option<usize>, Route)> {
     let errors_before = ld.errors.len();
 
+    let mut gateway_name = String::new();
     let gateway = match &r.gateway {
         Some(g) => match refs.gateways.get(g.get_ref()) {
-            Some(i) => *i,
+            Some(i) => {
+                gateway_name = g.get_ref().clone();
+                *i
+            }
             None => {
                 ld.err(
                     g.span(),
@@ -495,7 +532,11 @@ fn route(
                 None
             }
         },
-        None if refs.gateways.len() == 1 => refs.gateways.values().next().copied().flatten(),
+        None if refs.gateways.len() == 1 => {
+            let (name, i) = refs.gateways.iter().next()?;
+            gateway_name = name.clone();
+            *i
+        }
         None => {
             if !refs.gateways.is_empty() {
                 let mut names: Vec<_> = refs.gateways.keys().map(String::as_str).collect();
@@ -657,7 +698,8 @@ fn route(
         return None;
     }
     Some((
-        gateway?,
+        gateway_name,
+        gateway,
         Route {
             name,
             line,
@@ -666,7 +708,8 @@ fn route(
             methods,
             headers,
             priority: r.priority.unwrap_or(0),
-            upstream: upstream?,
+            // A broken upstream was reported where it is defined; the config is refused anyway.
+            upstream: upstream.unwrap_or(usize::MAX),
             rewrite,
             preserve_host: r.preserve_host,
             plugins,
@@ -701,7 +744,7 @@ fn parse_path(p: &str) -> Result<PathMatch, String> {
         let re = re.trim();
         return Regex::new(re)
             .map(PathMatch::Regex)
-            .map_err(|e| format!("invalid path regex: {e}"));
+            .map_err(|e| format!("invalid path regex \"{re}\": {}", regex_reason(&e)));
     }
     let (exact, path) = match p.strip_prefix('=') {
         Some(rest) => (true, rest.trim()),
@@ -725,6 +768,16 @@ fn parse_path(p: &str) -> Result<PathMatch, String> {
             trimmed.into()
         })
     })
+}
+
+/// The one line of a regex error that says what is wrong (its Display spans several).
+fn regex_reason(e: &regex::Error) -> String {
+    let s = e.to_string();
+    s.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("error: "))
+        .unwrap_or(s.lines().last().unwrap_or(""))
+        .to_string()
 }
 
 /// Two routes with equal keys match exactly the same requests.

@@ -1,0 +1,220 @@
+//! Test harness: the real `gatehouse` binary on free loopback ports, real upstream HTTP
+//! servers (hyper) in the test process, and a real HTTP client.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running gateway; killed when dropped.
+pub struct Gatehouse {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    log: PathBuf,
+}
+
+impl Gatehouse {
+    /// Writes `toml` to a fresh folder, starts `gatehouse run` on it and waits until every
+    /// port in `ports` accepts connections.
+    pub fn start(toml: &str, ports: &[u16]) -> Gatehouse {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("gatehouse.toml");
+        std::fs::write(&config, toml).expect("write config");
+        let log = dir.path().join("gatehouse.log");
+        let child = Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&config)
+            .env("RUST_LOG", "warn,gatehouse=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn gatehouse");
+        let mut g = Gatehouse {
+            child,
+            dir,
+            config,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for &p in ports {
+            while TcpStream::connect(("127.0.0.1", p)).is_err() {
+                if let Ok(Some(status)) = g.child.try_wait() {
+                    panic!("gatehouse exited with {status}:\n{}", g.log());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "gatehouse did not listen on {p}:\n{}",
+                    g.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        g
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
+    pub fn mem_kib(&self, field: &str) -> u64 {
+        let s =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        s.lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .expect("status field")
+    }
+}
+
+impl Drop for Gatehouse {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `gatehouse check` on `toml`: exit code and stderr.
+pub fn check(toml: &str) -> (i32, String, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, toml).expect("write config");
+    let out = check_file(&config);
+    (out.0, out.1, config, dir)
+}
+
+pub fn check_file(path: &Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(path)
+        .output()
+        .expect("run check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+/// Starts a hyper HTTP/1.1 server on a free loopback port, answering with `handler`.
+pub async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let h = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let h = h.clone();
+                    async move { Ok::<_, Infallible>(h(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that answers every request with a JSON echo of it, tagged with `name`.
+pub async fn echo(name: &'static str) -> SocketAddr {
+    serve(move |req: Request<Incoming>| async move {
+        let mut headers = serde_json::Map::new();
+        for (k, v) in req.headers() {
+            let entry = headers
+                .entry(k.as_str().to_string())
+                .or_insert_with(|| serde_json::Value::Array(vec![]));
+            if let serde_json::Value::Array(a) = entry {
+                a.push(serde_json::Value::String(
+                    v.to_str().unwrap_or("").to_string(),
+                ));
+            }
+        }
+        let body = serde_json::json!({
+            "upstream": name,
+            "method": req.method().as_str(),
+            "path": req.uri().path(),
+            "query": req.uri().query(),
+            "headers": headers,
+        });
+        Response::builder()
+            .header("content-type", "application/json")
+            .header("x-upstream", name)
+            .body(full(body.to_string()))
+            .unwrap()
+    })
+    .await
+}
+
+/// A client that does not pool connections across tests and never follows redirects.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// The header values the echo upstream saw for `name`.
+pub fn seen(echo: &serde_json::Value, name: &str) -> Vec<String> {
+    echo["headers"][name]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,153 @@
+//! `gatehouse check` and `gatehouse run` refuse bad files with every error, each at its line
+//! and with what it belongs to; the shipped configs pass.
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+const BAD: &str = r#"[server]
+threads = 2
+trusted_proxies = ["10.0.0.0/33"]
+
+[upstreams.orders]
+peers = ["127.0.0.1:9001", { addr = "127.0.0.1", weight = 2 }]
+connect_timeout = "5 parsecs"
+
+[upstreams.users]
+peers = ["127.0.0.1:9002"]
+retries_typo = 1
+
+[plugins.auth]
+kind = "jwt_oops"
+
+[plugins.hdrs]
+kind = "headers"
+request = { set = { "bad header" = "x" } }
+
+[gateways.web]
+listen = ["127.0.0.1:8080", "localhost"]
+
+[[routes]]
+name = "orders"
+path = "/orders"
+upstream = "ordrs"
+
+[[routes]]
+name = "regex"
+path = "~ ^/items/(["
+upstream = "users"
+
+[[routes]]
+name = "plugins"
+path = "/p"
+upstream = "users"
+plugins = ["nope"]
+gateway = "mobile"
+
+[[routes]]
+name = "dup-a"
+path = "/same"
+upstream = "users"
+
+[[routes]]
+name = "dup-b"
+path = "/same/"
+upstream = "users"
+"#;
+
+/// (line, text that must be in that line's message)
+const EXPECTED: &[(usize, &str)] = &[
+    (3, "[server]: invalid CIDR \"10.0.0.0/33\""),
+    (6, "upstream \"orders\": invalid peer address \"127.0.0.1\""),
+    (7, "upstream \"orders\": invalid duration \"5 parsecs\""),
+    (11, "upstream \"users\": unknown field `retries_typo`"),
+    (14, "plugin \"auth\": unknown plugin kind \"jwt_oops\""),
+    (18, "plugin \"hdrs\": invalid header name \"bad header\""),
+    (21, "gateway \"web\": invalid listen address \"localhost\""),
+    (26, "route \"orders\": unknown upstream \"ordrs\""),
+    (30, "route \"regex\": invalid path regex"),
+    (37, "route \"plugins\": unknown plugin \"nope\""),
+    (38, "route \"plugins\": unknown gateway \"mobile\""),
+    (
+        45,
+        "route \"dup-b\": matches exactly the same requests as route \"dup-a\" (line 40)",
+    ),
+];
+
+#[test]
+fn check_reports_every_error_with_its_line() {
+    let (code, out, path, _dir) = check(BAD);
+    assert_eq!(code, 1, "{out}");
+    let file = path.display().to_string();
+    for (line, text) in EXPECTED {
+        let found = out
+            .lines()
+            .any(|l| l.starts_with(&format!("{file}:{line}:")) && l.contains(text));
+        assert!(
+            found,
+            "no error at line {line} containing {text:?} in:\n{out}"
+        );
+    }
+    let errors = out.lines().filter(|l| l.contains(": error: ")).count();
+    assert_eq!(errors, EXPECTED.len(), "{out}");
+    assert!(out.contains(&format!("{} errors", EXPECTED.len())), "{out}");
+}
+
+#[test]
+fn run_refuses_a_bad_file_the_same_way() {
+    let (_, check_out, path, _dir) = check(BAD);
+    let out = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for l in check_out.lines().filter(|l| l.contains(": error: ")) {
+        assert!(stderr.contains(l), "run did not report {l:?}:\n{stderr}");
+    }
+}
+
+#[test]
+fn syntax_errors_and_missing_files() {
+    let (code, out, path, _dir) = check("[server]\nthreads = 2\n[upstreams.a\npeers = []\n");
+    assert_eq!(code, 1);
+    assert!(out.contains(&format!("{}:3:", path.display())), "{out}");
+    assert!(out.contains("TOML syntax"), "{out}");
+
+    let (code, out) = check_file(std::path::Path::new("/nonexistent/gatehouse.toml"));
+    assert_eq!(code, 1);
+    assert!(out.contains("cannot read config file"), "{out}");
+}
+
+#[test]
+fn a_route_needs_a_gateway_when_there_are_several() {
+    let (code, out, _, _dir) = check(
+        "[upstreams.u]\npeers = []\n[gateways.a]\nlisten = [\"127.0.0.1:1\"]\n[gateways.b]\nlisten = [\"127.0.0.1:2\"]\n\
+         [[routes]]\nupstream = \"u\"\n",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        out.contains(":7:1: error: route \"#1\": `gateway` is required"),
+        "{out}"
+    );
+}
+
+#[test]
+fn shipped_configs_pass_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("conf/gatehouse.toml")];
+    for e in std::fs::read_dir(root.join("conf/examples")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            files.push(p);
+        }
+    }
+    assert!(files.len() >= 3);
+    for f in files {
+        let (code, out) = check_file(&f);
+        assert_eq!(code, 0, "{}:\n{out}", f.display());
+        assert!(out.contains(": ok ("), "{out}");
+    }
+}
