@@ -155,12 +155,14 @@ async fn send(
     )
 }
 
+/// (method, path, request headers, expected upstream, expected upstream path)
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str, &'a str);
+
 #[tokio::test]
 async fn routing_matrix() {
     let s = setup().await;
     let w = &s.web;
-    // (method, path, headers, expected upstream, expected upstream path)
-    let cases: &[(&str, &str, &[(&str, &str)], &str, &str)] = &[
+    let cases: &[Case] = &[
         ("GET", "/", &[], "a", "/"),
         ("GET", "/apix", &[], "a", "/apix"),
         ("GET", "/api", &[], "b", "/"),
