@@ -18,6 +18,9 @@ use crate::runtime::{Live, Runtime};
 
 /// Builds the server for `cfg`; the caller may add services (the demo does) before running it.
 pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
+    if !upgrade {
+        preflight_listeners(cfg)?;
+    }
     let conf = ServerConf {
         daemon: false,
         threads: cfg.server.threads,
@@ -76,6 +79,22 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
         },
     ));
     Ok((server, live))
+}
+
+/// Pingora retries a busy address for 30 s (it expects an upgrade to free it); outside an
+/// upgrade, a busy port is a mistake to report at once.
+fn preflight_listeners(cfg: &Config) -> Result<(), String> {
+    for g in &cfg.gateways {
+        for addr in &g.listen {
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                return Err(format!(
+                    "gateway \"{}\": cannot listen on {addr}: {e}",
+                    g.name
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn listener_set(cfg: &Config) -> Vec<(String, Vec<std::net::SocketAddr>, bool)> {

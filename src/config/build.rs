@@ -467,8 +467,9 @@ fn upstream(
     };
     let mut peers = Vec::new();
     for p in &u.peers {
-        if p.get_ref().weight == 0 {
-            ld.err(p.span(), ctx, "peer weight must be at least 1");
+        // Pingora's weighted selection repeats a peer `weight` times in a table.
+        if !(1..=1000).contains(&p.get_ref().weight) {
+            ld.err(p.span(), ctx, "peer weight must be between 1 and 1000");
         }
         peers.push(Peer {
             addr: p.get_ref().addr.0,
