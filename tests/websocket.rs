@@ -1,27 +1,46 @@
-//! WebSocket upgrades pass through the gateway both ways.
-//!
-//! Kept in its own test binary so it does not run beside the 200 MB streaming test: Pingora
-//! 0.9.1 can drop an upgraded tunnel when the upstream's 101 is read before the request's empty
-//! body end (cloudflare/pingora#946, fixes proposed in #947/#1016), which CPU contention makes
-//! likely. See README "Known issues".
+//! WebSocket upgrades pass through the gateway both ways: echo, a server that speaks first,
+//! a refused handshake relayed as is, and an upstream that is down.
 mod common;
 
 use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_echo_through_the_gateway() {
+/// A WebSocket upstream: echoes, after greeting when `greet`; records the path it was asked.
+// tungstenite fixes the callback's error type; it is large, and never built here.
+#[allow(clippy::result_large_err)]
+async fn ws_upstream(greet: bool) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                let mut path = String::new();
+                let cb = |req: &tungstenite::handshake::server::Request,
+                          resp: tungstenite::handshake::server::Response| {
+                    path = format!(
+                        "{} xff={}",
+                        req.uri().path(),
+                        req.headers()
+                            .get("x-forwarded-for")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                    );
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, cb).await else {
                     return;
                 };
+                if greet
+                    && ws
+                        .send(Message::text(format!("welcome {path}")))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
                 while let Some(Ok(msg)) = ws.next().await {
                     if msg.is_text() || msg.is_binary() {
                         if ws.send(msg).await.is_err() {
@@ -34,31 +53,84 @@ async fn websocket_echo_through_the_gateway() {
             });
         }
     });
+    up
+}
+
+fn config(port: u16, upstreams: &str) -> String {
+    format!(
+        "[server]\nthreads = 2\n{upstreams}\n[gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [[routes]]\npath = \"/ws\"\nupstream = \"ws\"\n\
+         [[routes]]\npath = \"/chat\"\nrewrite = \"/room\"\nupstream = \"greeter\"\n\
+         [[routes]]\npath = \"/refuse\"\nupstream = \"refuser\"\n\
+         [[routes]]\npath = \"/down\"\nupstream = \"down\"\n"
+    )
+}
+
+async fn setup() -> (Gatehouse, u16) {
+    let ws = ws_upstream(false).await;
+    let greeter = ws_upstream(true).await;
+    let refuser = serve(|_req| async {
+        hyper::Response::builder()
+            .status(403)
+            .header("x-why", "no")
+            .body(full("not for you"))
+            .unwrap()
+    })
+    .await;
+    let down = free_port();
     let port = free_port();
-    let _g = Gatehouse::start(
-        &format!(
-            "[upstreams.ws]\npeers = [\"{up}\"]\n[gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
-             [[routes]]\npath = \"/ws\"\nupstream = \"ws\"\n"
+    let g = Gatehouse::start(
+        &config(
+            port,
+            &format!(
+                "[upstreams.ws]\npeers = [\"{ws}\"]\n[upstreams.greeter]\npeers = [\"{greeter}\"]\n\
+                 [upstreams.refuser]\npeers = [\"{refuser}\"]\n[upstreams.down]\npeers = [\"127.0.0.1:{down}\"]\n"
+            ),
         ),
         &[port],
     );
-    for round in 0..10 {
+    (g, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_gateway() {
+    let (_g, port) = setup().await;
+    for round in 0..20 {
         let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
             .await
             .expect("upgrade through the gateway");
         assert_eq!(resp.status(), 101);
-        echo_round(&mut ws, round).await;
+        for i in 0..5 {
+            ws.send(Message::text(format!("hello {round}.{i}")))
+                .await
+                .unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("echo in time")
+                .expect("a message")
+                .expect("not an error");
+            assert_eq!(
+                m.into_text().unwrap().as_str(),
+                format!("hello {round}.{i}")
+            );
+        }
+        ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+            .await
+            .unwrap();
+        let m = ws.next().await.unwrap().unwrap();
+        assert_eq!(m.into_data().as_ref(), &[0u8, 1, 2, 255]);
+        ws.close(None).await.unwrap();
     }
 }
 
-async fn echo_round<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, round: usize)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    for i in 0..5 {
-        ws.send(Message::text(format!("hello {round}.{i}")))
-            .await
-            .unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_speaks_first_and_path_is_rewritten() {
+    let (_g, port) = setup().await;
+    for _ in 0..10 {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/chat/42"))
+                .await
+                .unwrap();
         let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
             .await
             .unwrap()
@@ -66,13 +138,31 @@ where
             .unwrap();
         assert_eq!(
             m.into_text().unwrap().as_str(),
-            format!("hello {round}.{i}")
+            "welcome /room/42 xff=127.0.0.1"
         );
+        ws.close(None).await.unwrap();
     }
-    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
-        .await
-        .unwrap();
-    let m = ws.next().await.unwrap().unwrap();
-    assert_eq!(m.into_data().as_ref(), &[0u8, 1, 2, 255]);
-    ws.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_failed_upgrades() {
+    let (_g, port) = setup().await;
+    match tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/refuse")).await {
+        Err(tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 403);
+            assert_eq!(resp.headers()["x-why"], "no");
+            assert_eq!(resp.body().as_deref(), Some(&b"not for you"[..]));
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    match tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/down")).await {
+        Err(tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 502);
+            let body: serde_json::Value =
+                serde_json::from_slice(resp.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["status"], 502);
+            assert!(body["request_id"].as_str().is_some());
+        }
+        other => panic!("expected a 502, got {other:?}"),
+    }
 }

@@ -22,6 +22,7 @@ use crate::runtime::{GatewayRt, Live};
 pub mod ctx;
 pub mod forwarded;
 pub mod rewrite;
+pub mod upgrade;
 
 pub use ctx::RequestCtx;
 
@@ -73,6 +74,93 @@ fn hop_by_hop(headers: &http::HeaderMap, upgrade: bool) -> Vec<String> {
         }
     }
     out
+}
+
+impl GatewayProxy {
+    /// The request header as the upstream gets it: path rewrite, Host, hop-by-hop headers
+    /// dropped, X-Forwarded-*, then the plugins' upstream hooks. Shared by Pingora's proxy path
+    /// and the upgrade tunnel so both send the same request.
+    async fn prepare_upstream_request(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
+            return Ok(());
+        };
+        let gw = &rt.gateways[self.index];
+        let route = &gw.routes[id];
+
+        let new_path = {
+            let path = ctx.path(upstream.uri.path());
+            rewrite::upstream_path(route, &path).or_else(|| ctx.normalized_path.clone())
+        };
+        if let Some(p) = new_path {
+            let uri = match upstream.uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            };
+            let uri = Uri::try_from(uri).or_err(
+                ErrorType::InternalError,
+                "rewritten path is not a valid URI",
+            )?;
+            upstream.set_uri(uri);
+        }
+
+        if !route.preserve_host {
+            if let Some(peer) = ctx.peer {
+                let v = HeaderValue::from_str(&peer.to_string())
+                    .or_err(ErrorType::InternalError, "host header")?;
+                upstream
+                    .insert_header(header::HOST, v)
+                    .or_err(ErrorType::InternalError, "host header")?;
+            }
+        }
+
+        let upgrade = session.is_upgrade_req();
+        for h in hop_by_hop(&upstream.headers, upgrade) {
+            upstream.remove_header(h.as_str());
+        }
+
+        let peer_ip: Option<IpAddr> = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let trusted = peer_ip.is_some_and(|ip| forwarded::is_trusted(&rt.trusted_proxies, ip));
+        forwarded::set_headers(upstream, peer_ip, trusted, gw.tls)?;
+
+        gw.chains[id]
+            .upstream_request(session, upstream, &mut ctx.plugins)
+            .await
+    }
+
+    /// WebSocket and other HTTP/1.1 upgrades to plain-HTTP upstreams (see `upgrade.rs`).
+    async fn tunnel(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
+            return Error::e_explain(ErrorType::InternalError, "no route for upgrade");
+        };
+        let gw = &rt.gateways[self.index];
+        let pool = &rt.pools[gw.routes[id].upstream];
+        let Some(addr) = pool.select_addr(b"") else {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(503),
+                format!("upstream \"{}\" has no available peer", pool.name),
+            );
+        };
+        ctx.peer = Some(addr);
+        let mut req = session.req_header().clone();
+        self.prepare_upstream_request(session, &mut req, ctx)
+            .await?;
+        let stream = upgrade::connect(pool, addr, &req).await?;
+        let mut hs = upgrade::handshake(pool, stream).await?;
+        self.upstream_response_filter(session, &mut hs.resp, ctx)
+            .await?;
+        gw.chains[id]
+            .response(session, &mut hs.resp, &mut ctx.plugins)
+            .await?;
+        upgrade::finish(session, hs).await
+    }
 }
 
 /// Maps an error to the status the client sees; 0 means the client is gone.
@@ -188,10 +276,10 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let Some(gw) = ctx.rt.clone() else {
+        let Some(rt) = ctx.rt.clone() else {
             return Ok(false);
         };
-        let gw = &gw.gateways[self.index];
+        let gw = &rt.gateways[self.index];
         let chain = match ctx.route {
             Some(id) => &gw.chains[id],
             None => &gw.default_chain,
@@ -200,13 +288,17 @@ impl ProxyHttp for GatewayProxy {
             write_reply(Some(gw), session, ctx, reply).await;
             return Ok(true);
         }
-        if ctx.route.is_none() {
+        let Some(id) = ctx.route else {
             let reply = Reply::json_error(
                 StatusCode::NOT_FOUND,
                 message_for(404),
                 ctx.plugins.request_id(),
             );
             write_reply(Some(gw), session, ctx, reply).await;
+            return Ok(true);
+        };
+        if session.is_upgrade_req() && !rt.pools[gw.routes[id].upstream].tls() {
+            self.tunnel(session, ctx).await?;
             return Ok(true);
         }
         Ok(false)
@@ -252,54 +344,7 @@ impl ProxyHttp for GatewayProxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(rt) = ctx.rt.clone() else {
-            return Ok(());
-        };
-        let gw = &rt.gateways[self.index];
-        let Some(id) = ctx.route else { return Ok(()) };
-        let route = &gw.routes[id];
-
-        let new_path = {
-            let path = ctx.path(upstream.uri.path());
-            rewrite::upstream_path(route, &path).or_else(|| ctx.normalized_path.clone())
-        };
-        if let Some(p) = new_path {
-            let uri = match upstream.uri.query() {
-                Some(q) => format!("{p}?{q}"),
-                None => p,
-            };
-            let uri = Uri::try_from(uri).or_err(
-                ErrorType::InternalError,
-                "rewritten path is not a valid URI",
-            )?;
-            upstream.set_uri(uri);
-        }
-
-        if !route.preserve_host {
-            if let Some(peer) = ctx.peer {
-                let v = HeaderValue::from_str(&peer.to_string())
-                    .or_err(ErrorType::InternalError, "host header")?;
-                upstream
-                    .insert_header(header::HOST, v)
-                    .or_err(ErrorType::InternalError, "host header")?;
-            }
-        }
-
-        let upgrade = session.is_upgrade_req();
-        for h in hop_by_hop(&upstream.headers, upgrade) {
-            upstream.remove_header(h.as_str());
-        }
-
-        let peer_ip: Option<IpAddr> = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let trusted = peer_ip.is_some_and(|ip| forwarded::is_trusted(&rt.trusted_proxies, ip));
-        forwarded::set_headers(upstream, peer_ip, trusted, gw.tls)?;
-
-        gw.chains[id]
-            .upstream_request(session, upstream, &mut ctx.plugins)
-            .await
+        self.prepare_upstream_request(session, upstream, ctx).await
     }
 
     async fn upstream_response_filter(

@@ -77,12 +77,37 @@ impl Pool {
         self.peer_count
     }
 
-    /// Picks a peer for one try; `None` when the pool has no usable peer.
-    pub fn select(&self, key: &[u8]) -> Option<Box<HttpPeer>> {
-        let backend = match &self.selector {
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        self.connect_timeout
+    }
+
+    pub fn read_timeout(&self) -> std::time::Duration {
+        self.read_timeout
+    }
+
+    pub fn write_timeout(&self) -> std::time::Duration {
+        self.write_timeout
+    }
+
+    fn select_backend(&self, key: &[u8]) -> Option<Backend> {
+        match &self.selector {
             Selector::RoundRobin(lb) => lb.select(key, MAX_SELECT_ITERATIONS),
             Selector::Random(lb) => lb.select(key, MAX_SELECT_ITERATIONS),
-        }?;
+        }
+    }
+
+    /// Picks a peer address, for callers that connect themselves (upgrade tunnels).
+    pub fn select_addr(&self, key: &[u8]) -> Option<std::net::SocketAddr> {
+        self.select_backend(key)?.addr.as_inet().copied()
+    }
+
+    /// Picks a peer for one try; `None` when the pool has no usable peer.
+    pub fn select(&self, key: &[u8]) -> Option<Box<HttpPeer>> {
+        let backend = self.select_backend(key)?;
         let mut peer = HttpPeer::new(&backend, self.tls, self.sni.clone());
         let o = &mut peer.options;
         o.connection_timeout = Some(self.connect_timeout);
