@@ -1,0 +1,92 @@
+//! TLS termination on a gateway listener, with HTTP/2 offered by ALPN and HTTP/1.1 still served.
+mod common;
+
+use common::*;
+use openssl::asn1::Asn1Time;
+use openssl::hash::MessageDigest;
+use openssl::pkey::PKey;
+use openssl::rsa::Rsa;
+use openssl::x509::extension::SubjectAlternativeName;
+use openssl::x509::{X509NameBuilder, X509};
+
+/// A self-signed certificate for localhost, written as PEM files into `dir`.
+fn self_signed(dir: &std::path::Path) -> (Vec<u8>, std::path::PathBuf, std::path::PathBuf) {
+    let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+    let mut name = X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", "localhost").unwrap();
+    let name = name.build();
+    let mut b = X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(&name).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(2).unwrap())
+        .unwrap();
+    let san = SubjectAlternativeName::new()
+        .dns("localhost")
+        .ip("127.0.0.1")
+        .build(&b.x509v3_context(None, None))
+        .unwrap();
+    b.append_extension(san).unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    let cert = b.build().to_pem().unwrap();
+    let (c, k) = (dir.join("web.crt"), dir.join("web.key"));
+    std::fs::write(&c, &cert).unwrap();
+    std::fs::write(&k, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    (cert, c, k)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_serves_h2_and_h1() {
+    let up = echo("a").await;
+    let port = free_port();
+    let certs = tempfile::tempdir().unwrap();
+    let (pem, cert, key) = self_signed(certs.path());
+    let _g = Gatehouse::start(
+        &format!(
+            "[upstreams.a]\npeers = [\"{up}\"]\n[gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             tls = {{ cert = \"{}\", key = \"{}\" }}\n[[routes]]\nupstream = \"a\"\n",
+            cert.display(),
+            key.display()
+        ),
+        &[port],
+    );
+    let ca = reqwest::Certificate::from_pem(&pem).unwrap();
+    let url = format!("https://localhost:{port}/hello");
+
+    let h2 = reqwest::Client::builder()
+        .add_root_certificate(ca.clone())
+        .build()
+        .unwrap();
+    let r = h2.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["path"], "/hello");
+    assert_eq!(seen(&body, "x-forwarded-proto"), vec!["https"]);
+
+    let h1 = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .http1_only()
+        .build()
+        .unwrap();
+    let r = h1.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+}
+
+#[test]
+fn missing_tls_files_are_config_errors() {
+    let (code, out, _, _dir) = check(
+        "[upstreams.a]\npeers = []\n[gateways.web]\nlisten = [\"127.0.0.1:1\"]\n\
+         tls = { cert = \"nope.crt\", key = \"nope.key\" }\n[[routes]]\nupstream = \"a\"\n",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        out.contains(":5:16: error: gateway \"web\": TLS file"),
+        "{out}"
+    );
+    assert!(out.contains("nope.key"), "{out}");
+}
