@@ -1,6 +1,7 @@
 //! The live snapshot: everything a request needs (route tables, pools, plugin chains), built
 //! from a validated [`Config`] off the hot path and published through one `ArcSwap`, so a
 //! reload swaps it atomically and requests in flight finish on the snapshot they started with.
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -18,6 +19,8 @@ pub struct GatewayRt {
     pub tls: bool,
     pub routes: Vec<Route>,
     pub route_names: Vec<Arc<str>>,
+    /// Mirrors in flight, per route (bounded by the route's `mirror.max_in_flight`).
+    pub mirrors_in_flight: Vec<Arc<AtomicUsize>>,
     /// One chain per route: global, gateway, route plugins.
     pub chains: Vec<Chain>,
     /// Global and gateway plugins: for requests no route matches.
@@ -27,12 +30,14 @@ pub struct GatewayRt {
 
 pub struct Runtime {
     pub gateways: Vec<GatewayRt>,
-    pub pools: Vec<Pool>,
+    pub pools: Vec<Arc<Pool>>,
     pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Runtime {
-    pub fn build(cfg: &Config) -> Result<Runtime, String> {
+    /// Builds a snapshot; pools whose definition did not change since `previous` are kept, with
+    /// their health, ejections and breaker state.
+    pub fn build(cfg: &Config, previous: Option<&Runtime>) -> Result<Runtime, String> {
         let plugins: Vec<Arc<dyn Plugin>> = cfg.plugins.iter().map(|p| p.config.build()).collect();
         let pick = |ids: &[usize]| ids.iter().map(|&i| plugins[i].clone()).collect::<Vec<_>>();
         let global = pick(&cfg.server.plugins);
@@ -59,6 +64,7 @@ impl Runtime {
                     .iter()
                     .map(|r| Arc::from(r.name.as_str()))
                     .collect(),
+                mirrors_in_flight: g.routes.iter().map(|_| Arc::default()).collect(),
                 routes: g.routes.clone(),
                 chains,
                 default_chain: Chain::new(&base),
@@ -67,7 +73,15 @@ impl Runtime {
         let pools = cfg
             .upstreams
             .iter()
-            .map(|u| Pool::new(u).map_err(|e| format!("upstream \"{}\": {e}", u.name)))
+            .map(|u| {
+                let kept = previous.and_then(|p| p.pools.iter().find(|p| p.cfg == *u));
+                match kept {
+                    Some(p) => Ok(p.clone()),
+                    None => Pool::new(u)
+                        .map(Arc::new)
+                        .map_err(|e| format!("upstream \"{}\": {e}", u.name)),
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Runtime {
             gateways,

@@ -15,6 +15,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use crate::config::{self, Config};
 use crate::proxy::GatewayProxy;
 use crate::runtime::{Live, Runtime};
+use crate::upstream::health;
 
 /// Builds the server for `cfg`; the caller may add services (the demo does) before running it.
 pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
@@ -38,7 +39,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let runtime = Runtime::build(cfg)?;
+    let runtime = Runtime::build(cfg, None)?;
     let live: Live = Arc::new(ArcSwap::from_pointee(runtime));
     for (index, g) in cfg.gateways.iter().enumerate() {
         let proxy = GatewayProxy {
@@ -70,8 +71,11 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
         }
         server.add_service(svc);
     }
+    if let Some(addr) = cfg.server.admin {
+        server.add_service(crate::admin::service(addr, live.clone()));
+    }
     server.add_service(background_service(
-        "config reload",
+        "health checks and reload",
         Reloader {
             path: cfg.path.clone(),
             live: live.clone(),
@@ -84,6 +88,11 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
 /// Pingora retries a busy address for 30 s (it expects an upgrade to free it); outside an
 /// upgrade, a busy port is a mistake to report at once.
 fn preflight_listeners(cfg: &Config) -> Result<(), String> {
+    if let Some(addr) = cfg.server.admin {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            return Err(format!("[server] admin: cannot listen on {addr}: {e}"));
+        }
+    }
     for g in &cfg.gateways {
         for addr in &g.listen {
             if let Err(e) = std::net::TcpListener::bind(addr) {
@@ -104,8 +113,9 @@ fn listener_set(cfg: &Config) -> Vec<(String, Vec<std::net::SocketAddr>, bool)> 
         .collect()
 }
 
-/// Reloads the file on SIGHUP: a complete new snapshot, swapped in at once; a bad file, or
-/// one that changes listeners (which need a restart or upgrade), leaves the running one.
+/// Runs the active health checks, and reloads the file on SIGHUP: a complete new snapshot,
+/// swapped in at once; a bad file, or one that changes listeners (which need a restart or
+/// upgrade), leaves the running one.
 struct Reloader {
     path: PathBuf,
     live: Live,
@@ -128,9 +138,12 @@ impl Reloader {
             );
             return;
         }
-        match Runtime::build(&cfg) {
+        let current = self.live.load_full();
+        match Runtime::build(&cfg, Some(&current)) {
             Ok(rt) => {
-                self.live.store(Arc::new(rt));
+                let rt = Arc::new(rt);
+                self.live.store(rt.clone());
+                health::spawn_checks(&rt.pools);
                 log::info!("reloaded {}", self.path.display());
             }
             Err(e) => log::error!("reload refused, keeping the running config: {e}"),
@@ -142,6 +155,8 @@ impl Reloader {
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use tokio::signal::unix::{signal, SignalKind};
+        // Health-check tasks live in this service's runtime, for as long as the server runs.
+        health::spawn_checks(&self.live.load().pools);
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {

@@ -24,6 +24,7 @@ pub mod headers;
 pub mod request_id;
 
 pub use config::{PluginConfig, KINDS};
+pub use request_id::random_u64;
 
 /// What a plugin's request hook decided.
 #[must_use]

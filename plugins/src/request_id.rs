@@ -135,6 +135,11 @@ fn seed() -> (u64, u64) {
     (a, b)
 }
 
+/// A fast per-thread pseudo-random number (not for secrets): sampling, splits, ids.
+pub fn random_u64() -> u64 {
+    next_u64()
+}
+
 fn next_u64() -> u64 {
     STATE.with(|st| {
         // xorshift128+

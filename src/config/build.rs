@@ -3,28 +3,28 @@
 //! Each top-level section (and each upstream, plugin, gateway and route in it) is deserialized
 //! on its own from toml's spanned document, so one bad route does not hide the errors of the
 //! next, and serde's errors keep the byte span of the value they are about.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gatehouse_plugins::{PluginConfig, KINDS};
-use http::{HeaderName, HeaderValue, Method};
-use regex::Regex;
 use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use super::file::{GatewayFile, RouteFile, ServerFile, UpstreamFile};
+use super::routes::{route, route_key, Refs};
+use super::upstreams::upstream;
 use super::*;
 
 const SECTIONS: &[&str] = &["server", "upstreams", "plugins", "gateways", "routes"];
 
-struct Loader<'a> {
+pub(super) struct Loader<'a> {
     src: &'a str,
     line_starts: Vec<usize>,
-    errors: Vec<ConfigError>,
+    pub(super) errors: Vec<ConfigError>,
 }
 
 impl<'a> Loader<'a> {
@@ -38,7 +38,7 @@ impl<'a> Loader<'a> {
         }
     }
 
-    fn position(&self, offset: usize) -> (usize, usize) {
+    pub(super) fn position(&self, offset: usize) -> (usize, usize) {
         let line = self.line_starts.partition_point(|&s| s <= offset).max(1);
         let start = self.line_starts[line - 1];
         let col = self
@@ -48,7 +48,7 @@ impl<'a> Loader<'a> {
         (line, col)
     }
 
-    fn err(&mut self, span: Range<usize>, context: &str, message: impl Into<String>) {
+    pub(super) fn err(&mut self, span: Range<usize>, context: &str, message: impl Into<String>) {
         let (line, col) = self.position(span.start);
         self.errors.push(ConfigError {
             line,
@@ -64,7 +64,7 @@ impl<'a> Loader<'a> {
     /// serde stops at a struct's first bad field. To report the others too, the bad key is
     /// dropped from the table and the rest read again, until no error is left; a "missing
     /// field" for a dropped key is not a new error.
-    fn de<T: for<'de> Deserialize<'de>>(
+    pub(super) fn de<T: for<'de> Deserialize<'de>>(
         &mut self,
         value: Spanned<DeValue<'a>>,
         context: &str,
@@ -317,6 +317,34 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         }
     }
 
+    // Mirrors are sent over plain TCP by the gateway itself (see proxy/mirror.rs).
+    for g in &gateways {
+        for r in &g.routes {
+            if let Some(u) = r.mirror.as_ref().and_then(|m| upstreams.get(m.upstream)) {
+                if u.tls {
+                    ld.errors.push(ConfigError {
+                        line: r.line,
+                        col: 1,
+                        context: format!("route \"{}\"", r.name),
+                        message: format!(
+                            "mirror upstream \"{}\" uses tls, which mirroring does not support",
+                            u.name
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    if let Some(admin) = &server_file.admin {
+        if let Some(g) = listens.get(&admin.get_ref().0) {
+            let msg = format!(
+                "admin address {} is also a listener of gateway \"{g}\"",
+                admin.get_ref().0
+            );
+            ld.err(admin.span(), "[server]", msg);
+        }
+    }
+
     let threads = match server_file.threads {
         Some(t) if *t.get_ref() == 0 => {
             ld.err(t.span(), "[server]", "`threads` must be at least 1");
@@ -344,6 +372,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         path: path.to_path_buf(),
         server: Server {
             threads,
+            admin: server_file.admin.as_ref().map(|a| a.get_ref().0),
             grace_period: server_file
                 .grace_period
                 .map_or(Duration::from_secs(10), |d| d.0),
@@ -419,7 +448,7 @@ fn plugin_config<'a>(
     }
 }
 
-fn plugin_refs(
+pub(super) fn plugin_refs(
     ld: &mut Loader,
     names: &[Spanned<String>],
     known: &HashMap<String, Option<usize>>,
@@ -442,381 +471,6 @@ fn plugin_refs(
         }
     }
     out
-}
-
-fn upstream(
-    ld: &mut Loader,
-    name: &str,
-    u: UpstreamFile,
-    span: Range<usize>,
-    ctx: &str,
-) -> Option<Upstream> {
-    let errors_before = ld.errors.len();
-    let selection = match u.selection.as_ref().map(|s| s.get_ref().as_str()) {
-        None | Some("round_robin") => Selection::RoundRobin,
-        Some("random") => Selection::Random,
-        Some(other) => {
-            let s = u.selection.as_ref().map_or(span.clone(), |s| s.span());
-            ld.err(
-                s,
-                ctx,
-                format!("unknown selection \"{other}\", expected round_robin or random"),
-            );
-            Selection::RoundRobin
-        }
-    };
-    let mut peers = Vec::new();
-    for p in &u.peers {
-        // Pingora's weighted selection repeats a peer `weight` times in a table.
-        if !(1..=1000).contains(&p.get_ref().weight) {
-            ld.err(p.span(), ctx, "peer weight must be between 1 and 1000");
-        }
-        peers.push(Peer {
-            addr: p.get_ref().addr.0,
-            weight: p.get_ref().weight,
-        });
-    }
-    if ld.errors.len() > errors_before {
-        return None;
-    }
-    let sni = u.sni.unwrap_or_else(|| {
-        if u.tls {
-            log::warn!("upstream \"{name}\": tls without `sni`; sending none");
-        }
-        String::new()
-    });
-    Some(Upstream {
-        name: name.to_string(),
-        peers,
-        selection,
-        tls: u.tls,
-        sni,
-        connect_timeout: u.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
-        read_timeout: u.read_timeout.map_or(Duration::from_secs(60), |d| d.0),
-        write_timeout: u.write_timeout.map_or(Duration::from_secs(60), |d| d.0),
-        idle_timeout: u.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
-    })
-}
-
-struct Refs<'r> {
-    upstreams: &'r HashMap<String, Option<usize>>,
-    plugins: &'r HashMap<String, Option<usize>>,
-    gateways: &'r HashMap<String, Option<usize>>,
-}
-
-/// Validates one route; returns its gateway's name and index (`None` when that gateway is
-/// itself broken, which was reported there) and the route.
-fn route(
-    ld: &mut Loader,
-    r: RouteFile,
-    name: String,
-    line: usize,
-    span: Range<usize>,
-    refs: &Refs,
-    ctx: &str,
-) -> Option<(String, Option<usize>, Route)> {
-    let errors_before = ld.errors.len();
-
-    let mut gateway_name = String::new();
-    let gateway = match &r.gateway {
-        Some(g) => match refs.gateways.get(g.get_ref()) {
-            Some(i) => {
-                gateway_name = g.get_ref().clone();
-                *i
-            }
-            None => {
-                ld.err(
-                    g.span(),
-                    ctx,
-                    format!("unknown gateway \"{}\"", g.get_ref()),
-                );
-                None
-            }
-        },
-        None if refs.gateways.len() == 1 => {
-            let (name, i) = refs.gateways.iter().next()?;
-            gateway_name = name.clone();
-            *i
-        }
-        None => {
-            if !refs.gateways.is_empty() {
-                let mut names: Vec<_> = refs.gateways.keys().map(String::as_str).collect();
-                names.sort_unstable();
-                ld.err(
-                    span.clone(),
-                    ctx,
-                    format!(
-                        "`gateway` is required when there are several gateways ({})",
-                        names.join(", ")
-                    ),
-                );
-            }
-            None
-        }
-    };
-
-    let host = match &r.host {
-        None => HostMatch::Any,
-        Some(h) => match parse_host(h.get_ref()) {
-            Ok(m) => m,
-            Err(e) => {
-                ld.err(h.span(), ctx, e);
-                HostMatch::Any
-            }
-        },
-    };
-
-    let path = match &r.path {
-        None => PathMatch::Prefix("/".into()),
-        Some(p) => match parse_path(p.get_ref()) {
-            Ok(m) => m,
-            Err(e) => {
-                ld.err(p.span(), ctx, e);
-                PathMatch::Prefix("/".into())
-            }
-        },
-    };
-
-    let methods = r.methods.as_ref().map(|ms| {
-        if ms.get_ref().is_empty() {
-            ld.err(
-                ms.span(),
-                ctx,
-                "`methods` is empty: leave it out to match any method",
-            );
-        }
-        let mut out = Vec::new();
-        for m in ms.get_ref() {
-            let s = m.get_ref();
-            match Method::from_bytes(s.as_bytes()) {
-                Ok(method) if s.bytes().all(|b| b.is_ascii_uppercase() || b == b'-') => {
-                    if !out.contains(&method) {
-                        out.push(method);
-                    }
-                }
-                _ => ld.err(
-                    m.span(),
-                    ctx,
-                    format!("invalid method \"{s}\" (write it in upper case, e.g. \"GET\")"),
-                ),
-            }
-        }
-        out
-    });
-
-    let mut headers = Vec::new();
-    for (k, v) in &r.headers {
-        let Ok(name) = HeaderName::from_bytes(k.get_ref().as_bytes()) else {
-            ld.err(
-                k.span(),
-                ctx,
-                format!("invalid header name \"{}\"", k.get_ref()),
-            );
-            continue;
-        };
-        let m = if let Some(re) = v.get_ref().strip_prefix("~ ") {
-            match Regex::new(re.trim()) {
-                Ok(re) => ValueMatch::Regex(re),
-                Err(e) => {
-                    ld.err(
-                        v.span(),
-                        ctx,
-                        format!("invalid regex for header {name}: {e}"),
-                    );
-                    continue;
-                }
-            }
-        } else {
-            match HeaderValue::from_str(v.get_ref()) {
-                Ok(hv) => ValueMatch::Exact(hv),
-                Err(_) => {
-                    ld.err(v.span(), ctx, format!("invalid value for header {name}"));
-                    continue;
-                }
-            }
-        };
-        headers.push((name, m));
-    }
-
-    let upstream = match &r.upstream {
-        Some(u) => match refs.upstreams.get(u.get_ref()) {
-            Some(i) => *i,
-            None => {
-                ld.err(
-                    u.span(),
-                    ctx,
-                    format!(
-                        "unknown upstream \"{}\" (define it as [upstreams.{}])",
-                        u.get_ref(),
-                        u.get_ref()
-                    ),
-                );
-                None
-            }
-        },
-        None => {
-            ld.err(span.clone(), ctx, "a route needs a target: set `upstream`");
-            None
-        }
-    };
-
-    let strip = r.strip_prefix.as_ref().is_some_and(|s| *s.get_ref());
-    let rewrite = match (&path, strip, &r.rewrite) {
-        (_, true, Some(rw)) => {
-            ld.err(
-                rw.span(),
-                ctx,
-                "`strip_prefix` and `rewrite` exclude each other: `rewrite` already replaces the prefix",
-            );
-            Rewrite::Keep
-        }
-        (PathMatch::Prefix(_), true, None) => Rewrite::StripPrefix,
-        (_, true, None) => {
-            let s = r.strip_prefix.as_ref().map_or(span.clone(), |s| s.span());
-            ld.err(s, ctx, "`strip_prefix` only applies to prefix paths");
-            Rewrite::Keep
-        }
-        (PathMatch::Regex(_), false, Some(rw)) => Rewrite::Template(rw.get_ref().clone()),
-        (_, false, Some(rw)) => {
-            if !rw.get_ref().starts_with('/') || rw.get_ref().contains(['?', '#', ' ']) {
-                ld.err(
-                    rw.span(),
-                    ctx,
-                    format!(
-                        "`rewrite` must be a path starting with '/', got \"{}\"",
-                        rw.get_ref()
-                    ),
-                );
-            }
-            Rewrite::Replace(rw.get_ref().clone())
-        }
-        (_, false, None) => Rewrite::Keep,
-    };
-
-    let plugins = plugin_refs(ld, &r.plugins, refs.plugins, ctx);
-
-    if ld.errors.len() > errors_before {
-        return None;
-    }
-    Some((
-        gateway_name,
-        gateway,
-        Route {
-            name,
-            line,
-            host,
-            path,
-            methods,
-            headers,
-            priority: r.priority.unwrap_or(0),
-            // A broken upstream was reported where it is defined; the config is refused anyway.
-            upstream: upstream.unwrap_or(usize::MAX),
-            rewrite,
-            preserve_host: r.preserve_host,
-            plugins,
-        },
-    ))
-}
-
-fn parse_host(h: &str) -> Result<HostMatch, String> {
-    let lower = h.to_ascii_lowercase();
-    let (wild, name) = match lower.strip_prefix("*.") {
-        Some(rest) => (true, rest),
-        None => (false, lower.as_str()),
-    };
-    let ok = !name.is_empty()
-        && name
-            .split('.')
-            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
-    if !ok {
-        return Err(format!(
-            "invalid host \"{h}\" (write a name like \"api.example.com\" or \"*.example.com\", no port)"
-        ));
-    }
-    Ok(if wild {
-        HostMatch::Suffix(format!(".{name}"))
-    } else {
-        HostMatch::Exact(name.to_string())
-    })
-}
-
-fn parse_path(p: &str) -> Result<PathMatch, String> {
-    if let Some(re) = p.strip_prefix('~') {
-        let re = re.trim();
-        return Regex::new(re)
-            .map(PathMatch::Regex)
-            .map_err(|e| format!("invalid path regex \"{re}\": {}", regex_reason(&e)));
-    }
-    let (exact, path) = match p.strip_prefix('=') {
-        Some(rest) => (true, rest.trim()),
-        None => (false, p),
-    };
-    if !path.starts_with('/') || path.contains(['?', '#', ' ', '\t']) {
-        return Err(format!(
-            "invalid path \"{p}\": write \"/prefix\", \"= /exact\" or \"~ ^/regex$\""
-        ));
-    }
-    if path.split('/').any(|s| s == "." || s == "..") {
-        return Err(format!("invalid path \"{p}\": no '.' or '..' segments"));
-    }
-    Ok(if exact {
-        PathMatch::Exact(path.to_string())
-    } else {
-        let trimmed = path.trim_end_matches('/');
-        PathMatch::Prefix(if trimmed.is_empty() {
-            "/".into()
-        } else {
-            trimmed.into()
-        })
-    })
-}
-
-/// The one line of a regex error that says what is wrong (its Display spans several).
-fn regex_reason(e: &regex::Error) -> String {
-    let s = e.to_string();
-    s.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("error: "))
-        .unwrap_or(s.lines().last().unwrap_or(""))
-        .to_string()
-}
-
-/// Two routes with equal keys match exactly the same requests.
-fn route_key(r: &Route) -> String {
-    let host = match &r.host {
-        HostMatch::Any => String::new(),
-        HostMatch::Exact(h) => h.clone(),
-        HostMatch::Suffix(s) => format!("*{s}"),
-    };
-    let path = match &r.path {
-        PathMatch::Prefix(p) => format!("prefix {p}"),
-        PathMatch::Exact(p) => format!("exact {p}"),
-        PathMatch::Regex(re) => format!("regex {}", re.as_str()),
-    };
-    let mut methods: Vec<_> = r
-        .methods
-        .iter()
-        .flatten()
-        .map(|m| m.as_str().to_string())
-        .collect();
-    methods.sort_unstable();
-    let mut headers: Vec<String> = r
-        .headers
-        .iter()
-        .map(|(n, m)| match m {
-            ValueMatch::Exact(v) => format!("{n}={}", String::from_utf8_lossy(v.as_bytes())),
-            ValueMatch::Regex(re) => format!("{n}~{}", re.as_str()),
-        })
-        .collect();
-    headers.sort_unstable();
-    let uniq: HashSet<_> = headers.iter().collect();
-    debug_assert_eq!(uniq.len(), headers.len());
-    format!(
-        "{host}\u{0}{path}\u{0}{}\u{0}{}\u{0}{}",
-        methods.join(","),
-        headers.join("\u{1}"),
-        r.priority
-    )
 }
 
 #[cfg(test)]
@@ -882,23 +536,5 @@ listen = ["127.0.0.1:18080"]
         let errs = errors(&src);
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].message.contains("same requests as route \"a\""));
-    }
-
-    #[test]
-    fn paths_and_hosts() {
-        assert!(matches!(parse_path("/a/b/").unwrap(), PathMatch::Prefix(p) if p == "/a/b"));
-        assert!(matches!(parse_path("= /a").unwrap(), PathMatch::Exact(p) if p == "/a"));
-        assert!(matches!(
-            parse_path("~ ^/a/(\\d+)$").unwrap(),
-            PathMatch::Regex(_)
-        ));
-        assert!(parse_path("a").is_err());
-        assert!(parse_path("/a/../b").is_err());
-        assert_eq!(
-            parse_host("*.Example.com").unwrap(),
-            HostMatch::Suffix(".example.com".into())
-        );
-        assert!(parse_host("a.com:80").is_err());
-        assert!(parse_host("*.").is_err());
     }
 }

@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::values::{Cidr, Dur, ListenAddr, PeerAddr};
+use super::values::{Cidr, Dur, ListenAddr, PeerAddr, Size};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
     pub threads: Option<Spanned<usize>>,
+    pub admin: Option<Spanned<ListenAddr>>,
     pub grace_period: Option<Dur>,
     pub shutdown_timeout: Option<Dur>,
     #[serde(default)]
@@ -41,6 +42,7 @@ fn one() -> usize {
 pub struct UpstreamFile {
     pub peers: Vec<Spanned<PeerEntry>>,
     pub selection: Option<Spanned<String>>,
+    pub hash_key: Option<Spanned<String>>,
     #[serde(default)]
     pub tls: bool,
     pub sni: Option<String>,
@@ -48,6 +50,60 @@ pub struct UpstreamFile {
     pub read_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
     pub idle_timeout: Option<Dur>,
+    pub retries: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub retry_on_status: Vec<Spanned<u16>>,
+    pub retry_budget: Option<Spanned<u32>>,
+    pub health_check: Option<Spanned<HealthCheckFile>>,
+    pub passive_health: Option<Spanned<PassiveHealthFile>>,
+    pub circuit_breaker: Option<Spanned<CircuitBreakerFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckFile {
+    pub kind: Spanned<String>,
+    pub path: Option<Spanned<String>>,
+    pub host: Option<String>,
+    pub expect: Option<Spanned<u16>>,
+    pub interval: Option<Dur>,
+    pub timeout: Option<Dur>,
+    pub unhealthy_after: Option<Spanned<usize>>,
+    pub healthy_after: Option<Spanned<usize>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthFile {
+    pub failures: Option<Spanned<u32>>,
+    pub eject_for: Option<Dur>,
+    pub statuses: Option<Vec<Spanned<u16>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerFile {
+    pub failures: Option<u32>,
+    pub error_ratio: Option<Spanned<f64>>,
+    pub window: Option<Dur>,
+    pub min_requests: Option<u32>,
+    pub open_for: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitArmFile {
+    pub upstream: Spanned<String>,
+    pub weight: Spanned<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorFile {
+    pub upstream: Spanned<String>,
+    pub percent: Option<Spanned<f64>>,
+    pub max_body: Option<Size>,
+    pub max_in_flight: Option<Spanned<usize>>,
 }
 
 /// A peer as written: `"HOST:PORT"` or `{ addr = "HOST:PORT", weight = 3 }`.
@@ -117,6 +173,9 @@ pub struct RouteFile {
     pub headers: BTreeMap<Spanned<String>, Spanned<String>>,
     pub priority: Option<i32>,
     pub upstream: Option<Spanned<String>>,
+    pub split: Option<Spanned<Vec<SplitArmFile>>>,
+    pub sticky: Option<Spanned<String>>,
+    pub mirror: Option<Spanned<MirrorFile>>,
     pub strip_prefix: Option<Spanned<bool>>,
     pub rewrite: Option<Spanned<String>>,
     #[serde(default = "yes")]

@@ -16,6 +16,8 @@ use regex::Regex;
 
 mod build;
 pub mod file;
+mod routes;
+mod upstreams;
 pub mod values;
 
 /// A validated configuration: every reference resolved, every value typed.
@@ -31,6 +33,8 @@ pub struct Config {
 #[derive(Debug)]
 pub struct Server {
     pub threads: usize,
+    /// The admin listener (status, health); `None` = off.
+    pub admin: Option<SocketAddr>,
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
@@ -45,25 +49,90 @@ pub struct Server {
 pub enum Selection {
     RoundRobin,
     Random,
+    ConsistentHash,
+    LeastConn,
 }
 
-#[derive(Debug)]
+/// What a consistent hash (or a sticky split) is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Header(HeaderName),
+    Cookie(String),
+    Path,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub addr: SocketAddr,
     pub weight: usize,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    Tcp,
+    Http {
+        path: String,
+        host: Option<String>,
+        expect: u16,
+    },
+}
+
+/// Active health checks, run in the background.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: usize,
+    pub healthy_after: usize,
+}
+
+/// Passive health: a peer that fails `failures` times in a row is ejected for `eject_for`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassiveHealth {
+    pub failures: u32,
+    pub eject_for: Duration,
+    /// Upstream statuses that count as failures (connect errors, resets and timeouts always do).
+    pub statuses: Vec<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CircuitBreaker {
+    /// Consecutive failures that open it; 0 = only the error ratio does.
+    pub failures: u32,
+    pub error_ratio: Option<f64>,
+    pub window: Duration,
+    pub min_requests: u32,
+    pub open_for: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Extra tries on another peer.
+    pub retries: usize,
+    /// Upstream statuses that are retried (connect errors always are, when `retries` > 0).
+    pub on_status: Vec<u16>,
+    /// Retries may add at most this percentage of the upstream's request rate.
+    pub budget_percent: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub name: String,
     pub peers: Vec<Peer>,
     pub selection: Selection,
+    pub hash_key: HashKey,
     pub tls: bool,
     pub sni: String,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
+    pub health_check: Option<HealthCheck>,
+    pub passive_health: Option<PassiveHealth>,
+    pub circuit_breaker: Option<CircuitBreaker>,
+    pub retry: RetryPolicy,
 }
 
 #[derive(Debug)]
@@ -141,10 +210,31 @@ pub struct Route {
     pub methods: Option<Vec<Method>>,
     pub headers: Vec<(HeaderName, ValueMatch)>,
     pub priority: i32,
-    pub upstream: usize,
+    pub target: Target,
+    pub mirror: Option<Mirror>,
     pub rewrite: Rewrite,
     pub preserve_host: bool,
     pub plugins: Vec<usize>,
+}
+
+/// Where a route's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Upstream(usize),
+    /// Weighted split across upstreams (canary); sticky per client when `sticky` is set.
+    Split {
+        arms: Vec<(usize, u32)>,
+        sticky: Option<HashKey>,
+    },
+}
+
+/// A shadow copy of each sampled request, sent fire-and-forget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    pub upstream: usize,
+    pub percent: f64,
+    pub max_body: usize,
+    pub max_in_flight: usize,
 }
 
 /// One problem in a config file.

@@ -21,6 +21,43 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// A size in bytes: `"64KiB"`, `"10MB"`, `"1GiB"`, `"512"` (bytes). KB/MB/GB are powers of 1000,
+/// KiB/MiB/GiB of 1024.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (write e.g. \"64KiB\", \"10MB\")"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit (B, KB, KiB, MB, MiB, GB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_size(&s).map(Size).map_err(de::Error::custom)
+    }
+}
+
 /// A CIDR block (`"10.0.0.0/8"`, `"::1/128"`) or a single address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr(pub IpNet);
@@ -106,6 +143,15 @@ mod tests {
         assert_eq!(de::<Dur>("1m").unwrap().0, Duration::from_secs(60));
         assert!(de::<Dur>("5 parsecs").is_err());
         assert!(de::<Dur>("10").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(de::<Size>("64KiB").unwrap().0, 65536);
+        assert_eq!(de::<Size>("10MB").unwrap().0, 10_000_000);
+        assert_eq!(de::<Size>("512").unwrap().0, 512);
+        assert!(de::<Size>("5 parsecs").is_err());
+        assert!(de::<Size>("KiB").is_err());
     }
 
     #[test]

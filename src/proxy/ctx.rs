@@ -6,6 +6,9 @@ use std::sync::Arc;
 use gatehouse_plugins::PluginCtx;
 
 use crate::router::RouteId;
+use crate::upstream::{InFlight, Tried};
+
+use super::mirror::MirrorState;
 use crate::runtime::Runtime;
 
 #[derive(Default)]
@@ -20,6 +23,20 @@ pub struct RequestCtx {
     pub peer: Option<SocketAddr>,
     /// Set once a reply has been written by the gateway itself.
     pub replied: bool,
+    /// The upstream (pool index) this request goes to, chosen once (splits pick it).
+    pub upstream: Option<usize>,
+    /// The peer of the current try, its index in the pool.
+    pub peer_idx: Option<usize>,
+    pub tried: Tried,
+    /// Retries granted by the retry policy so far.
+    pub retries: usize,
+    pub inflight: Option<InFlight>,
+    /// The circuit breaker let this request through (as its half-open probe when `probe`).
+    pub admitted: bool,
+    pub probe: bool,
+    /// The last try failed in a way the breaker counts.
+    pub upstream_failed: bool,
+    pub mirror: Option<MirrorState>,
 }
 
 impl RequestCtx {

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use gatehouse_plugins::{Decision, Reply};
 use http::{header, HeaderValue, StatusCode, Uri};
-use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
@@ -19,8 +19,10 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::router::normalize_path;
 use crate::runtime::{GatewayRt, Live};
 
+pub mod balance;
 pub mod ctx;
 pub mod forwarded;
+pub mod mirror;
 pub mod rewrite;
 pub mod upgrade;
 
@@ -136,24 +138,34 @@ impl GatewayProxy {
     }
 
     /// WebSocket and other HTTP/1.1 upgrades to plain-HTTP upstreams (see `upgrade.rs`).
-    async fn tunnel(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    async fn tunnel(&self, session: &mut Session, ctx: &mut RequestCtx, up: usize) -> Result<()> {
         let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
             return Error::e_explain(ErrorType::InternalError, "no route for upgrade");
         };
         let gw = &rt.gateways[self.index];
-        let pool = &rt.pools[gw.routes[id].upstream];
-        let Some(addr) = pool.select_addr(b"") else {
-            return Error::e_explain(
-                ErrorType::HTTPStatus(503),
-                format!("upstream \"{}\" has no available peer", pool.name),
-            );
+        balance::select_peer(&rt, up, session, ctx)?;
+        let pool = &rt.pools[up];
+        let Some(addr) = ctx.peer else {
+            return Error::e_explain(ErrorType::InternalError, "no peer for upgrade");
         };
-        ctx.peer = Some(addr);
         let mut req = session.req_header().clone();
         self.prepare_upstream_request(session, &mut req, ctx)
             .await?;
-        let stream = upgrade::connect(pool, addr, &req).await?;
-        let mut hs = upgrade::handshake(pool, stream).await?;
+        let result = async {
+            let stream = upgrade::connect(pool, addr, &req).await?;
+            upgrade::handshake(pool, stream).await
+        }
+        .await;
+        let mut hs = match result {
+            Ok(hs) => hs,
+            Err(e) => {
+                ctx.upstream_failed = true;
+                if let Some(idx) = ctx.peer_idx {
+                    pool.report(idx, false);
+                }
+                return Err(e);
+            }
+        };
         self.upstream_response_filter(session, &mut hs.resp, ctx)
             .await?;
         gw.chains[id]
@@ -168,6 +180,7 @@ pub fn status_for(e: &Error) -> u16 {
     use ErrorType::*;
     match (e.esource(), e.etype()) {
         (_, HTTPStatus(code)) => *code,
+        (_, Custom(balance::CIRCUIT_OPEN | balance::NO_PEER)) => 503,
         (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => 0,
         (ErrorSource::Downstream, ReadTimedout | WriteTimedout) => 408,
         (ErrorSource::Downstream, _) => 400,
@@ -181,7 +194,10 @@ pub fn status_for(e: &Error) -> u16 {
     }
 }
 
-fn message_for(status: u16) -> &'static str {
+fn message_for(e: Option<&Error>, status: u16) -> &'static str {
+    if e.is_some_and(|e| e.etype() == &ErrorType::Custom(balance::CIRCUIT_OPEN)) {
+        return "upstream circuit open";
+    }
     match status {
         400 => "bad request",
         404 => "no route matches this request",
@@ -291,14 +307,20 @@ impl ProxyHttp for GatewayProxy {
         let Some(id) = ctx.route else {
             let reply = Reply::json_error(
                 StatusCode::NOT_FOUND,
-                message_for(404),
+                message_for(None, 404),
                 ctx.plugins.request_id(),
             );
             write_reply(Some(gw), session, ctx, reply).await;
             return Ok(true);
         };
-        if session.is_upgrade_req() && !rt.pools[gw.routes[id].upstream].tls() {
-            self.tunnel(session, ctx).await?;
+        let route = &gw.routes[id];
+        let up = balance::choose_upstream(&route.target, session, ctx);
+        ctx.upstream = Some(up);
+        if let Some(m) = &route.mirror {
+            ctx.mirror = mirror::sample(m, &rt.pools[m.upstream], &gw.mirrors_in_flight[id]);
+        }
+        if session.is_upgrade_req() && !rt.pools[up].tls() {
+            self.tunnel(session, ctx, up).await?;
             return Ok(true);
         }
         Ok(false)
@@ -306,35 +328,71 @@ impl ProxyHttp for GatewayProxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let (Some(rt), Some(id)) = (ctx.rt.as_ref(), ctx.route) else {
-            return Error::e_explain(ErrorType::InternalError, "no route at upstream selection");
+        let (Some(rt), Some(up)) = (ctx.rt.clone(), ctx.upstream) else {
+            return Error::e_explain(ErrorType::InternalError, "no upstream at peer selection");
         };
-        let route = &rt.gateways[self.index].routes[id];
-        let pool = &rt.pools[route.upstream];
-        match pool.select(b"") {
-            Some(peer) => {
-                ctx.peer = peer.address().as_inet().copied();
-                Ok(peer)
-            }
-            None => Error::e_explain(
-                ErrorType::HTTPStatus(503),
-                format!("upstream \"{}\" has no available peer", pool.name),
-            ),
-        }
+        balance::select_peer(&rt, up, session, ctx)
     }
 
+    /// A failed connect never reached the peer: safe to retry elsewhere, whatever the method.
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // No retries are configured yet: a failed connect is final.
-        e.set_retry(false);
+        let retry = match (ctx.rt.clone(), ctx.upstream, ctx.peer_idx) {
+            (Some(rt), Some(up), Some(idx)) => {
+                let pool = &rt.pools[up];
+                pool.report(idx, false);
+                ctx.upstream_failed = true;
+                balance::may_retry(pool, session, ctx, true)
+            }
+            _ => false,
+        };
+        e.set_retry(retry);
+        e
+    }
+
+    /// Errors after the connection was made. A reused keep-alive connection that the peer had
+    /// closed is retried on a fresh one as Pingora would, without counting against the peer;
+    /// other failures count, and are retried only for idempotent requests.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let replayable = balance::idempotent(session);
+        if !replayable {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        if e.retry() {
+            // Stale pooled connection: the same peer may be tried again on a new one.
+            if let Some(idx) = ctx.peer_idx {
+                ctx.tried.remove(idx);
+            }
+            return e;
+        }
+        if e.esource() == &ErrorSource::Downstream {
+            return e;
+        }
+        if let (Some(rt), Some(up), Some(idx)) = (ctx.rt.clone(), ctx.upstream, ctx.peer_idx) {
+            let pool = &rt.pools[up];
+            pool.report(idx, false);
+            ctx.upstream_failed = true;
+            let retry = balance::may_retry(pool, session, ctx, replayable);
+            e.set_retry(retry);
+        }
         e
     }
 
@@ -344,18 +402,56 @@ impl ProxyHttp for GatewayProxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        self.prepare_upstream_request(session, upstream, ctx).await
+        self.prepare_upstream_request(session, upstream, ctx)
+            .await?;
+        if let Some(m) = ctx.mirror.as_mut() {
+            m.set_head(upstream);
+        }
+        Ok(())
     }
 
+    /// Passive health and breaker accounting by status, and retries on the statuses
+    /// configured for them (idempotent requests, before anything reached the client).
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         let upgrade = resp.status == StatusCode::SWITCHING_PROTOCOLS;
         for h in hop_by_hop(&resp.headers, upgrade) {
             resp.remove_header(h.as_str());
+        }
+        let status = resp.status.as_u16();
+        ctx.upstream_failed = balance::breaker_failure(status);
+        if let (Some(rt), Some(up), Some(idx)) = (ctx.rt.clone(), ctx.upstream, ctx.peer_idx) {
+            let pool = &rt.pools[up];
+            pool.report(idx, !pool.is_failure_status(status));
+            if pool.cfg.retry.on_status.contains(&status)
+                && balance::may_retry(pool, session, ctx, balance::idempotent(session))
+            {
+                let mut e = Error::explain(
+                    ErrorType::HTTPStatus(status),
+                    format!("upstream answered {status}, retrying"),
+                );
+                e.esource = ErrorSource::Upstream;
+                e.set_retry(true);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds the mirror copy; the client's body itself passes unchanged.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(m) = ctx.mirror.as_mut() {
+            m.on_body(body.as_ref(), end_of_stream);
         }
         Ok(())
     }
@@ -400,7 +496,8 @@ impl ProxyHttp for GatewayProxy {
         // Once a response has started, all we can do is cut the connection.
         if code > 0 && !ctx.replied && session.response_written().is_none() {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let reply = Reply::json_error(status, message_for(code), ctx.plugins.request_id());
+            let reply =
+                Reply::json_error(status, message_for(Some(e), code), ctx.plugins.request_id());
             let rt = ctx.rt.clone();
             write_reply(
                 rt.as_ref().and_then(|rt| rt.gateways.get(self.index)),
@@ -418,6 +515,13 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let (Some(rt), Some(up), true) = (ctx.rt.as_ref(), ctx.upstream, ctx.admitted) {
+            if let Some(b) = &rt.pools[up].breaker {
+                // A client that went away says nothing about the upstream.
+                let upstream_error = e.is_some_and(|e| e.esource() != &ErrorSource::Downstream);
+                b.record(!(ctx.upstream_failed || upstream_error), ctx.probe);
+            }
+        }
         if let Some(rt) = ctx.rt.clone() {
             let gw = &rt.gateways[self.index];
             let chain = match ctx.route {

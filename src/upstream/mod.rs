@@ -1,42 +1,126 @@
-//! Upstream pools: a `pingora-load-balancing` balancer over the configured peers, and the peer
-//! options (timeouts, TLS) every request to the pool uses.
-use std::collections::BTreeSet;
-use std::sync::Arc;
+//! Upstream pools: peer selection over `pingora-load-balancing` (weighted round robin, random,
+//! Ketama consistent hashing) or least connections, with active health (Pingora's health
+//! registry), passive health (ejection after consecutive failures), a circuit breaker and a
+//! retry budget.
+//!
+//! A pool outlives reloads when its definition is unchanged (see `runtime.rs`), so health,
+//! ejections and breaker state are not reset by a reload.
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use pingora::upstreams::peer::HttpPeer;
 use pingora_load_balancing::discovery::Static;
-use pingora_load_balancing::selection::{BackendIter, BackendSelection, Random, RoundRobin};
+use pingora_load_balancing::health_check::{
+    HealthCheck as PingoraCheck, HttpHealthCheck, TcpHealthCheck,
+};
+use pingora_load_balancing::selection::{
+    BackendIter, BackendSelection, Consistent, Random, RoundRobin,
+};
 use pingora_load_balancing::{Backend, Backends, LoadBalancer};
 
-use crate::config::{Selection, Upstream};
+use crate::config::{HealthKind, Selection, Upstream};
+
+pub mod breaker;
+pub mod budget;
+pub mod health;
+pub mod key;
+
+use breaker::Breaker;
+use budget::RetryBudget;
 
 /// How far a selection may look past unusable peers before giving up.
 const MAX_SELECT_ITERATIONS: usize = 256;
 
+/// Milliseconds since the process started: a cheap monotonic clock for ejections and breakers.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 enum Selector {
     RoundRobin(LoadBalancer<RoundRobin>),
     Random(LoadBalancer<Random>),
+    Consistent(LoadBalancer<Consistent>),
+    /// The balancer only carries the health registry; the choice is ours.
+    LeastConn(LoadBalancer<RoundRobin>),
+}
+
+pub struct PeerState {
+    pub addr: SocketAddr,
+    pub weight: usize,
+    backend: Backend,
+    inflight: AtomicUsize,
+    failures: AtomicU32,
+    ejected_until: AtomicU64,
+}
+
+impl PeerState {
+    fn ejected(&self, now: u64) -> bool {
+        self.ejected_until.load(Relaxed) > now
+    }
+}
+
+/// The peers one request has tried, so retries go elsewhere. Peers past the 64th are not
+/// remembered (they may be tried twice).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tried(u64);
+
+impl Tried {
+    pub fn insert(&mut self, i: usize) {
+        if i < 64 {
+            self.0 |= 1 << i;
+        }
+    }
+
+    pub fn remove(&mut self, i: usize) {
+        if i < 64 {
+            self.0 &= !(1 << i);
+        }
+    }
+
+    pub fn contains(&self, i: usize) -> bool {
+        i < 64 && self.0 & (1 << i) != 0
+    }
+}
+
+/// Counts a request against its peer for `least_conn` while it lives.
+pub struct InFlight {
+    pool: Arc<Pool>,
+    idx: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.pool.peers[self.idx].inflight.fetch_sub(1, Relaxed);
+    }
 }
 
 pub struct Pool {
     pub name: Arc<str>,
+    pub cfg: Upstream,
     selector: Selector,
-    peer_count: usize,
-    tls: bool,
-    sni: String,
-    connect_timeout: std::time::Duration,
-    read_timeout: std::time::Duration,
-    write_timeout: std::time::Duration,
-    idle_timeout: std::time::Duration,
+    peers: Box<[PeerState]>,
+    by_addr: HashMap<SocketAddr, usize>,
+    next: AtomicUsize,
+    pub breaker: Option<Breaker>,
+    pub budget: RetryBudget,
+    /// Set once a health-check task runs for this pool.
+    pub(crate) checking: AtomicBool,
 }
 
-fn balancer<S>(backends: BTreeSet<Backend>) -> Result<LoadBalancer<S>, String>
+fn balancer<S>(backends: &BTreeSet<Backend>, cfg: &Upstream) -> Result<LoadBalancer<S>, String>
 where
     S: BackendSelection + 'static,
     S::Iter: BackendIter,
 {
-    let lb = LoadBalancer::<S>::from_backends(Backends::new(Static::new(backends)));
+    let mut lb = LoadBalancer::<S>::from_backends(Backends::new(Static::new(backends.clone())));
+    if let Some(hc) = &cfg.health_check {
+        lb.set_health_check(health_check(cfg, hc));
+    }
     // Static discovery answers at once; nothing here waits on I/O.
     match lb.update().now_or_never() {
         Some(Ok(())) => Ok(lb),
@@ -45,75 +129,266 @@ where
     }
 }
 
+fn health_check(
+    cfg: &Upstream,
+    hc: &crate::config::HealthCheck,
+) -> Box<dyn PingoraCheck + Send + Sync + 'static> {
+    match &hc.kind {
+        HealthKind::Tcp => {
+            let mut c = TcpHealthCheck::new();
+            c.consecutive_failure = hc.unhealthy_after;
+            c.consecutive_success = hc.healthy_after;
+            c.peer_template.options.connection_timeout = Some(hc.timeout);
+            c
+        }
+        HealthKind::Http { path, host, expect } => {
+            let host = host
+                .clone()
+                .or_else(|| (!cfg.sni.is_empty()).then(|| cfg.sni.clone()))
+                .unwrap_or_else(|| "localhost".to_string());
+            let mut c = HttpHealthCheck::new(&host, cfg.tls);
+            if let Ok(mut req) = pingora_http::RequestHeader::build("GET", path.as_bytes(), None) {
+                let _ = req.insert_header("host", host.as_str());
+                let _ = req.insert_header("user-agent", "gatehouse-health-check");
+                c.req = req;
+            }
+            let want = *expect;
+            c.validator = Some(Box::new(move |resp: &pingora_http::ResponseHeader| {
+                if resp.status.as_u16() == want {
+                    Ok(())
+                } else {
+                    pingora_error::Error::e_explain(
+                        pingora_error::ErrorType::CustomCode(
+                            "unexpected status",
+                            resp.status.as_u16(),
+                        ),
+                        "during http health check",
+                    )
+                }
+            }));
+            c.consecutive_failure = hc.unhealthy_after;
+            c.consecutive_success = hc.healthy_after;
+            c.peer_template.options.connection_timeout = Some(hc.timeout);
+            c.peer_template.options.read_timeout = Some(hc.timeout);
+            Box::new(c)
+        }
+    }
+}
+
 impl Pool {
     pub fn new(cfg: &Upstream) -> Result<Pool, String> {
-        let backends: BTreeSet<Backend> = cfg
+        let peers: Box<[PeerState]> = cfg
             .peers
             .iter()
-            .map(|p| Backend {
-                addr: pingora::protocols::l4::socket::SocketAddr::Inet(p.addr),
+            .map(|p| PeerState {
+                addr: p.addr,
                 weight: p.weight,
-                ext: Default::default(),
+                backend: Backend {
+                    addr: pingora::protocols::l4::socket::SocketAddr::Inet(p.addr),
+                    weight: p.weight,
+                    ext: Default::default(),
+                },
+                inflight: AtomicUsize::new(0),
+                failures: AtomicU32::new(0),
+                ejected_until: AtomicU64::new(0),
             })
             .collect();
+        let set: BTreeSet<Backend> = peers.iter().map(|p| p.backend.clone()).collect();
         let selector = match cfg.selection {
-            Selection::RoundRobin => Selector::RoundRobin(balancer(backends)?),
-            Selection::Random => Selector::Random(balancer(backends)?),
+            Selection::RoundRobin => Selector::RoundRobin(balancer(&set, cfg)?),
+            Selection::Random => Selector::Random(balancer(&set, cfg)?),
+            Selection::ConsistentHash => Selector::Consistent(balancer(&set, cfg)?),
+            Selection::LeastConn => Selector::LeastConn(balancer(&set, cfg)?),
         };
         Ok(Pool {
             name: cfg.name.as_str().into(),
             selector,
-            peer_count: cfg.peers.len(),
-            tls: cfg.tls,
-            sni: cfg.sni.clone(),
-            connect_timeout: cfg.connect_timeout,
-            read_timeout: cfg.read_timeout,
-            write_timeout: cfg.write_timeout,
-            idle_timeout: cfg.idle_timeout,
+            by_addr: peers.iter().enumerate().map(|(i, p)| (p.addr, i)).collect(),
+            peers,
+            next: AtomicUsize::new(0),
+            breaker: cfg.circuit_breaker.clone().map(Breaker::new),
+            budget: RetryBudget::new(cfg.retry.budget_percent),
+            checking: AtomicBool::new(false),
+            cfg: cfg.clone(),
         })
     }
 
-    pub fn peer_count(&self) -> usize {
-        self.peer_count
-    }
-
-    pub fn tls(&self) -> bool {
-        self.tls
-    }
-
-    pub fn connect_timeout(&self) -> std::time::Duration {
-        self.connect_timeout
-    }
-
-    pub fn read_timeout(&self) -> std::time::Duration {
-        self.read_timeout
-    }
-
-    pub fn write_timeout(&self) -> std::time::Duration {
-        self.write_timeout
-    }
-
-    fn select_backend(&self, key: &[u8]) -> Option<Backend> {
+    fn backends(&self) -> &Backends {
         match &self.selector {
-            Selector::RoundRobin(lb) => lb.select(key, MAX_SELECT_ITERATIONS),
-            Selector::Random(lb) => lb.select(key, MAX_SELECT_ITERATIONS),
+            Selector::RoundRobin(lb) | Selector::LeastConn(lb) => lb.backends(),
+            Selector::Random(lb) => lb.backends(),
+            Selector::Consistent(lb) => lb.backends(),
         }
     }
 
-    /// Picks a peer address, for callers that connect themselves (upgrade tunnels).
-    pub fn select_addr(&self, key: &[u8]) -> Option<std::net::SocketAddr> {
-        self.select_backend(key)?.addr.as_inet().copied()
+    pub fn peers(&self) -> &[PeerState] {
+        &self.peers
     }
 
-    /// Picks a peer for one try; `None` when the pool has no usable peer.
-    pub fn select(&self, key: &[u8]) -> Option<Box<HttpPeer>> {
-        let backend = self.select_backend(key)?;
-        let mut peer = HttpPeer::new(&backend, self.tls, self.sni.clone());
+    /// Whether active health checks currently count `idx` healthy.
+    pub fn healthy(&self, idx: usize) -> bool {
+        self.backends().ready(&self.peers[idx].backend)
+    }
+
+    pub fn ejected(&self, idx: usize) -> bool {
+        self.peers[idx].ejected(now_ms())
+    }
+
+    pub fn inflight(&self, idx: usize) -> usize {
+        self.peers[idx].inflight.load(Relaxed)
+    }
+
+    /// One round of active health checks.
+    pub async fn check_health(&self) {
+        self.backends().run_health_check(true).await;
+    }
+
+    /// Picks a peer: healthy, not ejected, not tried yet by this request. When passive health
+    /// has ejected every healthy peer, ejections are ignored rather than failing everything
+    /// (Envoy's panic threshold); tried peers are never picked again.
+    pub fn select(&self, key: &[u8], tried: &Tried) -> Option<usize> {
+        let now = if self.cfg.passive_health.is_some() {
+            now_ms()
+        } else {
+            0
+        };
+        self.pick(key, tried, now).or_else(|| {
+            if now > 0 {
+                self.pick(key, tried, 0)
+            } else {
+                None
+            }
+        })
+    }
+
+    fn pick(&self, key: &[u8], tried: &Tried, now: u64) -> Option<usize> {
+        let usable = |i: usize| !tried.contains(i) && (now == 0 || !self.peers[i].ejected(now));
+        let accept = |b: &Backend, healthy: bool| {
+            healthy
+                && b.addr
+                    .as_inet()
+                    .and_then(|a| self.by_addr.get(a))
+                    .is_some_and(|&i| usable(i))
+        };
+        let chosen = match &self.selector {
+            Selector::RoundRobin(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
+            Selector::Random(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
+            Selector::Consistent(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
+            Selector::LeastConn(lb) => return self.least_conn(lb.backends(), &usable),
+        }?;
+        chosen
+            .addr
+            .as_inet()
+            .and_then(|a| self.by_addr.get(a))
+            .copied()
+    }
+
+    /// Fewest requests in flight per unit of weight; ties go round robin.
+    fn least_conn(&self, backends: &Backends, usable: &impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.peers.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Relaxed) % n;
+        let mut best: Option<(usize, usize)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let p = &self.peers[i];
+            if !usable(i) || !backends.ready(&p.backend) {
+                continue;
+            }
+            let load = p.inflight.load(Relaxed);
+            let better = match best {
+                None => true,
+                // load_i / w_i < load_b / w_b without division
+                Some((b, lb)) => load * self.peers[b].weight < lb * p.weight,
+            };
+            if better {
+                best = Some((i, load));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Whether a retry could find a peer this request has not tried.
+    pub fn has_untried(&self, tried: &Tried) -> bool {
+        (0..self.peers.len()).any(|i| !tried.contains(i) && self.healthy(i))
+    }
+
+    /// Counts a request against peer `idx` (only `least_conn` needs it).
+    pub fn start(self: &Arc<Self>, idx: usize) -> Option<InFlight> {
+        if !matches!(self.selector, Selector::LeastConn(_)) {
+            return None;
+        }
+        self.peers[idx].inflight.fetch_add(1, Relaxed);
+        Some(InFlight {
+            pool: self.clone(),
+            idx,
+        })
+    }
+
+    /// Reports one try's outcome on peer `idx` for passive health.
+    pub fn report(&self, idx: usize, ok: bool) {
+        let Some(ph) = &self.cfg.passive_health else {
+            return;
+        };
+        let p = &self.peers[idx];
+        if ok {
+            if p.failures.load(Relaxed) != 0 {
+                p.failures.store(0, Relaxed);
+            }
+            return;
+        }
+        if p.failures.fetch_add(1, Relaxed) + 1 >= ph.failures {
+            p.failures.store(0, Relaxed);
+            p.ejected_until
+                .store(now_ms() + ph.eject_for.as_millis() as u64, Relaxed);
+            log::warn!(
+                "upstream \"{}\": peer {} ejected for {:?} after {} failures",
+                self.name,
+                p.addr,
+                ph.eject_for,
+                ph.failures
+            );
+        }
+    }
+
+    /// Whether an upstream status counts as a failure for passive health.
+    pub fn is_failure_status(&self, status: u16) -> bool {
+        self.cfg
+            .passive_health
+            .as_ref()
+            .is_some_and(|p| p.statuses.contains(&status))
+    }
+
+    pub fn addr(&self, idx: usize) -> SocketAddr {
+        self.peers[idx].addr
+    }
+
+    /// The Pingora peer for one try on `idx`.
+    pub fn peer(&self, idx: usize) -> Box<HttpPeer> {
+        let mut peer = HttpPeer::new(self.peers[idx].addr, self.cfg.tls, self.cfg.sni.clone());
         let o = &mut peer.options;
-        o.connection_timeout = Some(self.connect_timeout);
-        o.read_timeout = Some(self.read_timeout);
-        o.write_timeout = Some(self.write_timeout);
-        o.idle_timeout = Some(self.idle_timeout);
-        Some(Box::new(peer))
+        o.connection_timeout = Some(self.cfg.connect_timeout);
+        o.read_timeout = Some(self.cfg.read_timeout);
+        o.write_timeout = Some(self.cfg.write_timeout);
+        o.idle_timeout = Some(self.cfg.idle_timeout);
+        Box::new(peer)
+    }
+
+    pub fn tls(&self) -> bool {
+        self.cfg.tls
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.cfg.connect_timeout
+    }
+
+    pub fn read_timeout(&self) -> Duration {
+        self.cfg.read_timeout
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        self.cfg.write_timeout
     }
 }

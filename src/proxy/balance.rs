@@ -1,0 +1,129 @@
+//! Upstream choice for one request: split (canary) arm, circuit breaker, peer selection,
+//! and the retry policy (which failures, how many, within the budget).
+use std::sync::Arc;
+
+use pingora::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_proxy::Session;
+
+use crate::config::{Selection, Target};
+use crate::runtime::Runtime;
+use crate::upstream::breaker::Admit;
+use crate::upstream::key::{hash_input, stable_hash};
+use crate::upstream::Pool;
+
+use super::RequestCtx;
+
+/// The error for an open circuit: a 503 without calling the upstream.
+pub const CIRCUIT_OPEN: &str = "circuit open";
+/// The error for an upstream with no usable peer: a 503.
+pub const NO_PEER: &str = "no peer";
+
+/// Statuses the circuit breaker counts as failures, with transport errors: the gateway-ish
+/// ones, not an application's own 500.
+pub fn breaker_failure(status: u16) -> bool {
+    matches!(status, 502..=504)
+}
+
+/// The upstream of a route: its own, or a split arm (sticky by key when configured).
+pub fn choose_upstream(target: &Target, session: &Session, ctx: &RequestCtx) -> usize {
+    match target {
+        Target::Upstream(u) => *u,
+        Target::Split { arms, sticky } => {
+            let total: u64 = arms.iter().map(|(_, w)| u64::from(*w)).sum();
+            let mut buf = [0u8; 16];
+            let input = sticky
+                .as_ref()
+                .map(|k| hash_input(k, session.req_header(), ctx.plugins.client_ip, &mut buf))
+                .filter(|i| !i.is_empty());
+            let mut point = match input {
+                Some(i) => stable_hash(i),
+                None => gatehouse_plugins::random_u64(),
+            } % total.max(1);
+            for (u, w) in arms {
+                if point < u64::from(*w) {
+                    return *u;
+                }
+                point -= u64::from(*w);
+            }
+            arms.last().map_or(usize::MAX, |(u, _)| *u)
+        }
+    }
+}
+
+fn err(kind: &'static str, why: String) -> Box<Error> {
+    let mut e = Error::explain(ErrorType::Custom(kind), why);
+    e.esource = ErrorSource::Upstream;
+    e
+}
+
+/// Picks the peer for the next try of this request.
+pub fn select_peer(
+    rt: &Runtime,
+    up: usize,
+    session: &Session,
+    ctx: &mut RequestCtx,
+) -> Result<Box<HttpPeer>> {
+    let pool: &Arc<Pool> = &rt.pools[up];
+    if ctx.peer_idx.is_none() {
+        if let Some(b) = &pool.breaker {
+            match b.admit() {
+                Admit::No => {
+                    return Err(err(
+                        CIRCUIT_OPEN,
+                        format!("upstream \"{}\": circuit open", pool.name),
+                    ))
+                }
+                Admit::Probe => ctx.probe = true,
+                Admit::Yes => {}
+            }
+            ctx.admitted = true;
+        }
+        if pool.cfg.retry.retries > 0 {
+            pool.budget.deposit();
+        }
+    }
+    let mut buf = [0u8; 16];
+    let key = if pool.cfg.selection == Selection::ConsistentHash {
+        hash_input(
+            &pool.cfg.hash_key,
+            session.req_header(),
+            ctx.plugins.client_ip,
+            &mut buf,
+        )
+    } else {
+        &[]
+    };
+    let Some(idx) = pool.select(key, &ctx.tried) else {
+        ctx.upstream_failed = true;
+        return Err(err(
+            NO_PEER,
+            format!("upstream \"{}\" has no available peer", pool.name),
+        ));
+    };
+    ctx.tried.insert(idx);
+    ctx.peer_idx = Some(idx);
+    ctx.peer = Some(pool.addr(idx));
+    ctx.inflight = pool.start(idx);
+    Ok(pool.peer(idx))
+}
+
+/// Whether the failed try may be retried on another peer: retries left, the request safe to
+/// send again (`replayable`), nothing sent to the client yet, a peer left to try, and the
+/// budget not spent. Counts the retry when it says yes.
+pub fn may_retry(pool: &Pool, session: &Session, ctx: &mut RequestCtx, replayable: bool) -> bool {
+    let ok = replayable
+        && ctx.retries < pool.cfg.retry.retries
+        && session.response_written().is_none()
+        && pool.has_untried(&ctx.tried)
+        && pool.budget.withdraw();
+    if ok {
+        ctx.retries += 1;
+    }
+    ok
+}
+
+/// Idempotent, with its body still replayable: safe to send again after it reached a peer.
+pub fn idempotent(session: &Session) -> bool {
+    session.req_header().method.is_idempotent() && !session.as_ref().retry_buffer_truncated()
+}
