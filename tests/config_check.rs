@@ -179,3 +179,58 @@ fn run_reports_a_busy_port_at_once() {
         "{stderr}"
     );
 }
+
+const BAD_POLICIES: &str = r#"[upstreams.a]
+peers = ["127.0.0.1:9001"]
+selection = "fastest"
+
+[upstreams.b]
+peers = ["127.0.0.1:9002"]
+hash_key = "header:x-user"
+health_check = { kind = "udp" }
+retry_budget = 0
+circuit_breaker = { error_ratio = 1.5 }
+
+[gateways.g]
+listen = ["127.0.0.1:1"]
+
+[[routes]]
+path = "/s"
+split = [{ upstream = "a", weight = 1 }, { upstream = "nope", weight = 1 }]
+
+[[routes]]
+path = "/t"
+upstream = "a"
+sticky = "cookie:sid"
+mirror = { upstream = "a", percent = 150 }
+"#;
+
+#[test]
+fn upstream_and_route_policy_errors() {
+    let (code, out, _, _dir) = check(BAD_POLICIES);
+    assert_eq!(code, 1, "{out}");
+    for (line, text) in [
+        (3, "upstream \"a\": unknown selection \"fastest\""),
+        (
+            7,
+            "upstream \"b\": `hash_key` only applies to selection = \"consistent_hash\"",
+        ),
+        (8, "upstream \"b\": unknown health check kind \"udp\""),
+        (
+            9,
+            "upstream \"b\": `retry_budget` is a percentage from 1 to 100",
+        ),
+        (10, "upstream \"b\": `error_ratio` must be in (0, 1]"),
+        (17, "route \"#1\": unknown upstream \"nope\""),
+        (22, "route \"#2\": `sticky` only applies with `split`"),
+        (23, "route \"#2\": mirror `percent` must be from 0 to 100"),
+    ] {
+        let found = out
+            .lines()
+            .any(|l| l.contains(&format!(":{line}:")) && l.contains(text));
+        assert!(
+            found,
+            "no error at line {line} containing {text:?} in:\n{out}"
+        );
+    }
+}

@@ -36,6 +36,8 @@ pub struct RequestCtx {
     pub probe: bool,
     /// The last try failed in a way the breaker counts.
     pub upstream_failed: bool,
+    /// upstream_response_filter raised a retry for the upstream's status.
+    pub status_retry: bool,
     pub mirror: Option<MirrorState>,
 }
 

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use gatehouse_plugins::{Decision, Reply};
 use http::{header, HeaderValue, StatusCode, Uri};
 use pingora::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
@@ -370,19 +370,21 @@ impl ProxyHttp for GatewayProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let replayable = balance::idempotent(session);
-        if !replayable {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
+        if std::mem::take(&mut ctx.status_retry) {
+            // Raised by upstream_response_filter, already decided and counted.
+            return e;
         }
-        if e.retry() {
-            // Stale pooled connection: the same peer may be tried again on a new one.
+        let replayable = balance::idempotent(session);
+        if client_reused && replayable && matches!(e.retry, RetryType::ReusedOnly) {
+            // A pooled connection the peer had closed: try again on a fresh one, and the
+            // same peer may serve it.
             if let Some(idx) = ctx.peer_idx {
                 ctx.tried.remove(idx);
             }
+            e.set_retry(true);
             return e;
         }
+        e.set_retry(false);
         if e.esource() == &ErrorSource::Downstream {
             return e;
         }
@@ -436,6 +438,7 @@ impl ProxyHttp for GatewayProxy {
                 );
                 e.esource = ErrorSource::Upstream;
                 e.set_retry(true);
+                ctx.status_retry = true;
                 return Err(e);
             }
         }
@@ -530,6 +533,18 @@ impl ProxyHttp for GatewayProxy {
             };
             chain.logging(session, e, &mut ctx.plugins).await;
         }
+    }
+
+    /// Retries are the retry policy doing its job; ejections and breaker changes are logged
+    /// where they happen.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        _error: &Error,
+        context: pingora_proxy::ProxyWarnLogContext,
+    ) -> bool {
+        matches!(context, pingora_proxy::ProxyWarnLogContext::UpstreamRetry)
     }
 
     /// A client that goes away is routine, not an error worth a log line.

@@ -218,3 +218,141 @@ pub fn seen(echo: &serde_json::Value, name: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// An upstream that can be killed (listener and every open connection closed at once) and
+/// started again on the same address.
+pub struct Ctl {
+    pub addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Ctl {
+    pub fn kill(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Like [`serve`], on `addr` (or a free port), killable.
+pub async fn serve_ctl<F, Fut>(addr: Option<SocketAddr>, handler: F) -> Ctl
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let bind = addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+    let listener = TcpListener::bind(bind).await.expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        let mut rx_accept = rx.clone();
+        loop {
+            let (stream, _) = tokio::select! {
+                r = listener.accept() => match r { Ok(s) => s, Err(_) => return },
+                _ = rx_accept.changed() => return,
+            };
+            let h = handler.clone();
+            let mut rx_conn = rx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let h = h.clone();
+                    async move { Ok::<_, Infallible>(h(req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = rx_conn.changed() => {}
+                }
+            });
+        }
+    });
+    Ctl { addr, stop }
+}
+
+/// A killable upstream that answers `name` (header `x-upstream` and body) and counts hits.
+pub async fn counting(
+    name: &'static str,
+    addr: Option<SocketAddr>,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+) -> Ctl {
+    serve_ctl(addr, move |req: Request<Incoming>| {
+        let hits = hits.clone();
+        async move {
+            if req.uri().path() != "/healthz" {
+                hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Response::builder()
+                .header("x-upstream", name)
+                .body(full(name))
+                .unwrap()
+        }
+    })
+    .await
+}
+
+/// GET `url` `n` times from `workers` concurrent tasks; (status, x-upstream) of each.
+pub async fn hammer(
+    url: &str,
+    n: usize,
+    workers: usize,
+    headers: &[(&str, &str)],
+) -> Vec<(u16, String)> {
+    let c = client();
+    let per = n / workers;
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let c = c.clone();
+        let url = url.to_string();
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for _ in 0..per {
+                let mut rb = c.get(&url);
+                for (k, v) in &headers {
+                    rb = rb.header(k, v);
+                }
+                match rb.send().await {
+                    Ok(r) => {
+                        let up = r
+                            .headers()
+                            .get("x-upstream")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        out.push((r.status().as_u16(), up));
+                    }
+                    Err(_) => out.push((0, String::new())),
+                }
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+pub fn count_by(results: &[(u16, String)]) -> std::collections::HashMap<String, usize> {
+    let mut m = std::collections::HashMap::new();
+    for (_, up) in results {
+        *m.entry(up.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// The admin `/status` document.
+pub async fn admin_status(admin: u16) -> serde_json::Value {
+    client()
+        .get(format!("http://127.0.0.1:{admin}/status"))
+        .send()
+        .await
+        .expect("admin")
+        .json()
+        .await
+        .expect("status json")
+}
