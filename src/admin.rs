@@ -45,7 +45,7 @@ impl Admin {
             upstreams.insert(
                 pool.name.to_string(),
                 json!({
-                    "selection": format!("{:?}", pool.cfg.selection),
+                    "selection": pool.cfg.selection.as_str(),
                     "circuit": pool.breaker.as_ref().map(|b| b.state_name()),
                     "peers": peers,
                 }),

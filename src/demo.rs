@@ -78,7 +78,8 @@ impl DemoApi {
             path.strip_prefix(prefix)
                 .filter(|r| r.is_empty() || r.starts_with('/'))
         };
-        match self.service.as_str() {
+        // "products-v2" serves the products data too: it is the canary of "products".
+        match self.service.split('-').next().unwrap_or("") {
             "users" => lookup(rest("/users")?, USERS, |u| u.0, user),
             "products" => lookup(rest("/products")?, PRODUCTS, |p| p.0, product),
             "orders" => lookup(rest("/orders")?, ORDERS, |o| o.0, order),
@@ -154,12 +155,18 @@ pub fn curl_lines(cfg: &Config) -> Vec<String> {
         format!("curl -s http://{web}/api/users"),
         format!("curl -s http://{web}/api/users/1"),
         format!("curl -s http://{web}/api/orders        # twice: two instances, round robin"),
-        format!("curl -s http://{web}/api/products/12"),
+        format!("curl -s http://{web}/api/products/12     # 90/10 canary: products or products-v2"),
+        format!("curl -s -H 'x-user: ada' http://{web}/api/products/12   # sticky: same side every time"),
         format!("curl -si http://{web}/nowhere          # 404 with a request id"),
     ];
     if let Some(mobile) = cfg.gateways.get(1).and_then(|g| g.listen.first()) {
         lines.push(format!(
             "curl -si http://{mobile}/m/profile/2          # the mobile BFF: its own routes and headers"
+        ));
+    }
+    if let Some(admin) = cfg.server.admin {
+        lines.push(format!(
+            "curl -s http://{admin}/status              # admin: peer health, circuit state"
         ));
     }
     lines

@@ -53,6 +53,17 @@ pub enum Selection {
     LeastConn,
 }
 
+impl Selection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Selection::RoundRobin => "round_robin",
+            Selection::Random => "random",
+            Selection::ConsistentHash => "consistent_hash",
+            Selection::LeastConn => "least_conn",
+        }
+    }
+}
+
 /// What a consistent hash (or a sticky split) is keyed by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashKey {
