@@ -429,7 +429,10 @@ impl ProxyHttp for GatewayProxy {
         if let (Some(rt), Some(up), Some(idx)) = (ctx.rt.clone(), ctx.upstream, ctx.peer_idx) {
             let pool = &rt.pools[up];
             pool.report(idx, !pool.is_failure_status(status));
+            // Upgrades run in our own tunnel, outside Pingora's retry loop: their answer
+            // is relayed as is.
             if pool.cfg.retry.on_status.contains(&status)
+                && !session.is_upgrade_req()
                 && balance::may_retry(pool, session, ctx, balance::idempotent(session))
             {
                 let mut e = Error::explain(
