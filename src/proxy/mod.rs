@@ -44,6 +44,9 @@ const HOP_BY_HOP: &[header::HeaderName] = &[
     header::PROXY_AUTHORIZATION,
 ];
 
+static KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: header::HeaderName = header::HeaderName::from_static("proxy-connection");
+
 /// The hop-by-hop headers present in `headers`; empty (no allocation) in the common case.
 fn hop_by_hop(headers: &http::HeaderMap, upgrade: bool) -> Vec<String> {
     let mut out = Vec::new();
@@ -63,9 +66,9 @@ fn hop_by_hop(headers: &http::HeaderMap, upgrade: bool) -> Vec<String> {
             }
         }
     }
-    for h in ["keep-alive", "proxy-connection"] {
+    for h in [&KEEP_ALIVE, &PROXY_CONNECTION] {
         if headers.contains_key(h) {
-            out.push(h.to_string());
+            out.push(h.as_str().to_string());
         }
     }
     if !upgrade {

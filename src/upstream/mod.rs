@@ -17,9 +17,7 @@ use pingora_load_balancing::discovery::Static;
 use pingora_load_balancing::health_check::{
     HealthCheck as PingoraCheck, HttpHealthCheck, TcpHealthCheck,
 };
-use pingora_load_balancing::selection::{
-    BackendIter, BackendSelection, Consistent, Random, RoundRobin,
-};
+use pingora_load_balancing::selection::{BackendIter, BackendSelection, Consistent, RoundRobin};
 use pingora_load_balancing::{Backend, Backends, LoadBalancer};
 
 use crate::config::{HealthKind, Selection, Upstream};
@@ -41,12 +39,12 @@ pub fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
+/// Round robin, random and least_conn choose over our own weighted table (no allocation, no
+/// hashing per request; Pingora's iterator allocates a `HashSet` per selection); the balancer
+/// then only carries the health registry. Ketama hashing is Pingora's.
 enum Selector {
-    RoundRobin(LoadBalancer<RoundRobin>),
-    Random(LoadBalancer<Random>),
+    Table(LoadBalancer<RoundRobin>),
     Consistent(LoadBalancer<Consistent>),
-    /// The balancer only carries the health registry; the choice is ours.
-    LeastConn(LoadBalancer<RoundRobin>),
 }
 
 pub struct PeerState {
@@ -99,10 +97,32 @@ impl Drop for InFlight {
     }
 }
 
+/// nginx's smooth weighted round robin, unrolled into one cycle of `sum(weights)` picks.
+fn smooth_weighted(peers: &[PeerState]) -> Box<[u16]> {
+    let total: i64 = peers.iter().map(|p| p.weight as i64).sum();
+    let mut current = vec![0i64; peers.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, p) in peers.iter().enumerate() {
+            current[i] += p.weight as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(best as u16);
+    }
+    out.into_boxed_slice()
+}
+
 pub struct Pool {
     pub name: Arc<str>,
     pub cfg: Upstream,
     selector: Selector,
+    /// Peer indexes, each `weight` times, interleaved smoothly (nginx's smooth weighted
+    /// round robin) so a heavy peer does not get its share in one burst.
+    weighted: Box<[u16]>,
     peers: Box<[PeerState]>,
     by_addr: HashMap<SocketAddr, usize>,
     next: AtomicUsize,
@@ -195,14 +215,16 @@ impl Pool {
             .collect();
         let set: BTreeSet<Backend> = peers.iter().map(|p| p.backend.clone()).collect();
         let selector = match cfg.selection {
-            Selection::RoundRobin => Selector::RoundRobin(balancer(&set, cfg)?),
-            Selection::Random => Selector::Random(balancer(&set, cfg)?),
             Selection::ConsistentHash => Selector::Consistent(balancer(&set, cfg)?),
-            Selection::LeastConn => Selector::LeastConn(balancer(&set, cfg)?),
+            _ => Selector::Table(balancer(&set, cfg)?),
         };
+        if peers.len() > usize::from(u16::MAX) {
+            return Err("more than 65535 peers".into());
+        }
         Ok(Pool {
             name: cfg.name.as_str().into(),
             selector,
+            weighted: smooth_weighted(&peers),
             by_addr: peers.iter().enumerate().map(|(i, p)| (p.addr, i)).collect(),
             peers,
             next: AtomicUsize::new(0),
@@ -215,8 +237,7 @@ impl Pool {
 
     fn backends(&self) -> &Backends {
         match &self.selector {
-            Selector::RoundRobin(lb) | Selector::LeastConn(lb) => lb.backends(),
-            Selector::Random(lb) => lb.backends(),
+            Selector::Table(lb) => lb.backends(),
             Selector::Consistent(lb) => lb.backends(),
         }
     }
@@ -225,9 +246,9 @@ impl Pool {
         &self.peers
     }
 
-    /// Whether active health checks currently count `idx` healthy.
+    /// Whether active health checks currently count `idx` healthy (always, without checks).
     pub fn healthy(&self, idx: usize) -> bool {
-        self.backends().ready(&self.peers[idx].backend)
+        self.cfg.health_check.is_none() || self.backends().ready(&self.peers[idx].backend)
     }
 
     pub fn ejected(&self, idx: usize) -> bool {
@@ -262,29 +283,46 @@ impl Pool {
     }
 
     fn pick(&self, key: &[u8], tried: &Tried, now: u64) -> Option<usize> {
-        let usable = |i: usize| !tried.contains(i) && (now == 0 || !self.peers[i].ejected(now));
-        let accept = |b: &Backend, healthy: bool| {
-            healthy
-                && b.addr
+        let usable = |i: usize| {
+            !tried.contains(i) && (now == 0 || !self.peers[i].ejected(now)) && self.healthy(i)
+        };
+        match (&self.selector, self.cfg.selection) {
+            (Selector::Consistent(lb), _) => {
+                let accept = |b: &Backend, healthy: bool| {
+                    healthy
+                        && b.addr
+                            .as_inet()
+                            .and_then(|a| self.by_addr.get(a))
+                            .is_some_and(|&i| {
+                                !tried.contains(i) && (now == 0 || !self.peers[i].ejected(now))
+                            })
+                };
+                let chosen = lb.select_with(key, MAX_SELECT_ITERATIONS, accept)?;
+                chosen
+                    .addr
                     .as_inet()
                     .and_then(|a| self.by_addr.get(a))
-                    .is_some_and(|&i| usable(i))
-        };
-        let chosen = match &self.selector {
-            Selector::RoundRobin(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
-            Selector::Random(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
-            Selector::Consistent(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
-            Selector::LeastConn(lb) => return self.least_conn(lb.backends(), &usable),
-        }?;
-        chosen
-            .addr
-            .as_inet()
-            .and_then(|a| self.by_addr.get(a))
-            .copied()
+                    .copied()
+            }
+            (_, Selection::LeastConn) => self.least_conn(&usable),
+            (_, Selection::Random) => {
+                let n = self.weighted.len().max(1) as u64;
+                self.scan((gatehouse_plugins::random_u64() % n) as usize, &usable)
+            }
+            _ => self.scan(self.next.fetch_add(1, Relaxed), &usable),
+        }
+    }
+
+    /// The first usable peer in the weighted table from `start` on.
+    fn scan(&self, start: usize, usable: &impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.weighted.len();
+        (0..n)
+            .map(|k| usize::from(self.weighted[(start + k) % n]))
+            .find(|&i| usable(i))
     }
 
     /// Fewest requests in flight per unit of weight; ties go round robin.
-    fn least_conn(&self, backends: &Backends, usable: &impl Fn(usize) -> bool) -> Option<usize> {
+    fn least_conn(&self, usable: &impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.peers.len();
         if n == 0 {
             return None;
@@ -294,7 +332,7 @@ impl Pool {
         for k in 0..n {
             let i = (start + k) % n;
             let p = &self.peers[i];
-            if !usable(i) || !backends.ready(&p.backend) {
+            if !usable(i) {
                 continue;
             }
             let load = p.inflight.load(Relaxed);
@@ -317,7 +355,7 @@ impl Pool {
 
     /// Counts a request against peer `idx` (only `least_conn` needs it).
     pub fn start(self: &Arc<Self>, idx: usize) -> Option<InFlight> {
-        if !matches!(self.selector, Selector::LeastConn(_)) {
+        if self.cfg.selection != Selection::LeastConn {
             return None;
         }
         self.peers[idx].inflight.fetch_add(1, Relaxed);
@@ -390,5 +428,28 @@ impl Pool {
 
     pub fn write_timeout(&self) -> Duration {
         self.cfg.write_timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smooth_weights_interleave() {
+        let peers: Vec<PeerState> = [5usize, 1, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| PeerState {
+                addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                weight: w,
+                backend: Backend::new(&format!("127.0.0.1:{}", 1000 + i)).unwrap(),
+                inflight: AtomicUsize::new(0),
+                failures: AtomicU32::new(0),
+                ejected_until: AtomicU64::new(0),
+            })
+            .collect();
+        // nginx's documented sequence for weights 5, 1, 1.
+        assert_eq!(&*smooth_weighted(&peers), &[0, 0, 1, 0, 2, 0, 0]);
     }
 }

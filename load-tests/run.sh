@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# Gatehouse against nginx (and against bare Pingora, the framework's own ceiling), side by side
+# on this machine, in alternating rounds with the same client settings. Traffic stays on
+# loopback; every run stops by itself.
+#
+#   load-tests/run.sh [all|plain|routes|large|idle]     (default: all, about 5 minutes)
+#   ROUNDS=2 DURATION=8s CONNS="50 200" load-tests/run.sh plain
+#
+# Fronts, each with one worker: the upstream directly (the ceiling), nginx as a reverse proxy
+# with upstream keep-alive, bare Pingora (load-tests/bare-pingora), Gatehouse. The upstream is a
+# separate nginx (`return 200`, 5-byte body; a 1 MB file for `large`). Prints a markdown table
+# (req/s, p50, p99, proxy CPU µs per request from /proc, ratios to nginx) and writes it to
+# load-tests/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scenario=${1:-all}
+ROUNDS=${ROUNDS:-2}
+DURATION=${DURATION:-8s}
+CONNS=${CONNS:-"50 200"}
+case "$scenario" in all|plain|routes|large|idle) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
+
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+scripts/bootstrap.sh
+cargo build --release -q -p gatehouse -p bare-pingora
+gh=target/release/gatehouse
+bare=target/release/bare-pingora
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306
+hz=$(getconf CLK_TCK)
+head -c 1048576 /dev/zero | tr '\0' 'x' > "$work/1m.bin"
+
+nginx_conf() { # dir port body...
+  local dir=$1 port=$2; shift 2
+  mkdir -p "$dir"
+  cat > "$dir/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
+events { worker_connections 10240; }
+http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+  client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
+  uwsgi_temp_path $dir; scgi_temp_path $dir;
+  $*
+}
+CONF
+}
+
+routes_locations() { # n -> nginx locations proxying to the upstream
+  for i in $(seq 0 $(($1 - 1))); do
+    echo "location /svc$i/ { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
+  done
+}
+routes_toml() { # n -> gatehouse routes
+  for i in $(seq 0 $(($1 - 1))); do
+    printf '[[routes]]\npath = "/svc%d"\nupstream = "up"\n' "$i"
+  done
+}
+gatehouse_conf() { # port routes
+  cat <<CONF
+[server]
+threads = 1
+upstream_keepalive_pool = 256
+[upstreams.up]
+peers = ["127.0.0.1:$UP"]
+[gateways.bench]
+listen = ["127.0.0.1:$1"]
+$2
+CONF
+}
+
+upstream="upstream up { server 127.0.0.1:$UP; keepalive 256; keepalive_requests 1000000; }"
+nginx_conf "$work/up" $UP "server { listen 127.0.0.1:$UP; location = /1m { alias $work/1m.bin; } location / { return 200 hello; } }"
+nginx_conf "$work/ngx" $NGX "$upstream server { listen 127.0.0.1:$NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+gatehouse_conf $GH "$(printf '[[routes]]\nupstream = "up"\n')" > "$work/gh.toml"
+
+start() { "$@" & pids+=($!); }
+start nginx -p "$work/up" -c "$work/up/nginx.conf"
+start nginx -p "$work/ngx" -c "$work/ngx/nginx.conf"
+start "$bare" 127.0.0.1:$BARE 127.0.0.1:$UP 1
+RUST_LOG=error start "$gh" run -c "$work/gh.toml"
+ports="$UP $NGX $BARE $GH"
+if [ "$scenario" = all ] || [ "$scenario" = routes ]; then
+  ports="$ports $NGX10K $GH10K"
+  nginx_conf "$work/ngx10k" $NGX10K "$upstream server { listen 127.0.0.1:$NGX10K; $(routes_locations 10000) location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  gatehouse_conf $GH10K "$(routes_toml 10000)" > "$work/gh10k.toml"
+  start nginx -p "$work/ngx10k" -c "$work/ngx10k/nginx.conf"
+  RUST_LOG=error start "$gh" run -c "$work/gh10k.toml"
+fi
+for p in $ports; do
+  for _ in $(seq 300); do (echo >/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
+done
+
+# The process doing the proxying on a port (nginx: its worker, not the master).
+pid_of() {
+  local pid
+  pid=$(ss -ltnpH "sport = :$1" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
+  local child
+  child=$(pgrep -P "$pid" 2>/dev/null | head -1 || true)
+  echo "${child:-$pid}"
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+rows="$work/rows"
+: > "$rows"
+measure() { # scenario front port conns path
+  local pid c0 c1 out reqs rps p50 p99 cpu
+  pid=$(pid_of "$3")
+  c0=$(cpu_ticks "$pid")
+  out=$(wrk -t1 -c"$4" -d"$DURATION" --latency "http://127.0.0.1:$3$5" 2>&1)
+  c1=$(cpu_ticks "$pid")
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  cpu=$(awk -v t=$((c1 - c0)) -v hz="$hz" -v n="$reqs" 'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "-" }')
+  echo "$1|$2|$4|$rps|$p50|$p99|$cpu" >> "$rows"
+  echo "  $1 $2 c$4: $rps req/s, p99 $p99, $cpu µs/req" >&2
+}
+
+run_plain() {
+  for c in $CONNS; do
+    for r in $(seq "$ROUNDS"); do
+      measure plain "upstream direct" $UP "$c" /
+      measure plain nginx $NGX "$c" /
+      measure plain "bare pingora" $BARE "$c" /
+      measure plain gatehouse $GH "$c" /
+    done
+  done
+}
+run_routes() {
+  for r in $(seq "$ROUNDS"); do
+    measure routes "nginx, 1 location" $NGX 50 /svc7777/items
+    measure routes "nginx, 10,000 locations" $NGX10K 50 /svc7777/items
+    measure routes "gatehouse, 1 route" $GH 50 /svc7777/items
+    measure routes "gatehouse, 10,000 routes" $GH10K 50 /svc7777/items
+  done
+}
+run_large() {
+  for r in $(seq "$ROUNDS"); do
+    measure large "upstream direct" $UP 50 /1m
+    measure large nginx $NGX 50 /1m
+    measure large "bare pingora" $BARE 50 /1m
+    measure large gatehouse $GH 50 /1m
+  done
+}
+run_idle() { # memory per idle keep-alive connection
+  local n=2000
+  for front in "nginx $NGX" "bare-pingora $BARE" "gatehouse $GH"; do
+    set -- $front
+    local pid before after
+    pid=$(pid_of "$2")
+    before=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+    python3 - "$2" "$n" "$pid" "$work/idle.out" <<'PY'
+import socket, sys, time
+port, n, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.recv(4096)
+    socks.append(s)
+time.sleep(1)
+rss = [l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0].split()[1]
+open(out, "w").write(rss)
+for s in socks:
+    s.close()
+PY
+    after=$(cat "$work/idle.out")
+    local per
+    per=$(awk -v a="$after" -v b="$before" -v n=$n 'BEGIN { printf "%.1f", (a - b) / n }')
+    echo "idle|$1|$n|-|-|-|$per KiB/conn" >> "$rows"
+    echo "  idle $1: $before -> $after KiB for $n connections ($per KiB each)" >&2
+  done
+}
+
+case "$scenario" in
+  all) run_plain; run_routes; run_large; run_idle ;;
+  *) "run_$scenario" ;;
+esac
+
+# Median of the rounds per (scenario, front, conns), then ratios to nginx of the same group.
+table=$(python3 - "$rows" <<'PY'
+import sys, statistics
+rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1]) if l.strip()]
+groups = {}
+for sc, front, c, rps, p50, p99, cpu in rows:
+    groups.setdefault((sc, front, c), []).append((rps, p50, p99, cpu))
+def num(v):
+    try: return float(v)
+    except ValueError: return None
+def med(vals):
+    xs = [num(v) for v in vals if num(v) is not None]
+    return statistics.median(xs) if xs else None
+def ms(v):
+    if v in ("-", None): return None
+    v = v.strip()
+    for suf, k in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if v.endswith(suf): return float(v[: -len(suf)]) * k
+    return None
+print("| scenario | front | conns | req/s | p50 ms | p99 ms | CPU µs/req | req/s ÷ nginx | CPU ÷ nginx |")
+print("|---|---|---|---|---|---|---|---|---|")
+base = {}
+for (sc, front, c), v in groups.items():
+    if front.startswith("nginx"):
+        base.setdefault((sc, c), (med([x[0] for x in v]), med([x[3] for x in v])))
+for (sc, front, c), v in groups.items():
+    if sc == "idle":
+        print(f"| {sc} | {front} | {c} | | | | {v[0][3]} | | |")
+        continue
+    rps, cpu = med([x[0] for x in v]), med([x[3] for x in v])
+    p50 = statistics.median([ms(x[1]) for x in v if ms(x[1]) is not None])
+    p99 = statistics.median([ms(x[2]) for x in v if ms(x[2]) is not None])
+    b = base.get((sc, c), (None, None))
+    r1 = f"{rps / b[0]:.2f}" if b[0] and rps else ""
+    r2 = f"{cpu / b[1]:.2f}" if b[1] and cpu else ""
+    cpu_s = f"{cpu:.1f}" if cpu is not None else "-"
+    print(f"| {sc} | {front} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {cpu_s} | {r1} | {r2} |")
+PY
+)
+mkdir -p load-tests/results
+out="load-tests/results/$(date -u +%Y%m%d-%H%M%S)-$scenario.md"
+{
+  echo "# load-tests/run.sh $scenario — $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); wrk -t1, $DURATION per run, $ROUNDS alternating rounds (medians); one worker per front; upstream: nginx return 200 (5 bytes) or a 1 MB file."
+  echo "CPU µs/req: utime+stime of the proxying process (nginx: its worker) over the run ÷ requests."
+  echo
+  echo "$table"
+} > "$out"
+echo
+cat "$out"
+echo
+echo "written to $out"
