@@ -48,34 +48,36 @@ static KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-al
 static PROXY_CONNECTION: header::HeaderName = header::HeaderName::from_static("proxy-connection");
 
 /// The hop-by-hop headers present in `headers`; empty (no allocation) in the common case.
+/// One pass over the names present, compared by value (standard names compare as enums),
+/// rather than a hash lookup per candidate.
 fn hop_by_hop(headers: &http::HeaderMap, upgrade: bool) -> Vec<String> {
     let mut out = Vec::new();
-    // Headers named in Connection are hop-by-hop too.
-    for v in headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        for t in v.split(',').map(str::trim) {
-            let skip = t.is_empty()
-                || t.eq_ignore_ascii_case("close")
-                || t.eq_ignore_ascii_case("keep-alive")
-                || t.eq_ignore_ascii_case("upgrade");
-            if !skip {
-                out.push(t.to_ascii_lowercase());
+    for name in headers.keys() {
+        let hop = if name == header::CONNECTION {
+            // Headers named in Connection are hop-by-hop too.
+            for v in headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+            {
+                for t in v.split(',').map(str::trim) {
+                    let skip = t.is_empty()
+                        || t.eq_ignore_ascii_case("close")
+                        || t.eq_ignore_ascii_case("keep-alive")
+                        || t.eq_ignore_ascii_case("upgrade");
+                    if !skip {
+                        out.push(t.to_ascii_lowercase());
+                    }
+                }
             }
-        }
-    }
-    for h in [&KEEP_ALIVE, &PROXY_CONNECTION] {
-        if headers.contains_key(h) {
-            out.push(h.as_str().to_string());
-        }
-    }
-    if !upgrade {
-        for h in HOP_BY_HOP {
-            if headers.contains_key(h) {
-                out.push(h.as_str().to_string());
-            }
+            !upgrade
+        } else {
+            *name == KEEP_ALIVE
+                || *name == PROXY_CONNECTION
+                || (!upgrade && HOP_BY_HOP.contains(name))
+        };
+        if hop {
+            out.push(name.as_str().to_string());
         }
     }
     out
