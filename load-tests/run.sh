@@ -34,6 +34,8 @@ gh=target/release/gatehouse
 bare=target/release/bare-pingora
 
 work=$(mktemp -d)
+# nginx workers run as nobody when started by root: they must be able to read the 1 MB file.
+chmod 755 "$work"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
@@ -81,7 +83,7 @@ CONF
 
 upstream="upstream up { server 127.0.0.1:$UP; keepalive 256; keepalive_requests 1000000; }"
 nginx_conf "$work/up" $UP "server { listen 127.0.0.1:$UP; location = /1m { alias $work/1m.bin; } location / { return 200 hello; } }"
-nginx_conf "$work/ngx" $NGX "$upstream server { listen 127.0.0.1:$NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx_conf "$work/ngx" $NGX "$upstream server { listen 127.0.0.1:$NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffers 64 16k; } }"
 gatehouse_conf $GH "$(printf '[[routes]]\nupstream = "up"\n')" > "$work/gh.toml"
 
 start() { "$@" & pids+=($!); }
@@ -92,7 +94,7 @@ RUST_LOG=error start "$gh" run -c "$work/gh.toml"
 ports="$UP $NGX $BARE $GH"
 if [ "$scenario" = all ] || [ "$scenario" = routes ]; then
   ports="$ports $NGX10K $GH10K"
-  nginx_conf "$work/ngx10k" $NGX10K "$upstream server { listen 127.0.0.1:$NGX10K; $(routes_locations 10000) location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  nginx_conf "$work/ngx10k" $NGX10K "$upstream server { listen 127.0.0.1:$NGX10K; $(routes_locations 10000) location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffers 64 16k; } }"
   gatehouse_conf $GH10K "$(routes_toml 10000)" > "$work/gh10k.toml"
   start nginx -p "$work/ngx10k" -c "$work/ngx10k/nginx.conf"
   RUST_LOG=error start "$gh" run -c "$work/gh10k.toml"
@@ -100,6 +102,13 @@ fi
 for p in $ports; do
   for _ in $(seq 300); do (echo >/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
+
+size=$(python3 -c "import urllib.request,sys; print(len(urllib.request.urlopen('http://127.0.0.1:$UP/1m').read()))" 2>&1 || true)
+if [ "$size" != 1048576 ]; then
+  echo "upstream /1m answered $size bytes, not 1 MiB" >&2
+  cat "$work/up/nginx.conf" >&2
+  exit 1
+fi
 
 # The process doing the proxying on a port (nginx: its worker, not the master).
 pid_of() {
