@@ -3,7 +3,7 @@
 # on this machine, in alternating rounds with the same client settings. Traffic stays on
 # loopback; every run stops by itself.
 #
-#   load-tests/run.sh [all|plain|routes|large|idle]     (default: all, about 5 minutes)
+#   load-tests/run.sh [all|plain|routes|large|idle|selection]   (default: all, about 6 minutes)
 #   ROUNDS=2 DURATION=8s CONNS="50 200" load-tests/run.sh plain
 #
 # Fronts, each with one worker: the upstream directly (the ceiling), nginx as a reverse proxy
@@ -18,7 +18,7 @@ scenario=${1:-all}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-8s}
 CONNS=${CONNS:-"50 200"}
-case "$scenario" in all|plain|routes|large|idle) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
+case "$scenario" in all|plain|routes|large|idle|selection) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
 
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
@@ -40,7 +40,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
-UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306
+UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
 hz=$(getconf CLK_TCK)
 head -c 1048576 /dev/zero | tr '\0' 'x' > "$work/1m.bin"
 
@@ -68,13 +68,16 @@ routes_toml() { # n -> gatehouse routes
     printf '[[routes]]\npath = "/svc%d"\nupstream = "up"\n' "$i"
   done
 }
-gatehouse_conf() { # port routes
+gatehouse_conf() { # port routes [upstream policy lines, with a second peer]
+  local peers="\"127.0.0.1:$UP\""
+  [ -n "${3:-}" ] && peers="$peers, \"127.0.0.1:$UP2\""
   cat <<CONF
 [server]
 threads = 1
 upstream_keepalive_pool = 256
 [upstreams.up]
-peers = ["127.0.0.1:$UP"]
+peers = [$peers]
+${3:-}
 [gateways.bench]
 listen = ["127.0.0.1:$1"]
 $2
@@ -82,12 +85,13 @@ CONF
 }
 
 upstream="upstream up { server 127.0.0.1:$UP; keepalive 256; keepalive_requests 1000000; }"
-nginx_conf "$work/up" $UP "server { listen 127.0.0.1:$UP; location = /1m { alias $work/1m.bin; } location / { return 200 hello; } }"
+nginx_conf "$work/up" $UP "server { listen 127.0.0.1:$UP; listen 127.0.0.1:$UP2; location = /1m { alias $work/1m.bin; } location / { return 200 hello; } }"
 nginx_conf "$work/ngx" $NGX "$upstream server { listen 127.0.0.1:$NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffers 64 16k; } }"
 gatehouse_conf $GH "$(printf '[[routes]]\nupstream = "up"\n')" > "$work/gh.toml"
 
 start() { "$@" & pids+=($!); }
 start nginx -p "$work/up" -c "$work/up/nginx.conf"
+one_route="$(printf '[[routes]]\nupstream = "up"\n')"
 start nginx -p "$work/ngx" -c "$work/ngx/nginx.conf"
 start "$bare" 127.0.0.1:$BARE 127.0.0.1:$UP 1
 RUST_LOG=error start "$gh" run -c "$work/gh.toml"
@@ -98,6 +102,21 @@ if [ "$scenario" = all ] || [ "$scenario" = routes ]; then
   gatehouse_conf $GH10K "$(routes_toml 10000)" > "$work/gh10k.toml"
   start nginx -p "$work/ngx10k" -c "$work/ngx10k/nginx.conf"
   RUST_LOG=error start "$gh" run -c "$work/gh10k.toml"
+fi
+if [ "$scenario" = all ] || [ "$scenario" = selection ]; then
+  ports="$ports $UP2 $GHRR $GHHASH"
+  gatehouse_conf $GHRR "$one_route" 'selection = "round_robin"' > "$work/ghrr.toml"
+  gatehouse_conf $GHHASH "$one_route" 'selection = "consistent_hash"
+hash_key = "header:x-user"
+health_check = { kind = "http", path = "/", interval = "1s" }' > "$work/ghhash.toml"
+  RUST_LOG=error start "$gh" run -c "$work/ghrr.toml"
+  RUST_LOG=error start "$gh" run -c "$work/ghhash.toml"
+  cat > "$work/users.lua" <<'LUA'
+math.randomseed(42)
+request = function()
+  return wrk.format(nil, nil, { ["x-user"] = "user-" .. math.random(1, 10000) })
+end
+LUA
 fi
 for p in $ports; do
   for _ in $(seq 300); do (echo >/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
@@ -122,11 +141,11 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 rows="$work/rows"
 : > "$rows"
-measure() { # scenario front port conns path
+measure() { # scenario front port conns path [wrk script]
   local pid c0 c1 out reqs rps p50 p99 cpu
   pid=$(pid_of "$3")
   c0=$(cpu_ticks "$pid")
-  out=$(wrk -t1 -c"$4" -d"$DURATION" --latency "http://127.0.0.1:$3$5" 2>&1)
+  out=$(wrk -t1 -c"$4" -d"$DURATION" --latency ${6:+-s "$6"} "http://127.0.0.1:$3$5" 2>&1)
   c1=$(cpu_ticks "$pid")
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
@@ -163,6 +182,12 @@ run_large() {
     measure large gatehouse $GH 50 /1m
   done
 }
+run_selection() { # the cost of upstream policies; no nginx equivalent (nginx has no active checks)
+  for r in $(seq "$ROUNDS"); do
+    measure selection "gatehouse, round_robin" $GHRR 50 / "$work/users.lua"
+    measure selection "gatehouse, consistent_hash + http health checks" $GHHASH 50 / "$work/users.lua"
+  done
+}
 run_idle() { # memory per idle keep-alive connection
   local n=2000
   for front in "nginx $NGX" "bare-pingora $BARE" "gatehouse $GH"; do
@@ -194,7 +219,7 @@ PY
 }
 
 case "$scenario" in
-  all) run_plain; run_routes; run_large; run_idle ;;
+  all) run_plain; run_routes; run_large; run_selection; run_idle ;;
   *) "run_$scenario" ;;
 esac
 
