@@ -49,6 +49,9 @@ fn yes() -> bool {
 
 pub struct RequestId {
     header: HeaderName,
+    /// The header name as sent, built once: inserting by `HeaderName` would make Pingora
+    /// title-case it into a new buffer on every request.
+    cased: bytes::Bytes,
     trust_incoming: bool,
     echo: bool,
 }
@@ -56,6 +59,7 @@ pub struct RequestId {
 impl RequestId {
     pub fn new(c: Config) -> Self {
         RequestId {
+            cased: bytes::Bytes::copy_from_slice(c.header.0.as_str().as_bytes()),
             header: c.header.0,
             trust_incoming: c.trust_incoming,
             echo: c.echo,
@@ -106,7 +110,7 @@ impl Plugin for RequestId {
         cx: &mut PluginCtx,
     ) -> Result<()> {
         let id = cx.request_id().clone();
-        req.insert_header(self.header.clone(), id)
+        req.insert_header(self.cased.clone(), id)
             .or_err(ErrorType::InternalError, "setting request id")
     }
 
@@ -117,7 +121,7 @@ impl Plugin for RequestId {
         cx: &mut PluginCtx,
     ) -> Result<()> {
         let id = cx.request_id().clone();
-        resp.insert_header(self.header.clone(), id)
+        resp.insert_header(self.cased.clone(), id)
             .or_err(ErrorType::InternalError, "setting request id")
     }
 }

@@ -14,6 +14,13 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+// Inserting by a static, already-cased name spares Pingora title-casing a `HeaderName` into a
+// fresh buffer on every insert (its case map keeps the wire spelling); measured with callgrind
+// as the largest cost of the gateway layer per request.
+const XFF_CASED: &str = "X-Forwarded-For";
+const XFP_CASED: &str = "X-Forwarded-Proto";
+const XFH_CASED: &str = "X-Forwarded-Host";
+
 pub fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
     trusted.iter().any(|n| n.contains(&ip))
 }
@@ -63,12 +70,12 @@ pub fn set_headers(
         // Moves the buffer into the header value: one allocation in all.
         let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf))
             .or_err(InternalError, "x-forwarded-for")?;
-        req.insert_header(X_FORWARDED_FOR.clone(), v)
+        req.insert_header(XFF_CASED, v)
             .or_err(InternalError, "x-forwarded-for")?;
     }
     if !(peer_trusted && req.headers.contains_key(&X_FORWARDED_PROTO)) {
         let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
-        req.insert_header(X_FORWARDED_PROTO.clone(), proto)
+        req.insert_header(XFP_CASED, proto)
             .or_err(InternalError, "x-forwarded-proto")?;
     }
     if !(peer_trusted && req.headers.contains_key(&X_FORWARDED_HOST)) {
@@ -79,7 +86,7 @@ pub fn set_headers(
             .or_else(|| req.headers.get(http::header::HOST).cloned());
         match host {
             Some(h) => req
-                .insert_header(X_FORWARDED_HOST.clone(), h)
+                .insert_header(XFH_CASED, h)
                 .or_err(InternalError, "x-forwarded-host")?,
             None => {
                 req.remove_header(&X_FORWARDED_HOST);
