@@ -15,8 +15,8 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 // Inserting by a static, already-cased name spares Pingora title-casing a `HeaderName` into a
-// fresh buffer on every insert (its case map keeps the wire spelling); measured with callgrind
-// as the largest cost of the gateway layer per request.
+// fresh buffer on every insert (its case map keeps the wire spelling): about 400 instructions
+// per request by callgrind. The rest of the insert cost is the header map itself.
 const XFF_CASED: &str = "X-Forwarded-For";
 const XFP_CASED: &str = "X-Forwarded-Proto";
 const XFH_CASED: &str = "X-Forwarded-Host";
