@@ -9,7 +9,7 @@ use gatehouse_plugins::{Chain, Plugin};
 use ipnet::IpNet;
 
 use crate::config::{Config, Route};
-use crate::router::Router;
+use crate::router::{RouteId, Router};
 use crate::upstream::Pool;
 
 pub type Live = Arc<ArcSwap<Runtime>>;
@@ -26,6 +26,16 @@ pub struct GatewayRt {
     /// Global and gateway plugins: for requests no route matches.
     pub default_chain: Chain,
     pub router: Router,
+}
+
+impl GatewayRt {
+    /// The plugin chain of a request: its route's, or the gateway's when no route matched.
+    pub fn chain(&self, route: Option<RouteId>) -> &Chain {
+        match route {
+            Some(id) => &self.chains[id],
+            None => &self.default_chain,
+        }
+    }
 }
 
 pub struct Runtime {

@@ -1,5 +1,4 @@
 //! Per-request state carried through Pingora's phases.
-use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -39,13 +38,4 @@ pub struct RequestCtx {
     /// upstream_response_filter raised a retry for the upstream's status.
     pub status_retry: bool,
     pub mirror: Option<MirrorState>,
-}
-
-impl RequestCtx {
-    pub fn path<'a>(&'a self, original: &'a str) -> Cow<'a, str> {
-        match &self.normalized_path {
-            Some(p) => Cow::Borrowed(p.as_str()),
-            None => Cow::Borrowed(original),
-        }
-    }
 }

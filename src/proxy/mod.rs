@@ -100,8 +100,11 @@ impl GatewayProxy {
         let route = &gw.routes[id];
 
         let new_path = {
-            let path = ctx.path(upstream.uri.path());
-            rewrite::upstream_path(route, &path).or_else(|| ctx.normalized_path.clone())
+            let path = ctx
+                .normalized_path
+                .as_deref()
+                .unwrap_or(upstream.uri.path());
+            rewrite::upstream_path(route, path).or_else(|| ctx.normalized_path.clone())
         };
         if let Some(p) = new_path {
             let uri = match upstream.uri.query() {
@@ -231,10 +234,7 @@ async fn write_reply(
     }
     let _ = resp.insert_header(header::CONTENT_LENGTH, reply.body.len());
     if let Some(gw) = gw {
-        let chain = match ctx.route {
-            Some(id) => &gw.chains[id],
-            None => &gw.default_chain,
-        };
+        let chain = gw.chain(ctx.route);
         if let Err(e) = chain.response(session, &mut resp, &mut ctx.plugins).await {
             log::warn!("response plugin failed on a gateway reply: {e}");
         }
@@ -301,10 +301,7 @@ impl ProxyHttp for GatewayProxy {
             return Ok(false);
         };
         let gw = &rt.gateways[self.index];
-        let chain = match ctx.route {
-            Some(id) => &gw.chains[id],
-            None => &gw.default_chain,
-        };
+        let chain = gw.chain(ctx.route);
         if let Decision::Respond(reply) = chain.request(session, &mut ctx.plugins).await? {
             write_reply(Some(gw), session, ctx, reply).await;
             return Ok(true);
@@ -535,10 +532,7 @@ impl ProxyHttp for GatewayProxy {
         }
         if let Some(rt) = ctx.rt.clone() {
             let gw = &rt.gateways[self.index];
-            let chain = match ctx.route {
-                Some(id) => &gw.chains[id],
-                None => &gw.default_chain,
-            };
+            let chain = gw.chain(ctx.route);
             chain.logging(session, e, &mut ctx.plugins).await;
         }
     }
