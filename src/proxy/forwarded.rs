@@ -46,6 +46,31 @@ pub fn client_ip(trusted: &[IpNet], peer: IpAddr, req: &RequestHeader) -> IpAddr
     client
 }
 
+/// Appends `ip` as text. IPv4, the common case, by hand: `Display` goes through the
+/// formatting machinery (padding, a `fmt::Write` call per octet), which showed in profiles.
+fn push_ip(buf: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf.push('.');
+                }
+                if o >= 100 {
+                    buf.push(char::from(b'0' + o / 100));
+                }
+                if o >= 10 {
+                    buf.push(char::from(b'0' + o / 10 % 10));
+                }
+                buf.push(char::from(b'0' + o % 10));
+            }
+        }
+        IpAddr::V6(_) => {
+            use std::fmt::Write;
+            let _ = write!(buf, "{ip}");
+        }
+    }
+}
+
 /// Sets X-Forwarded-For/-Proto/-Host on the request to the upstream.
 pub fn set_headers(
     req: &mut RequestHeader,
@@ -55,7 +80,7 @@ pub fn set_headers(
 ) -> pingora_error::Result<()> {
     use pingora_error::{ErrorType::InternalError, OrErr};
     if let Some(peer) = peer {
-        let mut buf = String::new();
+        let mut buf = String::with_capacity(48);
         if peer_trusted {
             for v in req.headers.get_all(&X_FORWARDED_FOR) {
                 if let Ok(s) = v.to_str() {
@@ -64,9 +89,7 @@ pub fn set_headers(
                 }
             }
         }
-        // Formats into the one buffer; no intermediate strings.
-        use std::fmt::Write;
-        let _ = write!(buf, "{peer}");
+        push_ip(&mut buf, peer);
         // Moves the buffer into the header value: one allocation in all.
         let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf))
             .or_err(InternalError, "x-forwarded-for")?;
@@ -98,6 +121,23 @@ pub fn set_headers(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn push_ip_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.100.9.255",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut s = String::new();
+            super::push_ip(&mut s, ip);
+            assert_eq!(s, ip.to_string());
+        }
+    }
+
     use super::*;
 
     fn req(xff: &[&str]) -> RequestHeader {

@@ -6,18 +6,19 @@
 //! plugin answers alike, goes through [`write_reply`], which runs the response hooks and puts
 //! the request id in the body.
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use gatehouse_plugins::{Decision, Reply};
-use http::{header, HeaderValue, StatusCode, Uri};
+use http::{header, StatusCode, Uri};
 use pingora::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::router::normalize_path;
-use crate::runtime::{GatewayRt, Live};
+use crate::runtime::{GatewayRt, Live, Runtime};
 
 pub mod balance;
 pub mod ctx;
@@ -49,8 +50,13 @@ static PROXY_CONNECTION: header::HeaderName = header::HeaderName::from_static("p
 
 /// The hop-by-hop headers present in `headers`; empty (no allocation) in the common case.
 /// One pass over the names present, compared by value (standard names compare as enums),
-/// rather than a hash lookup per candidate.
-fn hop_by_hop(headers: &http::HeaderMap, upgrade: bool) -> Vec<String> {
+/// rather than a hash lookup per candidate. `keep_connection` leaves Connection itself in
+/// place (the headers it names still go): on responses Pingora rewrites it anyway.
+fn hop_by_hop(
+    headers: &http::HeaderMap,
+    upgrade: bool,
+    keep_connection: bool,
+) -> Vec<header::HeaderName> {
     let mut out = Vec::new();
     for name in headers.keys() {
         let hop = if name == header::CONNECTION {
@@ -65,19 +71,22 @@ fn hop_by_hop(headers: &http::HeaderMap, upgrade: bool) -> Vec<String> {
                         || t.eq_ignore_ascii_case("close")
                         || t.eq_ignore_ascii_case("keep-alive")
                         || t.eq_ignore_ascii_case("upgrade");
-                    if !skip {
-                        out.push(t.to_ascii_lowercase());
+                    if skip {
+                        continue;
+                    }
+                    if let Ok(n) = header::HeaderName::from_bytes(t.as_bytes()) {
+                        out.push(n);
                     }
                 }
             }
-            !upgrade
+            !upgrade && !keep_connection
         } else {
             *name == KEEP_ALIVE
                 || *name == PROXY_CONNECTION
                 || (!upgrade && HOP_BY_HOP.contains(name))
         };
         if hop {
-            out.push(name.as_str().to_string());
+            out.push(name.clone());
         }
     }
     out
@@ -93,18 +102,25 @@ impl GatewayProxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
+        // Borrowing the fields apart spares cloning the snapshot's Arc for the plugin call.
+        let RequestCtx {
+            rt: Some(rt),
+            route: Some(id),
+            normalized_path,
+            upstream: up,
+            peer_idx,
+            plugins,
+            ..
+        } = ctx
+        else {
             return Ok(());
         };
         let gw = &rt.gateways[self.index];
-        let route = &gw.routes[id];
+        let route = &gw.routes[*id];
 
         let new_path = {
-            let path = ctx
-                .normalized_path
-                .as_deref()
-                .unwrap_or(upstream.uri.path());
-            rewrite::upstream_path(route, path).or_else(|| ctx.normalized_path.clone())
+            let path = normalized_path.as_deref().unwrap_or(upstream.uri.path());
+            rewrite::upstream_path(route, path).or_else(|| normalized_path.clone())
         };
         if let Some(p) = new_path {
             let uri = match upstream.uri.query() {
@@ -119,18 +135,16 @@ impl GatewayProxy {
         }
 
         if !route.preserve_host {
-            if let Some(peer) = ctx.peer {
-                let v = HeaderValue::from_str(&peer.to_string())
-                    .or_err(ErrorType::InternalError, "host header")?;
+            if let (Some(up), Some(idx)) = (*up, *peer_idx) {
                 upstream
-                    .insert_header(header::HOST, v)
+                    .insert_header(header::HOST, rt.pools[up].host(idx))
                     .or_err(ErrorType::InternalError, "host header")?;
             }
         }
 
         let upgrade = session.is_upgrade_req();
-        for h in hop_by_hop(&upstream.headers, upgrade) {
-            upstream.remove_header(h.as_str());
+        for h in hop_by_hop(&upstream.headers, upgrade, false) {
+            upstream.remove_header(&h);
         }
 
         let peer_ip: Option<IpAddr> = session
@@ -140,9 +154,46 @@ impl GatewayProxy {
         let trusted = peer_ip.is_some_and(|ip| forwarded::is_trusted(&rt.trusted_proxies, ip));
         forwarded::set_headers(upstream, peer_ip, trusted, gw.tls)?;
 
-        gw.chains[id]
-            .upstream_request(session, upstream, &mut ctx.plugins)
+        gw.chains[*id]
+            .upstream_request(session, upstream, plugins)
             .await
+    }
+
+    /// request_filter's work: plugins, 404, upstream choice, mirror sampling, upgrades.
+    async fn route_request(
+        &self,
+        rt: &Arc<Runtime>,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        let gw = &rt.gateways[self.index];
+        let chain = gw.chain(ctx.route);
+        if let Decision::Respond(reply) = chain.request(session, &mut ctx.plugins).await? {
+            write_reply(Some(gw), session, ctx, reply).await;
+            return Ok(true);
+        }
+        let Some(id) = ctx.route else {
+            let reply = Reply::json_error(
+                StatusCode::NOT_FOUND,
+                message_for(None, 404),
+                ctx.plugins.request_id(),
+            );
+            write_reply(Some(gw), session, ctx, reply).await;
+            return Ok(true);
+        };
+        let route = &gw.routes[id];
+        let up = balance::choose_upstream(&route.target, session, ctx);
+        ctx.upstream = Some(up);
+        if let Some(m) = &route.mirror {
+            ctx.mirror = mirror::sample(m, &rt.pools[m.upstream], &gw.mirrors_in_flight[id]);
+        }
+        if session.is_upgrade_req() && !rt.pools[up].tls() {
+            // The tunnel runs the later hooks itself, and they read the snapshot from ctx.
+            ctx.rt = Some(rt.clone());
+            self.tunnel(session, ctx, up).await?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// WebSocket and other HTTP/1.1 upgrades to plain-HTTP upstreams (see `upgrade.rs`).
@@ -297,35 +348,13 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let Some(rt) = ctx.rt.clone() else {
+        // Taken and put back rather than cloned (an atomic pair per hook per request).
+        let Some(rt) = ctx.rt.take() else {
             return Ok(false);
         };
-        let gw = &rt.gateways[self.index];
-        let chain = gw.chain(ctx.route);
-        if let Decision::Respond(reply) = chain.request(session, &mut ctx.plugins).await? {
-            write_reply(Some(gw), session, ctx, reply).await;
-            return Ok(true);
-        }
-        let Some(id) = ctx.route else {
-            let reply = Reply::json_error(
-                StatusCode::NOT_FOUND,
-                message_for(None, 404),
-                ctx.plugins.request_id(),
-            );
-            write_reply(Some(gw), session, ctx, reply).await;
-            return Ok(true);
-        };
-        let route = &gw.routes[id];
-        let up = balance::choose_upstream(&route.target, session, ctx);
-        ctx.upstream = Some(up);
-        if let Some(m) = &route.mirror {
-            ctx.mirror = mirror::sample(m, &rt.pools[m.upstream], &gw.mirrors_in_flight[id]);
-        }
-        if session.is_upgrade_req() && !rt.pools[up].tls() {
-            self.tunnel(session, ctx, up).await?;
-            return Ok(true);
-        }
-        Ok(false)
+        let done = self.route_request(&rt, session, ctx).await;
+        ctx.rt = Some(rt);
+        done
     }
 
     async fn upstream_peer(
@@ -333,10 +362,13 @@ impl ProxyHttp for GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let (Some(rt), Some(up)) = (ctx.rt.clone(), ctx.upstream) else {
+        let (Some(rt), Some(up)) = (ctx.rt.take(), ctx.upstream) else {
             return Error::e_explain(ErrorType::InternalError, "no upstream at peer selection");
         };
-        balance::select_peer(&rt, up, session, ctx)
+        // Taken and put back rather than cloned: select_peer needs the ctx mutably.
+        let peer = balance::select_peer(&rt, up, session, ctx);
+        ctx.rt = Some(rt);
+        peer
     }
 
     /// A failed connect never reached the peer: safe to retry elsewhere, whatever the method.
@@ -423,29 +455,34 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let upgrade = resp.status == StatusCode::SWITCHING_PROTOCOLS;
-        for h in hop_by_hop(&resp.headers, upgrade) {
-            resp.remove_header(h.as_str());
+        for h in hop_by_hop(&resp.headers, upgrade, true) {
+            resp.remove_header(&h);
         }
         let status = resp.status.as_u16();
         ctx.upstream_failed = balance::breaker_failure(status);
-        if let (Some(rt), Some(up), Some(idx)) = (ctx.rt.clone(), ctx.upstream, ctx.peer_idx) {
-            let pool = &rt.pools[up];
-            pool.report(idx, !pool.is_failure_status(status));
-            // Upgrades run in our own tunnel, outside Pingora's retry loop: their answer
-            // is relayed as is.
-            if pool.cfg.retry.on_status.contains(&status)
-                && !session.is_upgrade_req()
-                && balance::may_retry(pool, session, ctx, balance::idempotent(session))
-            {
-                let mut e = Error::explain(
-                    ErrorType::HTTPStatus(status),
-                    format!("upstream answered {status}, retrying"),
-                );
-                e.esource = ErrorSource::Upstream;
-                e.set_retry(true);
-                ctx.status_retry = true;
-                return Err(e);
-            }
+        let (Some(up), Some(idx)) = (ctx.upstream, ctx.peer_idx) else {
+            return Ok(());
+        };
+        let Some(rt) = ctx.rt.take() else {
+            return Ok(());
+        };
+        let pool = &rt.pools[up];
+        pool.report(idx, !pool.is_failure_status(status));
+        // Upgrades run in our own tunnel, outside Pingora's retry loop: their answer is
+        // relayed as is.
+        let retry = pool.cfg.retry.on_status.contains(&status)
+            && !session.is_upgrade_req()
+            && balance::may_retry(pool, session, ctx, balance::idempotent(session));
+        ctx.rt = Some(rt);
+        if retry {
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                format!("upstream answered {status}, retrying"),
+            );
+            e.esource = ErrorSource::Upstream;
+            e.set_retry(true);
+            ctx.status_retry = true;
+            return Err(e);
         }
         Ok(())
     }
@@ -470,11 +507,17 @@ impl ProxyHttp for GatewayProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
+        let RequestCtx {
+            rt: Some(rt),
+            route: Some(id),
+            plugins,
+            ..
+        } = ctx
+        else {
             return Ok(());
         };
-        rt.gateways[self.index].chains[id]
-            .response(session, resp, &mut ctx.plugins)
+        rt.gateways[self.index].chains[*id]
+            .response(session, resp, plugins)
             .await
     }
 
@@ -530,10 +573,15 @@ impl ProxyHttp for GatewayProxy {
                 b.record(!(ctx.upstream_failed || upstream_error), ctx.probe);
             }
         }
-        if let Some(rt) = ctx.rt.clone() {
-            let gw = &rt.gateways[self.index];
-            let chain = gw.chain(ctx.route);
-            chain.logging(session, e, &mut ctx.plugins).await;
+        if let RequestCtx {
+            rt: Some(rt),
+            route,
+            plugins,
+            ..
+        } = ctx
+        {
+            let chain = rt.gateways[self.index].chain(*route);
+            chain.logging(session, e, plugins).await;
         }
     }
 
