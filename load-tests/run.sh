@@ -58,9 +58,13 @@ http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
 CONF
 }
 
+# nginx proxies as Gatehouse does: upstream keep-alive and the same X-Forwarded-* headers
+# (Gatehouse always sets them), so both fronts do the same work per request.
+NGX_PROXY='proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host;'
+
 routes_locations() { # n -> nginx locations proxying to the upstream
   for i in $(seq 0 $(($1 - 1))); do
-    echo "location /svc$i/ { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
+    echo "location /svc$i/ { $NGX_PROXY }"
   done
 }
 routes_toml() { # n -> gatehouse routes
@@ -86,7 +90,7 @@ CONF
 
 upstream="upstream up { server 127.0.0.1:$UP; keepalive 256; keepalive_requests 1000000; }"
 nginx_conf "$work/up" $UP "server { listen 127.0.0.1:$UP; listen 127.0.0.1:$UP2; location = /1m { alias $work/1m.bin; } location / { return 200 hello; } }"
-nginx_conf "$work/ngx" $NGX "$upstream server { listen 127.0.0.1:$NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffers 64 16k; } }"
+nginx_conf "$work/ngx" $NGX "$upstream server { listen 127.0.0.1:$NGX; location / { $NGX_PROXY proxy_buffers 64 16k; } }"
 gatehouse_conf $GH "$(printf '[[routes]]\nupstream = "up"\n')" > "$work/gh.toml"
 
 start() { "$@" & pids+=($!); }
@@ -98,7 +102,7 @@ RUST_LOG=error start "$gh" run -c "$work/gh.toml"
 ports="$UP $NGX $BARE $GH"
 if [ "$scenario" = all ] || [ "$scenario" = routes ]; then
   ports="$ports $NGX10K $GH10K"
-  nginx_conf "$work/ngx10k" $NGX10K "$upstream server { listen 127.0.0.1:$NGX10K; $(routes_locations 10000) location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffers 64 16k; } }"
+  nginx_conf "$work/ngx10k" $NGX10K "$upstream server { listen 127.0.0.1:$NGX10K; $(routes_locations 10000) location / { $NGX_PROXY proxy_buffers 64 16k; } }"
   gatehouse_conf $GH10K "$(routes_toml 10000)" > "$work/gh10k.toml"
   start nginx -p "$work/ngx10k" -c "$work/ngx10k/nginx.conf"
   RUST_LOG=error start "$gh" run -c "$work/gh10k.toml"

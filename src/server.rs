@@ -30,6 +30,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
         grace_period_seconds: Some(cfg.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_timeout.as_secs().max(1)),
         upstream_keepalive_pool_size: cfg.server.upstream_keepalive_pool,
+        work_stealing: cfg.server.work_stealing,
         ..ServerConf::default()
     };
     let opt = Opt {

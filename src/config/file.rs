@@ -21,6 +21,7 @@ pub struct ServerFile {
     #[serde(default)]
     pub plugins: Vec<Spanned<String>>,
     pub upstream_keepalive_pool: Option<usize>,
+    pub work_stealing: Option<bool>,
     pub pid_file: Option<PathBuf>,
     pub upgrade_sock: Option<PathBuf>,
 }

@@ -41,6 +41,9 @@ pub struct Server {
     /// Indexes into [`Config::plugins`]: run for every route of every gateway.
     pub plugins: Vec<usize>,
     pub upstream_keepalive_pool: usize,
+    /// Pingora's work stealing between worker threads; off runs one single-threaded runtime
+    /// per thread (less cross-thread scheduling, but an unlucky thread cannot hand work off).
+    pub work_stealing: bool,
     pub pid_file: PathBuf,
     pub upgrade_sock: PathBuf,
 }
