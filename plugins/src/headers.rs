@@ -5,10 +5,14 @@
 //! every value of the name. Within one direction: remove, then set, then add, so a config can
 //! remove a header and add a fresh value of it.
 //!
+//! Values may use variables, filled per request: `${client_ip}`, `${request_id}`,
+//! `${route}`, `${gateway}`, `${consumer}` (set by key_auth, basic_auth or jwt_auth) and
+//! `${jwt.CLAIM}`. A header whose value comes out empty (say, no consumer) is not set.
+//!
 //! ```toml
 //! [plugins.hdrs]
 //! kind = "headers"
-//! request = { set = { "x-env" = "prod" }, remove = ["x-debug"] }
+//! request = { set = { "x-env" = "prod", "x-client" = "${client_ip}" }, remove = ["x-debug"] }
 //! response = { add = { "x-served-by" = "gatehouse" } }
 //! ```
 use async_trait::async_trait;
@@ -18,16 +22,17 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use serde::Deserialize;
 
-use crate::config::{HeaderList, HeaderNameConf};
+use crate::config::HeaderNameConf;
+use crate::template::TemplateList;
 use crate::{Phases, Plugin, PluginCtx};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ops {
     #[serde(default)]
-    pub set: HeaderList,
+    pub set: TemplateList,
     #[serde(default)]
-    pub add: HeaderList,
+    pub add: TemplateList,
     #[serde(default)]
     pub remove: Vec<HeaderNameConf>,
 }
@@ -93,17 +98,21 @@ macro_rules! header_target {
 header_target!(RequestHeader);
 header_target!(ResponseHeader);
 
-fn apply(ops: &Ops, h: &mut impl HeaderTarget) -> Result<()> {
+fn apply(ops: &Ops, h: &mut impl HeaderTarget, cx: &mut PluginCtx) -> Result<()> {
     for name in &ops.remove {
         if h.headers().contains_key(&name.0) {
             h.remove(&name.0);
         }
     }
     for (name, value) in &ops.set.0 {
-        h.insert(name.clone(), value.clone())?;
+        if let Some(v) = value.render(cx) {
+            h.insert(name.clone(), v)?;
+        }
     }
     for (name, value) in &ops.add.0 {
-        h.append(name.clone(), value.clone())?;
+        if let Some(v) = value.render(cx) {
+            h.append(name.clone(), v)?;
+        }
     }
     Ok(())
 }
@@ -129,25 +138,25 @@ impl Plugin for Headers {
         &self,
         _s: &mut Session,
         req: &mut RequestHeader,
-        _cx: &mut PluginCtx,
+        cx: &mut PluginCtx,
     ) -> Result<()> {
-        apply(&self.request, req)
+        apply(&self.request, req, cx)
     }
 
     async fn response(
         &self,
         _s: &mut Session,
         resp: &mut ResponseHeader,
-        _cx: &mut PluginCtx,
+        cx: &mut PluginCtx,
     ) -> Result<()> {
-        apply(&self.response, resp)
+        apply(&self.response, resp, cx)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use crate::template::Template;
 
     fn ops(
         set: &[(&'static str, &'static str)],
@@ -155,9 +164,9 @@ mod tests {
         remove: &[&'static str],
     ) -> Ops {
         let list = |v: &[(&'static str, &'static str)]| {
-            HeaderList(
+            TemplateList(
                 v.iter()
-                    .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
+                    .map(|(n, v)| (HeaderName::from_static(n), Template::parse(v).unwrap()))
                     .collect(),
             )
         };
@@ -182,7 +191,7 @@ mod tests {
             &[("x-tag", "b"), ("x-debug", "fresh")],
             &["x-debug"],
         );
-        apply(&o, &mut req).unwrap();
+        apply(&o, &mut req, &mut PluginCtx::default()).unwrap();
         assert_eq!(req.headers.get("x-env").unwrap(), "prod");
         let tags: Vec<_> = req.headers.get_all("x-tag").iter().collect();
         assert_eq!(tags, vec!["a", "b"]);

@@ -19,9 +19,20 @@ use pingora_error::{Error, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
+pub mod basic_auth;
+mod cache;
 pub mod config;
+pub mod cors;
+pub mod forward_auth;
 pub mod headers;
+pub mod ip_filter;
+pub mod jwt_auth;
+pub mod key_auth;
+pub mod rate_limit;
 pub mod request_id;
+pub mod request_limit;
+mod subrequest;
+pub mod template;
 
 pub use config::{PluginConfig, KINDS};
 pub use request_id::random_u64;
@@ -68,6 +79,24 @@ impl Reply {
     }
 }
 
+/// An error that ends the request with `status` (when nothing was sent to the client yet);
+/// `why` goes to the log and, for 4xx, to the client's JSON body.
+pub fn status_error(status: u16, why: &'static str) -> Box<Error> {
+    Error::explain(pingora_error::ErrorType::HTTPStatus(status), why)
+}
+
+/// A reply refusing the request: JSON error body plus extra headers.
+pub fn refuse(
+    status: StatusCode,
+    message: &str,
+    cx: &mut PluginCtx,
+    headers: Vec<(HeaderName, HeaderValue)>,
+) -> Decision {
+    let mut r = Reply::json_error(status, message, cx.request_id());
+    r.headers.extend(headers);
+    Decision::Respond(r)
+}
+
 /// Quotes `s` as a JSON string; enough for error messages, which we write ourselves.
 pub fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -88,7 +117,7 @@ pub fn json_string(s: &str) -> String {
 }
 
 /// Per-request state the core shares with plugins.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct PluginCtx {
     /// The request's id: set by the `request_id` plugin, or by the core when it needs one.
     pub request_id: Option<HeaderValue>,
@@ -98,6 +127,25 @@ pub struct PluginCtx {
     pub route: Option<Arc<str>>,
     /// Name of the gateway that took the request.
     pub gateway: Option<Arc<str>>,
+    /// Who the request authenticated as (API key consumer, basic-auth user, JWT `sub`).
+    pub consumer: Option<Arc<str>>,
+    /// The verified JWT claims, for claim headers and `${jwt.NAME}` variables.
+    pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
+    /// Request body bytes seen so far (kept by the chain for body limits).
+    pub body_bytes: u64,
+    /// Resources held until the request ends (concurrency-limit slots): dropped with the ctx.
+    pub hold: Vec<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for PluginCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginCtx")
+            .field("request_id", &self.request_id)
+            .field("client_ip", &self.client_ip)
+            .field("route", &self.route)
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PluginCtx {
@@ -117,7 +165,8 @@ impl Phases {
     pub const RESPONSE: Phases = Phases(1 << 2);
     pub const RESPONSE_BODY: Phases = Phases(1 << 3);
     pub const LOGGING: Phases = Phases(1 << 4);
-    pub const ALL: Phases = Phases(0x1f);
+    pub const REQUEST_BODY: Phases = Phases(1 << 5);
+    pub const ALL: Phases = Phases(0x3f);
 
     pub const fn union(self, other: Phases) -> Phases {
         Phases(self.0 | other.0)
@@ -141,6 +190,18 @@ pub trait Plugin: Send + Sync + 'static {
     /// Runs after routing, before the upstream is chosen. `Respond` ends the request here.
     async fn request(&self, _s: &mut Session, _cx: &mut PluginCtx) -> Result<Decision> {
         Ok(Decision::Continue)
+    }
+
+    /// Runs on each request body chunk on its way upstream; `cx.body_bytes` already counts it.
+    /// An error ends the request (its status, e.g. 413, when nothing was sent to the client).
+    async fn request_body(
+        &self,
+        _s: &mut Session,
+        _body: &mut Option<Bytes>,
+        _eos: bool,
+        _cx: &mut PluginCtx,
+    ) -> Result<()> {
+        Ok(())
     }
 
     /// Runs on the header about to be sent upstream, after the core's path rewrite and
@@ -188,6 +249,7 @@ pub trait Plugin: Send + Sync + 'static {
 #[derive(Default, Clone)]
 pub struct Chain {
     request: Box<[Arc<dyn Plugin>]>,
+    request_body: Box<[Arc<dyn Plugin>]>,
     upstream_request: Box<[Arc<dyn Plugin>]>,
     response: Box<[Arc<dyn Plugin>]>,
     response_body: Box<[Arc<dyn Plugin>]>,
@@ -221,6 +283,7 @@ impl Chain {
         };
         Chain {
             request: pick(Phases::REQUEST, false),
+            request_body: pick(Phases::REQUEST_BODY, false),
             upstream_request: pick(Phases::UPSTREAM_REQUEST, false),
             response: pick(Phases::RESPONSE, true),
             response_body: pick(Phases::RESPONSE_BODY, true),
@@ -230,6 +293,7 @@ impl Chain {
 
     pub fn is_empty(&self) -> bool {
         self.request.is_empty()
+            && self.request_body.is_empty()
             && self.upstream_request.is_empty()
             && self.response.is_empty()
             && self.response_body.is_empty()
@@ -243,6 +307,24 @@ impl Chain {
             }
         }
         Ok(Decision::Continue)
+    }
+
+    pub fn has_request_body(&self) -> bool {
+        !self.request_body.is_empty()
+    }
+
+    pub async fn request_body(
+        &self,
+        s: &mut Session,
+        body: &mut Option<Bytes>,
+        eos: bool,
+        cx: &mut PluginCtx,
+    ) -> Result<()> {
+        cx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        for p in self.request_body.iter() {
+            p.request_body(s, body, eos, cx).await?;
+        }
+        Ok(())
     }
 
     pub async fn upstream_request(

@@ -187,6 +187,8 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         None => ServerFile::default(),
     };
 
+    // Files named in plugin configs are relative to the config file, as nginx's includes.
+    let base = path.parent().unwrap_or(Path::new("."));
     // Plugins first: everything else refers to them by name.
     let mut plugins = Vec::new();
     let mut plugin_names = HashMap::new();
@@ -194,7 +196,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         let ctx = format!("plugin \"{}\"", name.get_ref());
         // Known names even when broken, so references to them are not reported twice.
         plugin_names.insert(name.get_ref().clone(), None);
-        if let Some(cfg) = plugin_config(&mut ld, value, &ctx) {
+        if let Some(cfg) = plugin_config(&mut ld, value, &ctx, base) {
             plugin_names.insert(name.get_ref().clone(), Some(plugins.len()));
             plugins.push(NamedPlugin {
                 name: name.into_inner(),
@@ -411,6 +413,7 @@ fn plugin_config<'a>(
     ld: &mut Loader<'a>,
     value: Spanned<DeValue<'a>>,
     ctx: &str,
+    base: &Path,
 ) -> Option<PluginConfig> {
     let span = value.span();
     let DeValue::Table(mut table) = value.into_inner() else {
@@ -432,7 +435,13 @@ fn plugin_config<'a>(
     };
     let rest: Spanned<DeValue<'a>> = Spanned::new(span.clone(), DeValue::Table(table));
     match PluginConfig::deserialize_kind(&kind, ValueDeserializer::from(rest)) {
-        Ok(Some(c)) => Some(c),
+        Ok(Some(mut c)) => match c.prepare(base) {
+            Ok(()) => Some(c),
+            Err(e) => {
+                ld.err(kspan, ctx, e);
+                None
+            }
+        },
         Ok(None) => {
             ld.err(
                 kspan,

@@ -1,82 +1,11 @@
 //! Typed config values: each parses its TOML string at load, so a bad one is reported at its
 //! own line and column and nothing is parsed on the request path.
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::time::Duration;
+use std::net::{SocketAddr, ToSocketAddrs};
 
-use ipnet::IpNet;
 use serde::de::{self, Deserialize, Deserializer};
 
-/// A humantime duration: `"250ms"`, `"5s"`, `"1m"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map(Dur).map_err(|e| {
-            de::Error::custom(format!(
-                "invalid duration {s:?}: {e} (write e.g. \"250ms\", \"5s\", \"1m\")"
-            ))
-        })
-    }
-}
-
-/// A size in bytes: `"64KiB"`, `"10MB"`, `"1GiB"`, `"512"` (bytes). KB/MB/GB are powers of 1000,
-/// KiB/MiB/GiB of 1024.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Size(pub u64);
-
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?} (write e.g. \"64KiB\", \"10MB\")"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" | "kB" => 1000,
-        "KiB" => 1 << 10,
-        "MB" => 1000 * 1000,
-        "MiB" => 1 << 20,
-        "GB" => 1000 * 1000 * 1000,
-        "GiB" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "invalid size {s:?}: unknown unit (B, KB, KiB, MB, MiB, GB, GiB)"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
-}
-
-impl<'de> Deserialize<'de> for Size {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_size(&s).map(Size).map_err(de::Error::custom)
-    }
-}
-
-/// A CIDR block (`"10.0.0.0/8"`, `"::1/128"`) or a single address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr(pub IpNet);
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if let Ok(net) = s.parse::<IpNet>() {
-            return Ok(Cidr(net.trunc()));
-        }
-        s.parse::<IpAddr>()
-            .map(|ip| Cidr(IpNet::from(ip)))
-            .map_err(|_| {
-                de::Error::custom(format!(
-                    "invalid CIDR {s:?} (write e.g. \"10.0.0.0/8\" or \"2001:db8::/32\")"
-                ))
-            })
-    }
-}
+// Durations, sizes and CIDRs are plugin config values too; they live in the plugins crate.
+pub use gatehouse_plugins::config::{parse_size, Cidr, Dur, Size};
 
 /// A listen address: an IP literal and a port (`"127.0.0.1:8080"`, `"[::]:443"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +60,7 @@ mod tests {
     use super::*;
     use serde::de::value::{Error as DeError, StrDeserializer};
     use serde::de::IntoDeserializer;
+    use std::time::Duration;
 
     fn de<T: for<'a> Deserialize<'a>>(s: &str) -> Result<T, DeError> {
         let d: StrDeserializer<DeError> = s.into_deserializer();

@@ -261,6 +261,8 @@ fn message_for(e: Option<&Error>, status: u16) -> &'static str {
         400 => "bad request",
         404 => "no route matches this request",
         408 => "request timed out",
+        413 => "request body too large",
+        431 => "request header too large",
         502 => "upstream connection failed",
         503 => "no upstream peer available",
         504 => "upstream timed out",
@@ -487,16 +489,31 @@ impl ProxyHttp for GatewayProxy {
         Ok(())
     }
 
-    /// Feeds the mirror copy; the client's body itself passes unchanged.
+    /// Feeds the mirror copy and the plugins' body hooks (size limits).
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(m) = ctx.mirror.as_mut() {
             m.on_body(body.as_ref(), end_of_stream);
+        }
+        let RequestCtx {
+            rt: Some(rt),
+            route,
+            plugins,
+            ..
+        } = ctx
+        else {
+            return Ok(());
+        };
+        let chain = rt.gateways[self.index].chain(*route);
+        if chain.has_request_body() {
+            chain
+                .request_body(session, body, end_of_stream, plugins)
+                .await?;
         }
         Ok(())
     }

@@ -1,0 +1,218 @@
+//! `basic_auth`: HTTP Basic authentication against an htpasswd file of bcrypt entries
+//! (`htpasswd -B`).
+//!
+//! bcrypt is slow by design (tens of ms per check), so it runs on Tokio's blocking pool, never
+//! on a proxy worker thread, and a successful check is remembered for `cache_for` under a
+//! SHA-256 of user, password and stored hash (bounded; changing the file invalidates entries
+//! on reload). Wrong passwords are never cached: pair this with `rate_limit` against guessing.
+//!
+//! ```toml
+//! [plugins.basic]
+//! kind = "basic_auth"
+//! htpasswd_file = "users.htpasswd"
+//! realm = "orders"
+//! ```
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use base64::Engine;
+use http::{HeaderValue, StatusCode};
+use pingora_error::Result;
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::cache::{unix_now, ExpiringCache};
+use crate::config::Dur;
+use crate::{refuse, Decision, Phases, Plugin, PluginCtx};
+
+fn default_realm() -> String {
+    "gatehouse".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub htpasswd_file: PathBuf,
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    #[serde(default = "yes")]
+    pub hide_credentials: bool,
+    pub cache_for: Option<Dur>,
+    #[serde(skip)]
+    pub users: Vec<(String, String)>,
+}
+
+impl Config {
+    pub fn prepare(&mut self, base: &Path) -> Result<(), String> {
+        if self.realm.contains('"') || HeaderValue::from_str(&self.realm).is_err() {
+            return Err(format!(
+                "realm {:?} must be printable text without quotes",
+                self.realm
+            ));
+        }
+        let path = base.join(&self.htpasswd_file);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("htpasswd_file {}: {e}", path.display()))?;
+        let mut users = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (user, hash) = line
+                .split_once(':')
+                .ok_or_else(|| format!("{}:{}: expected \"user:hash\"", path.display(), n + 1))?;
+            if !["$2y$", "$2b$", "$2a$"].iter().any(|p| hash.starts_with(p))
+                || hash.parse::<bcrypt::HashParts>().is_err()
+            {
+                return Err(format!(
+                    "{}:{}: user {user:?}: only bcrypt entries are supported (create them with \
+                     `htpasswd -B`)",
+                    path.display(),
+                    n + 1
+                ));
+            }
+            users.push((user.to_string(), hash.to_string()));
+        }
+        if users.is_empty() {
+            return Err(format!("htpasswd_file {} has no users", path.display()));
+        }
+        self.users = users;
+        Ok(())
+    }
+}
+
+pub struct BasicAuth {
+    users: HashMap<String, Arc<str>>,
+    names: HashMap<String, Arc<str>>,
+    challenge: HeaderValue,
+    hide: bool,
+    cache_for: u64,
+    /// Successful checks by SHA-256(user, password, hash).
+    cache: ExpiringCache<()>,
+}
+
+impl BasicAuth {
+    pub fn new(c: Config) -> Self {
+        let challenge =
+            HeaderValue::from_str(&format!("Basic realm=\"{}\", charset=\"UTF-8\"", c.realm))
+                .unwrap_or(HeaderValue::from_static("Basic"));
+        BasicAuth {
+            names: c
+                .users
+                .iter()
+                .map(|(u, _)| (u.clone(), Arc::from(u.as_str())))
+                .collect(),
+            users: c
+                .users
+                .into_iter()
+                .map(|(u, h)| (u, Arc::from(h)))
+                .collect(),
+            challenge,
+            hide: c.hide_credentials,
+            cache_for: c.cache_for.map_or(300, |d| d.0.as_secs()),
+            cache: ExpiringCache::new(4096),
+        }
+    }
+
+    async fn verify(&self, user: &str, pass: &str) -> bool {
+        let Some(hash) = self.users.get(user).cloned() else {
+            return false;
+        };
+        let mut h = Sha256::new();
+        for part in [
+            user.as_bytes(),
+            b"\0",
+            pass.as_bytes(),
+            b"\0",
+            hash.as_bytes(),
+        ] {
+            h.update(part);
+        }
+        let fp: [u8; 32] = h.finalize().into();
+        let now = unix_now();
+        if self.cache.get(&fp, now).is_some() {
+            return true;
+        }
+        let pass = pass.to_string();
+        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(pass, &hash).unwrap_or(false))
+            .await
+            .unwrap_or(false);
+        if ok {
+            self.cache.insert(fp, (), now + self.cache_for, now);
+        }
+        ok
+    }
+}
+
+/// `Authorization: Basic base64(user:pass)` → (user, pass).
+fn credentials(req: &RequestHeader) -> Option<(String, String)> {
+    let v = req
+        .headers
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, b64) = v.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (u, p) = text.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+#[async_trait]
+impl Plugin for BasicAuth {
+    fn kind(&self) -> &'static str {
+        "basic_auth"
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST.union(Phases::UPSTREAM_REQUEST)
+    }
+
+    async fn request(&self, s: &mut Session, cx: &mut PluginCtx) -> Result<Decision> {
+        let challenge = vec![(http::header::WWW_AUTHENTICATE, self.challenge.clone())];
+        let Some((user, pass)) = credentials(s.req_header()) else {
+            return Ok(refuse(
+                StatusCode::UNAUTHORIZED,
+                "credentials required",
+                cx,
+                challenge,
+            ));
+        };
+        if !self.verify(&user, &pass).await {
+            return Ok(refuse(
+                StatusCode::UNAUTHORIZED,
+                "invalid credentials",
+                cx,
+                challenge,
+            ));
+        }
+        cx.consumer = self.names.get(&user).cloned();
+        Ok(Decision::Continue)
+    }
+
+    async fn upstream_request(
+        &self,
+        _s: &mut Session,
+        req: &mut RequestHeader,
+        _cx: &mut PluginCtx,
+    ) -> Result<()> {
+        if self.hide {
+            req.remove_header(&http::header::AUTHORIZATION);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,684 @@
+//! `jwt_auth`: bearer JSON Web Tokens (RFC 7519), verified with the `jsonwebtoken` crate.
+//!
+//! Keys come from `secret` (HMAC), `public_key_file` (PEM: RSA, EC or Ed25519), `jwks_file`
+//! (a JWK Set or a single JWK) and/or `jwks_url` (fetched with the gateway's own HTTP client,
+//! refreshed in the background every `jwks_refresh`; a token whose `kid` is unknown triggers
+//! one refresh at most every `jwks_min_refresh`).
+//!
+//! The token's `alg` must be one of `algorithms`, and only keys of that algorithm's family are
+//! tried: an HS256 token is never checked against an RSA public key used as an HMAC secret
+//! (algorithm confusion), and `alg: none` is no algorithm at all. `exp`, `nbf` (with `leeway`),
+//! `iss` and `aud` are checked. A bad token is 401 with `WWW-Authenticate: Bearer
+//! error="invalid_token"`; a good token without the route's `required_scopes` or
+//! `required_claims` is 403 with `error="insufficient_scope"`.
+//!
+//! Verified tokens are remembered by SHA-256 until their expiry (bounded), so a client reusing
+//! its token costs a hash, not an RSA verification.
+//!
+//! ```toml
+//! [plugins.jwt]
+//! kind = "jwt_auth"
+//! algorithms = ["RS256"]
+//! public_key_file = "keys/pub.pem"     # or secret, jwks_file, jwks_url
+//! issuer = "https://auth.example.com"
+//! audience = ["orders"]
+//! leeway = "30s"
+//! required_scopes = ["orders:read"]    # `scope` (space-separated) or `scp` claim
+//! required_claims = { role = "admin" }
+//! claims_to_headers = { sub = "x-user-id" }
+//! ```
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::{HeaderName, HeaderValue, StatusCode};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use pingora_error::{ErrorType, OrErr, Result};
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::cache::{unix_now, ExpiringCache};
+use crate::config::{Dur, HeaderNameConf};
+use crate::subrequest::{Client, Target};
+use crate::{refuse, Decision, Phases, Plugin, PluginCtx};
+
+/// An algorithm name as JOSE writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Alg(pub Algorithm);
+
+impl<'de> Deserialize<'de> for Alg {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse::<Algorithm>().map(Alg).map_err(|_| {
+            de::Error::custom(format!(
+                "unsupported algorithm {s:?}: use HS256/384/512, RS256/384/512, PS256/384/512, \
+                 ES256/384 or EdDSA"
+            ))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn list(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub algorithms: Vec<Alg>,
+    pub secret: Option<String>,
+    pub public_key_file: Option<PathBuf>,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    pub jwks_refresh: Option<Dur>,
+    pub jwks_min_refresh: Option<Dur>,
+    pub issuer: Option<OneOrMany>,
+    pub audience: Option<OneOrMany>,
+    pub leeway: Option<Dur>,
+    /// Require and check `exp` (on by default; off only for tokens that never expire).
+    #[serde(default = "yes")]
+    pub validate_exp: bool,
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    #[serde(default)]
+    pub required_claims: HashMap<String, Value>,
+    #[serde(default)]
+    pub claims_to_headers: HashMap<String, HeaderNameConf>,
+    /// Read the token from this cookie when there is no Authorization header.
+    pub cookie: Option<String>,
+    /// Remove the Authorization header before the upstream sees it.
+    #[serde(default)]
+    pub hide_credentials: bool,
+    #[serde(skip)]
+    pub keys: Vec<KeyEntry>,
+    #[serde(skip)]
+    pub jwks_target: Option<Target>,
+}
+
+/// One verification key, with what it may be used for.
+#[derive(Clone)]
+pub struct KeyEntry {
+    pub kid: Option<String>,
+    pub alg: Option<Algorithm>,
+    pub key: DecodingKey,
+}
+
+impl std::fmt::Debug for KeyEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyEntry")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("family", &self.key.family())
+            .finish()
+    }
+}
+
+/// Keys of a JWK Set document, or of a single JWK. Keys this build cannot use (ES512,
+/// encryption keys) are skipped with a note in `skipped`.
+pub fn parse_jwks(text: &str) -> std::result::Result<(Vec<KeyEntry>, Vec<String>), String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let list = match v.get("keys") {
+        Some(Value::Array(a)) => a.clone(),
+        Some(_) => return Err("`keys` must be an array".into()),
+        None => vec![v],
+    };
+    let mut keys = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, k) in list.into_iter().enumerate() {
+        let name = k
+            .get("kid")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("key {i}"), |s| format!("key {s:?}"));
+        if k.get("use").and_then(Value::as_str) == Some("enc") {
+            skipped.push(format!("{name}: an encryption key"));
+            continue;
+        }
+        let jwk: Jwk = match serde_json::from_value(k) {
+            Ok(j) => j,
+            Err(e) => {
+                skipped.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let alg = jwk
+            .common
+            .key_algorithm
+            .and_then(|a| Algorithm::try_from(a).ok());
+        match DecodingKey::from_jwk(&jwk) {
+            Ok(key) => keys.push(KeyEntry {
+                kid: jwk.common.key_id.clone(),
+                alg,
+                key,
+            }),
+            Err(e) => skipped.push(format!("{name}: {e}")),
+        }
+    }
+    Ok((keys, skipped))
+}
+
+fn pem_key(pem: &[u8]) -> std::result::Result<DecodingKey, String> {
+    DecodingKey::from_rsa_pem(pem)
+        .or_else(|_| DecodingKey::from_ec_pem(pem))
+        .or_else(|_| DecodingKey::from_ed_pem(pem))
+        .map_err(|_| "not an RSA, EC (P-256/P-384) or Ed25519 public key in PEM".to_string())
+}
+
+impl Config {
+    pub fn prepare(&mut self, base: &Path) -> std::result::Result<(), String> {
+        if self.algorithms.is_empty() {
+            return Err("`algorithms` is empty: list the ones your issuer signs with".into());
+        }
+        let mut keys = Vec::new();
+        if let Some(s) = &self.secret {
+            if s.len() < 32 {
+                return Err("`secret` is shorter than 32 bytes: too weak for HMAC".into());
+            }
+            keys.push(KeyEntry {
+                kid: None,
+                alg: None,
+                key: DecodingKey::from_secret(s.as_bytes()),
+            });
+        }
+        if let Some(f) = &self.public_key_file {
+            let path = base.join(f);
+            let pem = std::fs::read(&path)
+                .map_err(|e| format!("public_key_file {}: {e}", path.display()))?;
+            let key =
+                pem_key(&pem).map_err(|e| format!("public_key_file {}: {e}", path.display()))?;
+            keys.push(KeyEntry {
+                kid: None,
+                alg: None,
+                key,
+            });
+        }
+        if let Some(f) = &self.jwks_file {
+            let path = base.join(f);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("jwks_file {}: {e}", path.display()))?;
+            let (k, skipped) =
+                parse_jwks(&text).map_err(|e| format!("jwks_file {}: {e}", path.display()))?;
+            for s in skipped {
+                log::warn!("jwks_file {}: skipped {s}", path.display());
+            }
+            keys.extend(k);
+        }
+        if let Some(u) = &self.jwks_url {
+            self.jwks_target = Some(Target::parse(u)?);
+        }
+        if keys.is_empty() && self.jwks_target.is_none() {
+            return Err(
+                "no key: set `secret`, `public_key_file`, `jwks_file` or `jwks_url`".into(),
+            );
+        }
+        for a in &self.algorithms {
+            let fam = a.0.family();
+            if self.jwks_target.is_none() && !keys.iter().any(|k| k.key.family() == fam) {
+                return Err(format!(
+                    "algorithm {:?} is allowed but no key of its family ({fam:?}) is configured",
+                    a.0
+                ));
+            }
+        }
+        self.keys = keys;
+        Ok(())
+    }
+}
+
+type Claims = Arc<Map<String, Value>>;
+
+struct Remote {
+    target: Target,
+    client: Client,
+    keys: ArcSwap<Vec<KeyEntry>>,
+    /// Milliseconds since `epoch` of the last successful fetch; 0 = never.
+    fetched: AtomicU64,
+    /// Of the last attempt, successful or not.
+    attempted: AtomicU64,
+    refreshing: AtomicBool,
+    refresh: Duration,
+    min_refresh: Duration,
+    epoch: Instant,
+    fetch_lock: tokio::sync::Mutex<()>,
+}
+
+impl Remote {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Fetches the key set now, unless another fetch finished while we waited for the lock.
+    async fn fetch(&self, since: u64) {
+        let _g = self.fetch_lock.lock().await;
+        if self.attempted.load(Ordering::Relaxed) > since {
+            return;
+        }
+        self.attempted.store(self.now_ms(), Ordering::Relaxed);
+        let req = match RequestHeader::build("GET", self.target.path.as_bytes(), Some(2)) {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let result = self
+            .client
+            .send(&self.target, req, Duration::from_secs(5), 1 << 20)
+            .await;
+        match result {
+            Ok(r) if r.header.status.is_success() => {
+                match parse_jwks(&String::from_utf8_lossy(&r.body)) {
+                    Ok((keys, skipped)) => {
+                        for s in skipped {
+                            log::debug!("jwks {}: skipped {s}", self.target.host);
+                        }
+                        log::info!("jwks {}: {} keys", self.target.host, keys.len());
+                        self.keys.store(Arc::new(keys));
+                        self.fetched.store(self.now_ms(), Ordering::Relaxed);
+                    }
+                    Err(e) => log::warn!("jwks {}: {e}", self.target.host),
+                }
+            }
+            Ok(r) => log::warn!("jwks {}: answered {}", self.target.host, r.header.status),
+            Err(e) => log::warn!("jwks {}: {e}", self.target.host),
+        }
+    }
+}
+
+struct Inner {
+    algorithms: Vec<Algorithm>,
+    validations: HashMap<Algorithm, Validation>,
+    keys: Vec<KeyEntry>,
+    remote: Option<Remote>,
+    required_scopes: Vec<String>,
+    required_claims: Vec<(String, Value)>,
+    claims_to_headers: Vec<(String, HeaderName)>,
+    cookie: Option<String>,
+    hide: bool,
+    leeway: u64,
+    validate_exp: bool,
+    /// Verified tokens by SHA-256, until their expiry.
+    cache: ExpiringCache<Claims>,
+}
+
+pub struct JwtAuth {
+    inner: Arc<Inner>,
+}
+
+/// Why a token was refused, for the client (no key material, no claim values).
+fn describe(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::ExpiredSignature => "token expired",
+        ErrorKind::ImmatureSignature => "token not valid yet",
+        ErrorKind::InvalidIssuer => "wrong issuer",
+        ErrorKind::InvalidAudience => "wrong audience",
+        ErrorKind::InvalidSignature => "bad signature",
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => "algorithm not allowed",
+        ErrorKind::MissingRequiredClaim(_) => "a required claim is missing",
+        ErrorKind::Json(_) | ErrorKind::Utf8(_) | ErrorKind::Base64(_) => "malformed token",
+        _ => "invalid token",
+    }
+}
+
+impl JwtAuth {
+    pub fn new(c: Config) -> Self {
+        let leeway = c.leeway.map_or(0, |d| d.0.as_secs());
+        let issuers = c.issuer.as_ref().map(OneOrMany::list);
+        let audiences = c.audience.as_ref().map(OneOrMany::list);
+        let validations = c
+            .algorithms
+            .iter()
+            .map(|a| {
+                let mut v = Validation::new(a.0);
+                v.leeway = leeway;
+                v.validate_exp = c.validate_exp;
+                v.validate_nbf = true;
+                v.required_spec_claims.clear();
+                if c.validate_exp {
+                    v.required_spec_claims.insert("exp".into());
+                }
+                if let Some(i) = &issuers {
+                    v.set_issuer(i);
+                    v.required_spec_claims.insert("iss".into());
+                }
+                match &audiences {
+                    Some(a) => {
+                        v.set_audience(a);
+                        v.required_spec_claims.insert("aud".into());
+                    }
+                    None => v.validate_aud = false,
+                }
+                (a.0, v)
+            })
+            .collect();
+        let remote = c.jwks_target.map(|target| Remote {
+            target,
+            client: Client::default(),
+            keys: ArcSwap::from_pointee(Vec::new()),
+            fetched: AtomicU64::new(0),
+            attempted: AtomicU64::new(0),
+            refreshing: AtomicBool::new(false),
+            refresh: c.jwks_refresh.map_or(Duration::from_secs(300), |d| d.0),
+            min_refresh: c.jwks_min_refresh.map_or(Duration::from_secs(10), |d| d.0),
+            epoch: Instant::now(),
+            fetch_lock: tokio::sync::Mutex::new(()),
+        });
+        JwtAuth {
+            inner: Arc::new(Inner {
+                algorithms: c.algorithms.iter().map(|a| a.0).collect(),
+                validations,
+                keys: c.keys,
+                remote,
+                required_scopes: c.required_scopes,
+                required_claims: c.required_claims.into_iter().collect(),
+                claims_to_headers: c
+                    .claims_to_headers
+                    .into_iter()
+                    .map(|(k, h)| (k, h.0))
+                    .collect(),
+                cookie: c.cookie,
+                hide: c.hide_credentials,
+                leeway,
+                validate_exp: c.validate_exp,
+                cache: ExpiringCache::new(16_384),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn token<'a>(&self, req: &'a RequestHeader) -> Option<&'a str> {
+        if let Some(v) = req.headers.get(http::header::AUTHORIZATION) {
+            let v = v.to_str().ok()?;
+            let (scheme, t) = v.trim().split_once(' ')?;
+            return scheme.eq_ignore_ascii_case("bearer").then(|| t.trim());
+        }
+        let name = self.cookie.as_deref()?;
+        req.headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == name).then_some(v)
+            })
+    }
+
+    /// The keys a token of `alg` with `kid` may be checked against.
+    fn candidates(&self, alg: Algorithm, kid: Option<&str>) -> Vec<KeyEntry> {
+        let fits = |k: &&KeyEntry| {
+            k.key.family() == alg.family()
+                && k.alg.is_none_or(|a| a == alg)
+                && match (kid, &k.kid) {
+                    (Some(want), Some(have)) => want == have,
+                    _ => true,
+                }
+        };
+        let mut out: Vec<KeyEntry> = self.keys.iter().filter(fits).cloned().collect();
+        if let Some(r) = &self.remote {
+            out.extend(r.keys.load().iter().filter(fits).cloned());
+        }
+        out
+    }
+
+    fn remote_has_kid(&self, kid: &str) -> bool {
+        self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+            || self
+                .remote
+                .as_ref()
+                .is_some_and(|r| r.keys.load().iter().any(|k| k.kid.as_deref() == Some(kid)))
+    }
+
+    /// Verifies `token`; the claims, or why not.
+    async fn verify(
+        self: &Arc<Self>,
+        token: &str,
+    ) -> std::result::Result<Map<String, Value>, &'static str> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            ErrorKind::InvalidAlgorithmName | ErrorKind::Json(_) => {
+                "algorithm not allowed or malformed header"
+            }
+            _ => "malformed token",
+        })?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err("algorithm not allowed");
+        }
+        if let Some(r) = &self.remote {
+            let now = r.now_ms();
+            let fetched = r.fetched.load(Ordering::Relaxed);
+            if fetched == 0 {
+                r.fetch(r.attempted.load(Ordering::Relaxed)).await;
+            } else if now.saturating_sub(fetched) > r.refresh.as_millis() as u64
+                && !r.refreshing.swap(true, Ordering::AcqRel)
+            {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    if let Some(r) = &me.remote {
+                        r.fetch(r.attempted.load(Ordering::Relaxed)).await;
+                        r.refreshing.store(false, Ordering::Release);
+                    }
+                });
+            }
+            if let Some(kid) = header.kid.as_deref() {
+                let attempted = r.attempted.load(Ordering::Relaxed);
+                if !self.remote_has_kid(kid)
+                    && r.now_ms().saturating_sub(attempted) > r.min_refresh.as_millis() as u64
+                {
+                    r.fetch(attempted).await;
+                }
+            }
+        }
+        let keys = self.candidates(header.alg, header.kid.as_deref());
+        if keys.is_empty() {
+            return Err(if header.kid.is_some() {
+                "unknown key id"
+            } else {
+                "no key for this algorithm"
+            });
+        }
+        let Some(validation) = self.validations.get(&header.alg) else {
+            return Err("algorithm not allowed");
+        };
+        let mut why = "bad signature";
+        for k in &keys {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, validation) {
+                Ok(data) => return Ok(data.claims),
+                Err(e) => {
+                    let d = describe(e.kind());
+                    // A key that verified the signature but refused the claims says more than
+                    // one that did not match at all.
+                    if d != "bad signature" {
+                        why = d;
+                    }
+                }
+            }
+        }
+        Err(why)
+    }
+
+    /// The scopes or claims this route needs that the token lacks, if any.
+    fn missing(&self, claims: &Map<String, Value>) -> Option<String> {
+        let scopes: Vec<&str> = match (claims.get("scope"), claims.get("scp")) {
+            (Some(Value::String(s)), _) => s.split_whitespace().collect(),
+            (_, Some(Value::Array(a))) => a.iter().filter_map(Value::as_str).collect(),
+            (_, Some(Value::String(s))) => s.split_whitespace().collect(),
+            _ => Vec::new(),
+        };
+        let lacking: Vec<&str> = self
+            .required_scopes
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !scopes.contains(s))
+            .collect();
+        if !lacking.is_empty() {
+            return Some(lacking.join(" "));
+        }
+        for (name, want) in &self.required_claims {
+            let ok = match claims.get(name) {
+                Some(Value::Array(have)) => match want {
+                    Value::Array(w) => w.iter().all(|x| have.contains(x)),
+                    w => have.contains(w),
+                },
+                Some(have) => have == want,
+                None => false,
+            };
+            if !ok {
+                return Some(format!("claim {name}"));
+            }
+        }
+        None
+    }
+
+    /// Remembers a verified token until it expires (a minute for tokens without `exp`).
+    fn remember(&self, fp: [u8; 32], claims: Claims, now: u64) {
+        let until = match claims.get("exp").and_then(Value::as_u64) {
+            Some(exp) => exp + self.leeway,
+            None if !self.validate_exp => now + 60,
+            None => return,
+        };
+        self.cache.insert(fp, claims, until, now);
+    }
+}
+
+fn challenge(error: Option<(&str, &str)>) -> Vec<(HeaderName, HeaderValue)> {
+    let v = match error {
+        None => "Bearer realm=\"gatehouse\"".to_string(),
+        Some(("insufficient_scope", scope)) => {
+            format!("Bearer realm=\"gatehouse\", error=\"insufficient_scope\", scope=\"{scope}\"")
+        }
+        Some((e, d)) => {
+            format!("Bearer realm=\"gatehouse\", error=\"{e}\", error_description=\"{d}\"")
+        }
+    };
+    HeaderValue::from_str(&v)
+        .map(|v| vec![(http::header::WWW_AUTHENTICATE, v)])
+        .unwrap_or_default()
+}
+
+/// A claim as a header value: strings as they are, numbers and booleans as JSON, arrays of
+/// those joined with commas; objects are not forwarded.
+pub fn claim_value(v: &Value) -> Option<HeaderValue> {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(_) | Value::Bool(_) => v.to_string(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|x| match x {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(_) | Value::Bool(_) => Some(x.to_string()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => return None,
+    };
+    HeaderValue::from_str(&s).ok()
+}
+
+#[async_trait]
+impl Plugin for JwtAuth {
+    fn kind(&self) -> &'static str {
+        "jwt_auth"
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST.union(Phases::UPSTREAM_REQUEST)
+    }
+
+    async fn request(&self, s: &mut Session, cx: &mut PluginCtx) -> Result<Decision> {
+        let inner = &self.inner;
+        let Some(token) = inner.token(s.req_header()) else {
+            return Ok(refuse(
+                StatusCode::UNAUTHORIZED,
+                "bearer token required",
+                cx,
+                challenge(None),
+            ));
+        };
+        let fp: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = unix_now();
+        let claims = match inner.cache.get(&fp, now) {
+            Some(c) => c,
+            None => {
+                let token = token.to_string();
+                match inner.verify(&token).await {
+                    Ok(c) => {
+                        let c = Arc::new(c);
+                        inner.remember(fp, c.clone(), now);
+                        c
+                    }
+                    Err(why) => {
+                        return Ok(refuse(
+                            StatusCode::UNAUTHORIZED,
+                            why,
+                            cx,
+                            challenge(Some(("invalid_token", why))),
+                        ))
+                    }
+                }
+            }
+        };
+        if let Some(lacking) = inner.missing(&claims) {
+            return Ok(refuse(
+                StatusCode::FORBIDDEN,
+                "token lacks a required scope or claim",
+                cx,
+                challenge(Some(("insufficient_scope", &lacking))),
+            ));
+        }
+        if cx.consumer.is_none() {
+            cx.consumer = claims.get("sub").and_then(Value::as_str).map(Arc::from);
+        }
+        cx.claims = Some(claims);
+        Ok(Decision::Continue)
+    }
+
+    async fn upstream_request(
+        &self,
+        _s: &mut Session,
+        req: &mut RequestHeader,
+        cx: &mut PluginCtx,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        for (claim, header) in &inner.claims_to_headers {
+            // A client's own header under this name is never passed on as if it were a claim.
+            req.remove_header(header);
+            if let Some(v) = cx
+                .claims
+                .as_ref()
+                .and_then(|c| c.get(claim))
+                .and_then(claim_value)
+            {
+                req.insert_header(header.clone(), v)
+                    .or_err(ErrorType::InternalError, "claim header")?;
+            }
+        }
+        if inner.hide {
+            req.remove_header(&http::header::AUTHORIZATION);
+        }
+        Ok(())
+    }
+}

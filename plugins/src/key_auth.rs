@@ -1,0 +1,329 @@
+//! `key_auth`: API keys from a header or a query parameter.
+//!
+//! Keys are stored only as SHA-256 hashes (`sha256:HEX`), inline or in a file, each under the
+//! name of its consumer: a leaked config does not leak keys. The presented key is hashed and
+//! compared with every stored hash in constant time, so response timing says nothing about how
+//! close a guess was. The consumer's name goes upstream in `consumer_header`; with
+//! `hide_credentials` (the default) the key itself does not.
+//!
+//! ```toml
+//! [plugins.keys]
+//! kind = "key_auth"
+//! header = "x-api-key"                  # or query = "api_key"
+//! keys = { "mobile-app" = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae" }
+//! keys_file = "keys.txt"                # lines "CONSUMER sha256:HEX"; # comments
+//! ```
+//! Make a hash with `printf %s "$KEY" | sha256sum`.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{HeaderName, HeaderValue, StatusCode};
+use pingora_error::{ErrorType, OrErr, Result};
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::HeaderNameConf;
+use crate::{refuse, Decision, Phases, Plugin, PluginCtx};
+
+fn default_consumer_header() -> HeaderNameConf {
+    HeaderNameConf(HeaderName::from_static("x-consumer"))
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub header: Option<HeaderNameConf>,
+    pub query: Option<String>,
+    #[serde(default)]
+    pub keys: indexmap_like::Keys,
+    pub keys_file: Option<PathBuf>,
+    #[serde(default = "default_consumer_header")]
+    pub consumer_header: HeaderNameConf,
+    #[serde(default = "yes")]
+    pub hide_credentials: bool,
+    /// Filled by `prepare`: every consumer with its key hash.
+    #[serde(skip)]
+    pub entries: Vec<(String, [u8; 32])>,
+}
+
+/// Inline keys as written: consumer name → "sha256:HEX", in file order.
+pub mod indexmap_like {
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    use serde::Deserialize;
+
+    /// Consumer names with their key hashes, checked as they are read (so a bad hash is
+    /// reported at its own line).
+    #[derive(Debug, Clone, Default)]
+    pub struct Keys(pub Vec<(String, [u8; 32])>);
+
+    impl<'de> Deserialize<'de> for Keys {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a table of consumer names to \"sha256:HEX\" key hashes")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Keys, A::Error> {
+                    let mut v = Vec::new();
+                    while let Some(k) = m.next_key::<String>()? {
+                        let h: String = m.next_value()?;
+                        let h = super::parse_hash(&h)
+                            .map_err(|e| serde::de::Error::custom(format!("keys.{k}: {e}")))?;
+                        v.push((k, h));
+                    }
+                    Ok(Keys(v))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+}
+
+/// `sha256:HEX` → the 32 bytes.
+pub fn parse_hash(s: &str) -> Result<[u8; 32], String> {
+    let hex_part = s.strip_prefix("sha256:").ok_or_else(|| {
+        format!("key hash {s:?} must be \"sha256:\" and 64 hex digits (printf %s KEY | sha256sum)")
+    })?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part.trim(), &mut out)
+        .map_err(|_| format!("key hash {s:?} must be \"sha256:\" and 64 hex digits"))?;
+    Ok(out)
+}
+
+impl Config {
+    pub fn prepare(&mut self, base: &Path) -> Result<(), String> {
+        if self.header.is_some() == self.query.is_some() {
+            return Err(
+                "set exactly one of `header` or `query` (where clients put the key)".into(),
+            );
+        }
+        let mut entries = Vec::new();
+        entries.extend(self.keys.0.iter().cloned());
+        if let Some(file) = &self.keys_file {
+            let path = base.join(file);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("keys_file {}: {e}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let (consumer, hash) = line.split_once(char::is_whitespace).ok_or_else(|| {
+                    format!(
+                        "{}:{}: expected \"CONSUMER sha256:HEX\"",
+                        path.display(),
+                        n + 1
+                    )
+                })?;
+                let h = parse_hash(hash.trim())
+                    .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+                entries.push((consumer.to_string(), h));
+            }
+        }
+        if entries.is_empty() {
+            return Err("no keys: set `keys` or `keys_file`".into());
+        }
+        self.entries = entries;
+        Ok(())
+    }
+}
+
+pub struct KeyAuth {
+    header: Option<HeaderName>,
+    query: Option<String>,
+    entries: Vec<(Arc<str>, [u8; 32])>,
+    consumer_header: HeaderName,
+    hide: bool,
+}
+
+impl KeyAuth {
+    pub fn new(c: Config) -> Self {
+        KeyAuth {
+            header: c.header.map(|h| h.0),
+            query: c.query,
+            entries: c
+                .entries
+                .into_iter()
+                .map(|(n, h)| (Arc::from(n), h))
+                .collect(),
+            consumer_header: c.consumer_header.0,
+            hide: c.hide_credentials,
+        }
+    }
+
+    /// The consumer whose key hashes to `digest`. Every entry is compared, in constant time,
+    /// whatever matched earlier.
+    fn consumer(&self, key: &[u8]) -> Option<Arc<str>> {
+        let digest: [u8; 32] = Sha256::digest(key).into();
+        let mut found = None;
+        for (name, h) in &self.entries {
+            if bool::from(h.ct_eq(&digest)) && found.is_none() {
+                found = Some(name.clone());
+            }
+        }
+        found
+    }
+}
+
+/// The value of query parameter `name`, percent-decoded.
+pub fn query_param(query: &str, name: &str) -> Option<Vec<u8>> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `query` without parameter `name`.
+fn strip_param(query: &str, name: &str) -> String {
+    query
+        .split('&')
+        .filter(|p| p.split_once('=').map_or(*p, |(k, _)| k) != name)
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+#[async_trait]
+impl Plugin for KeyAuth {
+    fn kind(&self) -> &'static str {
+        "key_auth"
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST.union(Phases::UPSTREAM_REQUEST)
+    }
+
+    async fn request(&self, s: &mut Session, cx: &mut PluginCtx) -> Result<Decision> {
+        let req = s.req_header();
+        let key: Option<Vec<u8>> = match (&self.header, &self.query) {
+            (Some(h), _) => req.headers.get(h).map(|v| v.as_bytes().to_vec()),
+            (None, Some(q)) => req.uri.query().and_then(|qs| query_param(qs, q)),
+            _ => None,
+        };
+        let challenge = || {
+            vec![(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("ApiKey realm=\"gatehouse\""),
+            )]
+        };
+        let Some(key) = key.filter(|k| !k.is_empty()) else {
+            return Ok(refuse(
+                StatusCode::UNAUTHORIZED,
+                "API key missing",
+                cx,
+                challenge(),
+            ));
+        };
+        match self.consumer(&key) {
+            Some(c) => {
+                cx.consumer = Some(c);
+                Ok(Decision::Continue)
+            }
+            None => Ok(refuse(
+                StatusCode::UNAUTHORIZED,
+                "invalid API key",
+                cx,
+                challenge(),
+            )),
+        }
+    }
+
+    async fn upstream_request(
+        &self,
+        _s: &mut Session,
+        req: &mut RequestHeader,
+        cx: &mut PluginCtx,
+    ) -> Result<()> {
+        if let Some(c) = &cx.consumer {
+            let v = HeaderValue::from_str(c).or_err(ErrorType::InternalError, "consumer")?;
+            req.insert_header(self.consumer_header.clone(), v)
+                .or_err(ErrorType::InternalError, "consumer header")?;
+        }
+        if !self.hide {
+            return Ok(());
+        }
+        match (&self.header, &self.query) {
+            (Some(h), _) => {
+                req.remove_header(h);
+            }
+            (None, Some(q)) => {
+                if let Some(qs) = req.uri.query() {
+                    let rest = strip_param(qs, q);
+                    let path = req.uri.path();
+                    let uri = if rest.is_empty() {
+                        path.to_string()
+                    } else {
+                        format!("{path}?{rest}")
+                    };
+                    let uri = http::Uri::try_from(uri)
+                        .or_err(ErrorType::InternalError, "uri without key")?;
+                    req.set_uri(uri);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_helpers() {
+        assert_eq!(
+            query_param("a=1&api_key=s%2Bx+y&b", "api_key").unwrap(),
+            b"s+x y"
+        );
+        assert_eq!(query_param("api_key", "api_key").unwrap(), b"");
+        assert!(query_param("a=1", "api_key").is_none());
+        assert_eq!(strip_param("a=1&api_key=x&b=2", "api_key"), "a=1&b=2");
+        assert_eq!(percent_decode("%zz%4"), b"%zz%4");
+    }
+
+    #[test]
+    fn hashes() {
+        assert!(parse_hash(
+            "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+        )
+        .is_ok());
+        assert!(parse_hash("md5:abc").is_err());
+        assert!(parse_hash("sha256:abc").is_err());
+    }
+}

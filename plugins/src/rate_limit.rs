@@ -1,0 +1,439 @@
+//! `rate_limit`: requests per second or minute per key, or requests in flight per key, on
+//! pingora-limits.
+//!
+//! Rates count in two-slot windows of pingora-limits' `Estimator` (a count-min sketch per
+//! window: fixed memory whatever the number of keys) with a sliding-window estimate, `previous × (1 − elapsed) + current`,
+//! so a client cannot double its rate across a window boundary. Two such windows are checked:
+//! the whole period (at most `rate + burst` requests in any period) and a slice of it (a tenth,
+//! or less for rates under 10 per period: at most `rate / slices + burst` per slice), so a
+//! flood is spread over the period as nginx's `limit_req` spreads it, instead of the whole
+//! period's allowance going out at once. Refused requests are not counted. Keys that collide
+//! in the sketch share a count: with many thousands of active keys a client may be limited
+//! slightly early, never late.
+//!
+//! Refusals are 429 with `Retry-After` and the IETF `RateLimit-Limit`, `RateLimit-Remaining`,
+//! `RateLimit-Reset` headers (draft-ietf-httpapi-ratelimit-headers); `headers = true` adds the
+//! three to every response.
+//!
+//! ```toml
+//! [plugins.per-ip]
+//! kind = "rate_limit"
+//! key = "client_ip"          # client_ip | consumer | header:NAME | route
+//! rate = "50/s"              # N/s or N/m
+//! burst = 10
+//! # or, instead of rate: concurrency = 20   (requests in flight per key)
+//! ```
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use http::{HeaderName, HeaderValue, StatusCode};
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+use pingora_limits::estimator::Estimator;
+use pingora_limits::inflight::Inflight;
+use pingora_proxy::Session;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::{refuse, Decision, Phases, Plugin, PluginCtx};
+
+/// What requests are counted by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyBy {
+    ClientIp,
+    /// The authenticated consumer; requests without one are counted by client address.
+    Consumer,
+    /// A request header's value; requests without it are counted by client address.
+    Header(HeaderName),
+    /// All requests of the route together.
+    Route,
+}
+
+impl<'de> Deserialize<'de> for KeyBy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "client_ip" => KeyBy::ClientIp,
+            "consumer" => KeyBy::Consumer,
+            "route" => KeyBy::Route,
+            _ => match s.strip_prefix("header:") {
+                Some(h) => KeyBy::Header(HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                    de::Error::custom(format!("invalid header name {h:?} in key {s:?}"))
+                })?),
+                None => {
+                    return Err(de::Error::custom(format!(
+                        "invalid key {s:?}: expected client_ip, consumer, header:NAME or route"
+                    )))
+                }
+            },
+        })
+    }
+}
+
+/// `"50/s"`, `"600/m"`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateSpec {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl<'de> Deserialize<'de> for RateSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bad = || {
+            de::Error::custom(format!(
+                "invalid rate {s:?} (write e.g. \"50/s\" or \"600/m\")"
+            ))
+        };
+        let (n, unit) = s.split_once('/').ok_or_else(bad)?;
+        let count: u32 = n.trim().parse().map_err(|_| bad())?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            _ => return Err(bad()),
+        };
+        if count == 0 {
+            return Err(de::Error::custom(
+                "a rate of 0 refuses everything; use ip_filter to block",
+            ));
+        }
+        Ok(RateSpec { count, per })
+    }
+}
+
+fn default_key() -> KeyBy {
+    KeyBy::ClientIp
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_key")]
+    pub key: KeyBy,
+    pub rate: Option<RateSpec>,
+    #[serde(default)]
+    pub burst: u32,
+    pub concurrency: Option<u32>,
+    /// Send the RateLimit-* headers on every response, not only on 429.
+    #[serde(default)]
+    pub headers: bool,
+}
+
+impl Config {
+    pub fn prepare(&mut self) -> Result<(), String> {
+        match (self.rate, self.concurrency) {
+            (None, None) => Err("set `rate` (e.g. \"50/s\") or `concurrency`".into()),
+            (Some(_), Some(_)) => Err("set either `rate` or `concurrency`, not both \
+                                       (use two rate_limit plugins for both)"
+                .into()),
+            (None, Some(0)) => Err("`concurrency = 0` refuses everything".into()),
+            (None, Some(_)) if self.burst > 0 => Err("`burst` applies to `rate` only".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Counts per key over aligned windows of `interval`, the current and the previous one.
+///
+/// Like pingora-limits' `Rate`, but its windows are aligned to a fixed epoch and rotated by
+/// compare-and-swap on the window number, so sub-second windows are safe under concurrency
+/// (`Rate` asserts on a reset race within its first second, which would abort the process).
+struct Window {
+    slots: [Estimator; 2],
+    /// The window number each slot holds counts for.
+    holds: [AtomicU64; 2],
+    epoch: Instant,
+    interval_ms: u64,
+}
+
+impl Window {
+    fn new(interval: Duration) -> Window {
+        Window {
+            slots: [Estimator::new(4, 1024), Estimator::new(4, 1024)],
+            holds: [AtomicU64::new(0), AtomicU64::new(u64::MAX)],
+            epoch: Instant::now(),
+            interval_ms: (interval.as_millis() as u64).max(1),
+        }
+    }
+
+    /// The current window number, its slot made current, and how far into it we are (0..1).
+    fn current(&self) -> (u64, usize, f64) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let w = now / self.interval_ms;
+        let i = (w % 2) as usize;
+        let held = self.holds[i].load(Ordering::Acquire);
+        if held != w
+            && self.holds[i]
+                .compare_exchange(held, w, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            // Counts of a request racing this reset may be lost: the estimate stays approximate.
+            self.slots[i].reset();
+        }
+        let f = (now % self.interval_ms) as f64 / self.interval_ms as f64;
+        (w, i, f)
+    }
+
+    /// The sliding estimate for `key`, and the seconds left in the current window.
+    fn estimate(&self, key: u64) -> (f64, f64) {
+        let (w, i, f) = self.current();
+        let j = 1 - i;
+        let prev = if w > 0 && self.holds[j].load(Ordering::Acquire) == w - 1 {
+            self.slots[j].get(key) as f64
+        } else {
+            0.0
+        };
+        let curr = self.slots[i].get(key) as f64;
+        (
+            prev * (1.0 - f) + curr,
+            (1.0 - f) * self.interval_ms as f64 / 1000.0,
+        )
+    }
+
+    fn add(&self, key: u64) {
+        let (_, i, _) = self.current();
+        self.slots[i].incr(key, 1);
+    }
+}
+
+enum Limiter {
+    Rate {
+        period: Window,
+        slice: Window,
+        slice_limit: f64,
+        spec: RateSpec,
+    },
+    Concurrency {
+        inflight: Inflight,
+        max: isize,
+    },
+}
+
+pub struct RateLimit {
+    key: KeyBy,
+    limiter: Limiter,
+    limit: u32,
+    headers: bool,
+}
+
+/// The counted key, borrowed from the request: hashing it needs no allocation.
+#[derive(Hash)]
+enum Key<'a> {
+    Ip(Option<IpAddr>),
+    Text(&'a [u8]),
+}
+
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// The verdict for one request, with what the headers report.
+struct Verdict {
+    ok: bool,
+    remaining: u64,
+    reset_secs: u64,
+}
+
+impl RateLimit {
+    pub fn new(c: Config) -> Self {
+        let (limiter, limit) = match (c.rate, c.concurrency) {
+            (Some(spec), _) => {
+                let slices = spec.count.clamp(1, 10);
+                (
+                    Limiter::Rate {
+                        period: Window::new(spec.per),
+                        slice: Window::new(spec.per / slices),
+                        slice_limit: f64::from(spec.count) / f64::from(slices) + f64::from(c.burst),
+                        spec,
+                    },
+                    spec.count.saturating_add(c.burst),
+                )
+            }
+            (None, max) => {
+                let max = max.unwrap_or(1);
+                (
+                    Limiter::Concurrency {
+                        inflight: Inflight::new(),
+                        max: max as isize,
+                    },
+                    max,
+                )
+            }
+        };
+        RateLimit {
+            key: c.key,
+            limiter,
+            limit,
+            headers: c.headers,
+        }
+    }
+
+    fn key_hash(&self, s: &Session, cx: &PluginCtx) -> u64 {
+        let key = match &self.key {
+            KeyBy::ClientIp => Key::Ip(cx.client_ip),
+            KeyBy::Consumer => match &cx.consumer {
+                Some(c) => Key::Text(c.as_bytes()),
+                None => Key::Ip(cx.client_ip),
+            },
+            KeyBy::Header(h) => match s.req_header().headers.get(h) {
+                Some(v) => Key::Text(v.as_bytes()),
+                None => Key::Ip(cx.client_ip),
+            },
+            KeyBy::Route => Key::Text(cx.route.as_deref().unwrap_or("").as_bytes()),
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        h.finish()
+    }
+
+    fn check(&self, key: u64, cx: &mut PluginCtx) -> Verdict {
+        match &self.limiter {
+            Limiter::Rate {
+                period,
+                slice,
+                slice_limit,
+                spec,
+            } => {
+                let limit = f64::from(self.limit);
+                let (estimate, left) = period.estimate(key);
+                let (in_slice, slice_left) = slice.estimate(key);
+                let period_ok = estimate < limit;
+                let ok = period_ok && in_slice < *slice_limit;
+                if ok {
+                    period.add(key);
+                    slice.add(key);
+                }
+                // When only the slice refused, room comes back when the slice moves on.
+                let wait = if period_ok { slice_left } else { left };
+                Verdict {
+                    ok,
+                    remaining: if ok {
+                        (limit - estimate - 1.0).max(0.0) as u64
+                    } else {
+                        0
+                    },
+                    // Whole seconds, rounded up: a client waiting this long finds room.
+                    reset_secs: (wait.ceil() as u64).clamp(1, spec.per.as_secs().max(1)),
+                }
+            }
+            Limiter::Concurrency { inflight, max } => {
+                let (guard, n) = inflight.incr(key, 1);
+                let ok = n <= *max;
+                if ok {
+                    cx.hold.push(Box::new(guard));
+                }
+                Verdict {
+                    ok,
+                    remaining: (*max - n).max(0) as u64,
+                    reset_secs: 1,
+                }
+            }
+        }
+    }
+
+    fn header_values(&self, v: &Verdict) -> [(HeaderName, HeaderValue); 3] {
+        [
+            (RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit)),
+            (RATELIMIT_REMAINING.clone(), HeaderValue::from(v.remaining)),
+            (RATELIMIT_RESET.clone(), HeaderValue::from(v.reset_secs)),
+        ]
+    }
+}
+
+/// What `headers = true` reports on the response, kept from the request hook.
+struct Reported([(HeaderName, HeaderValue); 3]);
+
+#[async_trait]
+impl Plugin for RateLimit {
+    fn kind(&self) -> &'static str {
+        "rate_limit"
+    }
+
+    fn phases(&self) -> Phases {
+        if self.headers {
+            Phases::REQUEST.union(Phases::RESPONSE)
+        } else {
+            Phases::REQUEST
+        }
+    }
+
+    async fn request(&self, s: &mut Session, cx: &mut PluginCtx) -> Result<Decision> {
+        let key = self.key_hash(s, cx);
+        let v = self.check(key, cx);
+        if v.ok {
+            if self.headers {
+                cx.hold.push(Box::new(Reported(self.header_values(&v))));
+            }
+            return Ok(Decision::Continue);
+        }
+        let mut headers = self.header_values(&v).to_vec();
+        headers.push((http::header::RETRY_AFTER, HeaderValue::from(v.reset_secs)));
+        Ok(refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate limit exceeded",
+            cx,
+            headers,
+        ))
+    }
+
+    async fn response(
+        &self,
+        _s: &mut Session,
+        resp: &mut ResponseHeader,
+        cx: &mut PluginCtx,
+    ) -> Result<()> {
+        if resp.status == StatusCode::TOO_MANY_REQUESTS {
+            return Ok(());
+        }
+        if let Some(r) = cx.hold.iter().find_map(|h| h.downcast_ref::<Reported>()) {
+            for (n, v) in &r.0 {
+                let _ = resp.insert_header(n.clone(), v.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::value::{Error as DeError, StrDeserializer};
+    use serde::de::IntoDeserializer;
+
+    fn de<T: for<'a> Deserialize<'a>>(s: &str) -> Result<T, DeError> {
+        let d: StrDeserializer<DeError> = s.into_deserializer();
+        T::deserialize(d)
+    }
+
+    #[test]
+    fn window_counts_per_key_and_slides() {
+        let w = Window::new(Duration::from_secs(3600));
+        w.add(1);
+        w.add(1);
+        w.add(2);
+        assert_eq!(w.estimate(1).0, 2.0);
+        assert_eq!(w.estimate(2).0, 1.0);
+        assert_eq!(w.estimate(3).0, 0.0);
+    }
+
+    #[test]
+    fn parses_rates_and_keys() {
+        assert_eq!(de::<RateSpec>("50/s").unwrap().count, 50);
+        assert_eq!(
+            de::<RateSpec>("600/m").unwrap().per,
+            Duration::from_secs(60)
+        );
+        assert!(de::<RateSpec>("50").is_err());
+        assert!(de::<RateSpec>("50/h").is_err());
+        assert!(de::<RateSpec>("0/s").is_err());
+        assert_eq!(de::<KeyBy>("route").unwrap(), KeyBy::Route);
+        assert_eq!(
+            de::<KeyBy>("header:X-User").unwrap(),
+            KeyBy::Header(HeaderName::from_static("x-user"))
+        );
+        assert!(de::<KeyBy>("cookie:x").is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! HTTP calls a plugin makes on its own (forward auth, JWKS): Pingora's connector, so they get
+//! its keep-alive pool and TLS like proxied requests, bounded in time and body size.
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::Connector;
+use pingora::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType, OrErr, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+
+/// Where a plugin's calls go: parsed and resolved once, at load.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    /// Host header value and TLS server name.
+    pub host: String,
+    pub path: String,
+}
+
+impl Target {
+    /// `http://host[:port]/path` or `https://…`; the host is resolved now (at config load).
+    pub fn parse(url: &str) -> std::result::Result<Target, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("URL {url:?} must start with http:// or https://"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() {
+            return Err(format!("URL {url:?} has no host"));
+        }
+        let with_port = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !authority.ends_with(']')
+        {
+            authority.to_string()
+        } else {
+            format!("{authority}:{}", if tls { 443 } else { 80 })
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| format!("URL {url:?}: cannot resolve {authority:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("URL {url:?}: {authority:?} resolves to no address"))?;
+        let host = authority
+            .rsplit_once(':')
+            .filter(|(h, p)| p.parse::<u16>().is_ok() && !h.is_empty())
+            .map_or(authority, |(h, _)| h)
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string();
+        Ok(Target {
+            addr,
+            tls,
+            host: if with_port.ends_with(":80") || with_port.ends_with(":443") {
+                host
+            } else {
+                authority.to_string()
+            },
+            path: path.to_string(),
+        })
+    }
+
+    pub fn peer(&self, timeout: Duration) -> HttpPeer {
+        let sni = self.host.split(':').next().unwrap_or("").to_string();
+        let mut p = HttpPeer::new(self.addr, self.tls, sni);
+        p.options.connection_timeout = Some(timeout);
+        p.options.read_timeout = Some(timeout);
+        p.options.write_timeout = Some(timeout);
+        p
+    }
+}
+
+pub struct Response {
+    pub header: ResponseHeader,
+    pub body: Bytes,
+}
+
+pub struct Client {
+    connector: Connector,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Client {
+            connector: Connector::new(None),
+        }
+    }
+}
+
+impl Client {
+    /// Sends `req` (its Host set from the target) and reads the answer, all within `timeout`;
+    /// a body over `max_body` bytes is an error.
+    pub async fn send(
+        &self,
+        target: &Target,
+        mut req: RequestHeader,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<Response> {
+        req.insert_header(http::header::HOST, target.host.as_str())
+            .or_err(ErrorType::InternalError, "subrequest host")?;
+        let peer = target.peer(timeout);
+        let call = async {
+            let (mut session, _reused) = self.connector.get_http_session(&peer).await?;
+            session.write_request_header(Box::new(req)).await?;
+            session.finish_request_body().await?;
+            session.read_response_header().await?;
+            let header = session.response_header().cloned().ok_or_else(|| {
+                Error::explain(ErrorType::InvalidHTTPHeader, "no response header")
+            })?;
+            let mut body = BytesMut::new();
+            while let Some(chunk) = session.read_response_body().await? {
+                if body.len() + chunk.len() > max_body {
+                    return Error::e_explain(
+                        ErrorType::InvalidHTTPHeader,
+                        "subrequest body too large",
+                    );
+                }
+                body.extend_from_slice(&chunk);
+            }
+            self.connector
+                .release_http_session(session, &peer, Some(Duration::from_secs(60)))
+                .await;
+            Ok(Response {
+                header,
+                body: body.freeze(),
+            })
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Error::e_explain(ErrorType::ReadTimedout, "subrequest timed out"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let t = Target::parse("http://127.0.0.1:9000/auth?x=1").unwrap();
+        assert_eq!(t.addr.to_string(), "127.0.0.1:9000");
+        assert_eq!(t.path, "/auth?x=1");
+        assert_eq!(t.host, "127.0.0.1:9000");
+        assert!(!t.tls);
+        let t = Target::parse("https://127.0.0.1/keys").unwrap();
+        assert_eq!(t.addr.port(), 443);
+        assert_eq!(t.host, "127.0.0.1");
+        assert!(Target::parse("ftp://x/").is_err());
+        assert!(Target::parse("http:///x").is_err());
+    }
+}
