@@ -1,6 +1,7 @@
 //! `jwt_auth`: bearer JSON Web Tokens (RFC 7519), verified with the `jsonwebtoken` crate.
 //!
-//! Keys come from `secret` (HMAC), `public_key_file` (PEM: RSA, EC or Ed25519), `jwks_file`
+//! Keys come from `secret` (HMAC), `public_key` or `public_key_file` (PEM: RSA, EC P-256/P-384
+//! or Ed25519), `jwks_file`
 //! (a JWK Set or a single JWK) and/or `jwks_url` (fetched with the gateway's own HTTP client,
 //! refreshed in the background every `jwks_refresh`; a token whose `kid` is unknown triggers
 //! one refresh at most every `jwks_min_refresh`).
@@ -93,6 +94,8 @@ fn yes() -> bool {
 pub struct Config {
     pub algorithms: Vec<Alg>,
     pub secret: Option<String>,
+    /// A PEM public key written in the config itself.
+    pub public_key: Option<String>,
     pub public_key_file: Option<PathBuf>,
     pub jwks_file: Option<PathBuf>,
     pub jwks_url: Option<String>,
@@ -205,6 +208,14 @@ impl Config {
                 key: DecodingKey::from_secret(s.as_bytes()),
             });
         }
+        if let Some(pem) = &self.public_key {
+            let key = pem_key(pem.as_bytes()).map_err(|e| format!("public_key: {e}"))?;
+            keys.push(KeyEntry {
+                kid: None,
+                alg: None,
+                key,
+            });
+        }
         if let Some(f) = &self.public_key_file {
             let path = base.join(f);
             let pem = std::fs::read(&path)
@@ -233,7 +244,8 @@ impl Config {
         }
         if keys.is_empty() && self.jwks_target.is_none() {
             return Err(
-                "no key: set `secret`, `public_key_file`, `jwks_file` or `jwks_url`".into(),
+                "no key: set `secret`, `public_key`, `public_key_file`, `jwks_file` or `jwks_url`"
+                    .into(),
             );
         }
         for a in &self.algorithms {
