@@ -3,7 +3,7 @@
 # on this machine, in alternating rounds with the same client settings. Traffic stays on
 # loopback; every run stops by itself.
 #
-#   load-tests/run.sh [all|plain|routes|large|idle|selection]   (default: all, about 6 minutes)
+#   load-tests/run.sh [all|plain|routes|large|idle|selection|plugins]   (default: all, ~7 minutes)
 #   ROUNDS=2 DURATION=8s CONNS="50 200" load-tests/run.sh plain
 #
 # Fronts, each with one worker: the upstream directly (the ceiling), nginx as a reverse proxy
@@ -13,17 +13,19 @@
 # load-tests/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$(pwd)
 
 scenario=${1:-all}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-8s}
 CONNS=${CONNS:-"50 200"}
-case "$scenario" in all|plain|routes|large|idle|selection) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
+case "$scenario" in all|plain|routes|large|idle|selection|plugins) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
 
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v wrk >/dev/null || need+=(wrk)
 command -v python3 >/dev/null || need+=(python3)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
@@ -41,6 +43,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
+GHPLUG=18310
 hz=$(getconf CLK_TCK)
 head -c 1048576 /dev/zero | tr '\0' 'x' > "$work/1m.bin"
 
@@ -122,6 +125,43 @@ request = function()
 end
 LUA
 fi
+if [ "$scenario" = all ] || [ "$scenario" = plugins ]; then
+  # One gateway, two routes: /plain with no plugin, /secure with the issue's stack. The rate
+  # limit is set high enough never to refuse: we measure its bookkeeping, not refusals.
+  ports="$ports $GHPLUG"
+  key="$root/tests/fixtures/jose/rfc7515-a2-rs256.key.pem"
+  b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
+  jwt_head=$(printf '{"alg":"RS256","typ":"JWT"}' | b64url)
+  jwt_body=$(printf '{"sub":"bench","iss":"bench","exp":%d}' $(( $(date +%s) + 86400 )) | b64url)
+  jwt_sig=$(printf '%s.%s' "$jwt_head" "$jwt_body" | openssl dgst -sha256 -sign "$key" -binary | b64url)
+  token="$jwt_head.$jwt_body.$jwt_sig"
+  gatehouse_conf $GHPLUG "$(cat <<ROUTES
+[plugins.rid]
+kind = "request_id"
+[plugins.ip]
+kind = "ip_filter"
+allow = ["127.0.0.0/8"]
+[plugins.jwt]
+kind = "jwt_auth"
+algorithms = ["RS256"]
+public_key_file = "$root/tests/fixtures/jose/rfc7515-a2-rs256.pub.pem"
+issuer = "bench"
+[plugins.rl]
+kind = "rate_limit"
+key = "client_ip"
+rate = "10000000/s"
+[[routes]]
+path = "/plain"
+upstream = "up"
+[[routes]]
+path = "/secure"
+upstream = "up"
+plugins = ["rid", "ip", "jwt", "rl"]
+ROUTES
+)" > "$work/ghplug.toml"
+  RUST_LOG=error start "$gh" run -c "$work/ghplug.toml"
+  printf 'wrk.headers["Authorization"] = "Bearer %s"\n' "$token" > "$work/jwt.lua"
+fi
 for p in $ports; do
   for _ in $(seq 300); do (echo >/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
@@ -156,7 +196,14 @@ measure() { # scenario front port conns path [wrk script]
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
   cpu=$(awk -v t=$((c1 - c0)) -v hz="$hz" -v n="$reqs" 'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "-" }')
-  echo "$1|$2|$4|$rps|$p50|$p99|$cpu" >> "$rows"
+  # A front answering errors would look fast: such runs are marked in the table.
+  local bad front=$2
+  bad=$(awk '/Non-2xx or 3xx responses/ {print $NF}' <<<"$out")
+  if [ -n "$bad" ]; then
+    front="$2 (NOT 2xx: $bad)"
+    echo "  warning: $2 answered $bad non-2xx responses" >&2
+  fi
+  echo "$1|$front|$4|$rps|$p50|$p99|$cpu" >> "$rows"
   echo "  $1 $2 c$4: $rps req/s, p99 $p99, $cpu µs/req" >&2
 }
 
@@ -192,6 +239,12 @@ run_selection() { # the cost of upstream policies; no nginx equivalent (nginx ha
     measure selection "gatehouse, consistent_hash + http health checks" $GHHASH 50 / "$work/users.lua"
   done
 }
+run_plugins() { # request_id + ip_filter + jwt_auth (RS256) + rate_limit against the plain route
+  for r in $(seq "$ROUNDS"); do
+    measure plugins "gatehouse, plain route" $GHPLUG 50 /plain "$work/jwt.lua"
+    measure plugins "gatehouse, rid+ip_filter+jwt_auth RS256+rate_limit" $GHPLUG 50 /secure "$work/jwt.lua"
+  done
+}
 run_idle() { # memory per idle keep-alive connection
   local n=2000
   for front in "nginx $NGX" "bare-pingora $BARE" "gatehouse $GH"; do
@@ -223,7 +276,7 @@ PY
 }
 
 case "$scenario" in
-  all) run_plain; run_routes; run_large; run_selection; run_idle ;;
+  all) run_plain; run_routes; run_large; run_selection; run_plugins; run_idle ;;
   *) "run_$scenario" ;;
 esac
 
@@ -246,11 +299,11 @@ def ms(v):
     for suf, k in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
         if v.endswith(suf): return float(v[: -len(suf)]) * k
     return None
-print("| scenario | front | conns | req/s | p50 ms | p99 ms | CPU µs/req | req/s ÷ nginx | CPU ÷ nginx |")
+print("| scenario | front | conns | req/s | p50 ms | p99 ms | CPU µs/req | req/s ÷ base | CPU ÷ base |")
 print("|---|---|---|---|---|---|---|---|---|")
 base = {}
 for (sc, front, c), v in groups.items():
-    if front.startswith("nginx"):
+    if front.startswith("nginx") or front == "gatehouse, plain route":
         base.setdefault((sc, c), (med([x[0] for x in v]), med([x[3] for x in v])))
 for (sc, front, c), v in groups.items():
     if sc == "idle":
@@ -273,6 +326,7 @@ out="load-tests/results/$(date -u +%Y%m%d-%H%M%S)-$scenario.md"
   echo
   echo "$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); wrk -t1, $DURATION per run, $ROUNDS alternating rounds (medians); one worker per front; upstream: nginx return 200 (5 bytes) or a 1 MB file."
   echo "CPU µs/req: utime+stime of the proxying process (nginx: its worker) over the run ÷ requests."
+  echo "Base of the ratios: nginx in its scenario; for plugins, the same gateway's plain route."
   echo
   echo "$table"
 } > "$out"

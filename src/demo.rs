@@ -146,6 +146,34 @@ pub fn services(cfg: &Config) -> Vec<Service<DemoApi>> {
     out
 }
 
+/// A token for the demo's `jwt` plugin (HS256 with its demo secret), valid for a day, with
+/// the scope the account route requires.
+pub fn demo_token(cfg: &Config) -> Option<String> {
+    use gatehouse_plugins::PluginConfig;
+    let jwt = cfg.plugins.iter().find_map(|p| match &p.config {
+        PluginConfig::JwtAuth(c) if p.name == "jwt" => Some(c),
+        _ => None,
+    })?;
+    let secret = jwt.secret.as_ref()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let claims = serde_json::json!({
+        "sub": "ada",
+        "iss": "gatehouse-demo",
+        "scope": "account:read",
+        "iat": now,
+        "exp": now + 86_400,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .ok()
+}
+
 /// The curl lines printed at start; each works against the shipped demo config.
 pub fn curl_lines(cfg: &Config) -> Vec<String> {
     let Some(web) = cfg.gateways.first().and_then(|g| g.listen.first()) else {
@@ -158,7 +186,14 @@ pub fn curl_lines(cfg: &Config) -> Vec<String> {
         format!("curl -s http://{web}/api/products/12     # 90/10 canary: products or products-v2"),
         format!("curl -s -H 'x-user: ada' http://{web}/api/products/12   # sticky: same side every time"),
         format!("curl -si http://{web}/nowhere          # 404 with a request id"),
+        format!("for i in $(seq 12); do curl -s -o /dev/null -w '%{{http_code}} ' http://{web}/api/users; done   # 10/s + burst 5, then 429"),
+        format!("curl -si http://{web}/api/account       # 401: JWT required"),
     ];
+    if let Some(token) = demo_token(cfg) {
+        lines.push(format!(
+            "curl -s -H 'Authorization: Bearer {token}' http://{web}/api/account"
+        ));
+    }
     if let Some(mobile) = cfg.gateways.get(1).and_then(|g| g.listen.first()) {
         lines.push(format!(
             "curl -si http://{mobile}/m/profile/2          # the mobile BFF: its own routes and headers"
