@@ -441,6 +441,19 @@ jwks_min_refresh = "500ms"
         jsonwebtoken::encode(&h, &json!({"sub": "a", "exp": now() + 600}), &key).unwrap()
     };
     let t1 = token("k1");
+    // Before the first fetch the server fails: 10 requests ask it once, not ten times.
+    *current.lock().unwrap() = "not json".into();
+    for _ in 0..10 {
+        assert_eq!(get(&url, &[("authorization", &bearer(&t1))]).await.0, 401);
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "a failing key server is not stormed"
+    );
+    *current.lock().unwrap() = set("k1");
+    hits.store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(get(&url, &[("authorization", &bearer(&t1))]).await.0, 200);
     assert_eq!(
         hits.load(Ordering::SeqCst),
@@ -554,8 +567,23 @@ kind = "headers"
 request = {{ set = {{ "x-user" = "${{consumer}}", "x-from" = "${{client_ip}}", "x-route" = "${{route}}" }} }}
 "#
     );
-    let _g = gateway(port, up, &plugins, &[("/", "\"basic\", \"who\"")]);
+    let _g = gateway(
+        port,
+        up,
+        &plugins,
+        &[("/", "\"basic\", \"who\""), ("/open", "\"who\"")],
+    );
     let url = format!("http://127.0.0.1:{port}/p");
+    // Without authentication there is no consumer: the client's own x-user is removed, not
+    // passed on as if the gateway had set it.
+    let (s, _, body) = get(
+        &format!("http://127.0.0.1:{port}/open"),
+        &[("x-user", "admin")],
+    )
+    .await;
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(seen(&v, "x-user").is_empty(), "{v}");
 
     for _ in 0..3 {
         // The second and third are served from the verified-password cache.
@@ -655,6 +683,25 @@ timeout = "300ms"
     assert_eq!(s, 403);
     assert_eq!(h["x-reason"], "not today");
     assert_eq!(body, "nope");
+
+    // The auth service checks the path as routed: dot segments resolved, whatever the
+    // spelling (raw request: HTTP clients resolve them before sending).
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(
+            b"GET /a/public/%2e%2e/admin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\n\
+              Connection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(answer.contains("\"/a/admin\""), "{answer}");
+    assert!(!answer.contains("%2e"), "{answer}");
 
     let start = Instant::now();
     let (s, _, body) = get(&format!("{base}/s/x"), &[]).await;

@@ -219,7 +219,10 @@ max_age = "10m"
     );
     assert_eq!(h["access-control-allow-credentials"], "true");
     assert_eq!(h["access-control-max-age"], "600");
-    assert_eq!(h["vary"], "Origin");
+    assert_eq!(
+        h["vary"],
+        "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+    );
     let r = pre("https://shop.example.org", "GET").await.unwrap();
     assert_eq!(r.status(), 204);
     assert_eq!(
@@ -263,6 +266,9 @@ max_age = "10m"
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(!r.headers().contains_key("access-control-allow-origin"));
+    // Without an Origin the answer still varies by it (for shared caches).
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.headers()["vary"], "Origin");
     // A plain OPTIONS (no preflight headers) is the upstream's business.
     let r = c
         .request(reqwest::Method::OPTIONS, &url)
@@ -270,7 +276,7 @@ max_age = "10m"
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    assert_eq!(hits.load(Ordering::SeqCst), 4);
 }
 
 async fn counting_echo() -> (std::net::SocketAddr, Arc<AtomicUsize>) {

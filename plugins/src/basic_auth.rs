@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -98,6 +99,8 @@ pub struct BasicAuth {
     cache_for: u64,
     /// Successful checks by SHA-256(user, password, hash).
     cache: ExpiringCache<()>,
+    /// Turns for bcrypt on the blocking pool: two per core.
+    bcrypt_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl BasicAuth {
@@ -120,12 +123,21 @@ impl BasicAuth {
             hide: c.hide_credentials,
             cache_for: c.cache_for.map_or(300, |d| d.0.as_secs()),
             cache: ExpiringCache::new(4096),
+            bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
+            )),
         }
     }
 
-    async fn verify(&self, user: &str, pass: &str) -> bool {
-        let Some(hash) = self.users.get(user).cloned() else {
-            return false;
+    async fn verify(&self, user: &str, pass: &str) -> Check {
+        // An unknown user costs a bcrypt like a known one (against some user's hash, result
+        // ignored), so response times do not tell which user names exist.
+        let (hash, known) = match self.users.get(user) {
+            Some(h) => (h.clone(), true),
+            None => match self.users.values().next() {
+                Some(h) => (h.clone(), false),
+                None => return Check::Bad,
+            },
         };
         let mut h = Sha256::new();
         for part in [
@@ -139,18 +151,39 @@ impl BasicAuth {
         }
         let fp: [u8; 32] = h.finalize().into();
         let now = unix_now();
-        if self.cache.get(&fp, now).is_some() {
-            return true;
+        if known && self.cache.get(&fp, now).is_some() {
+            return Check::Ok;
         }
+        // bcrypt is CPU-bound by design: a bounded number run at once, and a request that
+        // cannot get a turn within a second is told to come back rather than queued forever.
+        let Ok(Ok(permit)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.bcrypt_slots.clone().acquire_owned(),
+        )
+        .await
+        else {
+            return Check::Busy;
+        };
         let pass = pass.to_string();
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(pass, &hash).unwrap_or(false))
-            .await
-            .unwrap_or(false);
-        if ok {
-            self.cache.insert(fp, (), now + self.cache_for, now);
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            bcrypt::verify(pass, &hash).unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if !(ok && known) {
+            return Check::Bad;
         }
-        ok
+        self.cache.insert(fp, (), now + self.cache_for, now);
+        Check::Ok
     }
+}
+
+enum Check {
+    Ok,
+    Bad,
+    /// Too many password checks running: try again shortly.
+    Busy,
 }
 
 /// `Authorization: Basic base64(user:pass)` → (user, pass).
@@ -192,13 +225,24 @@ impl Plugin for BasicAuth {
                 challenge,
             ));
         };
-        if !self.verify(&user, &pass).await {
-            return Ok(refuse(
-                StatusCode::UNAUTHORIZED,
-                "invalid credentials",
-                cx,
-                challenge,
-            ));
+        match self.verify(&user, &pass).await {
+            Check::Ok => {}
+            Check::Bad => {
+                return Ok(refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid credentials",
+                    cx,
+                    challenge,
+                ))
+            }
+            Check::Busy => {
+                return Ok(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many password checks at once; retry shortly",
+                    cx,
+                    vec![(http::header::RETRY_AFTER, HeaderValue::from_static("1"))],
+                ))
+            }
         }
         cx.consumer = self.names.get(&user).cloned();
         Ok(Decision::Continue)

@@ -68,10 +68,8 @@ impl Config {
                 .strip_prefix("https://")
                 .or_else(|| o.strip_prefix("http://"))
                 .ok_or_else(|| format!("origin {o:?} must start with https:// or http://"))?;
-            if rest.is_empty()
-                || rest.contains('/')
-                || (rest.contains('*') && !rest.starts_with("*."))
-            {
+            let wild_ok = rest.len() > 2 && rest.starts_with("*.") && !rest[2..].contains('*');
+            if rest.is_empty() || rest.contains('/') || (rest.contains('*') && !wild_ok) {
                 return Err(format!(
                     "origin {o:?} must be scheme://host[:port], optionally with a leading \"*.\" \
                      wildcard"
@@ -210,7 +208,12 @@ impl Plugin for Cors {
                 header::ACCESS_CONTROL_ALLOW_METHODS,
                 self.allow_methods.clone(),
             ),
-            (header::VARY, HeaderValue::from_static("Origin")),
+            (
+                header::VARY,
+                HeaderValue::from_static(
+                    "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+                ),
+            ),
         ];
         let allow_headers = match &self.allow_headers {
             Some(h) => Some(h.clone()),
@@ -251,6 +254,14 @@ impl Plugin for Cors {
             // A preflight answered above, or an upstream doing CORS itself.
             return Ok(());
         }
+        let e = |_| pingora_error::Error::explain(pingora_error::ErrorType::InternalError, "cors");
+        // The answer depends on Origin whenever it is not a plain `*`: say so on every
+        // response, with or without an Origin, or a shared cache may serve one origin's
+        // answer to another.
+        if !self.any || self.credentials {
+            resp.append_header(header::VARY, HeaderValue::from_static("Origin"))
+                .map_err(e)?;
+        }
         let Some(origin) = s.req_header().headers.get(header::ORIGIN) else {
             return Ok(());
         };
@@ -258,11 +269,6 @@ impl Plugin for Cors {
         let set = |r: &mut ResponseHeader, n: header::HeaderName, v: HeaderValue| {
             r.insert_header(n, v).map(|_| ())
         };
-        let e = |_| pingora_error::Error::explain(pingora_error::ErrorType::InternalError, "cors");
-        if !self.any || self.credentials {
-            resp.append_header(header::VARY, HeaderValue::from_static("Origin"))
-                .map_err(e)?;
-        }
         if !ok {
             return Ok(());
         }

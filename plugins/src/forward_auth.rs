@@ -2,7 +2,8 @@
 //! nginx's auth_request).
 //!
 //! The gateway sends `GET url` with the chosen request headers plus `X-Forwarded-Method`,
-//! `X-Forwarded-Uri`, `X-Forwarded-For` and the request id. A 2xx lets the request on, copying
+//! `X-Forwarded-Uri` (the path as routed, dot segments resolved), `X-Forwarded-Host`,
+//! `X-Forwarded-For` and the request id. A 2xx lets the request on, copying
 //! `upstream_headers` from the auth answer to the upstream request (say, `x-user-id`); any
 //! other answer is returned to the client as is (status, headers, body up to 64 KiB), so the
 //! auth service decides between 401, 403 and redirects. No answer within `timeout` fails
@@ -90,20 +91,28 @@ impl ForwardAuth {
                     .or_err(ErrorType::InternalError, "auth header")?;
             }
         }
-        let uri = req
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let fwd = [
-            ("x-forwarded-method", req.method.as_str().to_string()),
-            ("x-forwarded-uri", uri),
-        ];
-        for (n, v) in fwd {
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                a.insert_header(n, v)
-                    .or_err(ErrorType::InternalError, "auth header")?;
-            }
+        // The path as routed and sent upstream (dot segments resolved), not as the client
+        // spelled it: `/public/%2e%2e/admin` is checked as `/admin`.
+        let path = cx.normalized_path.as_deref().unwrap_or(req.uri.path());
+        let mut uri = path.to_string();
+        if let Some(q) = req.uri.query() {
+            uri.push('?');
+            uri.push_str(q);
+        }
+        let uri = HeaderValue::from_bytes(uri.as_bytes())
+            .map_err(|_| crate::status_error(400, "request path not sendable to auth"))?;
+        a.insert_header("x-forwarded-uri", uri)
+            .or_err(ErrorType::InternalError, "auth header")?;
+        a.insert_header("x-forwarded-method", req.method.as_str())
+            .or_err(ErrorType::InternalError, "auth header")?;
+        let host = req.headers.get(http::header::HOST).cloned().or_else(|| {
+            req.uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        if let Some(host) = host {
+            a.insert_header("x-forwarded-host", host)
+                .or_err(ErrorType::InternalError, "auth header")?;
         }
         if let Some(ip) = cx.client_ip {
             a.insert_header("x-forwarded-for", ip.to_string())

@@ -7,7 +7,8 @@
 //!
 //! Values may use variables, filled per request: `${client_ip}`, `${request_id}`,
 //! `${route}`, `${gateway}`, `${consumer}` (set by key_auth, basic_auth or jwt_auth) and
-//! `${jwt.CLAIM}`. A header whose value comes out empty (say, no consumer) is not set.
+//! `${jwt.CLAIM}`. A `set` whose value comes out empty (say, no consumer) removes the header,
+//! so what the client sent under that name never passes; an `add` is skipped.
 //!
 //! ```toml
 //! [plugins.hdrs]
@@ -105,8 +106,15 @@ fn apply(ops: &Ops, h: &mut impl HeaderTarget, cx: &mut PluginCtx) -> Result<()>
         }
     }
     for (name, value) in &ops.set.0 {
-        if let Some(v) = value.render(cx) {
-            h.insert(name.clone(), v)?;
+        match value.render(cx) {
+            Some(v) => h.insert(name.clone(), v)?,
+            // Nothing to say (no consumer, no such claim): the header is removed rather than
+            // left as the client sent it, so `set` never passes a forged value on.
+            None => {
+                if h.headers().contains_key(name) {
+                    h.remove(name);
+                }
+            }
         }
     }
     for (name, value) in &ops.add.0 {

@@ -242,6 +242,18 @@ impl Config {
         if let Some(u) = &self.jwks_url {
             self.jwks_target = Some(Target::parse(u)?);
         }
+        if self
+            .jwks_refresh
+            .is_some_and(|d| d.0 < Duration::from_secs(1))
+        {
+            return Err("`jwks_refresh` under 1s would hammer the key server".into());
+        }
+        if self
+            .jwks_min_refresh
+            .is_some_and(|d| d.0 < Duration::from_millis(100))
+        {
+            return Err("`jwks_min_refresh` under 100ms would hammer the key server".into());
+        }
         if keys.is_empty() && self.jwks_target.is_none() {
             return Err(
                 "no key: set `secret`, `public_key`, `public_key_file`, `jwks_file` or `jwks_url`"
@@ -481,9 +493,17 @@ impl Inner {
         if let Some(r) = &self.remote {
             let now = r.now_ms();
             let fetched = r.fetched.load(Ordering::Relaxed);
+            let attempted = r.attempted.load(Ordering::Relaxed);
+            // However many requests arrive, the key server is asked at most once per
+            // `jwks_min_refresh`, also while it fails (no storm against a struggling IdP).
+            let may_fetch =
+                attempted == 0 || now.saturating_sub(attempted) > r.min_refresh.as_millis() as u64;
             if fetched == 0 {
-                r.fetch(r.attempted.load(Ordering::Relaxed)).await;
-            } else if now.saturating_sub(fetched) > r.refresh.as_millis() as u64
+                if may_fetch {
+                    r.fetch(attempted).await;
+                }
+            } else if may_fetch
+                && now.saturating_sub(fetched) > r.refresh.as_millis() as u64
                 && !r.refreshing.swap(true, Ordering::AcqRel)
             {
                 let me = self.clone();
@@ -531,8 +551,8 @@ impl Inner {
         Err(why)
     }
 
-    /// The scopes or claims this route needs that the token lacks, if any.
-    fn missing(&self, claims: &Map<String, Value>) -> Option<String> {
+    /// What this route needs that the token lacks: the scopes, or the name of a claim.
+    fn missing(&self, claims: &Map<String, Value>) -> Option<Lacking> {
         let scopes: Vec<&str> = match (claims.get("scope"), claims.get("scp")) {
             (Some(Value::String(s)), _) => s.split_whitespace().collect(),
             (_, Some(Value::Array(a))) => a.iter().filter_map(Value::as_str).collect(),
@@ -546,7 +566,7 @@ impl Inner {
             .filter(|s| !scopes.contains(s))
             .collect();
         if !lacking.is_empty() {
-            return Some(lacking.join(" "));
+            return Some(Lacking::Scopes(lacking.join(" ")));
         }
         for (name, want) in &self.required_claims {
             let ok = match claims.get(name) {
@@ -558,7 +578,7 @@ impl Inner {
                 None => false,
             };
             if !ok {
-                return Some(format!("claim {name}"));
+                return Some(Lacking::Claim(name.clone()));
             }
         }
         None
@@ -567,7 +587,7 @@ impl Inner {
     /// Remembers a verified token until it expires (a minute for tokens without `exp`).
     fn remember(&self, fp: [u8; 32], claims: Claims, now: u64) {
         let until = match claims.get("exp").and_then(Value::as_u64) {
-            Some(exp) => exp + self.leeway,
+            Some(exp) => exp.saturating_add(self.leeway),
             None if !self.validate_exp => now + 60,
             None => return,
         };
@@ -575,12 +595,22 @@ impl Inner {
     }
 }
 
+enum Lacking {
+    Scopes(String),
+    Claim(String),
+}
+
+/// The `WWW-Authenticate` challenge (RFC 6750 §3): none, an invalid token, or what is lacking.
 fn challenge(error: Option<(&str, &str)>) -> Vec<(HeaderName, HeaderValue)> {
     let v = match error {
         None => "Bearer realm=\"gatehouse\"".to_string(),
-        Some(("insufficient_scope", scope)) => {
+        Some(("scope", scope)) => {
             format!("Bearer realm=\"gatehouse\", error=\"insufficient_scope\", scope=\"{scope}\"")
         }
+        Some(("claim", name)) => format!(
+            "Bearer realm=\"gatehouse\", error=\"insufficient_scope\", \
+             error_description=\"claim {name} missing or not allowed\""
+        ),
         Some((e, d)) => {
             format!("Bearer realm=\"gatehouse\", error=\"{e}\", error_description=\"{d}\"")
         }
@@ -654,11 +684,15 @@ impl Plugin for JwtAuth {
             }
         };
         if let Some(lacking) = inner.missing(&claims) {
+            let chal = match &lacking {
+                Lacking::Scopes(s) => challenge(Some(("scope", s))),
+                Lacking::Claim(c) => challenge(Some(("claim", c))),
+            };
             return Ok(refuse(
                 StatusCode::FORBIDDEN,
                 "token lacks a required scope or claim",
                 cx,
-                challenge(Some(("insufficient_scope", &lacking))),
+                chal,
             ));
         }
         if cx.consumer.is_none() {

@@ -132,6 +132,14 @@ impl Config {
         if entries.is_empty() {
             return Err("no keys: set `keys` or `keys_file`".into());
         }
+        if let Some((bad, _)) = entries
+            .iter()
+            .find(|(c, _)| HeaderValue::from_str(c).is_err())
+        {
+            return Err(format!(
+                "consumer name {bad:?} cannot be sent in a header (printable ASCII only)"
+            ));
+        }
         self.entries = entries;
         Ok(())
     }

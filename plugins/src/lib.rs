@@ -131,6 +131,9 @@ pub struct PluginCtx {
     pub consumer: Option<Arc<str>>,
     /// The verified JWT claims, for claim headers and `${jwt.NAME}` variables.
     pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
+    /// The request path with dot segments resolved, when that changed it: what routing and
+    /// the upstream see (auth subrequests must check this one, not the raw path).
+    pub normalized_path: Option<String>,
     /// Request body bytes seen so far (kept by the chain for body limits).
     pub body_bytes: u64,
     /// Resources held until the request ends (concurrency-limit slots): dropped with the ctx.

@@ -9,11 +9,16 @@
 //! flood is spread over the period as nginx's `limit_req` spreads it, instead of the whole
 //! period's allowance going out at once. Refused requests are not counted. Keys that collide
 //! in the sketch share a count: with many thousands of active keys a client may be limited
-//! slightly early, never late.
+//! slightly early, never late. IPv6 clients are counted per /64. A `header:NAME` key is what
+//! the client says: use it behind authentication (or for fairness, not for protection).
 //!
 //! Refusals are 429 with `Retry-After` and the IETF `RateLimit-Limit`, `RateLimit-Remaining`,
 //! `RateLimit-Reset` headers (draft-ietf-httpapi-ratelimit-headers); `headers = true` adds the
 //! three to every response.
+//!
+//! So `rate = "50/s"` with `burst = 0` paces a client at one request per 20 ms (a 3-second
+//! flood gets ~150 through), and `burst = 10` lets 10 more through at once on top, as nginx's
+//! `limit_req rate=50r/s burst=10 nodelay`.
 //!
 //! ```toml
 //! [plugins.per-ip]
@@ -136,6 +141,12 @@ impl Config {
     }
 }
 
+/// Columns per sketch row: 4 × 8192 counters (256 KiB) per window slot. Keys share counters
+/// only when they collide in all four rows, so with tens of thousands of active keys a few
+/// are limited early; a flood of fresh keys cannot saturate the sketch and limit everyone
+/// (with 1024 columns, ~1000 × the limit requests per window could).
+const SKETCH_SLOTS: usize = 8192;
+
 /// Counts per key over aligned windows of `interval`, the current and the previous one.
 ///
 /// Like pingora-limits' `Rate`, but its windows are aligned to a fixed epoch and rotated by
@@ -152,7 +163,10 @@ struct Window {
 impl Window {
     fn new(interval: Duration) -> Window {
         Window {
-            slots: [Estimator::new(4, 1024), Estimator::new(4, 1024)],
+            slots: [
+                Estimator::new(4, SKETCH_SLOTS),
+                Estimator::new(4, SKETCH_SLOTS),
+            ],
             holds: [AtomicU64::new(0), AtomicU64::new(u64::MAX)],
             epoch: Instant::now(),
             interval_ms: (interval.as_millis() as u64).max(1),
@@ -165,7 +179,8 @@ impl Window {
         let w = now / self.interval_ms;
         let i = (w % 2) as usize;
         let held = self.holds[i].load(Ordering::Acquire);
-        if held != w
+        // Only forwards: a thread that slept across windows must not rewind a slot.
+        if (held == u64::MAX || held < w)
             && self.holds[i]
                 .compare_exchange(held, w, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
@@ -217,6 +232,21 @@ pub struct RateLimit {
     limiter: Limiter,
     limit: u32,
     headers: bool,
+}
+
+/// IPv6 clients are counted per /64: one site gets a whole /64 and could otherwise rotate
+/// addresses to escape its limit. IPv4 addresses count one by one.
+fn per_site(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
 }
 
 /// The counted key, borrowed from the request: hashing it needs no allocation.
@@ -273,14 +303,14 @@ impl RateLimit {
 
     fn key_hash(&self, s: &Session, cx: &PluginCtx) -> u64 {
         let key = match &self.key {
-            KeyBy::ClientIp => Key::Ip(cx.client_ip),
+            KeyBy::ClientIp => Key::Ip(cx.client_ip.map(per_site)),
             KeyBy::Consumer => match &cx.consumer {
                 Some(c) => Key::Text(c.as_bytes()),
-                None => Key::Ip(cx.client_ip),
+                None => Key::Ip(cx.client_ip.map(per_site)),
             },
             KeyBy::Header(h) => match s.req_header().headers.get(h) {
                 Some(v) => Key::Text(v.as_bytes()),
-                None => Key::Ip(cx.client_ip),
+                None => Key::Ip(cx.client_ip.map(per_site)),
             },
             KeyBy::Route => Key::Text(cx.route.as_deref().unwrap_or("").as_bytes()),
         };

@@ -29,6 +29,8 @@ pub const VARIABLES: &str = "client_ip, request_id, route, gateway, consumer, jw
 
 impl Template {
     pub fn parse(s: &str) -> Result<Template, String> {
+        let check =
+            |t: &str| HeaderValue::from_str(t).map_err(|_| format!("invalid header value {s:?}"));
         let mut parts = Vec::new();
         let mut rest = s;
         let mut text = String::new();
@@ -55,14 +57,13 @@ impl Template {
                 },
             };
             if !text.is_empty() {
+                check(&text)?;
                 parts.push(Part::Text(std::mem::take(&mut text)));
             }
             parts.push(part);
             rest = &after[end + 1..];
         }
         text.push_str(rest);
-        let check =
-            |t: &str| HeaderValue::from_str(t).map_err(|_| format!("invalid header value {s:?}"));
         if parts.is_empty() {
             return check(&text).map(Template::Fixed);
         }

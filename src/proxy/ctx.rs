@@ -16,8 +16,6 @@ pub struct RequestCtx {
     pub rt: Option<Arc<Runtime>>,
     pub route: Option<RouteId>,
     pub plugins: PluginCtx,
-    /// The request path with dot segments resolved, when that changed it.
-    pub normalized_path: Option<String>,
     /// The peer chosen for the current try (for `preserve_host = false`).
     pub peer: Option<SocketAddr>,
     /// Set once a reply has been written by the gateway itself.

@@ -106,7 +106,6 @@ impl GatewayProxy {
         let RequestCtx {
             rt: Some(rt),
             route: Some(id),
-            normalized_path,
             upstream: up,
             peer_idx,
             plugins,
@@ -119,8 +118,9 @@ impl GatewayProxy {
         let route = &gw.routes[*id];
 
         let new_path = {
-            let path = normalized_path.as_deref().unwrap_or(upstream.uri.path());
-            rewrite::upstream_path(route, path).or_else(|| normalized_path.clone())
+            let normalized = &plugins.normalized_path;
+            let path = normalized.as_deref().unwrap_or(upstream.uri.path());
+            rewrite::upstream_path(route, path).or_else(|| normalized.clone())
         };
         if let Some(p) = new_path {
             let uri = match upstream.uri.query() {
@@ -285,7 +285,10 @@ async fn write_reply(
     for (name, value) in reply.headers {
         let _ = resp.append_header(name, value);
     }
-    let _ = resp.insert_header(header::CONTENT_LENGTH, reply.body.len());
+    // A 204 or 304 has no body and must not say it has one (RFC 9110 §8.6).
+    if !matches!(reply.status.as_u16(), 204 | 304) {
+        let _ = resp.insert_header(header::CONTENT_LENGTH, reply.body.len());
+    }
     if let Some(gw) = gw {
         let chain = gw.chain(ctx.route);
         if let Err(e) = chain.response(session, &mut resp, &mut ctx.plugins).await {
@@ -340,7 +343,7 @@ impl ProxyHttp for GatewayProxy {
             .router
             .find(&gw.routes, host, &path, &req.method, &req.headers);
         if let std::borrow::Cow::Owned(p) = path {
-            ctx.normalized_path = Some(p);
+            ctx.plugins.normalized_path = Some(p);
         }
         if let Some(id) = ctx.route {
             ctx.plugins.route = Some(gw.route_names[id].clone());
