@@ -93,9 +93,10 @@ fn hop_by_hop(
 }
 
 impl GatewayProxy {
-    /// The request header as the upstream gets it: path rewrite, Host, hop-by-hop headers
-    /// dropped, X-Forwarded-*, then the plugins' upstream hooks. Shared by Pingora's proxy path
-    /// and the upgrade tunnel so both send the same request.
+    /// The request header as the upstream gets it: path rewrite, Host, X-Forwarded-*, then the
+    /// plugins' upstream hooks. Shared by Pingora's proxy path and the upgrade tunnel so both
+    /// send the same request (hop-by-hop headers are gone by then: Pingora strips them, and
+    /// the tunnel does it itself).
     async fn prepare_upstream_request(
         &self,
         session: &mut Session,
@@ -140,11 +141,6 @@ impl GatewayProxy {
                     .insert_header(header::HOST, rt.pools[up].host(idx))
                     .or_err(ErrorType::InternalError, "host header")?;
             }
-        }
-
-        let upgrade = session.is_upgrade_req();
-        for h in hop_by_hop(&upstream.headers, upgrade, false) {
-            upstream.remove_header(&h);
         }
 
         let peer_ip: Option<IpAddr> = session
@@ -208,6 +204,12 @@ impl GatewayProxy {
             return Error::e_explain(ErrorType::InternalError, "no peer for upgrade");
         };
         let mut req = session.req_header().clone();
+        // Pingora strips hop-by-hop request headers before upstream_request_filter (its
+        // default HttpUpstreamRequestPolicy); this request does not go through Pingora, so the
+        // tunnel strips them itself, keeping Connection and Upgrade for the handshake.
+        for h in hop_by_hop(&req.headers, true, false) {
+            req.remove_header(&h);
+        }
         self.prepare_upstream_request(session, &mut req, ctx)
             .await?;
         let result = async {
