@@ -7,7 +7,9 @@
 #   ROUNDS=2 DURATION=8s CONNS="50 200" load-tests/run.sh plain
 #
 # Fronts, each with one worker: the upstream directly (the ceiling), nginx as a reverse proxy
-# with upstream keep-alive, bare Pingora (load-tests/bare-pingora), Gatehouse. The upstream is a
+# with upstream keep-alive, bare Pingora (load-tests/bare-pingora), bare Pingora doing the
+# per-request work any gateway must do through Pingora's API (X-Forwarded-*, Host, timeouts:
+# `--gateway-work`), Gatehouse. The upstream is a
 # separate nginx (`return 200`, 5-byte body; a 1 MB file for `large`). Prints a markdown table
 # (req/s, p50, p99, proxy CPU µs per request from /proc, ratios to nginx) and writes it to
 # load-tests/results/.
@@ -43,7 +45,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
-GHPLUG=18310
+GHPLUG=18310 BAREGW=18311
 hz=$(getconf CLK_TCK)
 head -c 1048576 /dev/zero | tr '\0' 'x' > "$work/1m.bin"
 
@@ -101,8 +103,9 @@ start nginx -p "$work/up" -c "$work/up/nginx.conf"
 one_route="$(printf '[[routes]]\nupstream = "up"\n')"
 start nginx -p "$work/ngx" -c "$work/ngx/nginx.conf"
 start "$bare" 127.0.0.1:$BARE 127.0.0.1:$UP 1
+start "$bare" 127.0.0.1:$BAREGW 127.0.0.1:$UP 1 --gateway-work
 RUST_LOG=error start "$gh" run -c "$work/gh.toml"
-ports="$UP $NGX $BARE $GH"
+ports="$UP $NGX $BARE $BAREGW $GH"
 if [ "$scenario" = all ] || [ "$scenario" = routes ]; then
   ports="$ports $NGX10K $GH10K"
   nginx_conf "$work/ngx10k" $NGX10K "$upstream server { listen 127.0.0.1:$NGX10K; $(routes_locations 10000) location / { $NGX_PROXY proxy_buffers 64 16k; } }"
@@ -213,6 +216,7 @@ run_plain() {
       measure plain "upstream direct" $UP "$c" /
       measure plain nginx $NGX "$c" /
       measure plain "bare pingora" $BARE "$c" /
+      measure plain "bare pingora + X-Forwarded/Host/timeouts" $BAREGW "$c" /
       measure plain gatehouse $GH "$c" /
     done
   done
