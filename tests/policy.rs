@@ -11,19 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn gateway(port: u16, up: std::net::SocketAddr, extra: &str, routes: &[(&str, &str)]) -> Gatehouse {
-    let mut toml = format!(
-        "[server]\nthreads = 2\ntrusted_proxies = [\"127.0.0.1\"]\n[upstreams.up]\n\
-         peers = [\"{up}\"]\n{extra}\n[gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n"
-    );
-    for (path, list) in routes {
-        toml.push_str(&format!(
-            "[[routes]]\npath = \"{path}\"\nupstream = \"up\"\nplugins = [{list}]\n"
-        ));
-    }
-    Gatehouse::start(&toml, &[port])
-}
-
 #[tokio::test]
 async fn ip_filter_by_resolved_client_address() {
     let up = echo("up").await;
@@ -37,7 +24,7 @@ kind = "ip_filter"
 allow = ["10.0.0.0/8", "2001:db8::/32"]
 deny = ["10.6.6.0/24"]
 "#;
-    let _g = gateway(
+    let _g = plugin_gateway(
         port,
         up,
         plugins,
@@ -122,7 +109,7 @@ concurrency = 2
         hyper::Response::new(full("slow"))
     })
     .await;
-    let _g = gateway(port, up, plugins, &[("/api", "\"per-user\"")]);
+    let _g = plugin_gateway(port, up, plugins, &[("/api", "\"per-user\"")]);
     let url = format!("http://127.0.0.1:{port}/api");
 
     // A 3-second flood from one key, while a second key sends a request every 100 ms.
@@ -171,7 +158,7 @@ concurrency = 2
 
     // The in-flight variant: 2 at a time on the route; 5 concurrent slow requests.
     let port = free_port();
-    let _g = gateway(port, slow, plugins, &[("/slow", "\"inflight\"")]);
+    let _g = plugin_gateway(port, slow, plugins, &[("/slow", "\"inflight\"")]);
     let url = format!("http://127.0.0.1:{port}/slow");
     let reqs = (0..5).map(|_| {
         let url = url.clone();
@@ -198,7 +185,7 @@ expose_headers = ["x-request-id"]
 allow_credentials = true
 max_age = "10m"
 "#;
-    let _g = gateway(port, up, plugins, &[("/", "\"cors\"")]);
+    let _g = plugin_gateway(port, up, plugins, &[("/", "\"cors\"")]);
     let url = format!("http://127.0.0.1:{port}/things");
     let c = client();
     let pre = |origin: &'static str, method: &'static str| {
@@ -332,7 +319,7 @@ kind = "request_limit"
 max_header = "2KiB"
 max_body = "1KiB"
 "#;
-    let _g = gateway(port, up, plugins, &[("/", "\"limits\"")]);
+    let _g = plugin_gateway(port, up, plugins, &[("/", "\"limits\"")]);
     let url = format!("http://127.0.0.1:{port}/up");
     let c = client();
     assert_eq!(

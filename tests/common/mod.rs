@@ -356,3 +356,42 @@ pub async fn admin_status(admin: u16) -> serde_json::Value {
         .await
         .expect("status json")
 }
+
+/// Writes `text` to `name` in `dir` and returns its path as TOML wants it.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write file");
+    p.display().to_string()
+}
+
+/// A gateway for plugin tests: `plugins` tables, one route per (path, plugin list), all to
+/// `up`; 127.0.0.1 is a trusted proxy (tests may send X-Forwarded-For).
+pub fn plugin_gateway(
+    port: u16,
+    up: SocketAddr,
+    plugins: &str,
+    routes: &[(&str, &str)],
+) -> Gatehouse {
+    let mut toml = format!(
+        "[server]\nthreads = 2\ntrusted_proxies = [\"127.0.0.1\"]\n[upstreams.up]\n\
+         peers = [\"{up}\"]\n{plugins}\n[gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n"
+    );
+    for (path, list) in routes {
+        toml.push_str(&format!(
+            "[[routes]]\npath = \"{path}\"\nupstream = \"up\"\nplugins = [{list}]\n"
+        ));
+    }
+    Gatehouse::start(&toml, &[port])
+}
+
+/// GET with extra headers: status, headers, body.
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut r = client().get(url);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let resp = r.send().await.expect("response");
+    let status = resp.status().as_u16();
+    let h = resp.headers().clone();
+    (status, h, resp.text().await.expect("body"))
+}
