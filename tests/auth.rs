@@ -237,3 +237,39 @@ timeout = "300ms"
         start.elapsed()
     );
 }
+
+/// Two instances of one plugin on a route keep their per-request state apart: each
+/// forward_auth passes on what its own auth service granted.
+#[tokio::test]
+async fn two_forward_auths_on_one_route() {
+    let up = echo("up").await;
+    let grant = |name: &'static str, value: &'static str| {
+        serve(move |_req| async move {
+            hyper::Response::builder()
+                .header(name, value)
+                .body(full(""))
+                .unwrap()
+        })
+    };
+    let a = grant("x-a", "from-a").await;
+    let b = grant("x-b", "from-b").await;
+    let port = free_port();
+    let plugins = format!(
+        r#"
+[plugins.fa]
+kind = "forward_auth"
+url = "http://{a}/"
+upstream_headers = ["x-a"]
+[plugins.fb]
+kind = "forward_auth"
+url = "http://{b}/"
+upstream_headers = ["x-b"]
+"#
+    );
+    let _g = plugin_gateway(port, up, &plugins, &[("/", "\"fa\", \"fb\"")]);
+    let (s, _, body) = get(&format!("http://127.0.0.1:{port}/x"), &[]).await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen(&v, "x-a"), vec!["from-a"]);
+    assert_eq!(seen(&v, "x-b"), vec!["from-b"]);
+}

@@ -92,8 +92,8 @@ impl Config {
 }
 
 pub struct BasicAuth {
-    users: HashMap<String, Arc<str>>,
-    names: HashMap<String, Arc<str>>,
+    /// User name → (the name as the consumer, its bcrypt hash).
+    users: HashMap<String, (Arc<str>, Arc<str>)>,
     challenge: HeaderValue,
     hide: bool,
     cache_for: u64,
@@ -109,15 +109,13 @@ impl BasicAuth {
             HeaderValue::from_str(&format!("Basic realm=\"{}\", charset=\"UTF-8\"", c.realm))
                 .unwrap_or(HeaderValue::from_static("Basic"));
         BasicAuth {
-            names: c
-                .users
-                .iter()
-                .map(|(u, _)| (u.clone(), Arc::from(u.as_str())))
-                .collect(),
             users: c
                 .users
                 .into_iter()
-                .map(|(u, h)| (u, Arc::from(h)))
+                .map(|(u, h)| {
+                    let name = Arc::from(u.as_str());
+                    (u, (name, Arc::from(h)))
+                })
                 .collect(),
             challenge,
             hide: c.hide_credentials,
@@ -132,10 +130,10 @@ impl BasicAuth {
     async fn verify(&self, user: &str, pass: &str) -> Check {
         // An unknown user costs a bcrypt like a known one (against some user's hash, result
         // ignored), so response times do not tell which user names exist.
-        let (hash, known) = match self.users.get(user) {
-            Some(h) => (h.clone(), true),
+        let (name, hash) = match self.users.get(user) {
+            Some((n, h)) => (Some(n.clone()), h.clone()),
             None => match self.users.values().next() {
-                Some(h) => (h.clone(), false),
+                Some((_, h)) => (None, h.clone()),
                 None => return Check::Bad,
             },
         };
@@ -151,8 +149,8 @@ impl BasicAuth {
         }
         let fp: [u8; 32] = h.finalize().into();
         let now = unix_now();
-        if known && self.cache.get(&fp, now).is_some() {
-            return Check::Ok;
+        if let (Some(n), Some(())) = (&name, self.cache.get(&fp, now)) {
+            return Check::Ok(n.clone());
         }
         // bcrypt is CPU-bound by design: a bounded number run at once, and a request that
         // cannot get a turn within a second is told to come back rather than queued forever.
@@ -171,16 +169,19 @@ impl BasicAuth {
         })
         .await
         .unwrap_or(false);
-        if !(ok && known) {
-            return Check::Bad;
+        match name {
+            Some(n) if ok => {
+                self.cache.insert(fp, (), now + self.cache_for, now);
+                Check::Ok(n)
+            }
+            _ => Check::Bad,
         }
-        self.cache.insert(fp, (), now + self.cache_for, now);
-        Check::Ok
     }
 }
 
 enum Check {
-    Ok,
+    /// The user, as the request's consumer.
+    Ok(Arc<str>),
     Bad,
     /// Too many password checks running: try again shortly.
     Busy,
@@ -212,27 +213,31 @@ impl Plugin for BasicAuth {
     }
 
     fn phases(&self) -> Phases {
-        Phases::REQUEST.union(Phases::UPSTREAM_REQUEST)
+        if self.hide {
+            Phases::REQUEST.union(Phases::UPSTREAM_REQUEST)
+        } else {
+            Phases::REQUEST
+        }
     }
 
     async fn request(&self, s: &mut Session, cx: &mut PluginCtx) -> Result<Decision> {
-        let challenge = vec![(http::header::WWW_AUTHENTICATE, self.challenge.clone())];
+        let challenge = || vec![(http::header::WWW_AUTHENTICATE, self.challenge.clone())];
         let Some((user, pass)) = credentials(s.req_header()) else {
             return Ok(refuse(
                 StatusCode::UNAUTHORIZED,
                 "credentials required",
                 cx,
-                challenge,
+                challenge(),
             ));
         };
         match self.verify(&user, &pass).await {
-            Check::Ok => {}
+            Check::Ok(name) => cx.consumer = Some(name),
             Check::Bad => {
                 return Ok(refuse(
                     StatusCode::UNAUTHORIZED,
                     "invalid credentials",
                     cx,
-                    challenge,
+                    challenge(),
                 ))
             }
             Check::Busy => {
@@ -244,7 +249,6 @@ impl Plugin for BasicAuth {
                 ))
             }
         }
-        cx.consumer = self.names.get(&user).cloned();
         Ok(Decision::Continue)
     }
 

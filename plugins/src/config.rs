@@ -4,14 +4,14 @@
 //! of the table to [`PluginConfig::deserialize_kind`] with a deserializer that keeps source
 //! positions, so a bad value is reported at its own line and column. Every value is parsed
 //! here, at load time; hooks never parse config.
-use std::fmt;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
+use http::HeaderName;
 use ipnet::IpNet;
-use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
+use serde::de::{self, Deserialize, Deserializer};
 
 use std::path::Path;
 
@@ -130,43 +130,6 @@ impl<'de> Deserialize<'de> for HeaderNameConf {
         HeaderName::from_bytes(s.as_bytes())
             .map(HeaderNameConf)
             .map_err(|_| de::Error::custom(format!("invalid header name {s:?}")))
-    }
-}
-
-/// A header value, checked at load (visible ASCII, spaces and tabs; no CR/LF).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeaderValueConf(pub HeaderValue);
-
-impl<'de> Deserialize<'de> for HeaderValueConf {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        HeaderValue::from_str(&s)
-            .map(HeaderValueConf)
-            .map_err(|_| de::Error::custom(format!("invalid header value {s:?}")))
-    }
-}
-
-/// A TOML table of header names to values, in file order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HeaderList(pub Vec<(HeaderName, HeaderValue)>);
-
-impl<'de> Deserialize<'de> for HeaderList {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = HeaderList;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a table of header names to values")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<HeaderList, A::Error> {
-                let mut v = Vec::new();
-                while let Some((k, val)) = m.next_entry::<HeaderNameConf, HeaderValueConf>()? {
-                    v.push((k.0, val.0));
-                }
-                Ok(HeaderList(v))
-            }
-        }
-        d.deserialize_map(V)
     }
 }
 

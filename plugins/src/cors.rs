@@ -145,14 +145,22 @@ impl Cors {
         }
     }
 
+    /// Whether `origin` may read responses; compared without case and without allocating
+    /// (patterns are lower-cased at load).
     fn allowed(&self, origin: &str) -> bool {
-        let o = origin.to_ascii_lowercase();
+        if self.any {
+            return true;
+        }
+        let o = origin.as_bytes();
         self.origins.iter().any(|p| match p {
             Origin::Any => true,
-            Origin::Exact(e) => *e == o,
-            Origin::Suffix(scheme, suffix) => o
-                .strip_prefix(scheme.as_str())
-                .is_some_and(|host| host.len() > suffix.len() && host.ends_with(suffix.as_str())),
+            Origin::Exact(e) => o.eq_ignore_ascii_case(e.as_bytes()),
+            Origin::Suffix(scheme, suffix) => {
+                let (s, x) = (scheme.as_bytes(), suffix.as_bytes());
+                o.len() > s.len() + x.len()
+                    && o[..s.len()].eq_ignore_ascii_case(s)
+                    && o[o.len() - x.len()..].eq_ignore_ascii_case(x)
+            }
         })
     }
 

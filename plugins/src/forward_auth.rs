@@ -135,7 +135,11 @@ impl Plugin for ForwardAuth {
     }
 
     fn phases(&self) -> Phases {
-        Phases::REQUEST.union(Phases::UPSTREAM_REQUEST)
+        if self.upstream_headers.is_empty() {
+            Phases::REQUEST
+        } else {
+            Phases::REQUEST.union(Phases::UPSTREAM_REQUEST)
+        }
     }
 
     async fn request(&self, s: &mut Session, cx: &mut PluginCtx) -> Result<Decision> {
@@ -162,7 +166,9 @@ impl Plugin for ForwardAuth {
                 .iter()
                 .filter_map(|n| resp.header.headers.get(n).map(|v| (n.clone(), v.clone())))
                 .collect();
-            cx.hold.push(Box::new(Granted(granted)));
+            if !granted.is_empty() {
+                cx.keep(self, Granted(granted));
+            }
             return Ok(Decision::Continue);
         }
         // The auth service's refusal goes to the client unchanged, hop-by-hop headers aside.
@@ -202,7 +208,7 @@ impl Plugin for ForwardAuth {
         for n in &self.upstream_headers {
             req.remove_header(n);
         }
-        if let Some(g) = cx.hold.iter().find_map(|h| h.downcast_ref::<Granted>()) {
+        if let Some(g) = cx.kept::<_, Granted>(self) {
             for (n, v) in &g.0 {
                 req.append_header(n.clone(), v.clone())
                     .or_err(ErrorType::InternalError, "granted header")?;

@@ -238,9 +238,13 @@ impl Plugin for KeyAuth {
 
     async fn request(&self, s: &mut Session, cx: &mut PluginCtx) -> Result<Decision> {
         let req = s.req_header();
-        let key: Option<Vec<u8>> = match (&self.header, &self.query) {
-            (Some(h), _) => req.headers.get(h).map(|v| v.as_bytes().to_vec()),
-            (None, Some(q)) => req.uri.query().and_then(|qs| query_param(qs, q)),
+        let key: Option<std::borrow::Cow<[u8]>> = match (&self.header, &self.query) {
+            (Some(h), _) => req.headers.get(h).map(|v| v.as_bytes().into()),
+            (None, Some(q)) => req
+                .uri
+                .query()
+                .and_then(|qs| query_param(qs, q))
+                .map(Into::into),
             _ => None,
         };
         let challenge = || {

@@ -136,8 +136,9 @@ pub struct PluginCtx {
     pub normalized_path: Option<String>,
     /// Request body bytes seen so far (kept by the chain for body limits).
     pub body_bytes: u64,
-    /// Resources held until the request ends (concurrency-limit slots): dropped with the ctx.
-    pub hold: Vec<Box<dyn std::any::Any + Send + Sync>>,
+    /// Per-plugin state kept until the request ends (a concurrency slot, headers to send
+    /// later), tagged with the plugin instance that kept it; dropped with the ctx.
+    hold: Vec<(usize, Box<dyn std::any::Any + Send + Sync>)>,
 }
 
 impl std::fmt::Debug for PluginCtx {
@@ -151,7 +152,27 @@ impl std::fmt::Debug for PluginCtx {
     }
 }
 
+/// A plugin instance's identity for [`PluginCtx::keep`]: two instances of one kind (two
+/// rate limits on a route) keep their state apart.
+fn owner<P: ?Sized>(plugin: &P) -> usize {
+    plugin as *const P as *const () as usize
+}
+
 impl PluginCtx {
+    /// Keeps `value` for `plugin` until the request ends.
+    pub fn keep<P: ?Sized, T: std::any::Any + Send + Sync>(&mut self, plugin: &P, value: T) {
+        self.hold.push((owner(plugin), Box::new(value)));
+    }
+
+    /// What `plugin` kept of type `T`, if anything.
+    pub fn kept<P: ?Sized, T: std::any::Any>(&self, plugin: &P) -> Option<&T> {
+        let me = owner(plugin);
+        self.hold
+            .iter()
+            .filter(|(o, _)| *o == me)
+            .find_map(|(_, v)| v.downcast_ref::<T>())
+    }
+
     /// The request id, generated on first use when no plugin set one.
     pub fn request_id(&mut self) -> &HeaderValue {
         self.request_id.get_or_insert_with(request_id::generate)

@@ -192,8 +192,9 @@ impl Window {
         (w, i, f)
     }
 
-    /// The sliding estimate for `key`, and the seconds left in the current window.
-    fn estimate(&self, key: u64) -> (f64, f64) {
+    /// The sliding estimate for `key`, the seconds left in the current window, and the
+    /// current slot (for [`Window::add`], so one request reads the clock once per window).
+    fn estimate(&self, key: u64) -> (f64, f64, usize) {
         let (w, i, f) = self.current();
         let j = 1 - i;
         let prev = if w > 0 && self.holds[j].load(Ordering::Acquire) == w - 1 {
@@ -205,12 +206,12 @@ impl Window {
         (
             prev * (1.0 - f) + curr,
             (1.0 - f) * self.interval_ms as f64 / 1000.0,
+            i,
         )
     }
 
-    fn add(&self, key: u64) {
-        let (_, i, _) = self.current();
-        self.slots[i].incr(key, 1);
+    fn add(&self, slot: usize, key: u64) {
+        self.slots[slot].incr(key, 1);
     }
 }
 
@@ -328,13 +329,13 @@ impl RateLimit {
                 spec,
             } => {
                 let limit = f64::from(self.limit);
-                let (estimate, left) = period.estimate(key);
-                let (in_slice, slice_left) = slice.estimate(key);
+                let (estimate, left, period_slot) = period.estimate(key);
+                let (in_slice, slice_left, slice_slot) = slice.estimate(key);
                 let period_ok = estimate < limit;
                 let ok = period_ok && in_slice < *slice_limit;
                 if ok {
-                    period.add(key);
-                    slice.add(key);
+                    period.add(period_slot, key);
+                    slice.add(slice_slot, key);
                 }
                 // When only the slice refused, room comes back when the slice moves on.
                 let wait = if period_ok { slice_left } else { left };
@@ -353,7 +354,7 @@ impl RateLimit {
                 let (guard, n) = inflight.incr(key, 1);
                 let ok = n <= *max;
                 if ok {
-                    cx.hold.push(Box::new(guard));
+                    cx.keep(self, guard);
                 }
                 Verdict {
                     ok,
@@ -395,7 +396,7 @@ impl Plugin for RateLimit {
         let v = self.check(key, cx);
         if v.ok {
             if self.headers {
-                cx.hold.push(Box::new(Reported(self.header_values(&v))));
+                cx.keep(self, Reported(self.header_values(&v)));
             }
             return Ok(Decision::Continue);
         }
@@ -418,7 +419,7 @@ impl Plugin for RateLimit {
         if resp.status == StatusCode::TOO_MANY_REQUESTS {
             return Ok(());
         }
-        if let Some(r) = cx.hold.iter().find_map(|h| h.downcast_ref::<Reported>()) {
+        if let Some(r) = cx.kept::<_, Reported>(self) {
             for (n, v) in &r.0 {
                 let _ = resp.insert_header(n.clone(), v.clone());
             }
@@ -441,9 +442,10 @@ mod tests {
     #[test]
     fn window_counts_per_key_and_slides() {
         let w = Window::new(Duration::from_secs(3600));
-        w.add(1);
-        w.add(1);
-        w.add(2);
+        let slot = w.estimate(1).2;
+        w.add(slot, 1);
+        w.add(slot, 1);
+        w.add(slot, 2);
         assert_eq!(w.estimate(1).0, 2.0);
         assert_eq!(w.estimate(2).0, 1.0);
         assert_eq!(w.estimate(3).0, 0.0);

@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use serde::de::{self, Deserialize, Deserializer};
 
 // Durations, sizes and CIDRs are plugin config values too; they live in the plugins crate.
-pub use gatehouse_plugins::config::{parse_size, Cidr, Dur, Size};
+pub use gatehouse_plugins::config::{Cidr, Dur, Size};
 
 /// A listen address: an IP literal and a port (`"127.0.0.1:8080"`, `"[::]:443"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -528,7 +528,11 @@ impl Plugin for JwtAuth {
     }
 
     fn phases(&self) -> Phases {
-        Phases::REQUEST.union(Phases::UPSTREAM_REQUEST)
+        if self.inner.claims_to_headers.is_empty() && !self.inner.hide {
+            Phases::REQUEST
+        } else {
+            Phases::REQUEST.union(Phases::UPSTREAM_REQUEST)
+        }
     }
 
     async fn request(&self, s: &mut Session, cx: &mut PluginCtx) -> Result<Decision> {
