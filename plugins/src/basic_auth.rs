@@ -98,7 +98,7 @@ pub struct BasicAuth {
     hide: bool,
     cache_for: u64,
     /// Successful checks by SHA-256(user, password, hash).
-    cache: ExpiringCache<()>,
+    cache: ExpiringCache<[u8; 32], ()>,
     /// Turns for bcrypt on the blocking pool: two per core.
     bcrypt_slots: Arc<tokio::sync::Semaphore>,
 }

@@ -1,20 +1,48 @@
-//! A small bounded cache of results keyed by a SHA-256, each valid until a unix time: verified
-//! tokens and passwords. Sharded by the key's first byte so worker threads rarely meet on one
-//! lock; a full shard drops its expired entries, and if still full, everything (the cost of a
-//! miss is one more verification, never a wrong answer).
+//! A small bounded cache of results, each valid until a unix time: verified tokens (keyed by
+//! the token itself: exact, and cheaper to hash than a SHA-256 of it) and passwords (keyed by a
+//! SHA-256, so no password is kept). Sharded so worker threads rarely meet on one lock; a full
+//! shard drops its expired entries, and if still full, everything (the cost of a miss is one
+//! more verification, never a wrong answer).
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Mutex;
 
 const SHARDS: usize = 16;
 
-type Shard<V> = Mutex<HashMap<[u8; 32], (V, u64)>>;
+/// Picks a key's shard cheaply (the map hashes the key anyway).
+pub trait ShardKey {
+    fn shard(&self) -> usize;
+}
 
-pub struct ExpiringCache<V> {
-    shards: Box<[Shard<V>]>,
+impl ShardKey for [u8; 32] {
+    fn shard(&self) -> usize {
+        usize::from(self[0])
+    }
+}
+
+impl ShardKey for str {
+    /// A token's last bytes are its signature: as spread as any hash.
+    fn shard(&self) -> usize {
+        let b = self.as_bytes();
+        b.len() ^ usize::from(b.last().copied().unwrap_or(0))
+    }
+}
+
+impl ShardKey for Box<str> {
+    fn shard(&self) -> usize {
+        (**self).shard()
+    }
+}
+
+type Shard<K, V> = Mutex<HashMap<K, (V, u64)>>;
+
+pub struct ExpiringCache<K, V> {
+    shards: Box<[Shard<K, V>]>,
     per_shard: usize,
 }
 
-impl<V: Clone> ExpiringCache<V> {
+impl<K: Hash + Eq + ShardKey, V: Clone> ExpiringCache<K, V> {
     pub fn new(capacity: usize) -> Self {
         ExpiringCache {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -22,20 +50,20 @@ impl<V: Clone> ExpiringCache<V> {
         }
     }
 
-    fn shard(&self, key: &[u8; 32]) -> &Shard<V> {
-        &self.shards[usize::from(key[0]) % SHARDS]
-    }
-
     /// The value under `key` if it is still valid at `now`.
-    pub fn get(&self, key: &[u8; 32], now: u64) -> Option<V> {
-        let s = self.shard(key).lock().ok()?;
+    pub fn get<Q>(&self, key: &Q, now: u64) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ShardKey + ?Sized,
+    {
+        let s = self.shards[key.shard() % SHARDS].lock().ok()?;
         s.get(key)
             .filter(|(_, until)| now < *until)
             .map(|(v, _)| v.clone())
     }
 
-    pub fn insert(&self, key: [u8; 32], value: V, until: u64, now: u64) {
-        let Ok(mut s) = self.shard(&key).lock() else {
+    pub fn insert(&self, key: K, value: V, until: u64, now: u64) {
+        let Ok(mut s) = self.shards[key.shard() % SHARDS].lock() else {
             return;
         };
         if s.len() >= self.per_shard {
@@ -61,7 +89,7 @@ mod tests {
 
     #[test]
     fn expires_and_stays_bounded() {
-        let c = ExpiringCache::new(32);
+        let c: ExpiringCache<[u8; 32], &str> = ExpiringCache::new(32);
         c.insert([1; 32], "a", 100, 0);
         assert_eq!(c.get(&[1; 32], 99), Some("a"));
         assert_eq!(c.get(&[1; 32], 100), None);

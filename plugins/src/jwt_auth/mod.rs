@@ -13,7 +13,7 @@
 //! error="invalid_token"`; a good token without the route's `required_scopes` or
 //! `required_claims` is 403 with `error="insufficient_scope"`.
 //!
-//! Verified tokens are remembered by SHA-256 until their expiry (bounded), so a client reusing
+//! Verified tokens are remembered (by the token itself) until their expiry (bounded), so a client reusing
 //! its token costs a hash, not an RSA verification.
 //!
 //! ```toml
@@ -45,7 +45,6 @@ use pingora_proxy::Session;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 mod keys;
 
@@ -224,8 +223,8 @@ struct Inner {
     hide: bool,
     leeway: u64,
     validate_exp: bool,
-    /// Verified tokens by SHA-256, until their expiry.
-    cache: ExpiringCache<Claims>,
+    /// Verified tokens, until their expiry.
+    cache: ExpiringCache<Box<str>, Claims>,
 }
 
 pub struct JwtAuth {
@@ -307,7 +306,7 @@ impl JwtAuth {
                 hide: c.hide_credentials,
                 leeway,
                 validate_exp: c.validate_exp,
-                cache: ExpiringCache::new(16_384),
+                cache: ExpiringCache::new(8_192),
             }),
         }
     }
@@ -466,13 +465,13 @@ impl Inner {
     }
 
     /// Remembers a verified token until it expires (a minute for tokens without `exp`).
-    fn remember(&self, fp: [u8; 32], claims: Claims, now: u64) {
+    fn remember(&self, token: &str, claims: Claims, now: u64) {
         let until = match claims.get("exp").and_then(Value::as_u64) {
             Some(exp) => exp.saturating_add(self.leeway),
             None if !self.validate_exp => now + 60,
             None => return,
         };
-        self.cache.insert(fp, claims, until, now);
+        self.cache.insert(token.into(), claims, until, now);
     }
 }
 
@@ -545,16 +544,15 @@ impl Plugin for JwtAuth {
                 challenge(None),
             ));
         };
-        let fp: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = unix_now();
-        let claims = match inner.cache.get(&fp, now) {
+        let claims = match inner.cache.get(token, now) {
             Some(c) => c,
             None => {
                 let token = token.to_string();
                 match inner.verify(&token).await {
                     Ok(c) => {
                         let c = Arc::new(c);
-                        inner.remember(fp, c.clone(), now);
+                        inner.remember(&token, c.clone(), now);
                         c
                     }
                     Err(why) => {
