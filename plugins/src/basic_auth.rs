@@ -34,17 +34,13 @@ fn default_realm() -> String {
     "gatehouse".into()
 }
 
-fn yes() -> bool {
-    true
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub htpasswd_file: PathBuf,
     #[serde(default = "default_realm")]
     pub realm: String,
-    #[serde(default = "yes")]
+    #[serde(default = "crate::config::default_true")]
     pub hide_credentials: bool,
     pub cache_for: Option<Dur>,
     #[serde(skip)]

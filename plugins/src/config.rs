@@ -120,6 +120,12 @@ impl PluginConfig {
     }
 }
 
+/// `#[serde(default = "crate::config::default_true")]`: for switches that are on unless
+/// turned off.
+pub(crate) fn default_true() -> bool {
+    true
+}
+
 /// A header name, checked and lower-cased at load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderNameConf(pub HeaderName);

@@ -33,10 +33,6 @@ fn default_consumer_header() -> HeaderNameConf {
     HeaderNameConf(HeaderName::from_static("x-consumer"))
 }
 
-fn yes() -> bool {
-    true
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -47,7 +43,7 @@ pub struct Config {
     pub keys_file: Option<PathBuf>,
     #[serde(default = "default_consumer_header")]
     pub consumer_header: HeaderNameConf,
-    #[serde(default = "yes")]
+    #[serde(default = "crate::config::default_true")]
     pub hide_credentials: bool,
     /// Filled by `prepare`: every consumer with its key hash.
     #[serde(skip)]

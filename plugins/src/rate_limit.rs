@@ -440,7 +440,7 @@ mod tests {
     }
 
     #[test]
-    fn window_counts_per_key_and_slides() {
+    fn window_counts_per_key() {
         let w = Window::new(Duration::from_secs(3600));
         let slot = w.estimate(1).2;
         w.add(slot, 1);

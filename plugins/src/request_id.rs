@@ -33,18 +33,14 @@ const MAX_INCOMING_LEN: usize = 128;
 pub struct Config {
     #[serde(default = "default_header")]
     pub header: HeaderNameConf,
-    #[serde(default = "yes")]
+    #[serde(default = "crate::config::default_true")]
     pub trust_incoming: bool,
-    #[serde(default = "yes")]
+    #[serde(default = "crate::config::default_true")]
     pub echo: bool,
 }
 
 fn default_header() -> HeaderNameConf {
     HeaderNameConf(HeaderName::from_static("x-request-id"))
-}
-
-fn yes() -> bool {
-    true
 }
 
 pub struct RequestId {

@@ -88,10 +88,6 @@ impl OneOrMany {
     }
 }
 
-fn yes() -> bool {
-    true
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -108,7 +104,7 @@ pub struct Config {
     pub audience: Option<OneOrMany>,
     pub leeway: Option<Dur>,
     /// Require and check `exp` (on by default; off only for tokens that never expire).
-    #[serde(default = "yes")]
+    #[serde(default = "crate::config::default_true")]
     pub validate_exp: bool,
     #[serde(default)]
     pub required_scopes: Vec<String>,
