@@ -136,17 +136,18 @@ concurrency = 2
     );
 
     // A refusal carries Retry-After and the RateLimit headers.
-    let r = loop {
-        let r = client()
-            .get(&url)
-            .header("x-user", "carol")
-            .send()
-            .await
-            .unwrap();
+    // One client, reused: making a client per request (TLS roots loaded each time) is slow
+    // enough on a busy machine to stay under the limit forever. Bounded either way.
+    let c = client();
+    let mut refused = None;
+    for _ in 0..1000 {
+        let r = c.get(&url).header("x-user", "carol").send().await.unwrap();
         if r.status() == 429 {
-            break r;
+            refused = Some(r);
+            break;
         }
-    };
+    }
+    let r = refused.expect("no 429 within 1000 requests at a limit of 50/s");
     let h = r.headers();
     assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
     assert_eq!(h["ratelimit-limit"], "50");
