@@ -204,6 +204,10 @@ fn normalize_host<'a>(host: &'a str, buf: &'a mut [u8; 256]) -> Option<&'a str> 
 /// Resolves `.` and `..` segments (RFC 3986 §5.2.4) so `/public/../admin` is routed, and sent,
 /// as `/admin`. Borrows when there is nothing to resolve, which is nearly always.
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    // Most paths hold no dot at all (and no `%` for an encoded one): one byte scan decides.
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return Cow::Borrowed(path);
+    }
     let has_dots = path.split('/').any(|s| {
         s == "." || s == ".." || s.eq_ignore_ascii_case("%2e") || s.eq_ignore_ascii_case("%2e%2e")
     });

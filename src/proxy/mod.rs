@@ -66,6 +66,10 @@ fn hop_by_hop(
                 .iter()
                 .filter_map(|v| v.to_str().ok())
             {
+                // The usual value names no header: skip the token walk.
+                if v.eq_ignore_ascii_case("keep-alive") || v.eq_ignore_ascii_case("close") {
+                    continue;
+                }
                 for t in v.split(',').map(str::trim) {
                     let skip = t.is_empty()
                         || t.eq_ignore_ascii_case("close")
