@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use gatehouse_plugins::{Chain, Plugin};
 use ipnet::IpNet;
 
-use crate::config::{Config, Route};
+use crate::config::{Config, ForwardedHeaders, Route};
 use crate::router::{RouteId, Router};
 use crate::upstream::Pool;
 
@@ -17,6 +17,7 @@ pub type Live = Arc<ArcSwap<Runtime>>;
 pub struct GatewayRt {
     pub name: Arc<str>,
     pub tls: bool,
+    pub forwarded: ForwardedHeaders,
     pub routes: Vec<Route>,
     pub route_names: Vec<Arc<str>>,
     /// Mirrors in flight, per route (bounded by the route's `mirror.max_in_flight`).
@@ -68,6 +69,7 @@ impl Runtime {
             gateways.push(GatewayRt {
                 name: g.name.as_str().into(),
                 tls: g.tls.is_some(),
+                forwarded: g.forwarded,
                 router: Router::new(&g.routes),
                 route_names: g
                     .routes

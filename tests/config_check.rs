@@ -193,6 +193,7 @@ circuit_breaker = { error_ratio = 1.5 }
 
 [gateways.g]
 listen = ["127.0.0.1:1"]
+forwarded_headers = ["for", "port"]
 
 [[routes]]
 path = "/s"
@@ -221,9 +222,13 @@ fn upstream_and_route_policy_errors() {
             "upstream \"b\": `retry_budget` is a percentage from 1 to 100",
         ),
         (10, "upstream \"b\": `error_ratio` must be in (0, 1]"),
-        (17, "route \"#1\": unknown upstream \"nope\""),
-        (22, "route \"#2\": `sticky` only applies with `split`"),
-        (23, "route \"#2\": mirror `percent` must be from 0 to 100"),
+        (
+            14,
+            "gateway \"g\": unknown forwarded header \"port\": expected \"for\", \"proto\" or \"host\"",
+        ),
+        (18, "route \"#1\": unknown upstream \"nope\""),
+        (23, "route \"#2\": `sticky` only applies with `split`"),
+        (24, "route \"#2\": mirror `percent` must be from 0 to 100"),
     ] {
         let found = out
             .lines()

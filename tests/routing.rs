@@ -45,6 +45,7 @@ listen = ["127.0.0.1:{gw}"]
 plugins = ["chain-gateway"]
 [gateways.mobile]
 listen = ["127.0.0.1:{gw2}"]
+forwarded_headers = ["for"]
 
 [[routes]]
 name = "catch-all"
@@ -313,6 +314,26 @@ async fn bff_gateways_have_their_own_routes() {
     assert_eq!(body["status"], 404);
     assert_eq!(body["request_id"], h["x-request-id"].to_str().unwrap());
     assert_eq!(h["content-type"], "application/json");
+}
+
+#[tokio::test]
+async fn forwarded_headers_left_out_are_neither_set_nor_passed() {
+    let s = setup().await;
+    // The mobile gateway sends X-Forwarded-For only; a client's own -Proto/-Host are dropped
+    // (it is not a trusted proxy), its -For replaced.
+    let (status, _, body) = get(
+        &format!("{}/m/x", s.mobile),
+        &[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen(&body, "x-forwarded-for"), vec!["127.0.0.1"]);
+    assert!(seen(&body, "x-forwarded-proto").is_empty(), "{body}");
+    assert!(seen(&body, "x-forwarded-host").is_empty(), "{body}");
 }
 
 #[tokio::test]

@@ -260,6 +260,28 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             }
         });
         let plugins = plugin_refs(&mut ld, &g.plugins, &plugin_names, &ctx);
+        let mut forwarded = ForwardedHeaders::default();
+        if let Some(list) = &g.forwarded_headers {
+            forwarded = ForwardedHeaders {
+                for_: false,
+                proto: false,
+                host: false,
+            };
+            for h in list {
+                match h.get_ref().as_str() {
+                    "for" => forwarded.for_ = true,
+                    "proto" => forwarded.proto = true,
+                    "host" => forwarded.host = true,
+                    other => ld.err(
+                        h.span(),
+                        &ctx,
+                        format!(
+                            "unknown forwarded header \"{other}\": expected \"for\", \"proto\" or \"host\""
+                        ),
+                    ),
+                }
+            }
+        }
         gateway_names.insert(name.get_ref().clone(), Some(gateways.len()));
         gateways.push(Gateway {
             name: name.into_inner(),
@@ -270,6 +292,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
                 .map(|a| a.into_inner().0)
                 .collect(),
             tls,
+            forwarded,
             plugins,
             routes: Vec::new(),
         });

@@ -151,6 +151,7 @@ pub struct GatewayFile {
     pub tls: Option<TlsFile>,
     #[serde(default)]
     pub plugins: Vec<Spanned<String>>,
+    pub forwarded_headers: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -162,11 +162,31 @@ pub struct Tls {
     pub h2: bool,
 }
 
+/// Which X-Forwarded-* headers a gateway adds (`forwarded_headers`). One left out is still
+/// removed from requests of untrusted peers: off means "not sent", never "client's value".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardedHeaders {
+    pub for_: bool,
+    pub proto: bool,
+    pub host: bool,
+}
+
+impl Default for ForwardedHeaders {
+    fn default() -> Self {
+        ForwardedHeaders {
+            for_: true,
+            proto: true,
+            host: true,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Gateway {
     pub name: String,
     pub listen: Vec<SocketAddr>,
     pub tls: Option<Tls>,
+    pub forwarded: ForwardedHeaders,
     pub plugins: Vec<usize>,
     pub routes: Vec<Route>,
 }

@@ -10,6 +10,8 @@ use http::HeaderValue;
 use ipnet::IpNet;
 use pingora_http::RequestHeader;
 
+use crate::config::ForwardedHeaders;
+
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -71,15 +73,35 @@ fn push_ip(buf: &mut String, ip: IpAddr) {
     }
 }
 
-/// Sets X-Forwarded-For/-Proto/-Host on the request to the upstream.
+/// Sets X-Forwarded-For/-Proto/-Host on the request to the upstream, those `which` allows.
+/// One not allowed is removed unless the peer is trusted: the upstream never gets a client's
+/// own value for a header it may believe came from the gateway.
 pub fn set_headers(
     req: &mut RequestHeader,
+    which: ForwardedHeaders,
     peer: Option<IpAddr>,
     peer_trusted: bool,
     tls: bool,
 ) -> pingora_error::Result<()> {
     use pingora_error::{ErrorType::InternalError, OrErr};
-    if let Some(peer) = peer {
+    let off = [
+        (!which.for_, &X_FORWARDED_FOR),
+        (!which.proto, &X_FORWARDED_PROTO),
+        (!which.host, &X_FORWARDED_HOST),
+    ];
+    // One pass over the few names a request has costs less than a hash lookup per header.
+    let spoofed = !peer_trusted
+        && off.iter().any(|(o, _)| *o)
+        && req
+            .headers
+            .keys()
+            .any(|k| off.iter().any(|(o, name)| *o && k == *name));
+    if spoofed {
+        for (_, name) in off.iter().filter(|(o, _)| *o) {
+            req.remove_header(*name);
+        }
+    }
+    if let Some(peer) = peer.filter(|_| which.for_) {
         let mut buf = String::with_capacity(48);
         if peer_trusted {
             for v in req.headers.get_all(&X_FORWARDED_FOR) {
@@ -96,12 +118,12 @@ pub fn set_headers(
         req.insert_header(XFF_CASED, v)
             .or_err(InternalError, "x-forwarded-for")?;
     }
-    if !(peer_trusted && req.headers.contains_key(&X_FORWARDED_PROTO)) {
+    if which.proto && !(peer_trusted && req.headers.contains_key(&X_FORWARDED_PROTO)) {
         let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
         req.insert_header(XFP_CASED, proto)
             .or_err(InternalError, "x-forwarded-proto")?;
     }
-    if !(peer_trusted && req.headers.contains_key(&X_FORWARDED_HOST)) {
+    if which.host && !(peer_trusted && req.headers.contains_key(&X_FORWARDED_HOST)) {
         let host = req
             .uri
             .authority()
@@ -167,17 +189,81 @@ mod tests {
         let mut r = req(&["6.6.6.6"]);
         r.insert_header("x-forwarded-proto", "https").unwrap();
         r.insert_header("host", "a.example").unwrap();
-        set_headers(&mut r, Some("192.0.2.1".parse().unwrap()), false, false).unwrap();
+        set_headers(
+            &mut r,
+            ForwardedHeaders::default(),
+            Some("192.0.2.1".parse().unwrap()),
+            false,
+            false,
+        )
+        .unwrap();
         assert_eq!(r.headers.get("x-forwarded-for").unwrap(), "192.0.2.1");
         assert_eq!(r.headers.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(r.headers.get("x-forwarded-host").unwrap(), "a.example");
 
         let mut r = req(&["6.6.6.6"]);
-        set_headers(&mut r, Some("10.0.0.1".parse().unwrap()), true, true).unwrap();
+        set_headers(
+            &mut r,
+            ForwardedHeaders::default(),
+            Some("10.0.0.1".parse().unwrap()),
+            true,
+            true,
+        )
+        .unwrap();
         assert_eq!(
             r.headers.get("x-forwarded-for").unwrap(),
             "6.6.6.6, 10.0.0.1"
         );
         assert_eq!(r.headers.get("x-forwarded-proto").unwrap(), "https");
+    }
+
+    #[test]
+    fn headers_left_out_are_not_sent_nor_passed_from_untrusted_peers() {
+        let none = ForwardedHeaders {
+            for_: false,
+            proto: false,
+            host: false,
+        };
+        let spoofed = || {
+            let mut r = req(&["6.6.6.6"]);
+            r.insert_header("x-forwarded-proto", "https").unwrap();
+            r.insert_header("x-forwarded-host", "evil.example").unwrap();
+            r.insert_header("host", "a.example").unwrap();
+            r
+        };
+        let mut r = spoofed();
+        set_headers(
+            &mut r,
+            none,
+            Some("192.0.2.1".parse().unwrap()),
+            false,
+            false,
+        )
+        .unwrap();
+        for h in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
+            assert!(r.headers.get(h).is_none(), "{h} must not pass");
+        }
+        assert_eq!(r.headers.get("host").unwrap(), "a.example");
+
+        // Only X-Forwarded-For: it is set, the other two are dropped.
+        let only_for = ForwardedHeaders { for_: true, ..none };
+        let mut r = spoofed();
+        set_headers(
+            &mut r,
+            only_for,
+            Some("192.0.2.1".parse().unwrap()),
+            false,
+            false,
+        )
+        .unwrap();
+        assert_eq!(r.headers.get("x-forwarded-for").unwrap(), "192.0.2.1");
+        assert!(r.headers.get("x-forwarded-proto").is_none());
+        assert!(r.headers.get("x-forwarded-host").is_none());
+
+        // A trusted proxy's values pass untouched.
+        let mut r = spoofed();
+        set_headers(&mut r, none, Some("10.0.0.1".parse().unwrap()), true, false).unwrap();
+        assert_eq!(r.headers.get("x-forwarded-for").unwrap(), "6.6.6.6");
+        assert_eq!(r.headers.get("x-forwarded-host").unwrap(), "evil.example");
     }
 }

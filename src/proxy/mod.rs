@@ -152,7 +152,7 @@ impl GatewayProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let trusted = peer_ip.is_some_and(|ip| forwarded::is_trusted(&rt.trusted_proxies, ip));
-        forwarded::set_headers(upstream, peer_ip, trusted, gw.tls)?;
+        forwarded::set_headers(upstream, gw.forwarded, peer_ip, trusted, gw.tls)?;
 
         gw.chains[*id]
             .upstream_request(session, upstream, plugins)
