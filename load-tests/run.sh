@@ -9,7 +9,9 @@
 # Fronts, each with one worker: the upstream directly (the ceiling), nginx as a reverse proxy
 # with upstream keep-alive, bare Pingora (load-tests/bare-pingora), bare Pingora doing the
 # per-request work any gateway must do through Pingora's API (X-Forwarded-*, Host, timeouts:
-# `--gateway-work`), Gatehouse. The upstream is a
+# `--gateway-work`), Gatehouse, and Gatehouse with `forwarded_headers = []` (the same work as bare
+# Pingora; `plain` only). Paired per-round ratios of the like-for-like fronts follow the table.
+# The upstream is a
 # separate nginx (`return 200`, 5-byte body; a 1 MB file for `large`). Prints a markdown table
 # (req/s, p50, p99, proxy CPU µs per request from /proc, ratios to nginx) and writes it to
 # load-tests/results/.
@@ -45,7 +47,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
-GHPLUG=18310 BAREGW=18311
+GHPLUG=18310 BAREGW=18311 GHFWD=18312
 hz=$(getconf CLK_TCK)
 head -c 1048576 /dev/zero | tr '\0' 'x' > "$work/1m.bin"
 
@@ -97,6 +99,8 @@ upstream="upstream up { server 127.0.0.1:$UP; keepalive 256; keepalive_requests 
 nginx_conf "$work/up" $UP "server { listen 127.0.0.1:$UP; listen 127.0.0.1:$UP2; location = /1m { alias $work/1m.bin; } location / { return 200 hello; } }"
 nginx_conf "$work/ngx" $NGX "$upstream server { listen 127.0.0.1:$NGX; location / { $NGX_PROXY proxy_buffers 64 16k; } }"
 gatehouse_conf $GH "$(printf '[[routes]]\nupstream = "up"\n')" > "$work/gh.toml"
+# Gatehouse doing what bare Pingora does (forward only, Host kept): the like-for-like pair.
+gatehouse_conf $GHFWD "$(printf 'forwarded_headers = []\n[[routes]]\nupstream = "up"\n')" > "$work/ghfwd.toml"
 
 start() { "$@" & pids+=($!); }
 start nginx -p "$work/up" -c "$work/up/nginx.conf"
@@ -105,7 +109,8 @@ start nginx -p "$work/ngx" -c "$work/ngx/nginx.conf"
 start "$bare" 127.0.0.1:$BARE 127.0.0.1:$UP 1
 start "$bare" 127.0.0.1:$BAREGW 127.0.0.1:$UP 1 --gateway-work
 RUST_LOG=error start "$gh" run -c "$work/gh.toml"
-ports="$UP $NGX $BARE $BAREGW $GH"
+RUST_LOG=error start "$gh" run -c "$work/ghfwd.toml"
+ports="$UP $NGX $BARE $BAREGW $GH $GHFWD"
 if [ "$scenario" = all ] || [ "$scenario" = routes ]; then
   ports="$ports $NGX10K $GH10K"
   nginx_conf "$work/ngx10k" $NGX10K "$upstream server { listen 127.0.0.1:$NGX10K; $(routes_locations 10000) location / { $NGX_PROXY proxy_buffers 64 16k; } }"
@@ -215,7 +220,9 @@ run_plain() {
     for r in $(seq "$ROUNDS"); do
       measure plain "upstream direct" $UP "$c" /
       measure plain nginx $NGX "$c" /
+      # Like-for-like pairs run back to back.
       measure plain "bare pingora" $BARE "$c" /
+      measure plain "gatehouse, forwarded_headers = []" $GHFWD "$c" /
       measure plain "bare pingora + X-Forwarded/Host/timeouts" $BAREGW "$c" /
       measure plain gatehouse $GH "$c" /
     done
@@ -321,6 +328,28 @@ for (sc, front, c), v in groups.items():
     r2 = f"{cpu / b[1]:.2f}" if b[1] and cpu else ""
     cpu_s = f"{cpu:.1f}" if cpu is not None else "-"
     print(f"| {sc} | {front} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {cpu_s} | {r1} | {r2} |")
+print()
+# Like-for-like pairs, from the same rounds: the ratio of each round, then their median (rounds
+# alternate, so a pair ran seconds apart; the median of pair ratios shrugs off a noisy round).
+pairs = [("gatehouse, forwarded_headers = []", "bare pingora", "Gatehouse forwarding only ÷ bare Pingora (same work)"),
+         ("gatehouse", "bare pingora + X-Forwarded/Host/timeouts", "Gatehouse ÷ bare Pingora + X-Forwarded-* (same work)"),
+         ("gatehouse", "bare pingora", "Gatehouse (default X-Forwarded-*) ÷ bare Pingora (forwards only)")]
+lines = []
+for a, b, label in pairs:
+    for (sc, front, c), v in groups.items():
+        if sc != "plain" or front != a or (sc, b, c) not in groups:
+            continue
+        w = groups[(sc, b, c)]
+        rr = [num(x[0]) / num(y[0]) for x, y in zip(v, w) if num(x[0]) and num(y[0])]
+        cr = [num(x[3]) / num(y[3]) for x, y in zip(v, w) if num(x[3]) and num(y[3])]
+        if rr:
+            per = ", ".join(f"{r:.2f}" for r in rr)
+            lines.append(f"- {label}, c{c}: req/s {statistics.median(rr):.3f} (rounds: {per}), "
+                         f"CPU/req {statistics.median(cr):.3f}")
+if lines:
+    print("Paired ratios (median of per-round ratios):")
+    print()
+    print("\n".join(lines))
 PY
 )
 mkdir -p load-tests/results

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# User-space instructions per request, by callgrind: figures that do not move with the host's
+# neighbours (req/s here moves 2x within minutes). Each front runs twice under valgrind, for
+# 300 and for 1300 keep-alive requests over 5 connections; the difference of the two totals
+# divided by 1000 is the cost of one request, start-up and shutdown cancelled out.
+#
+#   load-tests/profile.sh            # about 6 minutes on 2 cores, after the release build
+#
+# Fronts: bare Pingora (only forwards), bare Pingora + X-Forwarded-*/Host/timeouts, Gatehouse
+# (one route, defaults), Gatehouse with forwarded_headers = [] (the same work as bare Pingora).
+# Writes a markdown table to load-tests/results/DATE-profile.md; the callgrind files stay in
+# $KEEP when it is set (for callgrind_annotate).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+scripts/bootstrap.sh
+cargo build --release -q -p gatehouse -p bare-pingora
+gh=target/release/gatehouse
+bare=target/release/bare-pingora
+
+work=$(mktemp -d)
+chmod 755 "$work"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+UP=18351 FRONT=18352
+
+mkdir -p "$work/up"
+cat > "$work/up/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $work/up/nginx.pid; error_log $work/up/error.log;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000;
+  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
+  uwsgi_temp_path $work; scgi_temp_path $work;
+  server { listen 127.0.0.1:$UP; location / { return 200 hello; } } }
+CONF
+nginx -p "$work/up" -c "$work/up/nginx.conf" & pids+=($!)
+
+gh_conf() { # extra gateway lines
+  cat <<CONF
+[server]
+threads = 1
+[upstreams.up]
+peers = ["127.0.0.1:$UP"]
+[gateways.bench]
+listen = ["127.0.0.1:$FRONT"]
+$1
+[[routes]]
+upstream = "up"
+CONF
+}
+gh_conf "" > "$work/gh.toml"
+gh_conf "forwarded_headers = []" > "$work/ghfwd.toml"
+
+cat > "$work/client.py" <<'PY'
+import http.client, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+deadline = time.time() + 60
+while True:  # wait for the front (valgrind starts slowly), at most a minute
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        c.request("GET", "/"); c.getresponse().read(); c.close()
+        break
+    except OSError:
+        if time.time() > deadline:
+            sys.exit("front did not come up")
+        time.sleep(0.3)
+conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(5)]
+for i in range(n):
+    c = conns[i % 5]
+    c.request("GET", "/")
+    r = c.getresponse(); r.read()
+    if r.status != 200:
+        sys.exit(f"status {r.status}")
+PY
+
+total() { # callgrind file -> total instructions
+  awk '/^summary:/ {print $2; exit} /^totals:/ {print $2; exit}' "$1"
+}
+rows="$work/rows"
+: > "$rows"
+profile() { # label command...
+  local label=$1; shift
+  local counts=()
+  for n in 300 1300; do
+    local out="$work/cg.$n"
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >/dev/null 2>"$work/vg.err" &
+    local vp=$!
+    python3 "$work/client.py" $FRONT $n
+    kill -INT $vp; wait $vp || true
+    counts+=("$(total "$out")")
+    if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$out" "$KEEP/$(echo "$label" | tr -c 'a-zA-Z0-9\n' '_').$n"; fi
+  done
+  local per
+  per=$(( (counts[1] - counts[0]) / 1000 ))
+  echo "$label|$per" >> "$rows"
+  echo "  $label: $per instructions per request" >&2
+}
+
+profile "bare pingora (only forwards)" "$bare" 127.0.0.1:$FRONT 127.0.0.1:$UP 1
+profile "bare pingora + X-Forwarded/Host/timeouts" "$bare" 127.0.0.1:$FRONT 127.0.0.1:$UP 1 --gateway-work
+profile "gatehouse, forwarded_headers = []" "$gh" run -c "$work/ghfwd.toml"
+profile "gatehouse (defaults: X-Forwarded-For/-Proto/-Host)" "$gh" run -c "$work/gh.toml"
+
+mkdir -p load-tests/results
+out="load-tests/results/$(date -u +%Y%m%d-%H%M%S)-profile.md"
+{
+  echo "# load-tests/profile.sh — $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "callgrind, user-space instructions per request: (1300 − 300 keep-alive requests over 5 connections) ÷ 1000; one worker thread; upstream nginx return 200 (5 bytes)."
+  echo
+  echo "| front | instructions/request | ÷ bare pingora |"
+  echo "|---|---|---|"
+  base=$(head -1 "$rows" | cut -d'|' -f2)
+  while IFS='|' read -r label per; do
+    echo "| $label | $per | $(awk -v a="$per" -v b="$base" 'BEGIN { printf "%.3f", a / b }') |"
+  done < "$rows"
+} > "$out"
+echo
+cat "$out"
+echo
+echo "written to $out"
