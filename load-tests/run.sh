@@ -47,7 +47,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
-GHPLUG=18310 BAREGW=18311 GHFWD=18312
+GHPLUG=18310 BAREGW=18311 GHFWD=18312 NGX10=18313 GH10=18314
 hz=$(getconf CLK_TCK)
 head -c 1048576 /dev/zero | tr '\0' 'x' > "$work/1m.bin"
 
@@ -69,13 +69,13 @@ CONF
 # (Gatehouse always sets them), so both fronts do the same work per request.
 NGX_PROXY='proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host;'
 
-routes_locations() { # n -> nginx locations proxying to the upstream
-  for i in $(seq 0 $(($1 - 1))); do
+routes_locations() { # n [first] -> nginx locations proxying to the upstream
+  for i in $(seq "${2:-0}" $((${2:-0} + $1 - 1))); do
     echo "location /svc$i/ { $NGX_PROXY }"
   done
 }
-routes_toml() { # n -> gatehouse routes
-  for i in $(seq 0 $(($1 - 1))); do
+routes_toml() { # n [first] -> gatehouse routes
+  for i in $(seq "${2:-0}" $((${2:-0} + $1 - 1))); do
     printf '[[routes]]\npath = "/svc%d"\nupstream = "up"\n' "$i"
   done
 }
@@ -112,7 +112,13 @@ RUST_LOG=error start "$gh" run -c "$work/gh.toml"
 RUST_LOG=error start "$gh" run -c "$work/ghfwd.toml"
 ports="$UP $NGX $BARE $BAREGW $GH $GHFWD"
 if [ "$scenario" = all ] || [ "$scenario" = routes ]; then
-  ports="$ports $NGX10K $GH10K"
+  # 10 routes (/svc7770 ... /svc7779) and 10,000 (/svc0 ... /svc9999): /svc7777/items matches
+  # in both.
+  ports="$ports $NGX10 $GH10 $NGX10K $GH10K"
+  nginx_conf "$work/ngx10" $NGX10 "$upstream server { listen 127.0.0.1:$NGX10; $(routes_locations 10 7770) location / { $NGX_PROXY proxy_buffers 64 16k; } }"
+  gatehouse_conf $GH10 "$(routes_toml 10 7770)" > "$work/gh10.toml"
+  start nginx -p "$work/ngx10" -c "$work/ngx10/nginx.conf"
+  RUST_LOG=error start "$gh" run -c "$work/gh10.toml"
   nginx_conf "$work/ngx10k" $NGX10K "$upstream server { listen 127.0.0.1:$NGX10K; $(routes_locations 10000) location / { $NGX_PROXY proxy_buffers 64 16k; } }"
   gatehouse_conf $GH10K "$(routes_toml 10000)" > "$work/gh10k.toml"
   start nginx -p "$work/ngx10k" -c "$work/ngx10k/nginx.conf"
@@ -171,7 +177,7 @@ ROUTES
   printf 'wrk.headers["Authorization"] = "Bearer %s"\n' "$token" > "$work/jwt.lua"
 fi
 for p in $ports; do
-  for _ in $(seq 300); do (echo >/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 300); do (: </dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
 
 size=$(python3 -c "import urllib.request,sys; print(len(urllib.request.urlopen('http://127.0.0.1:$UP/1m').read()))" 2>&1 || true)
@@ -230,9 +236,9 @@ run_plain() {
 }
 run_routes() {
   for r in $(seq "$ROUNDS"); do
-    measure routes "nginx, 1 location" $NGX 50 /svc7777/items
+    measure routes "nginx, 10 locations" $NGX10 50 /svc7777/items
     measure routes "nginx, 10,000 locations" $NGX10K 50 /svc7777/items
-    measure routes "gatehouse, 1 route" $GH 50 /svc7777/items
+    measure routes "gatehouse, 10 routes" $GH10 50 /svc7777/items
     measure routes "gatehouse, 10,000 routes" $GH10K 50 /svc7777/items
   done
 }
@@ -331,13 +337,15 @@ for (sc, front, c), v in groups.items():
 print()
 # Like-for-like pairs, from the same rounds: the ratio of each round, then their median (rounds
 # alternate, so a pair ran seconds apart; the median of pair ratios shrugs off a noisy round).
-pairs = [("gatehouse, forwarded_headers = []", "bare pingora", "Gatehouse forwarding only ÷ bare Pingora (same work)"),
-         ("gatehouse", "bare pingora + X-Forwarded/Host/timeouts", "Gatehouse ÷ bare Pingora + X-Forwarded-* (same work)"),
-         ("gatehouse", "bare pingora", "Gatehouse (default X-Forwarded-*) ÷ bare Pingora (forwards only)")]
+pairs = [("plain", "gatehouse, forwarded_headers = []", "bare pingora", "Gatehouse forwarding only ÷ bare Pingora (same work)"),
+         ("plain", "gatehouse", "bare pingora + X-Forwarded/Host/timeouts", "Gatehouse ÷ bare Pingora + X-Forwarded-* (same work)"),
+         ("plain", "gatehouse", "bare pingora", "Gatehouse (default X-Forwarded-*) ÷ bare Pingora (forwards only)"),
+         ("routes", "gatehouse, 10,000 routes", "gatehouse, 10 routes", "Gatehouse 10,000 routes ÷ 10 routes"),
+         ("routes", "nginx, 10,000 locations", "nginx, 10 locations", "nginx 10,000 locations ÷ 10 locations")]
 lines = []
-for a, b, label in pairs:
+for scenario, a, b, label in pairs:
     for (sc, front, c), v in groups.items():
-        if sc != "plain" or front != a or (sc, b, c) not in groups:
+        if sc != scenario or front != a or (sc, b, c) not in groups:
             continue
         w = groups[(sc, b, c)]
         rr = [num(x[0]) / num(y[0]) for x, y in zip(v, w) if num(x[0]) and num(y[0])]
