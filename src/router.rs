@@ -201,6 +201,26 @@ fn normalize_host<'a>(host: &'a str, buf: &'a mut [u8; 256]) -> Option<&'a str> 
     std::str::from_utf8(out).ok()
 }
 
+/// 1 for a `.` segment, 2 for `..`, each dot written plain or as `%2e`/`%2E` in any mix
+/// (`.%2e`, `%2E.`): an upstream that decodes the path sees a dot segment in all of them, so
+/// routing must too, or `/public/.%2e/admin` would pass as a `/public` request.
+fn dots(seg: &str) -> Option<u8> {
+    let b = seg.as_bytes();
+    let (mut i, mut n) = (0, 0u8);
+    while i < b.len() && n < 3 {
+        if b[i] == b'.' {
+            i += 1;
+        } else if b.len() - i >= 3 && b[i] == b'%' && b[i + 1] == b'2' && (b[i + 2] | 0x20) == b'e'
+        {
+            i += 3;
+        } else {
+            return None;
+        }
+        n += 1;
+    }
+    (i == b.len() && (1..=2).contains(&n)).then_some(n)
+}
+
 /// Resolves `.` and `..` segments (RFC 3986 §5.2.4) so `/public/../admin` is routed, and sent,
 /// as `/admin`. Borrows when there is nothing to resolve, which is nearly always.
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
@@ -208,9 +228,7 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     if !path.bytes().any(|b| b == b'.' || b == b'%') {
         return Cow::Borrowed(path);
     }
-    let has_dots = path.split('/').any(|s| {
-        s == "." || s == ".." || s.eq_ignore_ascii_case("%2e") || s.eq_ignore_ascii_case("%2e%2e")
-    });
+    let has_dots = path.split('/').any(|s| dots(s).is_some());
     if !has_dots {
         return Cow::Borrowed(path);
     }
@@ -219,11 +237,10 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     let last = segs.len().saturating_sub(1);
     let mut trailing_slash = false;
     for (i, s) in segs.iter().enumerate() {
-        let dot = *s == "." || s.eq_ignore_ascii_case("%2e");
-        let dotdot = *s == ".." || s.eq_ignore_ascii_case("%2e%2e");
-        if dot {
+        let kind = dots(s);
+        if kind == Some(1) {
             trailing_slash = i == last;
-        } else if dotdot {
+        } else if kind == Some(2) {
             out.pop();
             trailing_slash = i == last;
         } else {
@@ -377,6 +394,16 @@ upstream = "u"
         assert_eq!(normalize_path("/a/./b/."), "/a/b/");
         assert_eq!(normalize_path("/../../x"), "/x");
         assert_eq!(normalize_path("/a/%2E%2E/b"), "/b");
+        // Mixed spellings are dot segments too.
+        assert_eq!(normalize_path("/public/.%2e/admin"), "/admin");
+        assert_eq!(normalize_path("/public/%2E./admin"), "/admin");
+        assert_eq!(normalize_path("/a/%2e/b"), "/a/b");
+        // Not dot segments: three dots, dots with other characters, a bare or cut escape.
+        assert_eq!(normalize_path("/a/.../b"), "/a/.../b");
+        assert_eq!(normalize_path("/a/..x/b"), "/a/..x/b");
+        assert_eq!(normalize_path("/a/%2/b"), "/a/%2/b");
+        assert_eq!(normalize_path("/a/%2f/b"), "/a/%2f/b");
+        assert_eq!(normalize_path("/v1.2/x"), "/v1.2/x");
         assert_eq!(normalize_path("/.."), "/");
     }
 }

@@ -166,6 +166,12 @@ async fn malformed_and_hostile_requests() {
         b"GET /public/../admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    // Half-encoded dot segments too: an upstream that decodes %2e would see /admin.
+    for path in ["/public/.%2e/admin", "/public/%2E./admin"] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let r = raw(port, req.as_bytes());
+        assert!(r.starts_with("HTTP/1.1 404"), "{path}: {r}");
+    }
     let r = raw(
         port,
         b"GET /public/./a/../b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
