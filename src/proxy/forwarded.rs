@@ -2,7 +2,9 @@
 //!
 //! X-Forwarded-For is believed only from `trusted_proxies`: the client is the right-most
 //! address in the chain that is not a trusted proxy (as nginx's `real_ip_recursive`). From an
-//! untrusted peer, any incoming X-Forwarded-* header is replaced, so a client cannot spoof them.
+//! untrusted peer, an incoming X-Forwarded-For/-Proto/-Host is replaced (or removed, when the
+//! gateway's `forwarded_headers` leaves it out), so a client cannot spoof them. Other forwarding
+//! headers (`Forwarded`, `X-Real-IP`, `X-Forwarded-Port`) are not the gateway's and pass as sent.
 use std::net::IpAddr;
 
 use http::header::HeaderName;
