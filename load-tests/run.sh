@@ -178,6 +178,10 @@ ROUTES
 fi
 for p in $ports; do
   for _ in $(seq 300); do (: </dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
+  if ! (: </dev/tcp/127.0.0.1/$p) 2>/dev/null; then
+    echo "nothing listens on 127.0.0.1:$p after 30 s: a front did not start (see its output above)" >&2
+    exit 1
+  fi
 done
 
 size=$(python3 -c "import urllib.request,sys; print(len(urllib.request.urlopen('http://127.0.0.1:$UP/1m').read()))" 2>&1 || true)
@@ -211,13 +215,13 @@ measure() { # scenario front port conns path [wrk script]
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
   cpu=$(awk -v t=$((c1 - c0)) -v hz="$hz" -v n="$reqs" 'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "-" }')
   # A front answering errors would look fast: such runs are marked in the table.
-  local bad front=$2
+  local bad
   bad=$(awk '/Non-2xx or 3xx responses/ {print $NF}' <<<"$out")
   if [ -n "$bad" ]; then
-    front="$2 (NOT 2xx: $bad)"
     echo "  warning: $2 answered $bad non-2xx responses" >&2
   fi
-  echo "$1|$front|$4|$rps|$p50|$p99|$cpu" >> "$rows"
+  # The round ($r of the caller's loop) pairs like-for-like fronts below.
+  echo "$1|$2|$4|$rps|$p50|$p99|$cpu|${r:-1}|$bad" >> "$rows"
   echo "  $1 $2 c$4: $rps req/s, p99 $p99, $cpu µs/req" >&2
 }
 
@@ -287,7 +291,7 @@ PY
     after=$(cat "$work/idle.out")
     local per
     per=$(awk -v a="$after" -v b="$before" -v n=$n 'BEGIN { printf "%.1f", (a - b) / n }')
-    echo "idle|$1|$n|-|-|-|$per KiB/conn" >> "$rows"
+    echo "idle|$1|$n|-|-|-|$per KiB/conn|1|" >> "$rows"
     echo "  idle $1: $before -> $after KiB for $n connections ($per KiB each)" >&2
   done
 }
@@ -302,8 +306,8 @@ table=$(python3 - "$rows" <<'PY'
 import sys, statistics
 rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1]) if l.strip()]
 groups = {}
-for sc, front, c, rps, p50, p99, cpu in rows:
-    groups.setdefault((sc, front, c), []).append((rps, p50, p99, cpu))
+for sc, front, c, rps, p50, p99, cpu, rnd, bad in rows:
+    groups.setdefault((sc, front, c), []).append((rps, p50, p99, cpu, rnd, bad))
 def num(v):
     try: return float(v)
     except ValueError: return None
@@ -333,6 +337,10 @@ for (sc, front, c), v in groups.items():
     r1 = f"{rps / b[0]:.2f}" if b[0] and rps else ""
     r2 = f"{cpu / b[1]:.2f}" if b[1] and cpu else ""
     cpu_s = f"{cpu:.1f}" if cpu is not None else "-"
+    # A front answering errors would look fast: such runs are marked.
+    errors = sum(int(x[5]) for x in v if x[5].isdigit())
+    if errors:
+        front = f"{front} (NOT 2xx: {errors})"
     print(f"| {sc} | {front} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {cpu_s} | {r1} | {r2} |")
 print()
 # Like-for-like pairs, from the same rounds: the ratio of each round, then their median (rounds
@@ -347,13 +355,16 @@ for scenario, a, b, label in pairs:
     for (sc, front, c), v in groups.items():
         if sc != scenario or front != a or (sc, b, c) not in groups:
             continue
-        w = groups[(sc, b, c)]
-        rr = [num(x[0]) / num(y[0]) for x, y in zip(v, w) if num(x[0]) and num(y[0])]
-        cr = [num(x[3]) / num(y[3]) for x, y in zip(v, w) if num(x[3]) and num(y[3])]
+        # Paired by round; a round where either front answered errors is left out.
+        w = {y[4]: y for y in groups[(sc, b, c)] if not y[5]}
+        both = [(x, w[x[4]]) for x in v if not x[5] and x[4] in w]
+        rr = [num(x[0]) / num(y[0]) for x, y in both if num(x[0]) and num(y[0])]
+        cr = [num(x[3]) / num(y[3]) for x, y in both if num(x[3]) and num(y[3])]
         if rr:
             per = ", ".join(f"{r:.2f}" for r in rr)
+            cpu_r = f"{statistics.median(cr):.3f}" if cr else "n/a"
             lines.append(f"- {label}, c{c}: req/s {statistics.median(rr):.3f} (rounds: {per}), "
-                         f"CPU/req {statistics.median(cr):.3f}")
+                         f"CPU/req {cpu_r}")
 if lines:
     print("Paired ratios (median of per-round ratios):")
     print()
