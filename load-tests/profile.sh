@@ -13,24 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-command -v valgrind >/dev/null || need+=(valgrind)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v python3 >/dev/null || need+=(python3)
-if [ ${#need[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-scripts/bootstrap.sh
-cargo build --release -q -p gatehouse -p bare-pingora
-gh=target/release/gatehouse
-bare=target/release/bare-pingora
-
-work=$(mktemp -d)
-chmod 755 "$work"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+. load-tests/setup.sh
+setup_kit valgrind:valgrind nginx:nginx-light python3:python3
 UP=18351 FRONT=18352
 
 mkdir -p "$work/up"

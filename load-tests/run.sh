@@ -25,26 +25,8 @@ DURATION=${DURATION:-8s}
 CONNS=${CONNS:-"50 200"}
 case "$scenario" in all|plain|routes|large|idle|selection|plugins) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
 
-need=()
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v wrk >/dev/null || need+=(wrk)
-command -v python3 >/dev/null || need+=(python3)
-command -v openssl >/dev/null || need+=(openssl)
-if [ ${#need[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-scripts/bootstrap.sh
-cargo build --release -q -p gatehouse -p bare-pingora
-gh=target/release/gatehouse
-bare=target/release/bare-pingora
-
-work=$(mktemp -d)
-# nginx workers run as nobody when started by root: they must be able to read the 1 MB file.
-chmod 755 "$work"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+. load-tests/setup.sh
+setup_kit nginx:nginx-light wrk:wrk python3:python3 openssl:openssl
 
 UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
 GHPLUG=18310 BAREGW=18311 GHFWD=18312 NGX10=18313 GH10=18314
