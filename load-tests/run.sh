@@ -31,6 +31,12 @@ setup_kit nginx:nginx-light wrk:wrk python3:python3 openssl:openssl
 UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
 GHPLUG=18310 BAREGW=18311 GHFWD=18312 NGX10=18313 GH10=18314
 hz=$(getconf CLK_TCK)
+# CPU cycles per request from the hardware counters, where perf can read them (not in every
+# VM): unlike req/s, they barely move with what the neighbours do.
+perf_ok=0
+if command -v perf >/dev/null && perf stat -x, -e cycles -- true 2>&1 | grep -q '^[0-9]'; then
+  perf_ok=1
+fi
 head -c 1048576 /dev/zero | tr '\0' 'x' > "$work/1m.bin"
 
 nginx_conf() { # dir port body...
@@ -189,12 +195,22 @@ measure() { # scenario front port conns path [wrk script]
   local pid c0 c1 out reqs rps p50 p99 cpu
   pid=$(pid_of "$3")
   c0=$(cpu_ticks "$pid")
+  local pp="" cyc="-"
+  if [ "$perf_ok" = 1 ]; then
+    perf stat -x, -e cycles -p "$pid" -o "$work/perf.out" -- sleep "$DURATION" 2>/dev/null &
+    pp=$!
+  fi
   out=$(wrk -t1 -c"$4" -d"$DURATION" --latency ${6:+-s "$6"} "http://127.0.0.1:$3$5" 2>&1)
   c1=$(cpu_ticks "$pid")
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  if [ -n "$pp" ]; then
+    wait "$pp" || true
+    cyc=$(awk -F, -v n="$reqs" '$3 == "cycles" && $1 ~ /^[0-9]+$/ && n > 0 { printf "%.0f", $1 / n }' "$work/perf.out")
+    cyc=${cyc:--}
+  fi
   cpu=$(awk -v t=$((c1 - c0)) -v hz="$hz" -v n="$reqs" 'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "-" }')
   # A front answering errors would look fast: such runs are marked in the table.
   local bad
@@ -203,8 +219,8 @@ measure() { # scenario front port conns path [wrk script]
     echo "  warning: $2 answered $bad non-2xx responses" >&2
   fi
   # The round ($r of the caller's loop) pairs like-for-like fronts below.
-  echo "$1|$2|$4|$rps|$p50|$p99|$cpu|${r:-1}|$bad" >> "$rows"
-  echo "  $1 $2 c$4: $rps req/s, p99 $p99, $cpu µs/req" >&2
+  echo "$1|$2|$4|$rps|$p50|$p99|$cpu|${r:-1}|$bad|$cyc" >> "$rows"
+  echo "  $1 $2 c$4: $rps req/s, p99 $p99, $cpu µs/req, $cyc cycles/req" >&2
 }
 
 run_plain() {
@@ -273,7 +289,7 @@ PY
     after=$(cat "$work/idle.out")
     local per
     per=$(awk -v a="$after" -v b="$before" -v n=$n 'BEGIN { printf "%.1f", (a - b) / n }')
-    echo "idle|$1|$n|-|-|-|$per KiB/conn|1|" >> "$rows"
+    echo "idle|$1|$n|-|-|-|$per KiB/conn|1||-" >> "$rows"
     echo "  idle $1: $before -> $after KiB for $n connections ($per KiB each)" >&2
   done
 }
@@ -288,8 +304,8 @@ table=$(python3 - "$rows" <<'PY'
 import sys, statistics
 rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1]) if l.strip()]
 groups = {}
-for sc, front, c, rps, p50, p99, cpu, rnd, bad in rows:
-    groups.setdefault((sc, front, c), []).append((rps, p50, p99, cpu, rnd, bad))
+for sc, front, c, rps, p50, p99, cpu, rnd, bad, cyc in rows:
+    groups.setdefault((sc, front, c), []).append((rps, p50, p99, cpu, rnd, bad, cyc))
 def num(v):
     try: return float(v)
     except ValueError: return None
@@ -302,15 +318,15 @@ def ms(v):
     for suf, k in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
         if v.endswith(suf): return float(v[: -len(suf)]) * k
     return None
-print("| scenario | front | conns | req/s | p50 ms | p99 ms | CPU µs/req | req/s ÷ base | CPU ÷ base |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| scenario | front | conns | req/s | p50 ms | p99 ms | CPU µs/req | kcycles/req | req/s ÷ base | CPU ÷ base |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 base = {}
 for (sc, front, c), v in groups.items():
     if front.startswith("nginx") or front == "gatehouse, plain route":
         base.setdefault((sc, c), (med([x[0] for x in v]), med([x[3] for x in v])))
 for (sc, front, c), v in groups.items():
     if sc == "idle":
-        print(f"| {sc} | {front} | {c} | | | | {v[0][3]} | | |")
+        print(f"| {sc} | {front} | {c} | | | | {v[0][3]} | | | |")
         continue
     rps, cpu = med([x[0] for x in v]), med([x[3] for x in v])
     p50 = statistics.median([ms(x[1]) for x in v if ms(x[1]) is not None])
@@ -319,11 +335,13 @@ for (sc, front, c), v in groups.items():
     r1 = f"{rps / b[0]:.2f}" if b[0] and rps else ""
     r2 = f"{cpu / b[1]:.2f}" if b[1] and cpu else ""
     cpu_s = f"{cpu:.1f}" if cpu is not None else "-"
+    cyc = med([x[6] for x in v])
+    cyc_s = f"{cyc / 1000:.1f}" if cyc else "-"
     # A front answering errors would look fast: such runs are marked.
     errors = sum(int(x[5]) for x in v if x[5].isdigit())
     if errors:
         front = f"{front} (NOT 2xx: {errors})"
-    print(f"| {sc} | {front} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {cpu_s} | {r1} | {r2} |")
+    print(f"| {sc} | {front} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {cpu_s} | {cyc_s} | {r1} | {r2} |")
 print()
 # Like-for-like pairs, from the same rounds: the ratio of each round, then their median (rounds
 # alternate, so a pair ran seconds apart; the median of pair ratios shrugs off a noisy round).
@@ -342,11 +360,13 @@ for scenario, a, b, label in pairs:
         both = [(x, w[x[4]]) for x in v if not x[5] and x[4] in w]
         rr = [num(x[0]) / num(y[0]) for x, y in both if num(x[0]) and num(y[0])]
         cr = [num(x[3]) / num(y[3]) for x, y in both if num(x[3]) and num(y[3])]
+        yr = [num(x[6]) / num(y[6]) for x, y in both if num(x[6]) and num(y[6])]
         if rr:
             per = ", ".join(f"{r:.2f}" for r in rr)
             cpu_r = f"{statistics.median(cr):.3f}" if cr else "n/a"
+            cyc_r = f", cycles/req {statistics.median(yr):.3f}" if yr else ""
             lines.append(f"- {label}, c{c}: req/s {statistics.median(rr):.3f} (rounds: {per}), "
-                         f"CPU/req {cpu_r}")
+                         f"CPU/req {cpu_r}{cyc_r}")
 if lines:
     print("Paired ratios (median of per-round ratios):")
     print()
@@ -359,7 +379,7 @@ out="load-tests/results/$(date -u +%Y%m%d-%H%M%S)-$scenario.md"
   echo "# load-tests/run.sh $scenario — $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); wrk -t1, $DURATION per run, $ROUNDS alternating rounds (medians); one worker per front; upstream: nginx return 200 (5 bytes) or a 1 MB file."
-  echo "CPU µs/req: utime+stime of the proxying process (nginx: its worker) over the run ÷ requests."
+  echo "CPU µs/req: utime+stime of the proxying process (nginx: its worker) over the run ÷ requests. kcycles/req: its CPU cycles (perf stat, user + kernel) ÷ requests, where perf can read them."
   echo "Base of the ratios: nginx in its scenario; for plugins, the same gateway's plain route."
   echo
   echo "$table"
