@@ -9,7 +9,6 @@
 //!
 //! Lookup allocates nothing: hash lookups by `&str`, a recursive walk of a segment trie, and
 //! regexes only where configured.
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use http::{HeaderMap, Method};
@@ -90,7 +89,8 @@ impl Router {
     }
 
     /// Finds the route for a request. `host` may carry a port and any case; `path` is the
-    /// request path without its query.
+    /// canonical request path (`proxy/canonical.rs`) without its query: matching is
+    /// case-sensitive, as RFC 3986 paths are.
     pub fn find(
         &self,
         routes: &[Route],
@@ -199,64 +199,6 @@ fn normalize_host<'a>(host: &'a str, buf: &'a mut [u8; 256]) -> Option<&'a str> 
     out.copy_from_slice(name.as_bytes());
     out.make_ascii_lowercase();
     std::str::from_utf8(out).ok()
-}
-
-/// 1 for a `.` segment, 2 for `..`, each dot written plain or as `%2e`/`%2E` in any mix
-/// (`.%2e`, `%2E.`): an upstream that decodes the path sees a dot segment in all of them, so
-/// routing must too, or `/public/.%2e/admin` would pass as a `/public` request.
-fn dots(seg: &str) -> Option<u8> {
-    let b = seg.as_bytes();
-    let (mut i, mut n) = (0, 0u8);
-    while i < b.len() && n < 3 {
-        if b[i] == b'.' {
-            i += 1;
-        } else if b.len() - i >= 3 && b[i] == b'%' && b[i + 1] == b'2' && (b[i + 2] | 0x20) == b'e'
-        {
-            i += 3;
-        } else {
-            return None;
-        }
-        n += 1;
-    }
-    (i == b.len() && (1..=2).contains(&n)).then_some(n)
-}
-
-/// Resolves `.` and `..` segments (RFC 3986 §5.2.4) so `/public/../admin` is routed, and sent,
-/// as `/admin`. Borrows when there is nothing to resolve, which is nearly always.
-pub fn normalize_path(path: &str) -> Cow<'_, str> {
-    // Most paths hold no dot at all (and no `%` for an encoded one): one byte scan decides.
-    if !path.bytes().any(|b| b == b'.' || b == b'%') {
-        return Cow::Borrowed(path);
-    }
-    let has_dots = path.split('/').any(|s| dots(s).is_some());
-    if !has_dots {
-        return Cow::Borrowed(path);
-    }
-    let mut out: Vec<&str> = Vec::new();
-    let segs: Vec<&str> = path.split('/').skip(1).collect();
-    let last = segs.len().saturating_sub(1);
-    let mut trailing_slash = false;
-    for (i, s) in segs.iter().enumerate() {
-        let kind = dots(s);
-        if kind == Some(1) {
-            trailing_slash = i == last;
-        } else if kind == Some(2) {
-            out.pop();
-            trailing_slash = i == last;
-        } else {
-            out.push(s);
-            trailing_slash = false;
-        }
-    }
-    let mut p = String::with_capacity(path.len());
-    for s in &out {
-        p.push('/');
-        p.push_str(s);
-    }
-    if trailing_slash || p.is_empty() {
-        p.push('/');
-    }
-    Cow::Owned(p)
 }
 
 #[cfg(test)]
@@ -385,25 +327,5 @@ upstream = "u"
         let r = Router::new(&rs);
         assert!(find(&rs, &r, "h", "/b", "GET", &[]).is_none());
         assert!(find(&rs, &r, "h", "/a", "PUT", &[]).is_none());
-    }
-
-    #[test]
-    fn dot_segments() {
-        assert_eq!(normalize_path("/a/b"), "/a/b");
-        assert_eq!(normalize_path("/public/../admin"), "/admin");
-        assert_eq!(normalize_path("/a/./b/."), "/a/b/");
-        assert_eq!(normalize_path("/../../x"), "/x");
-        assert_eq!(normalize_path("/a/%2E%2E/b"), "/b");
-        // Mixed spellings are dot segments too.
-        assert_eq!(normalize_path("/public/.%2e/admin"), "/admin");
-        assert_eq!(normalize_path("/public/%2E./admin"), "/admin");
-        assert_eq!(normalize_path("/a/%2e/b"), "/a/b");
-        // Not dot segments: three dots, dots with other characters, a bare or cut escape.
-        assert_eq!(normalize_path("/a/.../b"), "/a/.../b");
-        assert_eq!(normalize_path("/a/..x/b"), "/a/..x/b");
-        assert_eq!(normalize_path("/a/%2/b"), "/a/%2/b");
-        assert_eq!(normalize_path("/a/%2f/b"), "/a/%2f/b");
-        assert_eq!(normalize_path("/v1.2/x"), "/v1.2/x");
-        assert_eq!(normalize_path("/.."), "/");
     }
 }

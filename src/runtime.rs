@@ -43,6 +43,7 @@ pub struct Runtime {
     pub gateways: Vec<GatewayRt>,
     pub pools: Vec<Arc<Pool>>,
     pub trusted_proxies: Vec<IpNet>,
+    pub canonical: crate::proxy::canonical::Options,
 }
 
 impl Runtime {
@@ -99,6 +100,9 @@ impl Runtime {
             gateways,
             pools,
             trusted_proxies: cfg.server.trusted_proxies.clone(),
+            canonical: crate::proxy::canonical::Options {
+                keep_encoded_slashes: cfg.server.keep_encoded_slashes,
+            },
         })
     }
 }

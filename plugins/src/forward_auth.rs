@@ -91,10 +91,9 @@ impl ForwardAuth {
                     .or_err(ErrorType::InternalError, "auth header")?;
             }
         }
-        // The path as routed and sent upstream (dot segments resolved), not as the client
-        // spelled it: `/public/%2e%2e/admin` is checked as `/admin`.
-        let path = cx.normalized_path.as_deref().unwrap_or(req.uri.path());
-        let mut uri = path.to_string();
+        // The core made the request canonical before routing: this is the path as routed
+        // and sent upstream (`/public/%2e%2e/admin` is checked as `/admin`).
+        let mut uri = req.uri.path().to_string();
         if let Some(q) = req.uri.query() {
             uri.push('?');
             uri.push_str(q);

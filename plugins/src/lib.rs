@@ -81,8 +81,12 @@ impl Reply {
 
 /// An error that ends the request with `status` (when nothing was sent to the client yet);
 /// `why` goes to the log and, for 4xx, to the client's JSON body.
+/// Such an error is the client's doing (a body over a limit…): it is never held against an
+/// upstream's health, breaker or retry budget.
 pub fn status_error(status: u16, why: &'static str) -> Box<Error> {
-    Error::explain(pingora_error::ErrorType::HTTPStatus(status), why)
+    let mut e = Error::explain(pingora_error::ErrorType::HTTPStatus(status), why);
+    e.esource = pingora_error::ErrorSource::Downstream;
+    e
 }
 
 /// A reply refusing the request: JSON error body plus extra headers.
@@ -121,7 +125,8 @@ pub fn json_string(s: &str) -> String {
 pub struct PluginCtx {
     /// The request's id: set by the `request_id` plugin, or by the core when it needs one.
     pub request_id: Option<HeaderValue>,
-    /// The client's address, resolved through `trusted_proxies`.
+    /// The client's address, resolved through `trusted_proxies`; an IPv4 client of a
+    /// dual-stack listener is its IPv4 address. `None` when unknown (see ip_filter).
     pub client_ip: Option<IpAddr>,
     /// Name of the matched route, if any.
     pub route: Option<Arc<str>>,
@@ -131,9 +136,6 @@ pub struct PluginCtx {
     pub consumer: Option<Arc<str>>,
     /// The verified JWT claims, for claim headers and `${jwt.NAME}` variables.
     pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
-    /// The request path with dot segments resolved, when that changed it: what routing and
-    /// the upstream see (auth subrequests must check this one, not the raw path).
-    pub normalized_path: Option<String>,
     /// Request body bytes seen so far (kept by the chain for body limits).
     pub body_bytes: u64,
     /// Per-plugin state kept until the request ends (a concurrency slot, headers to send

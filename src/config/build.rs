@@ -416,6 +416,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             upgrade_sock: server_file
                 .upgrade_sock
                 .unwrap_or_else(|| tmp.join(format!("gatehouse-{tag}.sock"))),
+            keep_encoded_slashes: server_file.keep_encoded_slashes,
         },
         upstreams,
         plugins,

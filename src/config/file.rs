@@ -24,6 +24,8 @@ pub struct ServerFile {
     pub work_stealing: Option<bool>,
     pub pid_file: Option<PathBuf>,
     pub upgrade_sock: Option<PathBuf>,
+    #[serde(default)]
+    pub keep_encoded_slashes: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +91,7 @@ pub struct CircuitBreakerFile {
     pub window: Option<Dur>,
     pub min_requests: Option<u32>,
     pub open_for: Option<Dur>,
+    pub probe_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]

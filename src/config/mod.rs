@@ -46,6 +46,8 @@ pub struct Server {
     pub work_stealing: bool,
     pub pid_file: PathBuf,
     pub upgrade_sock: PathBuf,
+    /// Keep `%2F`/`%5C` in paths (encoded, never separators) instead of refusing them.
+    pub keep_encoded_slashes: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +121,8 @@ pub struct CircuitBreaker {
     pub window: Duration,
     pub min_requests: u32,
     pub open_for: Duration,
+    /// How long a half-open probe may go without a verdict before another request probes.
+    pub probe_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -207,6 +207,7 @@ pub(super) fn upstream(
             window: c.window.map_or(Duration::from_secs(10), |d| d.0),
             min_requests: c.min_requests.unwrap_or(20),
             open_for: c.open_for.map_or(Duration::from_secs(10), |d| d.0),
+            probe_timeout: c.probe_timeout.map_or(Duration::from_secs(10), |d| d.0),
         }
     });
 

@@ -74,7 +74,7 @@ pub fn select_peer(
                         format!("upstream \"{}\": circuit open", pool.name),
                     ))
                 }
-                Admit::Probe => ctx.probe = true,
+                Admit::Probe(n) => ctx.probe = Some(n),
                 Admit::Yes => {}
             }
             ctx.admitted = true;

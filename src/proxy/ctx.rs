@@ -30,7 +30,9 @@ pub struct RequestCtx {
     pub inflight: Option<InFlight>,
     /// The circuit breaker let this request through (as its half-open probe when `probe`).
     pub admitted: bool,
-    pub probe: bool,
+    pub probe: Option<u64>,
+    /// The breaker has this request's verdict already (a probe's, from its response head).
+    pub recorded: bool,
     /// The last try failed in a way the breaker counts.
     pub upstream_failed: bool,
     /// upstream_response_filter raised a retry for the upstream's status.

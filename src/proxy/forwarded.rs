@@ -29,25 +29,48 @@ pub fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
     trusted.iter().any(|n| n.contains(&ip))
 }
 
-/// The client address of a request that arrived from `peer`.
-pub fn client_ip(trusted: &[IpNet], peer: IpAddr, req: &RequestHeader) -> IpAddr {
+/// An IPv4 client of a dual-stack listener arrives as `::ffff:a.b.c.d`: it is that IPv4
+/// address for every rule (trusted proxies, ip_filter, rate-limit keys, hashing) and header.
+pub fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The address of the connection's peer, unmapped.
+pub fn peer_ip(session: &pingora_proxy::Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| unmap(a.ip()))
+}
+
+/// The client address of a request that arrived from `peer` (unmapped): the right-most
+/// X-Forwarded-For address that is not a trusted proxy. An entry that is no address stops the
+/// walk with no client address at all (`None`: what ip_filter's allow lists refuse), never
+/// with a trusted proxy's, which would pass a filter meant for the client.
+pub fn client_ip(trusted: &[IpNet], peer: IpAddr, req: &RequestHeader) -> Option<IpAddr> {
     if trusted.is_empty() || !is_trusted(trusted, peer) {
-        return peer;
+        return Some(peer);
     }
     let mut client = peer;
     for v in req.headers.get_all(&X_FORWARDED_FOR).iter().rev() {
-        let Ok(s) = v.to_str() else { return client };
+        let s = v.to_str().ok()?;
         for part in s.rsplit(',') {
-            let Ok(ip) = part.trim().parse::<IpAddr>() else {
-                return client;
-            };
-            client = ip;
-            if !is_trusted(trusted, ip) {
-                return client;
+            let part = part.trim();
+            let ip = part
+                .parse::<IpAddr>()
+                .or_else(|_| part.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+                .ok()?;
+            client = unmap(ip);
+            if !is_trusted(trusted, client) {
+                return Some(client);
             }
         }
     }
-    client
+    // Every hop is a trusted proxy: the first of them is the client.
+    Some(client)
 }
 
 /// Appends `ip` as text. IPv4, the common case, by hand: `Display` goes through the
@@ -177,13 +200,33 @@ mod tests {
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
         let r = req(&["1.2.3.4, 10.0.0.7", "10.0.0.9"]);
-        assert_eq!(client_ip(&trusted, peer, &r).to_string(), "1.2.3.4");
+        assert_eq!(
+            client_ip(&trusted, peer, &r).unwrap().to_string(),
+            "1.2.3.4"
+        );
         // untrusted peer: its XFF is ignored
         let other: IpAddr = "192.0.2.1".parse().unwrap();
-        assert_eq!(client_ip(&trusted, other, &r), other);
-        // garbage stops the walk at the last good address
+        assert_eq!(client_ip(&trusted, other, &r), Some(other));
+        // garbage behind trusted hops: no client address, never the trusted 10.0.0.7
         let r = req(&["junk, 10.0.0.7"]);
-        assert_eq!(client_ip(&trusted, peer, &r).to_string(), "10.0.0.7");
+        assert_eq!(client_ip(&trusted, peer, &r), None);
+        // garbage left of an untrusted address is never reached
+        let r = req(&["junk, 1.2.3.4, 10.0.0.7"]);
+        assert_eq!(
+            client_ip(&trusted, peer, &r).unwrap().to_string(),
+            "1.2.3.4"
+        );
+        // mapped addresses are their IPv4 selves, in the chain and as the peer
+        let r = req(&["::ffff:1.2.3.4, ::ffff:10.0.0.7"]);
+        assert_eq!(
+            client_ip(&trusted, peer, &r).unwrap().to_string(),
+            "1.2.3.4"
+        );
+        let mapped_peer = unmap("::ffff:10.0.0.1".parse().unwrap());
+        assert_eq!(
+            client_ip(&trusted, mapped_peer, &r).unwrap().to_string(),
+            "1.2.3.4"
+        );
     }
 
     #[test]

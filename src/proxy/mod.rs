@@ -5,7 +5,6 @@
 //! malformed request, 500 for our own faults. Every reply the gateway writes itself, errors and
 //! plugin answers alike, goes through [`write_reply`], which runs the response hooks and puts
 //! the request id in the body.
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -17,10 +16,10 @@ use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::router::normalize_path;
 use crate::runtime::{GatewayRt, Live, Runtime};
 
 pub mod balance;
+pub mod canonical;
 pub mod ctx;
 pub mod forwarded;
 pub mod mirror;
@@ -122,12 +121,8 @@ impl GatewayProxy {
         let gw = &rt.gateways[self.index];
         let route = &gw.routes[*id];
 
-        let new_path = {
-            let normalized = &plugins.normalized_path;
-            let path = normalized.as_deref().unwrap_or(upstream.uri.path());
-            rewrite::upstream_path(route, path).or_else(|| normalized.clone())
-        };
-        if let Some(p) = new_path {
+        // The path is canonical already (early_request_filter); only the route rewrites it.
+        if let Some(p) = rewrite::upstream_path(route, upstream.uri.path()) {
             let uri = match upstream.uri.query() {
                 Some(q) => format!("{p}?{q}"),
                 None => p,
@@ -147,10 +142,7 @@ impl GatewayProxy {
             }
         }
 
-        let peer_ip: Option<IpAddr> = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+        let peer_ip = forwarded::peer_ip(session);
         let trusted = peer_ip.is_some_and(|ip| forwarded::is_trusted(&rt.trusted_proxies, ip));
         forwarded::set_headers(upstream, gw.forwarded, peer_ip, trusted, gw.tls)?;
 
@@ -240,6 +232,19 @@ impl GatewayProxy {
     }
 }
 
+/// What a finished request says about its upstream: `Some(true)` it served, `Some(false)` it
+/// failed (a transport error of its own, or a 502–504 it answered), `None` nothing — the
+/// client went away or was refused, or the gateway itself failed. Only verdicts reach the
+/// breaker; passive health and retries are fed the same way, per try.
+fn upstream_verdict(e: Option<&Error>, upstream_failed: bool) -> Option<bool> {
+    match e {
+        _ if upstream_failed => Some(false),
+        None => Some(true),
+        Some(e) if e.esource() == &ErrorSource::Upstream => Some(false),
+        Some(_) => None,
+    }
+}
+
 /// Maps an error to the status the client sees; 0 means the client is gone.
 pub fn status_for(e: &Error) -> u16 {
     use ErrorType::*;
@@ -259,9 +264,26 @@ pub fn status_for(e: &Error) -> u16 {
     }
 }
 
-fn message_for(e: Option<&Error>, status: u16) -> &'static str {
-    if e.is_some_and(|e| e.etype() == &ErrorType::Custom(balance::CIRCUIT_OPEN)) {
-        return "upstream circuit open";
+/// An error for what the client did: answered with `status`, never held against an upstream,
+/// and `why` is told to the client.
+pub fn client_error(status: u16, why: &'static str) -> Box<Error> {
+    let mut e = Error::explain(ErrorType::HTTPStatus(status), why);
+    e.esource = ErrorSource::Downstream;
+    e
+}
+
+fn message_for(e: Option<&Error>, status: u16) -> &str {
+    if let Some(e) = e {
+        if e.etype() == &ErrorType::Custom(balance::CIRCUIT_OPEN) {
+            return "upstream circuit open";
+        }
+        // Refusals of a client's request (ours and the plugins') say why.
+        if matches!(e.etype(), ErrorType::HTTPStatus(_)) && e.esource() == &ErrorSource::Downstream
+        {
+            if let Some(c) = &e.context {
+                return c.as_str();
+            }
+        }
     }
     match status {
         400 => "bad request",
@@ -321,7 +343,8 @@ impl ProxyHttp for GatewayProxy {
         RequestCtx::default()
     }
 
-    /// Snapshot, client address and route, before any module or plugin runs.
+    /// Snapshot, client address, the canonical request (see `canonical.rs`) and its route,
+    /// before any module or plugin runs: everything after sees this one request.
     async fn early_request_filter(
         &self,
         session: &mut Session,
@@ -331,26 +354,33 @@ impl ProxyHttp for GatewayProxy {
         let Some(gw) = rt.gateways.get(self.index) else {
             return Error::e_explain(ErrorType::InternalError, "gateway missing from snapshot");
         };
-        let peer_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        ctx.plugins.client_ip =
-            peer_ip.map(|ip| forwarded::client_ip(&rt.trusted_proxies, ip, session.req_header()));
+        ctx.plugins.client_ip = forwarded::peer_ip(session)
+            .and_then(|ip| forwarded::client_ip(&rt.trusted_proxies, ip, session.req_header()));
         ctx.plugins.gateway = Some(gw.name.clone());
 
+        let raw_head = session
+            .as_ref()
+            .as_http1()
+            .map(|h1| h1.get_headers_raw_bytes());
+        let verdict =
+            canonical::canonicalize(session.req_header_mut(), raw_head.as_deref(), rt.canonical);
+        if let Err(refusal) = verdict {
+            ctx.rt = Some(rt);
+            return Err(client_error(refusal.status, refusal.reason));
+        }
+        // Pipelined requests are answered in order, one at a time (RFC 9112 §9.3.2).
+        session.set_pipelining_enabled(true);
+        upgrade::only_websocket(session.req_header_mut());
+
         let req = session.req_header();
-        let path = normalize_path(req.uri.path());
         let host = req
             .uri
-            .host()
+            .authority()
+            .map(|a| a.as_str())
             .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
         ctx.route = gw
             .router
-            .find(&gw.routes, host, &path, &req.method, &req.headers);
-        if let std::borrow::Cow::Owned(p) = path {
-            ctx.plugins.normalized_path = Some(p);
-        }
+            .find(&gw.routes, host, req.uri.path(), &req.method, &req.headers);
         if let Some(id) = ctx.route {
             ctx.plugins.route = Some(gw.route_names[id].clone());
         }
@@ -430,7 +460,9 @@ impl ProxyHttp for GatewayProxy {
             return e;
         }
         e.set_retry(false);
-        if e.esource() == &ErrorSource::Downstream {
+        // Only the upstream's own failures count against it and are retried: not the
+        // client's (a body over a limit, a disconnect), not ours.
+        if e.esource() != &ErrorSource::Upstream {
             return e;
         }
         if let (Some(rt), Some(up), Some(idx)) = (ctx.rt.clone(), ctx.upstream, ctx.peer_idx) {
@@ -479,6 +511,14 @@ impl ProxyHttp for GatewayProxy {
         };
         let pool = &rt.pools[up];
         pool.report(idx, !pool.is_failure_status(status));
+        if let (Some(b), Some(probe)) = (&pool.breaker, ctx.probe) {
+            // A probe's verdict is its response head: a WebSocket or an event stream must not
+            // hold the circuit half-open for as long as it lives.
+            if !ctx.recorded {
+                b.record(!ctx.upstream_failed, Some(probe));
+                ctx.recorded = true;
+            }
+        }
         // Upgrades run in our own tunnel, outside Pingora's retry loop: their answer is
         // relayed as is.
         let retry = pool.cfg.retry.on_status.contains(&status)
@@ -570,6 +610,13 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let code = status_for(e);
+        // Safe only when nothing was read from an upstream and the request was whole; a
+        // refused request is not read any further, so its connection ends with this answer
+        // (and says so).
+        let reuse = code == 503 || code == 404;
+        if !reuse {
+            session.set_keepalive(None);
+        }
         // Once a response has started, all we can do is cut the connection.
         if code > 0 && !ctx.replied && session.response_written().is_none() {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -586,17 +633,23 @@ impl ProxyHttp for GatewayProxy {
         }
         FailToProxy {
             error_code: code,
-            // Safe only when nothing was read from an upstream and the request was whole.
-            can_reuse_downstream: code == 503 || code == 404,
+            can_reuse_downstream: reuse,
         }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if let (Some(rt), Some(up), true) = (ctx.rt.as_ref(), ctx.upstream, ctx.admitted) {
+        if let (Some(rt), Some(up), true, false) =
+            (ctx.rt.as_ref(), ctx.upstream, ctx.admitted, ctx.recorded)
+        {
             if let Some(b) = &rt.pools[up].breaker {
-                // A client that went away says nothing about the upstream.
-                let upstream_error = e.is_some_and(|e| e.esource() != &ErrorSource::Downstream);
-                b.record(!(ctx.upstream_failed || upstream_error), ctx.probe);
+                match upstream_verdict(e, ctx.upstream_failed) {
+                    Some(ok) => b.record(ok, ctx.probe),
+                    None => {
+                        if let Some(p) = ctx.probe {
+                            b.abandon(p);
+                        }
+                    }
+                }
             }
         }
         if let RequestCtx {
@@ -623,9 +676,14 @@ impl ProxyHttp for GatewayProxy {
         matches!(context, pingora_proxy::ProxyWarnLogContext::UpstreamRetry)
     }
 
-    /// A client that goes away is routine, not an error worth a log line.
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        status_for(e) == 0
+    /// A client that goes away, or sends what we refuse, is routine, not an error worth a log
+    /// line per request (a flood of bad requests would drown the log).
+    fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        let client = status_for(e) == 0 || e.esource() == &ErrorSource::Downstream;
+        if client && log::log_enabled!(log::Level::Debug) {
+            log::debug!("client error: {e}, {}", self.request_summary(session, ctx));
+        }
+        client
     }
 
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {

@@ -132,6 +132,24 @@ impl Upstream {
     }
 }
 
+/// Only `GET` with `Upgrade: websocket` is an upgrade here (RFC 6455 §4.1). Any other
+/// `Upgrade` (curl's `h2c`, a POST asking for `x`) is dropped from the request, which is then
+/// proxied as a normal one: left in place, Pingora would treat the exchange as a protocol
+/// switch and wait for the client's side of a tunnel that never comes.
+pub fn only_websocket(req: &mut RequestHeader) {
+    let Some(up) = req.headers.get(http::header::UPGRADE) else {
+        return;
+    };
+    let websocket = req.method == http::Method::GET
+        && up
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    if !websocket {
+        req.remove_header(&http::header::UPGRADE);
+    }
+}
+
 /// Connects to `addr` and sends the request head.
 pub async fn connect(pool: &Pool, addr: SocketAddr, req: &RequestHeader) -> Result<TcpStream> {
     let mut stream = match timeout(pool.connect_timeout(), TcpStream::connect(addr)).await {

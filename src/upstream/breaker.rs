@@ -2,6 +2,14 @@
 //! error ratio over a window; open answers 503 without calling the upstream for `open_for`;
 //! then half-open lets one probe through, whose outcome closes or re-opens it.
 //!
+//! Only outcomes that say something about the upstream are recorded (the proxy classifies them
+//! first): a client that sent too much or went away gives no verdict, and a probe that ends
+//! without one is [`Breaker::abandon`]ed so the next request probes instead. A probe's verdict
+//! is taken from its response head (a WebSocket's 101, an event stream's 200), and a probe
+//! that has not given one within `probe_timeout` is replaced by the next request's: a stream
+//! cannot hold the circuit half-open for its whole life. Probes are numbered so that a late
+//! verdict of a replaced probe changes nothing.
+//!
 //! Lock-free: a few atomics, touched once per request.
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 
@@ -16,8 +24,9 @@ const HALF_OPEN: u8 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
     Yes,
-    /// The one request allowed through a half-open breaker; report its outcome with `probe`.
-    Probe,
+    /// The one request allowed through a half-open breaker; report its outcome with this
+    /// number.
+    Probe(u64),
     No,
 }
 
@@ -27,6 +36,9 @@ pub struct Breaker {
     consecutive: AtomicU32,
     opened_at: AtomicU64,
     probing: AtomicBool,
+    /// When the current probe was let through (ms), and its number.
+    probe_at: AtomicU64,
+    probe_seq: AtomicU64,
     window_start: AtomicU64,
     window_total: AtomicU32,
     window_failed: AtomicU32,
@@ -40,6 +52,8 @@ impl Breaker {
             consecutive: AtomicU32::new(0),
             opened_at: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            probe_at: AtomicU64::new(0),
+            probe_seq: AtomicU64::new(0),
             window_start: AtomicU64::new(now_ms()),
             window_total: AtomicU32::new(0),
             window_failed: AtomicU32::new(0),
@@ -71,7 +85,7 @@ impl Breaker {
                 {
                     self.probing.store(true, Release);
                     log::info!("circuit half-open: sending a probe");
-                    return Admit::Probe;
+                    return self.new_probe();
                 }
                 self.take_probe()
             }
@@ -79,15 +93,43 @@ impl Breaker {
         }
     }
 
+    fn new_probe(&self) -> Admit {
+        self.probe_at.store(now_ms(), Relaxed);
+        Admit::Probe(self.probe_seq.fetch_add(1, AcqRel) + 1)
+    }
+
+    /// The probe slot when it is free, or when its holder is past `probe_timeout`.
     fn take_probe(&self) -> Admit {
         if self
             .probing
             .compare_exchange(false, true, AcqRel, Relaxed)
             .is_ok()
         {
-            Admit::Probe
-        } else {
-            Admit::No
+            return self.new_probe();
+        }
+        let at = self.probe_at.load(Relaxed);
+        let overdue = now_ms().saturating_sub(at) >= self.cfg.probe_timeout.as_millis() as u64;
+        if overdue
+            && self
+                .probe_at
+                .compare_exchange(at, now_ms(), AcqRel, Relaxed)
+                .is_ok()
+        {
+            log::info!("circuit half-open: the probe gave no verdict in time, sending another");
+            return Admit::Probe(self.probe_seq.fetch_add(1, AcqRel) + 1);
+        }
+        Admit::No
+    }
+
+    fn current_probe(&self, probe: u64) -> bool {
+        self.state.load(Acquire) == HALF_OPEN && self.probe_seq.load(Acquire) == probe
+    }
+
+    /// A probe that ended without a verdict (the client left, or was refused): the next
+    /// request probes.
+    pub fn abandon(&self, probe: u64) {
+        if self.current_probe(probe) {
+            self.probing.store(false, Release);
         }
     }
 
@@ -98,10 +140,12 @@ impl Breaker {
         self.probing.store(false, Release);
     }
 
-    /// Reports a request's outcome. `probe` is true for the request [`admit`] let through as
-    /// the half-open probe.
-    pub fn record(&self, ok: bool, probe: bool) {
-        if probe {
+    /// Reports a request's outcome. `probe` is the number [`admit`] gave the half-open probe.
+    pub fn record(&self, ok: bool, probe: Option<u64>) {
+        if let Some(probe) = probe {
+            if !self.current_probe(probe) {
+                return;
+            }
             if ok {
                 self.consecutive.store(0, Relaxed);
                 self.window_total.store(0, Relaxed);
@@ -174,6 +218,7 @@ mod tests {
             window: Duration::from_secs(10),
             min_requests: 10,
             open_for: Duration::from_millis(open_for_ms),
+            probe_timeout: Duration::from_millis(50),
         })
     }
 
@@ -182,34 +227,64 @@ mod tests {
         let b = breaker(3, None, 30);
         for _ in 0..2 {
             assert_eq!(b.admit(), Admit::Yes);
-            b.record(false, false);
+            b.record(false, None);
         }
-        b.record(true, false); // a success resets the count
+        b.record(true, None); // a success resets the count
         for _ in 0..3 {
-            b.record(false, false);
+            b.record(false, None);
         }
         assert_eq!(b.state_name(), "open");
         assert_eq!(b.admit(), Admit::No);
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(b.admit(), Admit::Probe);
+        let Admit::Probe(p) = b.admit() else {
+            panic!("a probe after open_for")
+        };
         assert_eq!(b.admit(), Admit::No, "one probe at a time");
-        b.record(false, true);
+        b.record(false, Some(p));
         assert_eq!(b.state_name(), "open");
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(b.admit(), Admit::Probe);
-        b.record(true, true);
+        let Admit::Probe(p) = b.admit() else {
+            panic!("a probe after open_for")
+        };
+        b.record(true, Some(p));
         assert_eq!(b.state_name(), "closed");
         assert_eq!(b.admit(), Admit::Yes);
+    }
+
+    #[test]
+    fn a_probe_without_verdict_is_replaced() {
+        let b = breaker(1, None, 10);
+        b.record(false, None);
+        std::thread::sleep(Duration::from_millis(20));
+        let Admit::Probe(first) = b.admit() else {
+            panic!("probe")
+        };
+        // Abandoned (the client left): the next request probes at once.
+        b.abandon(first);
+        let Admit::Probe(second) = b.admit() else {
+            panic!("probe after abandon")
+        };
+        assert_eq!(b.admit(), Admit::No);
+        // A probe that holds on (a stream) is replaced after probe_timeout...
+        std::thread::sleep(Duration::from_millis(60));
+        let Admit::Probe(third) = b.admit() else {
+            panic!("probe after probe_timeout")
+        };
+        // ...and a late verdict of the replaced one changes nothing.
+        b.record(false, Some(second));
+        assert_eq!(b.state_name(), "half_open");
+        b.record(true, Some(third));
+        assert_eq!(b.state_name(), "closed");
     }
 
     #[test]
     fn opens_on_error_ratio() {
         let b = breaker(0, Some(0.5), 1000);
         for i in 0..9 {
-            b.record(i % 2 == 0, false);
+            b.record(i % 2 == 0, None);
         }
         assert_eq!(b.state_name(), "closed", "below min_requests");
-        b.record(false, false);
+        b.record(false, None);
         assert_eq!(b.state_name(), "open");
     }
 }

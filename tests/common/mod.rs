@@ -2,6 +2,8 @@
 //! servers (hyper) in the test process, and a real HTTP client.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::Read;

@@ -1,0 +1,594 @@
+//! The canonical request: host, target and framing decided once, before routing, so that
+//! routing, plugins, logs and the upstream all see one and the same request.
+//!
+//! A request that could be read two ways is refused rather than guessed at: a gateway in front
+//! of services is only a barrier if no second spelling of a request (`//admin`, `/%61dmin`,
+//! `/a/%2f..`, an absolute-form target) reaches a route other than the one its plugins guard.
+//! What Pingora's HTTP/1 parser already refuses (two Host fields, a Host that differs from an
+//! absolute-form authority, differing Content-Lengths, a non-chunked final Transfer-Encoding)
+//! gets its 400 before any hook runs; this module refuses the rest:
+//!
+//! - **Framing** (RFC 9112 §6): two Content-Length field lines or a list value, even of equal
+//!   numbers; a Transfer-Encoding other than one `chunked` (501 for codings we do not
+//!   implement); a head whose lines end in a bare LF (a front proxy that only ends heads on
+//!   CRLF CRLF would read the rest as this request's, we as the next one's).
+//! - **Host** (RFC 9112 §3.2): an HTTP/1.1 request without Host, or with an invalid one. An
+//!   absolute-form target (`GET http://h/p`) is routed on its authority and goes upstream in
+//!   origin-form with that authority as Host.
+//! - **Path** (RFC 3986 §6.2.2): percent-encoded unreserved characters are decoded
+//!   (`/%61dmin` is `/admin`), other escapes are upper-cased, bytes outside RFC 3986's `pchar`
+//!   are percent-encoded, repeated slashes merge, `.` and `..` segments are resolved. Encoded
+//!   `/` or `\` (`%2F`, `%5C`) are refused unless `[server] keep_encoded_slashes` is on (then
+//!   they stay encoded and are not separators), as are a raw `\`, encoded NUL or control
+//!   characters (Pingora percent-encodes raw ones before we see them, so they arrive as
+//!   escapes), broken escapes, and Tomcat's `..;` / `.;` segments. Matching stays
+//!   case-sensitive, as RFC 3986 paths are. The query string is kept as sent.
+//!
+//! The canonical form replaces the request's own target, so nothing after this point can see
+//! another one.
+use std::borrow::Cow;
+
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderValue, Method, Version};
+use pingora_http::RequestHeader;
+
+/// Why a request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+const fn bad(reason: &'static str) -> Refusal {
+    Refusal {
+        status: 400,
+        reason,
+    }
+}
+
+/// Server-wide choices about what a canonical request may hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Keep `%2F` and `%5C` encoded in paths (as data, never separators) instead of refusing
+    /// them: for APIs whose identifiers hold slashes (Envoy's `KEEP_UNCHANGED`).
+    pub keep_encoded_slashes: bool,
+}
+
+/// Makes `req` canonical in place, or says why it cannot be. `raw_head` is the HTTP/1 head as
+/// received (None for HTTP/2, whose framing is the h2 codec's).
+pub fn canonicalize(
+    req: &mut RequestHeader,
+    raw_head: Option<&[u8]>,
+    opts: Options,
+) -> Result<(), Refusal> {
+    if let Some(head) = raw_head {
+        check_line_endings(head)?;
+    }
+    check_framing(req)?;
+
+    let absolute = absolute_authority(req.raw_path())?;
+    match req.version {
+        Version::HTTP_11 | Version::HTTP_10 => {
+            let mut hosts = req.headers.get_all(HOST).iter();
+            let host = hosts.next();
+            if hosts.next().is_some() {
+                return Err(bad("more than one Host header"));
+            }
+            match (host, absolute.as_deref()) {
+                (None, _) if req.version == Version::HTTP_11 => {
+                    return Err(bad("HTTP/1.1 request without a Host header"))
+                }
+                (Some(h), _) if !valid_host(h.as_bytes()) => {
+                    return Err(bad("invalid Host header"))
+                }
+                (Some(h), Some(a)) if !h.as_bytes().eq_ignore_ascii_case(a.as_bytes()) => {
+                    return Err(bad(
+                        "Host header differs from the request target's authority",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Version::HTTP_2 => {
+            let host = req.uri.authority().map(|a| a.as_str().as_bytes());
+            let host = host.or_else(|| req.headers.get(HOST).map(|h| h.as_bytes()));
+            if !host.is_some_and(valid_host) {
+                return Err(bad("request without a valid authority"));
+            }
+        }
+        _ => return Err(bad("unsupported HTTP version")),
+    }
+
+    let target = req.raw_path();
+    let (path, query) = match &absolute {
+        Some(a) => {
+            // Past `scheme://authority`: the path (possibly empty) and query.
+            let rest = &target[target.len().min(scheme_len(target) + 3 + a.len())..];
+            split_query(rest)
+        }
+        None => split_query(target),
+    };
+    let path: &[u8] = if absolute.is_some() && path.is_empty() {
+        b"/"
+    } else {
+        path
+    };
+    if path.first() != Some(&b'/') {
+        return Err(if req.method == Method::OPTIONS && target == b"*" {
+            bad("asterisk-form requests are not proxied")
+        } else {
+            bad("request target is not an absolute path")
+        });
+    }
+    let canonical = canonical_path(path, opts)?;
+    if absolute.is_none() && matches!(canonical, Cow::Borrowed(_)) {
+        return Ok(());
+    }
+    let mut new_target = Vec::with_capacity(canonical.len() + query.map_or(0, |q| q.len() + 1));
+    new_target.extend_from_slice(canonical.as_bytes());
+    if let Some(q) = query {
+        new_target.push(b'?');
+        new_target.extend_from_slice(q);
+    }
+    if let Some(a) = absolute {
+        if !req.headers.contains_key(HOST) {
+            let v = HeaderValue::from_str(&a).map_err(|_| bad("invalid request target"))?;
+            req.insert_header(HOST, v)
+                .map_err(|_| bad("invalid request target"))?;
+        }
+    }
+    req.set_raw_path(&new_target)
+        .map_err(|_| bad("invalid request target"))
+}
+
+/// The authority of an absolute-form target (`http://host:port/...`), validated; `None` for
+/// other forms. Only http and https are proxied.
+fn absolute_authority(target: &[u8]) -> Result<Option<String>, Refusal> {
+    let n = scheme_len(target);
+    if n == 0 || !target[n..].starts_with(b"://") {
+        return Ok(None);
+    }
+    let scheme = &target[..n];
+    if !(scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https")) {
+        return Err(bad("absolute-form target with a scheme other than http(s)"));
+    }
+    let rest = &target[n + 3..];
+    let end = rest
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if !valid_host(authority) {
+        return Err(bad("invalid authority in the request target"));
+    }
+    // valid_host admits ASCII only.
+    Ok(Some(String::from_utf8_lossy(authority).into_owned()))
+}
+
+/// Length of a leading URI scheme (`ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )`), 0 if none.
+fn scheme_len(target: &[u8]) -> usize {
+    if !target.first().is_some_and(u8::is_ascii_alphabetic) {
+        return 0;
+    }
+    target
+        .iter()
+        .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')))
+        .unwrap_or(target.len())
+}
+
+fn split_query(target: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match target.iter().position(|&b| b == b'?') {
+        Some(i) => (&target[..i], Some(&target[i + 1..])),
+        None => (target, None),
+    }
+}
+
+/// `host [ ":" port ]` as RFC 3986 §3.2.2 spells it: a reg-name (unreserved, sub-delims and
+/// escapes) or a bracketed IPv6 literal, and an optional decimal port. No userinfo, no path,
+/// no whitespace: anything else in a Host would let two parties read it two ways.
+pub fn valid_host(h: &[u8]) -> bool {
+    if h.is_empty() || h.len() > 255 {
+        return false;
+    }
+    let (name, port) = if h[0] == b'[' {
+        let Some(close) = h.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let inner = &h[1..close];
+        if inner.is_empty()
+            || !inner
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        match &h[close + 1..] {
+            [] => (&h[..=close], None),
+            [b':', port @ ..] => (&h[..=close], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match h.iter().rposition(|&b| b == b':') {
+            Some(i) => (&h[..i], Some(&h[i + 1..])),
+            None => (h, None),
+        }
+    };
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit) && {
+            let n: u32 = p.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0'));
+            n <= 65535
+        }
+    });
+    let name_ok = name.first() == Some(&b'[')
+        || (!name.is_empty()
+            && name
+                .iter()
+                .all(|&b| class(b) & (UNRESERVED | SUB_DELIM) != 0));
+    port_ok && name_ok
+}
+
+/// Refuses a head in which a line ends in a bare LF (RFC 9112 §2.2 lets a recipient accept
+/// them; a gateway in front of other parsers must not).
+fn check_line_endings(head: &[u8]) -> Result<(), Refusal> {
+    let mut prev = 0u8;
+    for &b in head {
+        if b == b'\n' && prev != b'\r' {
+            return Err(bad("a line of the request head ends in a bare LF"));
+        }
+        prev = b;
+    }
+    Ok(())
+}
+
+/// RFC 9112 §6: one unambiguous way to find the end of the body.
+fn check_framing(req: &RequestHeader) -> Result<(), Refusal> {
+    let mut cls = req.headers.get_all(CONTENT_LENGTH).iter();
+    if let Some(cl) = cls.next() {
+        if cls.next().is_some() {
+            return Err(bad("more than one Content-Length header"));
+        }
+        let v = cl.as_bytes();
+        if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+            return Err(bad("invalid Content-Length"));
+        }
+    }
+    let mut tes = req.headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(te) = tes.next() {
+        if tes.next().is_some() {
+            return Err(bad("more than one Transfer-Encoding header"));
+        }
+        if !te.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(Refusal {
+                status: 501,
+                reason: "transfer codings other than chunked are not implemented",
+            });
+        }
+    }
+    Ok(())
+}
+
+const UNRESERVED: u8 = 1;
+const SUB_DELIM: u8 = 2;
+/// `:` and `@`, allowed in path segments besides unreserved and sub-delims.
+const PCHAR_EXTRA: u8 = 4;
+
+const fn class(b: u8) -> u8 {
+    match b {
+        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => UNRESERVED,
+        b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => SUB_DELIM,
+        b':' | b'@' => PCHAR_EXTRA,
+        _ => 0,
+    }
+}
+
+/// Whether `b` may appear unescaped in a canonical path (with `/`).
+fn plain(b: u8) -> bool {
+    b == b'/' || class(b) != 0
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
+/// The canonical form of an origin-form path (no query), borrowed when it already is one.
+///
+/// Hand-written rather than with `percent-encoding`: it decodes only unreserved escapes,
+/// refuses some, and upper-cases the rest, in the same pass that finds segments.
+pub fn canonical_path(path: &[u8], opts: Options) -> Result<Cow<'_, str>, Refusal> {
+    if is_canonical(path) {
+        // Only plain ASCII passed is_canonical.
+        return Ok(Cow::Borrowed(
+            std::str::from_utf8(path).map_err(|_| bad("invalid path"))?,
+        ));
+    }
+    // Pass 1: escapes decoded or normalised, other bytes made plain or encoded; separators
+    // are the raw slashes only.
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len() + 8);
+    let mut i = 0;
+    while i < path.len() {
+        let b = path[i];
+        match b {
+            b'%' => {
+                let (Some(h), Some(l)) = (
+                    path.get(i + 1).copied().and_then(hex),
+                    path.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(bad("broken percent-escape in the path"));
+                };
+                let c = h << 4 | l;
+                if c < 0x20 || c == 0x7f {
+                    return Err(bad("encoded control character in the path"));
+                }
+                if (c == b'/' || c == b'\\') && !opts.keep_encoded_slashes {
+                    return Err(bad("encoded slash or backslash in the path"));
+                }
+                if class(c) == UNRESERVED {
+                    decoded.push(c);
+                } else {
+                    decoded.extend_from_slice(&[
+                        b'%',
+                        HEX_UPPER[usize::from(h)],
+                        HEX_UPPER[usize::from(l)],
+                    ]);
+                }
+                i += 3;
+                continue;
+            }
+            b'\\' => return Err(bad("backslash in the path")),
+            b'#' => return Err(bad("fragment in the request target")),
+            _ if b < 0x20 || b == 0x7f || b == b' ' => {
+                return Err(bad("control character or space in the path"))
+            }
+            _ if plain(b) => decoded.push(b),
+            _ => decoded.extend_from_slice(&[
+                b'%',
+                HEX_UPPER[usize::from(b >> 4)],
+                HEX_UPPER[usize::from(b & 15)],
+            ]),
+        }
+        i += 1;
+    }
+    // Pass 2: segments, with empty ones merged away and dot segments resolved (RFC 3986
+    // §5.2.4). The path ends in a slash when the input did or its last segment was a dot one.
+    let mut segs: Vec<&[u8]> = Vec::new();
+    let mut trailing = false;
+    for seg in decoded.split(|&b| b == b'/') {
+        match seg {
+            b"" => continue,
+            b"." => trailing = true,
+            b".." => {
+                segs.pop();
+                trailing = true;
+            }
+            _ if seg.starts_with(b".;") || seg.starts_with(b"..;") => {
+                return Err(bad("dot segment with a parameter in the path"))
+            }
+            _ => {
+                segs.push(seg);
+                trailing = false;
+            }
+        }
+    }
+    if decoded.last() == Some(&b'/') {
+        trailing = true;
+    }
+    let mut out = String::with_capacity(decoded.len() + 1);
+    for s in &segs {
+        out.push('/');
+        // Every byte left is plain ASCII or an escape we wrote.
+        out.push_str(&String::from_utf8_lossy(s));
+    }
+    if trailing || out.is_empty() {
+        out.push('/');
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// The common case, in one scan: only plain bytes, no escape, no empty segment, no segment
+/// that starts with a dot (a dot segment, or a `.;` one) — nothing to change.
+fn is_canonical(path: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for &b in path {
+        if !plain(b) || (prev == b'/' && (b == b'/' || b == b'.')) {
+            return false;
+        }
+        prev = b;
+    }
+    path.first() == Some(&b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canon(p: &str) -> Result<String, &'static str> {
+        canonical_path(p.as_bytes(), Options::default())
+            .map(|c| c.into_owned())
+            .map_err(|r| r.reason)
+    }
+
+    #[test]
+    fn paths_already_canonical_are_borrowed() {
+        for p in ["/", "/a/b", "/v1.2/x", "/a:b@c;d=e", "/a-b_c~d", "/a/"] {
+            assert!(
+                matches!(
+                    canonical_path(p.as_bytes(), Options::default()),
+                    Ok(Cow::Borrowed(_))
+                ),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn spellings_of_one_path_meet() {
+        for (input, want) in [
+            ("//admin", "/admin"),
+            ("/admin//x///y", "/admin/x/y"),
+            ("/%61dmin", "/admin"),
+            ("/%41%2d%2E%5F%7e", "/A-._~"),
+            ("/a/%2a", "/a/%2A"),
+            ("/a/%3a", "/a/%3A"),
+            ("/public/../admin", "/admin"),
+            ("/public/%2e%2e/admin", "/admin"),
+            ("/public/.%2e/admin", "/admin"),
+            ("/public/%2E./admin", "/admin"),
+            ("/a/./b/.", "/a/b/"),
+            ("/../../x", "/x"),
+            ("/..", "/"),
+            ("/a/..", "/"),
+            ("/a//", "/a/"),
+            ("/a/.../b", "/a/.../b"),
+            ("/a/..x/b", "/a/..x/b"),
+            ("/.well-known/x", "/.well-known/x"),
+            ("/a/{b}|^`", "/a/%7Bb%7D%7C%5E%60"),
+            ("/caf\u{e9}", "/caf%C3%A9"),
+            ("/%252e%252e/admin", "/%252e%252e/admin"),
+        ] {
+            assert_eq!(canon(input).as_deref(), Ok(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        for p in [
+            "/admin%2fx",
+            "/admin%2Fx",
+            "/a%5cb",
+            "/a\\b",
+            "/a%00",
+            "/a%0d%0a",
+            "/a%7f",
+            "/a%",
+            "/a%2",
+            "/a%zz",
+            "/public/..;/admin",
+            "/public/.;x/admin",
+            "/a b",
+            "/a\tb",
+        ] {
+            assert!(canon(p).is_err(), "{p} must be refused");
+        }
+    }
+
+    #[test]
+    fn encoded_slashes_kept_when_asked() {
+        let keep = Options {
+            keep_encoded_slashes: true,
+        };
+        let c = |p: &str| canonical_path(p.as_bytes(), keep).unwrap().into_owned();
+        assert_eq!(c("/files/a%2fb/../c"), "/files/c");
+        assert_eq!(c("/files/a%2fb"), "/files/a%2Fb");
+        assert_eq!(c("/x/%5c"), "/x/%5C");
+    }
+
+    #[test]
+    fn hosts() {
+        for h in [
+            "a",
+            "api.example.com",
+            "api.example.com:8080",
+            "[::1]",
+            "[::1]:443",
+            "127.0.0.1:80",
+            "xn--nxasmq6b.example",
+            "a_b.example.",
+        ] {
+            assert!(valid_host(h.as_bytes()), "{h}");
+        }
+        for h in [
+            "", "a b", "a/b", "user@a", "a:port", "a:99999", "a:", "[::1", "[zz]", "[::1]x",
+            "a\\b", "a\tb",
+        ] {
+            assert!(!valid_host(h.as_bytes()), "{h}");
+        }
+    }
+
+    fn req(method: &str, target: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build(method, target.as_bytes(), None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn decide(r: &mut RequestHeader) -> Result<(), &'static str> {
+        canonicalize(r, None, Options::default()).map_err(|e| e.reason)
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_with_its_host() {
+        let mut r = req("GET", "http://Internal.Example.com/a//b?x=1", &[]);
+        r.set_version(Version::HTTP_10);
+        decide(&mut r).unwrap();
+        assert_eq!(r.raw_path(), b"/a/b?x=1");
+        assert_eq!(r.headers.get(HOST).unwrap(), "Internal.Example.com");
+
+        let mut r = req(
+            "GET",
+            "http://internal.example.com",
+            &[("host", "internal.example.com")],
+        );
+        decide(&mut r).unwrap();
+        assert_eq!(r.raw_path(), b"/");
+
+        let mut r = req("GET", "http://internal.example.com/", &[]);
+        assert!(decide(&mut r).unwrap_err().contains("without a Host"));
+        let mut r = req("GET", "http://a.example/", &[("host", "b.example")]);
+        assert!(decide(&mut r).is_err());
+        let mut r = req("GET", "ftp://a.example/", &[("host", "a.example")]);
+        assert!(decide(&mut r).is_err());
+    }
+
+    #[test]
+    fn framing_and_host_rules() {
+        let ok = [("host", "a")];
+        assert!(decide(&mut req("GET", "/", &ok)).is_ok());
+        assert!(decide(&mut req("GET", "/", &[])).is_err());
+        assert!(decide(&mut req("GET", "/", &[("host", "a"), ("host", "a")])).is_err());
+        assert!(decide(&mut req("GET", "/", &[("host", "a b")])).is_err());
+        let two_cl = [
+            ("host", "a"),
+            ("content-length", "2"),
+            ("content-length", "2"),
+        ];
+        assert!(decide(&mut req("POST", "/", &two_cl)).is_err());
+        let list_cl = [("host", "a"), ("content-length", "2, 2")];
+        assert!(decide(&mut req("POST", "/", &list_cl)).is_err());
+        let signed = [("host", "a"), ("content-length", "+2")];
+        assert!(decide(&mut req("POST", "/", &signed)).is_err());
+        let gzip = [("host", "a"), ("transfer-encoding", "gzip, chunked")];
+        let e = canonicalize(&mut req("POST", "/", &gzip), None, Options::default());
+        assert_eq!(e.unwrap_err().status, 501);
+        let chunked = [("host", "a"), ("transfer-encoding", "Chunked")];
+        assert!(decide(&mut req("POST", "/", &chunked)).is_ok());
+        assert!(decide(&mut req("OPTIONS", "*", &ok)).is_err());
+        let mut http10 = req("GET", "/", &[]);
+        http10.set_version(Version::HTTP_10);
+        assert!(decide(&mut http10).is_ok(), "HTTP/1.0 needs no Host");
+    }
+
+    #[test]
+    fn bare_lf_in_the_head_is_refused() {
+        let mut r = req("GET", "/", &[("host", "a")]);
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\n";
+        assert!(canonicalize(&mut r, Some(head), Options::default()).is_err());
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert!(canonicalize(&mut r, Some(head), Options::default()).is_ok());
+    }
+
+    #[test]
+    fn the_path_is_rewritten_in_place() {
+        let mut r = req("GET", "/public/%2e%2e//admin?q=%2f", &[("host", "a")]);
+        decide(&mut r).unwrap();
+        assert_eq!(r.uri.path(), "/admin");
+        assert_eq!(r.raw_path(), b"/admin?q=%2f");
+    }
+}
