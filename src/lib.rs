@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod front;
 pub mod proxy;
 pub mod router;
 pub mod runtime;

@@ -40,6 +40,51 @@ enum Command {
     },
 }
 
+/// mimalloc returns memory to the system only when the thread that owns it allocates or
+/// frees again: after a flood of slow clients, idle worker threads kept 800 MB (1,500 clients
+/// of a 1 MB answer) until traffic resumed. So a worker thread whose connection ends collects
+/// its heap, at most every 100 ms; one that ends sooner has a collect run 150 ms later (most
+/// often on the same thread), so the last connections of a flood are collected too. Purging
+/// on every free instead (MIMALLOC_PURGE_DELAY=0) cost 0.8 page faults per request.
+fn release_memory() {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+        static PENDING: Cell<bool> = const { Cell::new(false) };
+    }
+    let now = Instant::now();
+    if LAST
+        .get()
+        .is_some_and(|t| now.duration_since(t) < Duration::from_millis(100))
+    {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !PENDING.replace(true) {
+            rt.spawn(async {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                PENDING.set(false);
+                LAST.set(Some(Instant::now()));
+                collect();
+            });
+        }
+        return;
+    }
+    LAST.set(Some(now));
+    collect();
+}
+
+fn collect() {
+    // SAFETY: mi_collect works on the calling thread's own heap (and, forced, returns what
+    // was freed to the shared arenas); it has no preconditions.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
+fn start_memory_release() {
+    let _ = gatehouse::front::CONNECTION_ENDED.set(release_memory);
+}
+
 fn init_logging() {
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,gatehouse=info"),
@@ -65,6 +110,7 @@ fn load_or_report(path: &Path) -> Option<config::Config> {
 }
 
 fn serve(cfg: &config::Config, upgrade: bool, with_demo: bool) -> ExitCode {
+    start_memory_release();
     let (mut srv, _live) = match server::build(cfg, upgrade) {
         Ok(s) => s,
         Err(e) => {

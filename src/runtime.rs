@@ -44,6 +44,7 @@ pub struct Runtime {
     pub pools: Vec<Arc<Pool>>,
     pub trusted_proxies: Vec<IpNet>,
     pub canonical: crate::proxy::canonical::Options,
+    pub client: crate::front::ClientLimits,
 }
 
 impl Runtime {
@@ -103,6 +104,7 @@ impl Runtime {
             canonical: crate::proxy::canonical::Options {
                 keep_encoded_slashes: cfg.server.keep_encoded_slashes,
             },
+            client: cfg.server.client,
         })
     }
 }

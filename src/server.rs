@@ -11,8 +11,10 @@ use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 
 use crate::config::{self, Config};
+use crate::front::Front;
 use crate::proxy::GatewayProxy;
 use crate::runtime::{Live, Runtime};
 use crate::upstream::health;
@@ -47,11 +49,12 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
             index,
             live: live.clone(),
         };
-        let mut svc = pingora_proxy::http_proxy_service_with_name(
-            &server.configuration,
-            proxy,
-            &format!("gateway {}", g.name),
+        let front = Front::new(
+            pingora_proxy::http_proxy(&server.configuration, proxy),
+            live.clone(),
+            g.name.as_str().into(),
         );
+        let mut svc = Service::new(format!("gateway {}", g.name), front);
         for addr in &g.listen {
             let addr = addr.to_string();
             match &g.tls {

@@ -239,3 +239,49 @@ fn upstream_and_route_policy_errors() {
         );
     }
 }
+
+const BAD_FRONT: &str = r#"[server]
+header_timeout = "0s"
+max_headers = 500
+max_header_size = "2MiB"
+max_connections = 0
+[plugins.jwt]
+kind = "jwt_auth"
+algorithms = ["RS256"]
+jwks_url = "http://127.0.0.1:9/keys"
+[upstreams.u]
+peers = ["127.0.0.1:9001"]
+[gateways.g]
+listen = ["127.0.0.1:8080"]
+[[routes]]
+upstream = "u"
+"#;
+
+#[test]
+fn client_limits_and_insecure_key_urls() {
+    let (code, out, _, _dir) = check(BAD_FRONT);
+    assert_eq!(code, 1, "{out}");
+    for (line, text) in [
+        (2, "[server]: `header_timeout` must be more than 0s"),
+        (3, "[server]: `max_headers` must be between 1 and 256"),
+        (4, "[server]: `max_header_size` must be between 1 and"),
+        (5, "[server]: `max_connections` must be between 1 and"),
+        (
+            7,
+            "plugin \"jwt\": jwks_url \"http://127.0.0.1:9/keys\" is plain http",
+        ),
+    ] {
+        let found = out
+            .lines()
+            .any(|l| l.contains(&format!(":{line}:")) && l.contains(text));
+        assert!(
+            found,
+            "no error at line {line} containing {text:?} in:\n{out}"
+        );
+    }
+    let ok = BAD_FRONT
+        .replace("header_timeout = \"0s\"\nmax_headers = 500\nmax_header_size = \"2MiB\"\nmax_connections = 0\n", "")
+        .replace("jwks_url", "allow_insecure_jwks = true\njwks_url");
+    let (code, out, _, _dir) = check(&ok);
+    assert_eq!(code, 0, "{out}");
+}

@@ -392,6 +392,7 @@ async fn jwt_keys_from_a_jwks_url_rotate_by_kid() {
 kind = "jwt_auth"
 algorithms = ["RS256"]
 jwks_url = "http://{jwks}/.well-known/jwks.json"
+allow_insecure_jwks = true
 jwks_min_refresh = "500ms"
 "#
     );
@@ -443,6 +444,10 @@ jwks_min_refresh = "500ms"
     let (s, _, body) = get(&url, &[("authorization", &bearer(&t2))]).await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(hits.load(Ordering::SeqCst), 3);
+    // k1 left the set: the token it verified (remembered since) is refused, not served from
+    // the cache of verified tokens.
+    let (s, _, body) = get(&url, &[("authorization", &bearer(&t1))]).await;
+    assert_eq!(s, 401, "{body}");
 }
 
 /// Every algorithm family the plugin accepts, with keys made here: HS384/512, RS384/512,

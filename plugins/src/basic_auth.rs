@@ -26,7 +26,7 @@ use pingora_proxy::Session;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::cache::{unix_now, ExpiringCache};
+use crate::cache::unix_now;
 use crate::config::Dur;
 use crate::{refuse, Decision, Phases, Plugin, PluginCtx};
 
@@ -93,8 +93,8 @@ pub struct BasicAuth {
     challenge: HeaderValue,
     hide: bool,
     cache_for: u64,
-    /// Successful checks by SHA-256(user, password, hash).
-    cache: ExpiringCache<[u8; 32], ()>,
+    /// Successful checks by SHA-256(user, password, hash), each valid until a unix time.
+    cache: quick_cache::sync::Cache<[u8; 32], u64>,
     /// Turns for bcrypt on the blocking pool: two per core.
     bcrypt_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -116,7 +116,7 @@ impl BasicAuth {
             challenge,
             hide: c.hide_credentials,
             cache_for: c.cache_for.map_or(300, |d| d.0.as_secs()),
-            cache: ExpiringCache::new(4096),
+            cache: quick_cache::sync::Cache::new(4096),
             bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
             )),
@@ -145,8 +145,10 @@ impl BasicAuth {
         }
         let fp: [u8; 32] = h.finalize().into();
         let now = unix_now();
-        if let (Some(n), Some(())) = (&name, self.cache.get(&fp, now)) {
-            return Check::Ok(n.clone());
+        if let (Some(n), Some(until)) = (&name, self.cache.get(&fp)) {
+            if now < until {
+                return Check::Ok(n.clone());
+            }
         }
         // bcrypt is CPU-bound by design: a bounded number run at once, and a request that
         // cannot get a turn within a second is told to come back rather than queued forever.
@@ -167,7 +169,7 @@ impl BasicAuth {
         .unwrap_or(false);
         match name {
             Some(n) if ok => {
-                self.cache.insert(fp, (), now + self.cache_for, now);
+                self.cache.insert(fp, now + self.cache_for);
                 Check::Ok(n)
             }
             _ => Check::Bad,

@@ -26,6 +26,14 @@ pub struct ServerFile {
     pub upgrade_sock: Option<PathBuf>,
     #[serde(default)]
     pub keep_encoded_slashes: bool,
+    pub header_timeout: Option<Spanned<Dur>>,
+    pub body_timeout: Option<Spanned<Dur>>,
+    pub keepalive_timeout: Option<Spanned<Dur>>,
+    pub send_timeout: Option<Spanned<Dur>>,
+    pub max_connections: Option<Spanned<usize>>,
+    pub max_requests_per_connection: Option<Spanned<u32>>,
+    pub max_headers: Option<Spanned<usize>>,
+    pub max_header_size: Option<Spanned<Size>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -48,6 +48,7 @@ pub struct Server {
     pub upgrade_sock: PathBuf,
     /// Keep `%2F`/`%5C` in paths (encoded, never separators) instead of refusing them.
     pub keep_encoded_slashes: bool,
+    pub client: crate::front::ClientLimits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

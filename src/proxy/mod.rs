@@ -358,15 +358,35 @@ impl ProxyHttp for GatewayProxy {
             .and_then(|ip| forwarded::client_ip(&rt.trusted_proxies, ip, session.req_header()));
         ctx.plugins.gateway = Some(gw.name.clone());
 
-        let raw_head = session
-            .as_ref()
-            .as_http1()
-            .map(|h1| h1.get_headers_raw_bytes());
-        let verdict =
-            canonical::canonicalize(session.req_header_mut(), raw_head.as_deref(), rt.canonical);
+        let h1 = session.as_ref().as_http1();
+        if let Some(clock) = h1.and_then(|h| crate::front::Timed::clock_of(h.stream())) {
+            clock.head_done();
+        }
+        let raw_head = h1.map(|h1| h1.get_headers_raw_bytes());
+        let limits = &rt.client;
+        let head_size = raw_head.as_ref().map_or(0, |h| h.len());
+        let verdict = if session.req_header().headers.len() > limits.max_headers {
+            Err(canonical::Refusal {
+                status: 431,
+                reason: "too many header fields",
+            })
+        } else if head_size > limits.max_header_size {
+            Err(canonical::Refusal {
+                status: 431,
+                reason: "request header too large",
+            })
+        } else {
+            canonical::canonicalize(session.req_header_mut(), raw_head.as_deref(), rt.canonical)
+        };
         if let Err(refusal) = verdict {
             ctx.rt = Some(rt);
             return Err(client_error(refusal.status, refusal.reason));
+        }
+        // Pingora keeps an idle HTTP/1.1 connection forever unless told (it follows the
+        // client's Connection header, and a client that says close is still obeyed).
+        match limits.keepalive_timeout.as_secs() {
+            0 => session.set_keepalive(None),
+            secs => session.set_keepalive(Some(secs)),
         }
         // Pipelined requests are answered in order, one at a time (RFC 9112 §9.3.2).
         session.set_pipelining_enabled(true);

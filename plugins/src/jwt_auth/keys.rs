@@ -18,6 +18,10 @@ pub struct KeyEntry {
     pub kid: Option<String>,
     pub alg: Option<Algorithm>,
     pub key: DecodingKey,
+    /// A hash of the key's JWK: which key verified a cached token, so a JWKS refresh that
+    /// drops the key drops the tokens it verified (0 for PEM keys, which only a reload
+    /// replaces, and a reload starts a new cache).
+    pub id: u64,
 }
 
 impl std::fmt::Debug for KeyEntry {
@@ -50,6 +54,12 @@ pub fn parse_jwks(text: &str) -> std::result::Result<(Vec<KeyEntry>, Vec<String>
             skipped.push(format!("{name}: an encryption key"));
             continue;
         }
+        let id = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            k.to_string().hash(&mut h);
+            h.finish()
+        };
         let jwk: Jwk = match serde_json::from_value(k) {
             Ok(j) => j,
             Err(e) => {
@@ -66,6 +76,7 @@ pub fn parse_jwks(text: &str) -> std::result::Result<(Vec<KeyEntry>, Vec<String>
                 kid: jwk.common.key_id.clone(),
                 alg,
                 key,
+                id,
             }),
             Err(e) => skipped.push(format!("{name}: {e}")),
         }

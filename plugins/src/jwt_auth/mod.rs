@@ -51,7 +51,7 @@ mod keys;
 pub use keys::{parse_jwks, KeyEntry};
 use keys::{pem_key, Remote};
 
-use crate::cache::{unix_now, ExpiringCache};
+use crate::cache::unix_now;
 use crate::config::{Dur, HeaderNameConf};
 use crate::subrequest::{Client, Target};
 use crate::{refuse, Decision, Phases, Plugin, PluginCtx};
@@ -98,6 +98,9 @@ pub struct Config {
     pub public_key_file: Option<PathBuf>,
     pub jwks_file: Option<PathBuf>,
     pub jwks_url: Option<String>,
+    /// Allow a `jwks_url` over plain http (anyone on the path could swap the keys).
+    #[serde(default)]
+    pub allow_insecure_jwks: bool,
     pub jwks_refresh: Option<Dur>,
     pub jwks_min_refresh: Option<Dur>,
     pub issuer: Option<OneOrMany>,
@@ -137,6 +140,7 @@ impl Config {
                 kid: None,
                 alg: None,
                 key: DecodingKey::from_secret(s.as_bytes()),
+                id: 0,
             });
         }
         if let Some(pem) = &self.public_key {
@@ -145,6 +149,7 @@ impl Config {
                 kid: None,
                 alg: None,
                 key,
+                id: 0,
             });
         }
         if let Some(f) = &self.public_key_file {
@@ -157,6 +162,7 @@ impl Config {
                 kid: None,
                 alg: None,
                 key,
+                id: 0,
             });
         }
         if let Some(f) = &self.jwks_file {
@@ -171,7 +177,13 @@ impl Config {
             keys.extend(k);
         }
         if let Some(u) = &self.jwks_url {
-            self.jwks_target = Some(Target::parse(u)?);
+            let target = Target::parse(u)?;
+            if !target.tls && !self.allow_insecure_jwks {
+                return Err(format!(
+                    "jwks_url {u:?} is plain http: whoever is on the path could hand the gateway                      their own keys; use https, or set allow_insecure_jwks = true"
+                ));
+            }
+            self.jwks_target = Some(target);
         }
         if self
             .jwks_refresh
@@ -207,6 +219,17 @@ impl Config {
 
 type Claims = Arc<Map<String, Value>>;
 
+/// A token that passed verification.
+#[derive(Clone)]
+struct Verified {
+    claims: Claims,
+    /// Unix time it stops being valid.
+    until: u64,
+    /// The fetched (JWKS URL) key that verified it: gone from the key set, the token is
+    /// verified again. None for configured keys.
+    remote_key: Option<u64>,
+}
+
 struct Inner {
     algorithms: Vec<Algorithm>,
     validations: HashMap<Algorithm, Validation>,
@@ -219,8 +242,8 @@ struct Inner {
     hide: bool,
     leeway: u64,
     validate_exp: bool,
-    /// Verified tokens, until their expiry.
-    cache: ExpiringCache<Box<str>, Claims>,
+    /// Verified tokens, until their expiry: bounded, evicting the least used.
+    cache: quick_cache::sync::Cache<Box<str>, Verified>,
 }
 
 pub struct JwtAuth {
@@ -302,7 +325,7 @@ impl JwtAuth {
                 hide: c.hide_credentials,
                 leeway,
                 validate_exp: c.validate_exp,
-                cache: ExpiringCache::new(8_192),
+                cache: quick_cache::sync::Cache::new(8_192),
             }),
         }
     }
@@ -327,8 +350,9 @@ impl Inner {
             })
     }
 
-    /// The keys a token of `alg` with `kid` may be checked against.
-    fn candidates(&self, alg: Algorithm, kid: Option<&str>) -> Vec<KeyEntry> {
+    /// The keys a token of `alg` with `kid` may be checked against, each with whether it was
+    /// fetched from the JWKS URL.
+    fn candidates(&self, alg: Algorithm, kid: Option<&str>) -> Vec<(KeyEntry, bool)> {
         let fits = |k: &&KeyEntry| {
             k.key.family() == alg.family()
                 && k.alg.is_none_or(|a| a == alg)
@@ -337,11 +361,23 @@ impl Inner {
                     _ => true,
                 }
         };
-        let mut out: Vec<KeyEntry> = self.keys.iter().filter(fits).cloned().collect();
+        let mut out: Vec<(KeyEntry, bool)> = self
+            .keys
+            .iter()
+            .filter(fits)
+            .map(|k| (k.clone(), false))
+            .collect();
         if let Some(r) = &self.remote {
-            out.extend(r.keys.load().iter().filter(fits).cloned());
+            out.extend(r.keys.load().iter().filter(fits).map(|k| (k.clone(), true)));
         }
         out
+    }
+
+    /// Whether a fetched key is still in the key set.
+    fn remote_key_present(&self, id: u64) -> bool {
+        self.remote
+            .as_ref()
+            .is_some_and(|r| r.keys.load().iter().any(|k| k.id == id))
     }
 
     fn remote_has_kid(&self, kid: &str) -> bool {
@@ -352,11 +388,11 @@ impl Inner {
                 .is_some_and(|r| r.keys.load().iter().any(|k| k.kid.as_deref() == Some(kid)))
     }
 
-    /// Verifies `token`; the claims, or why not.
+    /// Verifies `token`; the claims and the fetched key that verified them, or why not.
     async fn verify(
         self: &Arc<Self>,
         token: &str,
-    ) -> std::result::Result<Map<String, Value>, &'static str> {
+    ) -> std::result::Result<(Map<String, Value>, Option<u64>), &'static str> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             ErrorKind::InvalidAlgorithmName | ErrorKind::Json(_) => {
                 "algorithm not allowed or malformed header"
@@ -411,9 +447,9 @@ impl Inner {
             return Err("algorithm not allowed");
         };
         let mut why = "bad signature";
-        for k in &keys {
+        for (k, remote) in &keys {
             match jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, validation) {
-                Ok(data) => return Ok(data.claims),
+                Ok(data) => return Ok((data.claims, remote.then_some(k.id))),
                 Err(e) => {
                     let d = describe(e.kind());
                     // A key that verified the signature but refused the claims says more than
@@ -461,13 +497,30 @@ impl Inner {
     }
 
     /// Remembers a verified token until it expires (a minute for tokens without `exp`).
-    fn remember(&self, token: &str, claims: Claims, now: u64) {
+    fn remember(&self, token: &str, claims: Claims, remote_key: Option<u64>, now: u64) {
         let until = match claims.get("exp").and_then(Value::as_u64) {
             Some(exp) => exp.saturating_add(self.leeway),
             None if !self.validate_exp => now + 60,
             None => return,
         };
-        self.cache.insert(token.into(), claims, until, now);
+        self.cache.insert(
+            token.into(),
+            Verified {
+                claims,
+                until,
+                remote_key,
+            },
+        );
+    }
+
+    /// A remembered token, while it is valid and its key is still in the key set.
+    fn remembered(&self, token: &str, now: u64) -> Option<Claims> {
+        let v = self.cache.get(token)?;
+        if now >= v.until || v.remote_key.is_some_and(|id| !self.remote_key_present(id)) {
+            self.cache.remove(token);
+            return None;
+        }
+        Some(v.claims)
     }
 }
 
@@ -541,14 +594,14 @@ impl Plugin for JwtAuth {
             ));
         };
         let now = unix_now();
-        let claims = match inner.cache.get(token, now) {
+        let claims = match inner.remembered(token, now) {
             Some(c) => c,
             None => {
                 let token = token.to_string();
                 match inner.verify(&token).await {
-                    Ok(c) => {
+                    Ok((c, remote_key)) => {
                         let c = Arc::new(c);
-                        inner.remember(&token, c.clone(), now);
+                        inner.remember(&token, c.clone(), remote_key, now);
                         c
                     }
                     Err(why) => {

@@ -1,0 +1,397 @@
+//! The client side of a gateway's listeners: how long a client may take, and how many
+//! connections a gateway holds.
+//!
+//! Pingora's own HTTP/1 connection loop gives each read of a request head a 60 s timeout — a
+//! client that sends a byte every 59 s holds its connection forever — and keeps an idle
+//! keep-alive connection without limit. Gatehouse runs that loop itself, around Pingora's
+//! proxy, to bound both:
+//!
+//! - `max_connections` per gateway: past it, new connections are closed at once (said in the
+//!   log once per episode, not per connection);
+//! - `header_timeout`: the whole request head, from its first byte (from the connection's
+//!   start for its first request); a client that has not sent it in time is disconnected
+//!   quietly, before any request exists;
+//! - `keepalive_timeout` (idle between requests), `body_timeout` (between request body reads),
+//!   `send_timeout` (between writes to a client that does not read), and
+//!   `max_requests_per_connection`.
+//!
+//! The head clock costs a relaxed load per read: the stream wrapper notes when the first byte
+//! of a head arrives, `early_request_filter` notes when the head is complete, and a timer is
+//! armed only for a head that did not arrive whole in one go.
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType, ALPN,
+};
+use pingora::server::ShutdownWatch;
+use pingora_proxy::HttpProxy;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::proxy::GatewayProxy;
+use crate::runtime::Live;
+use crate::upstream::now_ms;
+
+/// Called on a worker thread when one of its connections ends: the binary sets it to hand
+/// the allocator's freed memory back (see main.rs). A hook, so this crate stays free of
+/// `unsafe` and of the allocator's API.
+pub static CONNECTION_ENDED: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// The [server] limits on clients, as the snapshot holds them (a reload applies to new
+/// connections).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub send_timeout: Duration,
+    pub max_connections: usize,
+    pub max_requests_per_connection: u32,
+    pub max_headers: usize,
+    pub max_header_size: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_requests_per_connection: 10_000,
+            max_headers: 100,
+            max_header_size: 64 * 1024,
+        }
+    }
+}
+
+/// Where a connection's current request head is: set by the stream (first byte) and by the
+/// proxy (head complete), read by the connection loop's timer.
+#[derive(Debug, Default)]
+pub struct HeadClock {
+    /// A head is expected: the next bytes read start it.
+    waiting: AtomicBool,
+    /// `now_ms()` of the head's first byte, 0 while none came.
+    started: AtomicU64,
+    done: AtomicBool,
+}
+
+impl HeadClock {
+    fn arm(&self) {
+        self.started.store(0, Relaxed);
+        self.done.store(false, Relaxed);
+        self.waiting.store(true, Relaxed);
+    }
+
+    /// The head is complete: no deadline until the next one.
+    pub fn head_done(&self) {
+        self.waiting.store(false, Relaxed);
+        self.done.store(true, Relaxed);
+    }
+
+    fn on_read(&self) {
+        if self.waiting.load(Relaxed) && self.started.load(Relaxed) == 0 {
+            self.started.store(now_ms().max(1), Relaxed);
+        }
+    }
+}
+
+/// The client stream, noting when a request head starts.
+#[derive(Debug)]
+pub struct Timed {
+    inner: Stream,
+    pub clock: Arc<HeadClock>,
+}
+
+impl Timed {
+    /// The head clock of the connection a session reads from, when it is one of ours.
+    pub fn clock_of(stream: &Stream) -> Option<&HeadClock> {
+        (**stream)
+            .as_any()
+            .downcast_ref::<Timed>()
+            .map(|t| &*t.clock)
+    }
+}
+
+impl AsyncRead for Timed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.clock.on_read();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Timed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for Timed {
+    async fn shutdown(&mut self) {
+        (*self.inner).shutdown().await
+    }
+}
+
+impl UniqueID for Timed {
+    fn id(&self) -> UniqueIDType {
+        (*self.inner).id()
+    }
+}
+
+impl Ssl for Timed {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        (*self.inner).get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        (*self.inner).get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        (*self.inner).selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Timed {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        (*self.inner).get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        (*self.inner).get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        (*self.inner).get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Timed {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        (*self.inner).get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+        (*self.inner).set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Timed {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        (*self.inner).get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
+        (*self.inner).set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for Timed {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        (*self.inner).try_peek(buf).await
+    }
+}
+
+/// Resolves when the current head is overdue; pending (and off the timer wheel) while no
+/// head is under way.
+struct HeadTimer<'a> {
+    clock: &'a HeadClock,
+    sleep: Pin<&'a mut tokio::time::Sleep>,
+    /// The deadline of a head that has not started: the connection's first request only
+    /// (between requests the keep-alive timeout applies, and ends the connection quietly).
+    idle_deadline: Option<Instant>,
+    header_timeout: Duration,
+    base: Instant,
+}
+
+impl Future for HeadTimer<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.clock.done.load(Relaxed) {
+            return Poll::Pending;
+        }
+        let started = self.clock.started.load(Relaxed);
+        let want = if started > 0 {
+            self.base + Duration::from_millis(started) + self.header_timeout
+        } else {
+            match self.idle_deadline {
+                Some(d) => d,
+                None => return Poll::Pending,
+            }
+        };
+        if self.sleep.deadline() != want.into() {
+            self.sleep.as_mut().reset(want.into());
+        }
+        self.sleep.as_mut().poll(cx)
+    }
+}
+
+/// A gateway's listeners: Pingora's HTTP proxy, run under the client limits.
+pub struct Front {
+    pub proxy: Arc<HttpProxy<GatewayProxy>>,
+    pub live: Live,
+    pub name: Arc<str>,
+    active: AtomicUsize,
+    saturated: AtomicBool,
+}
+
+/// Holds one of the gateway's connection slots.
+struct Slot<'a>(&'a Front);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+        if self.0.saturated.load(Relaxed) && self.0.saturated.swap(false, Relaxed) {
+            log::info!(
+                "gateway \"{}\": below max_connections again, accepting connections",
+                self.0.name
+            );
+        }
+    }
+}
+
+impl Front {
+    pub fn new(proxy: HttpProxy<GatewayProxy>, live: Live, name: Arc<str>) -> Front {
+        Front {
+            proxy: Arc::new(proxy),
+            live,
+            name,
+            active: AtomicUsize::new(0),
+            saturated: AtomicBool::new(false),
+        }
+    }
+
+    fn admit(&self, max: usize) -> Option<Slot<'_>> {
+        if self.active.fetch_add(1, Relaxed) >= max {
+            self.active.fetch_sub(1, Relaxed);
+            if !self.saturated.swap(true, Relaxed) {
+                log::warn!(
+                    "gateway \"{}\": max_connections ({max}) reached, refusing new connections",
+                    self.name
+                );
+            }
+            return None;
+        }
+        Some(Slot(self))
+    }
+
+    /// Pingora's HTTP/1 keep-alive loop, with the head clock and the limits.
+    async fn serve_h1(&self, stream: Stream, shutdown: &ShutdownWatch, limits: ClientLimits) {
+        let conn_start = Instant::now();
+        let base = conn_start - Duration::from_millis(now_ms());
+        let clock = Arc::new(HeadClock::default());
+        let mut session = ServerSession::new_http1(Box::new(Timed {
+            inner: stream,
+            clock: clock.clone(),
+        }));
+        session.set_keepalive_reuses_remaining(Some(
+            limits.max_requests_per_connection.saturating_sub(1),
+        ));
+        let sleep = tokio::time::sleep_until((conn_start + limits.header_timeout).into());
+        tokio::pin!(sleep);
+        let mut first = true;
+        loop {
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            }
+            session.set_read_timeout(Some(limits.body_timeout));
+            session.set_write_timeout(Some(limits.send_timeout));
+            clock.arm();
+            let timer = HeadTimer {
+                clock: &clock,
+                sleep: sleep.as_mut(),
+                idle_deadline: first.then_some(conn_start + limits.header_timeout),
+                header_timeout: limits.header_timeout,
+                base,
+            };
+            let reused = tokio::select! {
+                biased;
+                r = self.proxy.process_new_http(session, shutdown) => r,
+                _ = timer => {
+                    log::debug!(
+                        "gateway \"{}\": request head not complete within header_timeout, closing",
+                        self.name
+                    );
+                    return;
+                }
+            };
+            let Some((stream, settings)) = reused.map(|r| r.consume()) else {
+                return;
+            };
+            session = ServerSession::new_http1(stream);
+            if let Some(s) = settings {
+                s.apply_to_session(&mut session);
+            }
+            first = false;
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for Front {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let limits = self.live.load().client;
+        let _slot = self.admit(limits.max_connections)?;
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // HTTP/2 over TLS: the h2 codec bounds its streams; Pingora runs the connection.
+            return self.proxy.process_new(stream, shutdown).await;
+        }
+        self.serve_h1(stream, shutdown, limits).await;
+        if let Some(hook) = CONNECTION_ENDED.get() {
+            hook();
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await
+    }
+}

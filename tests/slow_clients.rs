@@ -1,0 +1,218 @@
+//! Slow and greedy clients, bounded: a trickled request head is cut at `header_timeout` while
+//! everyone else is served; idle, stalled and non-reading clients are closed by their
+//! timeouts; connections, requests per connection and header fields are capped.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::raw::exchange;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn gateway(port: u16, up: std::net::SocketAddr, server: &str) -> Gatehouse {
+    Gatehouse::start(
+        &format!(
+            "[server]\nthreads = 2\n{server}\n[upstreams.u]\npeers = [\"{up}\"]\n\
+             [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n[[routes]]\nupstream = \"u\"\n"
+        ),
+        &[port],
+    )
+}
+
+/// Sends `req` a byte at a time, `gap` apart; how long until the gateway hung up (None if it
+/// answered instead, or the whole head went out).
+async fn trickle(port: u16, req: &'static [u8], gap: Duration) -> Option<Duration> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let opened = Instant::now();
+    let mut buf = [0u8; 64];
+    for &b in req {
+        if s.write_all(&[b]).await.is_err() {
+            return Some(opened.elapsed());
+        }
+        match tokio::time::timeout(gap, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(opened.elapsed()),
+            Ok(Ok(_)) => return None,
+            Err(_) => {}
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_is_cut_at_header_timeout_while_others_are_served() {
+    let up = echo("u").await;
+    let port = free_port();
+    let _g = gateway(port, up, "header_timeout = \"2s\"");
+    const REQ: &[u8] =
+        b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: slowloris/1.0\r\nX-Pad: aaaaaaaaaa\r\n\r\n";
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| tokio::spawn(trickle(port, REQ, Duration::from_millis(300))))
+        .collect();
+    // While a thousand connections trickle, a normal client is answered at once.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+    let mut cut = Vec::new();
+    for t in tasks {
+        cut.push(t.await.unwrap());
+    }
+    let times: Vec<Duration> = cut.iter().flatten().copied().collect();
+    assert_eq!(times.len(), 1000, "every trickler was cut: {cut:?}");
+    let (min, max) = (times.iter().min().unwrap(), times.iter().max().unwrap());
+    eprintln!("1000 trickling connections cut after {min:?} to {max:?}");
+    assert!(*min >= Duration::from_millis(1900), "{min:?}");
+    assert!(*max < Duration::from_secs(4), "{max:?}");
+    let log = _g.log();
+    assert!(
+        !log.contains("ERROR"),
+        "no error line per connection:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_stalled_and_non_reading_clients_are_closed() {
+    let up = serve(|req: hyper::Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/big" {
+            // 32 MiB: far more than the socket buffers between us and the client.
+            return hyper::Response::new(full(vec![b'x'; 32 << 20]));
+        }
+        // Whole bodies first, as most applications read them.
+        let n = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .map_or(0, |b| b.to_bytes().len());
+        hyper::Response::new(full(n.to_string()))
+    })
+    .await;
+    let (port, admin) = (free_port(), free_port());
+    let _g = gateway(
+        port,
+        up,
+        &format!(
+            "admin = \"127.0.0.1:{admin}\"\nkeepalive_timeout = \"1s\"\nbody_timeout = \"1s\"\n\
+             send_timeout = \"1s\""
+        ),
+    );
+    // Idle keep-alive: closed after keepalive_timeout.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let t = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed");
+    assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(3));
+
+    // A body that stalls: 408 after body_timeout, and the connection closed.
+    let t = Instant::now();
+    let ex = exchange(
+        port,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc",
+        1,
+        Duration::from_millis(100),
+    )
+    .await;
+    let statuses: Vec<u16> = ex.answers.iter().map(|a| a.status).collect();
+    assert!(statuses == [408] || statuses.is_empty(), "{statuses:?}");
+    assert!(ex.closed);
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+
+    // A client that never reads a large answer: cut after send_timeout of no progress.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut total = 0usize;
+    let t = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => total += n,
+        }
+    }
+    assert!(total < 32 << 20, "the answer was cut, {total} bytes came");
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    // None of it was the upstream's fault.
+    let status = admin_status(admin).await;
+    assert_eq!(status["upstreams"]["u"]["peers"][0]["ejected"], false);
+    let log = _g.log();
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_requests_and_header_fields_are_capped() {
+    let up = echo("u").await;
+    let port = free_port();
+    let _g = gateway(
+        port,
+        up,
+        "max_connections = 5\nmax_requests_per_connection = 3\nmax_headers = 10\n\
+         max_header_size = \"1KiB\"\nheader_timeout = \"10s\"",
+    );
+    // Five idle connections hold every slot: the next ones are closed at once.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .expect("refused at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "refused");
+    }
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = client()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "slots come back");
+    let log = _g.log();
+    assert_eq!(
+        log.matches("max_connections (5) reached").count(),
+        1,
+        "said once:\n{log}"
+    );
+
+    // Three requests per connection: the third answer says close.
+    let get = "GET / HTTP/1.1\r\nHost: a\r\n\r\n".repeat(4);
+    let ex = exchange(port, get.as_bytes(), 3, Duration::from_millis(300)).await;
+    assert_eq!(ex.answers.len(), 3);
+    assert_eq!(ex.answers[2].header("connection"), Some("close"));
+    assert!(ex.closed);
+
+    // Header fields: too many, or too large.
+    let many: String = (0..11).map(|i| format!("X-{i}: v\r\n")).collect();
+    let req = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");
+    let ex = exchange(port, req.as_bytes(), 1, Duration::from_millis(100)).await;
+    assert_eq!(ex.answers[0].status, 431);
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "v".repeat(2000)
+    );
+    let ex = exchange(port, req.as_bytes(), 1, Duration::from_millis(100)).await;
+    assert_eq!(ex.answers[0].status, 431);
+    assert!(ex.closed);
+}
