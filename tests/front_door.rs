@@ -215,6 +215,29 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Want)> {
             },
         ),
         c(
+            "WebSocket asking for h2c too: only websocket goes upstream",
+            "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings, x\u{e9}\r\nUpgrade: websocket, h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            Once {
+                line: "GET /ws HTTP/1.1",
+                headers: &[
+                    ("upgrade", Some("websocket")),
+                    ("connection", Some("Upgrade")),
+                    ("http2-settings", None),
+                ],
+                body: b"",
+            },
+        ),
+        c(
+            "WebSocket without a key",
+            "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            Refused(400),
+        ),
+        c(
+            "WebSocket with a body",
+            "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nContent-Length: 5\r\n\r\nhello",
+            Refused(400),
+        ),
+        c(
             "POST with Upgrade",
             "POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: x\r\nContent-Length: 2\r\n\r\nhi",
             Once {
@@ -356,4 +379,91 @@ async fn raw_requests_are_refused_or_forwarded_in_one_form() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// An upstream speaking raw HTTP/1.1 for the tunnel checks: `/fake` answers a `101` to h2c
+/// (not the WebSocket asked for) and then records whatever comes through; `/big` refuses the
+/// upgrade with a 3 MiB chunked answer.
+async fn tricky_upstream(
+    after_101: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let after_101 = after_101.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if buf.starts_with(b"GET /fake") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+                        .await;
+                    while let Ok(n) = s.read(&mut chunk).await {
+                        if n == 0 {
+                            break;
+                        }
+                        after_101.lock().unwrap().extend_from_slice(&chunk[..n]);
+                    }
+                } else {
+                    let mut out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                    for _ in 0..48 {
+                        out.extend_from_slice(b"10000\r\n");
+                        out.extend_from_slice(&[b'x'; 0x10000]);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    out.extend_from_slice(b"0\r\n\r\n");
+                    let _ = s.write_all(&out).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_tunnel_opens_only_on_a_real_websocket_101() {
+    let after_101 = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let up = tricky_upstream(after_101.clone()).await;
+    let (port, admin) = (free_port(), free_port());
+    let _g = Gatehouse::start(
+        &format!(
+            "[server]\nthreads = 1\nadmin = \"127.0.0.1:{admin}\"\n\
+             [upstreams.u]\npeers = [\"{up}\"]\ncircuit_breaker = {{ failures = 2, open_for = \"30s\" }}\n\
+             [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n[[routes]]\nupstream = \"u\"\n"
+        ),
+        &[port, admin],
+    );
+    let ws = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    // A 101 to another protocol: 502, and what the client sends next never reaches it.
+    for _ in 0..3 {
+        let mut req = ws("/fake").into_bytes();
+        req.extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        let ex = exchange(port, &req, 1, Duration::from_millis(200)).await;
+        assert_eq!(ex.answers.len(), 1, "{ex:?}");
+        assert_eq!(ex.answers[0].status, 502);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(after_101.lock().unwrap().is_empty(), "nothing tunnelled");
+    // A refused upgrade with a large answer: streamed whole, not cut at a buffer.
+    for _ in 0..3 {
+        let ex = exchange(port, ws("/big").as_bytes(), 1, Duration::from_millis(200)).await;
+        assert_eq!(ex.answers[0].status, 200);
+        assert_eq!(ex.answers[0].body.len(), 48 * 0x10000);
+    }
+    // Neither was the upstream failing.
+    let status = admin_status(admin).await;
+    assert_eq!(status["upstreams"]["u"]["circuit"], "closed", "{status}");
 }

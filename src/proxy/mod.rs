@@ -59,25 +59,26 @@ fn hop_by_hop(
     let mut out = Vec::new();
     for name in headers.keys() {
         let hop = if name == header::CONNECTION {
-            // Headers named in Connection are hop-by-hop too.
+            // Headers named in Connection are hop-by-hop too. Bytes, not text: a value with
+            // one odd byte must not hide the names beside it.
             for v in headers
                 .get_all(header::CONNECTION)
                 .iter()
-                .filter_map(|v| v.to_str().ok())
+                .map(|v| v.as_bytes())
             {
                 // The usual value names no header: skip the token walk.
-                if v.eq_ignore_ascii_case("keep-alive") || v.eq_ignore_ascii_case("close") {
+                if v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close") {
                     continue;
                 }
-                for t in v.split(',').map(str::trim) {
+                for t in v.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     let skip = t.is_empty()
-                        || t.eq_ignore_ascii_case("close")
-                        || t.eq_ignore_ascii_case("keep-alive")
-                        || t.eq_ignore_ascii_case("upgrade");
+                        || t.eq_ignore_ascii_case(b"close")
+                        || t.eq_ignore_ascii_case(b"keep-alive")
+                        || t.eq_ignore_ascii_case(b"upgrade");
                     if skip {
                         continue;
                     }
-                    if let Ok(n) = header::HeaderName::from_bytes(t.as_bytes()) {
+                    if let Ok(n) = header::HeaderName::from_bytes(t) {
                         out.push(n);
                     }
                 }
@@ -188,24 +189,21 @@ impl GatewayProxy {
         Ok(false)
     }
 
-    /// WebSocket and other HTTP/1.1 upgrades to plain-HTTP upstreams (see `upgrade.rs`).
+    /// WebSocket upgrades to plain-HTTP upstreams (see `upgrade.rs`).
     async fn tunnel(&self, session: &mut Session, ctx: &mut RequestCtx, up: usize) -> Result<()> {
         let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
             return Error::e_explain(ErrorType::InternalError, "no route for upgrade");
         };
         let gw = &rt.gateways[self.index];
+        // Pingora strips hop-by-hop request headers before upstream_request_filter; this
+        // request does not go through Pingora, so the handshake is made here.
+        let mut req = session.req_header().clone();
+        let accept = upgrade::handshake_request(&mut req)?;
         balance::select_peer(&rt, up, session, ctx)?;
         let pool = &rt.pools[up];
         let Some(addr) = ctx.peer else {
             return Error::e_explain(ErrorType::InternalError, "no peer for upgrade");
         };
-        let mut req = session.req_header().clone();
-        // Pingora strips hop-by-hop request headers before upstream_request_filter (its
-        // default HttpUpstreamRequestPolicy); this request does not go through Pingora, so the
-        // tunnel strips them itself, keeping Connection and Upgrade for the handshake.
-        for h in hop_by_hop(&req.headers, true, false) {
-            req.remove_header(&h);
-        }
         self.prepare_upstream_request(session, &mut req, ctx)
             .await?;
         let result = async {
@@ -223,6 +221,7 @@ impl GatewayProxy {
                 return Err(e);
             }
         };
+        hs.check_switch(&accept)?;
         self.upstream_response_filter(session, &mut hs.resp, ctx)
             .await?;
         gw.chains[id]

@@ -1,4 +1,4 @@
-//! HTTP/1.1 upgrades (WebSocket) to plain-HTTP upstreams, tunnelled by the gateway itself.
+//! HTTP/1.1 WebSocket upgrades to plain-HTTP upstreams, tunnelled by the gateway itself.
 //!
 //! Why not Pingora's own path: in Pingora 0.9.1 an upgraded tunnel is torn down right after the
 //! `101` whenever the upstream's answer is read before the request's empty body end
@@ -6,13 +6,21 @@
 //! handshakes. No `ProxyHttp` hook runs between the request header write and that loop, so the
 //! gateway does the handshake and the byte pump here: connect, send the (rewritten) request
 //! head, read the answer head, and on `101` copy bytes both ways until either side closes or
-//! the tunnel is idle for the upstream's `read_timeout`. An upstream that refuses the upgrade is
-//! answered like any response (bounded body). TLS upstreams still go through Pingora.
+//! the tunnel is idle for the upstream's `read_timeout`. TLS upstreams still go through Pingora.
+//!
+//! A tunnel carries whatever the two ends say to each other, past routing and plugins, so it
+//! opens only for a WebSocket handshake as RFC 6455 §4 spells it: the client's request has no
+//! body and a `Sec-WebSocket-Key`; it goes upstream with exactly `Connection: Upgrade` and
+//! `Upgrade: websocket` (no `h2c`, no `HTTP2-Settings`: an upstream must not switch to a protocol
+//! whose requests the gateway would not route); and the `101` must say `Upgrade: websocket`
+//! with the `Sec-WebSocket-Accept` that key calls for. An upstream that refuses the upgrade is
+//! answered like any response, its body streamed through.
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
-use pingora_error::{Error, ErrorType, OrErr, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,8 +31,10 @@ use crate::upstream::Pool;
 
 /// Largest answer head we read from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
-/// Largest body of a refused upgrade that we relay.
-const MAX_REFUSAL_BODY: usize = 1024 * 1024;
+/// Largest piece of a refused upgrade's body relayed at once.
+const RELAY_CHUNK: usize = 16 * 1024;
+/// RFC 6455 §1.3.
+const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// An upstream connection with what has been read from it but not used yet.
 struct Upstream {
@@ -75,61 +85,6 @@ impl Upstream {
         }
         Ok(self.buf.split_to(n).freeze())
     }
-
-    /// Reads the whole body of a refused upgrade, by its framing, up to a bound.
-    async fn body(&mut self, resp: &ResponseHeader, head_request: bool) -> Result<Bytes> {
-        let status = resp.status.as_u16();
-        if head_request || status == 204 || status == 304 || resp.status.is_informational() {
-            return Ok(Bytes::new());
-        }
-        let te = resp.headers.get(http::header::TRANSFER_ENCODING);
-        if te.is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked")) {
-            let mut out = BytesMut::new();
-            loop {
-                let line = self.line().await?;
-                let size = match httparse::parse_chunk_size(&[&line[..], b"\r\n"].concat()) {
-                    Ok(httparse::Status::Complete((_, size))) => size as usize,
-                    _ => return Err(up_err(ErrorType::InvalidHTTPHeader, "bad chunk size")),
-                };
-                if size == 0 {
-                    // Trailers, up to the empty line.
-                    while !self.line().await?.is_empty() {}
-                    return Ok(out.freeze());
-                }
-                if out.len() + size > MAX_REFUSAL_BODY {
-                    return Err(up_err(
-                        ErrorType::InvalidHTTPHeader,
-                        "refusal body too large",
-                    ));
-                }
-                out.extend_from_slice(&self.exactly(size).await?);
-                self.exactly(2).await?;
-            }
-        }
-        let cl = resp.headers.get(http::header::CONTENT_LENGTH);
-        if let Some(cl) = cl {
-            let n: usize = std::str::from_utf8(cl.as_bytes())
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| up_err(ErrorType::InvalidHTTPHeader, "bad content-length"))?;
-            if n > MAX_REFUSAL_BODY {
-                return Err(up_err(
-                    ErrorType::InvalidHTTPHeader,
-                    "refusal body too large",
-                ));
-            }
-            return self.exactly(n).await;
-        }
-        while self.fill().await? > 0 {
-            if self.buf.len() > MAX_REFUSAL_BODY {
-                return Err(up_err(
-                    ErrorType::InvalidHTTPHeader,
-                    "refusal body too large",
-                ));
-            }
-        }
-        Ok(self.buf.split().freeze())
-    }
 }
 
 /// Only `GET` with `Upgrade: websocket` is an upgrade here (RFC 6455 §4.1). Any other
@@ -148,6 +103,51 @@ pub fn only_websocket(req: &mut RequestHeader) {
     if !websocket {
         req.remove_header(&http::header::UPGRADE);
     }
+}
+
+/// The `Sec-WebSocket-Accept` an upstream must answer to `key` (RFC 6455 §4.2.2).
+fn accept_for(key: &[u8]) -> String {
+    use sha1::{Digest, Sha1};
+    let mut h = Sha1::new();
+    h.update(key);
+    h.update(WS_GUID);
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+fn client_err(why: &'static str) -> Box<Error> {
+    let mut e = Error::explain(ErrorType::HTTPStatus(400), why);
+    e.esource = ErrorSource::Downstream;
+    e
+}
+
+/// Makes `req` the handshake the tunnel sends: refuses what is not a WebSocket handshake,
+/// drops every hop-by-hop header, and sets exactly `Connection: Upgrade` and `Upgrade:
+/// websocket`. Returns the `Sec-WebSocket-Accept` the upstream's `101` must carry.
+pub fn handshake_request(req: &mut RequestHeader) -> Result<String> {
+    let h = &req.headers;
+    let has_body = h.contains_key(http::header::TRANSFER_ENCODING)
+        || h.get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        return Err(client_err("a WebSocket handshake has no body"));
+    }
+    let key = h
+        .get(http::header::SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes().trim_ascii())
+        .filter(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k)
+                .is_ok_and(|raw| raw.len() == 16)
+        })
+        .ok_or_else(|| client_err("a WebSocket handshake needs a valid Sec-WebSocket-Key"))?;
+    let accept = accept_for(key);
+    for name in super::hop_by_hop(&req.headers, false, false) {
+        req.remove_header(&name);
+    }
+    req.remove_header("http2-settings");
+    req.insert_header(http::header::CONNECTION, "Upgrade")?;
+    req.insert_header(http::header::UPGRADE, "websocket")?;
+    Ok(accept)
 }
 
 /// Connects to `addr` and sends the request head.
@@ -193,7 +193,8 @@ async fn read_head(up: &mut Upstream) -> Result<ResponseHeader> {
         match parsed.parse(&up.buf) {
             Ok(httparse::Status::Complete(len)) => {
                 let code = parsed.code.unwrap_or(502);
-                if code == 100 {
+                // Interim answers (100 Continue, 103 Early Hints) are not the answer.
+                if (100..200).contains(&code) && code != 101 {
                     up.buf.advance(len);
                     continue;
                 }
@@ -254,8 +255,47 @@ pub async fn handshake(pool: &Pool, stream: TcpStream) -> Result<Handshake> {
     })
 }
 
+impl Handshake {
+    /// Whether the answer is a `101` that completes this WebSocket handshake. A `101` that does
+    /// not (another protocol, a wrong accept key) opens no tunnel: the upstream was asked for
+    /// a WebSocket and nothing else.
+    pub fn check_switch(&self, accept: &str) -> Result<()> {
+        if self.resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(());
+        }
+        let h = &self.resp.headers;
+        let upgrade_ok = h
+            .get(http::header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+        let accept_ok = h
+            .get(http::header::SEC_WEBSOCKET_ACCEPT)
+            .is_some_and(|v| v.as_bytes().trim_ascii() == accept.as_bytes());
+        if upgrade_ok && accept_ok {
+            return Ok(());
+        }
+        let mut e = Error::explain(
+            ErrorType::HTTPStatus(502),
+            "the upstream's 101 does not complete the WebSocket handshake",
+        );
+        // The upstream did answer; whether its answer was the client's doing is unknown.
+        e.esource = ErrorSource::Internal;
+        Err(e)
+    }
+}
+
 /// Writes the answer to the client; on `101`, pumps bytes both ways until one side closes.
+/// Errors after the answer's head came are nobody's verdict on the upstream (it answered):
+/// they are marked internal, and end the connection.
 pub async fn finish(session: &mut Session, hs: Handshake) -> Result<()> {
+    relay_or_pump(session, hs).await.map_err(|mut e| {
+        if e.esource == ErrorSource::Upstream {
+            e.esource = ErrorSource::Internal;
+        }
+        e
+    })
+}
+
+async fn relay_or_pump(session: &mut Session, hs: Handshake) -> Result<()> {
     let Handshake {
         mut up,
         mut resp,
@@ -264,16 +304,37 @@ pub async fn finish(session: &mut Session, hs: Handshake) -> Result<()> {
     } = hs;
     if resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
         let head_req = session.req_header().method == http::Method::HEAD;
-        let body = up.body(&resp, head_req).await?;
-        resp.remove_header(&http::header::TRANSFER_ENCODING);
-        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-        session
-            .write_response_header(Box::new(resp), body.is_empty())
-            .await?;
-        if !body.is_empty() {
-            session.write_response_body(Some(body), true).await?;
+        let status = resp.status.as_u16();
+        let no_body = head_req || status == 204 || status == 304;
+        let chunked = resp
+            .headers
+            .get(http::header::TRANSFER_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        let length = match resp.headers.get(http::header::CONTENT_LENGTH) {
+            Some(v) if !chunked => Some(
+                std::str::from_utf8(v.as_bytes())
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| up_err(ErrorType::InvalidHTTPHeader, "bad content-length"))?,
+            ),
+            _ => None,
+        };
+        if no_body || length == Some(0) {
+            session.write_response_header(Box::new(resp), true).await?;
+            return Ok(());
         }
-        return Ok(());
+        if length.is_none() && !chunked {
+            // Read until the upstream closes: the client learns the end the same way.
+            resp.insert_header(http::header::CONNECTION, "close")?;
+            session.set_keepalive(None);
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        if chunked {
+            relay_chunked(session, &mut up).await?;
+        } else {
+            relay_length(session, &mut up, length).await?;
+        }
+        return session.write_response_body(None, true).await;
     }
 
     session.write_response_header(Box::new(resp), false).await?;
@@ -311,4 +372,48 @@ pub async fn finish(session: &mut Session, hs: Handshake) -> Result<()> {
         }
     }
     session.write_response_body(None, true).await
+}
+
+/// Streams `length` bytes (or up to the upstream's close) in bounded pieces.
+async fn relay_length(session: &mut Session, up: &mut Upstream, length: Option<u64>) -> Result<()> {
+    let mut left = length.unwrap_or(u64::MAX);
+    while left > 0 {
+        if up.buf.is_empty() && up.fill().await? == 0 {
+            if length.is_some() {
+                return Err(up_err(
+                    ErrorType::ConnectionClosed,
+                    "upstream closed mid-body",
+                ));
+            }
+            return Ok(());
+        }
+        let n = up
+            .buf
+            .len()
+            .min(RELAY_CHUNK)
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
+        let piece = up.buf.split_to(n).freeze();
+        left -= n as u64;
+        session.write_response_body(Some(piece), false).await?;
+    }
+    Ok(())
+}
+
+/// Streams a chunked body: its data, chunk by chunk in bounded pieces; Pingora frames it
+/// again for the client.
+async fn relay_chunked(session: &mut Session, up: &mut Upstream) -> Result<()> {
+    loop {
+        let line = up.line().await?;
+        let size = match httparse::parse_chunk_size(&[&line[..], b"\r\n"].concat()) {
+            Ok(httparse::Status::Complete((_, size))) => size,
+            _ => return Err(up_err(ErrorType::InvalidHTTPHeader, "bad chunk size")),
+        };
+        if size == 0 {
+            // Trailers, up to the empty line.
+            while !up.line().await?.is_empty() {}
+            return Ok(());
+        }
+        relay_length(session, up, Some(size)).await?;
+        up.exactly(2).await?;
+    }
 }
