@@ -255,13 +255,12 @@ impl Future for HeadTimer<'_> {
             return Poll::Pending;
         }
         let started = self.clock.started.load(Relaxed);
-        let want = if started > 0 {
-            self.base + Duration::from_millis(started) + self.header_timeout
-        } else {
-            match self.idle_deadline {
-                Some(d) => d,
-                None => return Poll::Pending,
-            }
+        // A connection's first head is due header_timeout after the connection came, however
+        // late its first byte; later heads, header_timeout after their first byte.
+        let want = match (self.idle_deadline, started) {
+            (Some(d), _) => d,
+            (None, 0) => return Poll::Pending,
+            (None, t) => self.base + Duration::from_millis(t) + self.header_timeout,
         };
         if self.sleep.deadline() != want.into() {
             self.sleep.as_mut().reset(want.into());

@@ -139,7 +139,10 @@ fn sort_trie(node: &mut Node, order: &impl Fn(&mut Vec<RouteId>)) {
 impl Predicates<'_> {
     fn hold(&self, method: &Method, headers: &HeaderMap) -> bool {
         if let Some(ms) = self.methods {
-            if !ms.contains(method) {
+            // HEAD is GET without the body (RFC 9110 §9.3.2), and servers answer it with their
+            // GET handler: a GET route's plugins must see it too, not a less guarded route.
+            let head_as_get = method == Method::HEAD && ms.contains(&Method::GET);
+            if !ms.contains(method) && !head_as_get {
                 return false;
             }
         }
@@ -327,5 +330,9 @@ upstream = "u"
         let r = Router::new(&rs);
         assert!(find(&rs, &r, "h", "/b", "GET", &[]).is_none());
         assert!(find(&rs, &r, "h", "/a", "PUT", &[]).is_none());
+        assert!(
+            find(&rs, &r, "h", "/a", "HEAD", &[]).is_some(),
+            "HEAD takes GET routes"
+        );
     }
 }

@@ -103,6 +103,7 @@ impl Runtime {
             trusted_proxies: cfg.server.trusted_proxies.clone(),
             canonical: crate::proxy::canonical::Options {
                 keep_encoded_slashes: cfg.server.keep_encoded_slashes,
+                keep_path_parameters: cfg.server.keep_path_parameters,
             },
             client: cfg.server.client,
         })

@@ -198,3 +198,65 @@ async fn a_probe_is_decided_by_its_head_or_replaced() {
     assert_eq!(circuit().await, "closed");
     hang.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_an_upstream_timeout_and_errors_name_no_peer() {
+    let up = serve(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let n = req
+            .into_body()
+            .collect()
+            .await
+            .map_or(0, |b| b.to_bytes().len());
+        hyper::Response::new(full(n.to_string()))
+    })
+    .await;
+    let (port, admin) = (free_port(), free_port());
+    let _g = Gatehouse::start(
+        &format!(
+            "[server]\nthreads = 1\nadmin = \"127.0.0.1:{admin}\"\nbody_timeout = \"5s\"\n\
+             [plugins.limit]\nkind = \"request_limit\"\nmax_body = \"16\"\n\
+             [upstreams.pool]\npeers = [\"{up}\"]\nread_timeout = \"300ms\"\n\
+             passive_health = {{ failures = 1, eject_for = \"30s\" }}\n\
+             circuit_breaker = {{ failures = 1, open_for = \"30s\" }}\n\
+             [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [[routes]]\npath = \"/limited\"\nupstream = \"pool\"\nplugins = [\"limit\"]\n\
+             [[routes]]\nupstream = \"pool\"\n"
+        ),
+        &[port, admin],
+    );
+    // The upstream waits for a body the client sends slowly, past its read_timeout.
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nabc")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let _ = s.write_all(b"def").await;
+        let mut buf = vec![0u8; 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await;
+    }
+    let status = admin_status(admin).await;
+    let pool = &status["upstreams"]["pool"];
+    assert_eq!(pool["circuit"], "closed", "{status}");
+    assert_eq!(pool["peers"][0]["ejected"], false, "{status}");
+
+    // A chunked body cut at the limit: the client's error names no upstream address.
+    let big = format!(
+        "POST /limited HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n40\r\n{}\r\n0\r\n\r\n",
+        "x".repeat(64)
+    );
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(big.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(
+        !text.contains("Peer") && !text.contains(&up.to_string()),
+        "{text}"
+    );
+}

@@ -182,6 +182,16 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Want)> {
         c("encoded CRLF", "GET /a%0d%0aX-Injected:%201 HTTP/1.1\r\nHost: a\r\n\r\n", Refused(400)),
         c("broken escape", "GET /a%zz HTTP/1.1\r\nHost: a\r\n\r\n", Refused(400)),
         c("..; segment", "GET /x/..;/admin HTTP/1.1\r\nHost: a\r\n\r\n", Refused(400)),
+        c("path parameter", "GET /admin;x/users HTTP/1.1\r\nHost: a\r\n\r\n", Refused(400)),
+        c("lower-case method", "get /admin HTTP/1.1\r\nHost: a\r\n\r\n", Refused(400)),
+        c("Connection naming Host", "GET / HTTP/1.1\r\nHost: a\r\nConnection: close, Host\r\n\r\n", Refused(400)),
+        c("Host with an empty label", "GET / HTTP/1.1\r\nHost: internal..example.com\r\n\r\n", Refused(400)),
+        c("Host starting with a dot", "GET / HTTP/1.1\r\nHost: .example.com\r\n\r\n", Refused(400)),
+        c(
+            "non-ASCII query bytes are encoded",
+            "GET /q?x=caf\u{e9} HTTP/1.1\r\nHost: a\r\n\r\n",
+            once("GET /q?x=caf%C3%A9 HTTP/1.1"),
+        ),
         c(
             "double-encoded stays encoded",
             "GET /%2561dmin HTTP/1.1\r\nHost: a\r\n\r\n",

@@ -264,6 +264,11 @@ async fn host_forwarding_and_hop_by_hop() {
     .await;
     let host = seen(&body, "host");
     assert!(host[0].starts_with("127.0.0.1:"), "{body}");
+    assert_eq!(
+        seen(&body, "x-forwarded-host"),
+        ["acme.tenants.example.com"],
+        "X-Forwarded-Host is the client's Host, not the peer's: {body}"
+    );
 }
 
 #[tokio::test]

@@ -90,3 +90,47 @@ fn missing_tls_files_are_config_errors() {
     );
     assert!(out.contains("nope.key"), "{out}");
 }
+
+/// Over HTTP/2 the host comes as `:authority`: a request whose path is made canonical keeps it,
+/// for routing and for the upstream's Host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_requests_keep_their_authority_when_the_path_is_rewritten() {
+    let up = echo("a").await;
+    let port = free_port();
+    let certs = tempfile::tempdir().unwrap();
+    let (pem, cert, key) = self_signed(certs.path());
+    let _g = Gatehouse::start(
+        &format!(
+            "[upstreams.a]\npeers = [\"{up}\"]\n\
+             [plugins.mark]\nkind = \"headers\"\nrequest = {{ set = {{ \"x-route\" = \"localhost\" }} }}\n\
+             [gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             tls = {{ cert = \"{}\", key = \"{}\" }}\n\
+             [[routes]]\nupstream = \"a\"\n\
+             [[routes]]\nhost = \"localhost\"\nupstream = \"a\"\nplugins = [\"mark\"]\n",
+            cert.display(),
+            key.display()
+        ),
+        &[port],
+    );
+    let h2 = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    for path in ["/hello", "//hello", "/%68ello"] {
+        let r = h2
+            .get(format!("https://localhost:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["path"], "/hello", "{path}");
+        assert_eq!(
+            seen(&body, "x-route"),
+            ["localhost"],
+            "{path}: routed by its host"
+        );
+        assert_eq!(seen(&body, "host"), [format!("localhost:{port}")], "{path}");
+    }
+}

@@ -419,6 +419,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
                 .upgrade_sock
                 .unwrap_or_else(|| tmp.join(format!("gatehouse-{tag}.sock"))),
             keep_encoded_slashes: server_file.keep_encoded_slashes,
+            keep_path_parameters: server_file.keep_path_parameters,
             client,
         },
         upstreams,

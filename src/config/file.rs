@@ -26,6 +26,8 @@ pub struct ServerFile {
     pub upgrade_sock: Option<PathBuf>,
     #[serde(default)]
     pub keep_encoded_slashes: bool,
+    #[serde(default)]
+    pub keep_path_parameters: bool,
     pub header_timeout: Option<Spanned<Dur>>,
     pub body_timeout: Option<Spanned<Dur>>,
     pub keepalive_timeout: Option<Spanned<Dur>>,

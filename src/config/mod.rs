@@ -48,6 +48,8 @@ pub struct Server {
     pub upgrade_sock: PathBuf,
     /// Keep `%2F`/`%5C` in paths (encoded, never separators) instead of refusing them.
     pub keep_encoded_slashes: bool,
+    /// Keep `;` in paths instead of refusing them.
+    pub keep_path_parameters: bool,
     pub client: crate::front::ClientLimits,
 }
 

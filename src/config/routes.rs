@@ -200,6 +200,15 @@ pub(super) fn route(
                         rw.get_ref()
                     ),
                 );
+            } else if let Some(c) = not_canonical(rw.get_ref()) {
+                ld.err(
+                    rw.span(),
+                    ctx,
+                    format!(
+                        "`rewrite` \"{}\" is not a canonical path: write \"{c}\"",
+                        rw.get_ref()
+                    ),
+                );
             }
             Rewrite::Replace(rw.get_ref().clone())
         }
@@ -272,6 +281,12 @@ fn parse_path(p: &str) -> Result<PathMatch, String> {
     if path.split('/').any(|s| s == "." || s == "..") {
         return Err(format!("invalid path \"{p}\": no '.' or '..' segments"));
     }
+    not_canonical(path).map_or(Ok(()), |c| {
+        Err(format!(
+            "path \"{path}\" is matched against canonical request paths and would never match: \
+             write \"{c}\""
+        ))
+    })?;
     Ok(if exact {
         PathMatch::Exact(path.to_string())
     } else {
@@ -282,6 +297,19 @@ fn parse_path(p: &str) -> Result<PathMatch, String> {
             trimmed.into()
         })
     })
+}
+
+/// The canonical form of a configured path, when it differs (`/api//v1`, `/caf%c3%a9`).
+fn not_canonical(path: &str) -> Option<String> {
+    let lenient = crate::proxy::canonical::Options {
+        keep_encoded_slashes: true,
+        keep_path_parameters: true,
+    };
+    match crate::proxy::canonical::canonical_path(path.as_bytes(), lenient) {
+        Ok(std::borrow::Cow::Borrowed(_)) => None,
+        Ok(c) => Some(c.into_owned()),
+        Err(r) => Some(format!("a path without {}", r.reason)),
+    }
 }
 
 /// The one line of a regex error that says what is wrong (its Display spans several).

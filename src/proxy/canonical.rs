@@ -52,6 +52,11 @@ pub struct Options {
     /// Keep `%2F` and `%5C` encoded in paths (as data, never separators) instead of refusing
     /// them: for APIs whose identifiers hold slashes (Envoy's `KEEP_UNCHANGED`).
     pub keep_encoded_slashes: bool,
+    /// Keep `;` in paths instead of refusing them. Tomcat, Jetty and Spring cut `;params` off
+    /// each segment before matching (`/admin;x/users` is their `/admin/users`), while the
+    /// gateway would route it as a segment `admin;x`: on by choice only, for upstreams that
+    /// treat `;` as data.
+    pub keep_path_parameters: bool,
 }
 
 /// Makes `req` canonical in place, or says why it cannot be. `raw_head` is the HTTP/1 head as
@@ -64,9 +69,12 @@ pub fn canonicalize(
     if let Some(head) = raw_head {
         check_line_endings(head)?;
     }
+    check_method(&req.method)?;
     check_framing(req)?;
 
     let absolute = absolute_authority(req.raw_path())?;
+    // An authority to move into Host, where the target carried it instead.
+    let mut set_host: Option<String> = None;
     match req.version {
         Version::HTTP_11 | Version::HTTP_10 => {
             let mut hosts = req.headers.get_all(HOST).iter();
@@ -90,10 +98,16 @@ pub fn canonicalize(
             }
         }
         Version::HTTP_2 => {
-            let host = req.uri.authority().map(|a| a.as_str().as_bytes());
-            let host = host.or_else(|| req.headers.get(HOST).map(|h| h.as_bytes()));
-            if !host.is_some_and(valid_host) {
+            // Pingora refuses a Host that differs from :authority before this runs.
+            let authority = req.uri.authority().map(|a| a.as_str());
+            let host = authority.or_else(|| req.headers.get(HOST).and_then(|h| h.to_str().ok()));
+            if !host.is_some_and(|h| valid_host(h.as_bytes())) {
                 return Err(bad("request without a valid authority"));
+            }
+            // The request goes on as HTTP/1 would carry it: origin-form with its Host, so
+            // routing and the upstream read the one authority the same way.
+            if let Some(a) = authority.filter(|_| !req.headers.contains_key(HOST)) {
+                set_host = Some(a.to_string());
             }
         }
         _ => return Err(bad("unsupported HTTP version")),
@@ -121,24 +135,54 @@ pub fn canonicalize(
         });
     }
     let canonical = canonical_path(path, opts)?;
-    if absolute.is_none() && matches!(canonical, Cow::Borrowed(_)) {
+    // Bytes past ASCII in the query would reach plugins (through the URI) as U+FFFD and the
+    // upstream as sent: encoded, both see the same.
+    let query_ascii = query.is_none_or(|q| q.is_ascii());
+    let origin_form = absolute.is_none() && req.version != Version::HTTP_2;
+    if origin_form && query_ascii && matches!(canonical, Cow::Borrowed(_)) {
         return Ok(());
     }
     let mut new_target = Vec::with_capacity(canonical.len() + query.map_or(0, |q| q.len() + 1));
     new_target.extend_from_slice(canonical.as_bytes());
     if let Some(q) = query {
         new_target.push(b'?');
-        new_target.extend_from_slice(q);
-    }
-    if let Some(a) = absolute {
-        if !req.headers.contains_key(HOST) {
-            let v = HeaderValue::from_str(&a).map_err(|_| bad("invalid request target"))?;
-            req.insert_header(HOST, v)
-                .map_err(|_| bad("invalid request target"))?;
+        for &b in q {
+            if b.is_ascii() {
+                new_target.push(b);
+            } else {
+                new_target.extend_from_slice(&[
+                    b'%',
+                    HEX_UPPER[usize::from(b >> 4)],
+                    HEX_UPPER[usize::from(b & 15)],
+                ]);
+            }
         }
+    }
+    if let Some(a) = absolute.filter(|_| !req.headers.contains_key(HOST)) {
+        set_host = Some(a);
+    }
+    if let Some(a) = set_host {
+        let v = HeaderValue::from_str(&a).map_err(|_| bad("invalid request target"))?;
+        req.insert_header(HOST, v)
+            .map_err(|_| bad("invalid request target"))?;
     }
     req.set_raw_path(&new_target)
         .map_err(|_| bad("invalid request target"))
+}
+
+/// Method names are case-sensitive (RFC 9110 §9.1): `get` is not GET to the router, but
+/// some servers read it as GET, so a lower-case spelling of a standard method is refused.
+fn check_method(m: &Method) -> Result<(), Refusal> {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    let s = m.as_str();
+    if s.bytes().any(|b| b.is_ascii_lowercase())
+        && STANDARD.iter().any(|x| x.eq_ignore_ascii_case(s))
+    {
+        return Err(bad("method names are case-sensitive"));
+    }
+    Ok(())
 }
 
 /// The authority of an absolute-form target (`http://host:port/...`), validated; `None` for
@@ -219,12 +263,21 @@ pub fn valid_host(h: &[u8]) -> bool {
             n <= 65535
         }
     });
-    let name_ok = name.first() == Some(&b'[')
-        || (!name.is_empty()
-            && name
-                .iter()
-                .all(|&b| class(b) & (UNRESERVED | SUB_DELIM) != 0));
-    port_ok && name_ok
+    port_ok && (name.first() == Some(&b'[') || valid_name(name))
+}
+
+/// A host name: letters, digits, `-` and `_`, in non-empty dot-separated labels (one
+/// trailing dot allowed). Anything else (`a;b`, `.example.com`, `a..b`) would be read one way
+/// by the router and another by an upstream.
+fn valid_name(name: &[u8]) -> bool {
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    !name.is_empty()
+        && name.split(|&b| b == b'.').all(|label| {
+            !label.is_empty()
+                && label
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// Refuses a head in which a line ends in a bare LF (RFC 9112 §2.2 lets a recipient accept
@@ -250,6 +303,23 @@ fn check_framing(req: &RequestHeader) -> Result<(), Refusal> {
         let v = cl.as_bytes();
         if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
             return Err(bad("invalid Content-Length"));
+        }
+    }
+    for v in req.headers.get_all(http::header::CONNECTION).iter() {
+        let v = v.as_bytes();
+        if v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close") {
+            continue;
+        }
+        // A proxy removes what Connection names: naming the host or the framing would make
+        // the next hop read another request than this one.
+        let names_end_to_end = v.split(|&b| b == b',').any(|t| {
+            let t = t.trim_ascii();
+            [&b"host"[..], b"content-length", b"transfer-encoding"]
+                .iter()
+                .any(|n| t.eq_ignore_ascii_case(n))
+        });
+        if names_end_to_end {
+            return Err(bad("Connection names Host or a framing header"));
         }
     }
     let mut tes = req.headers.get_all(TRANSFER_ENCODING).iter();
@@ -342,6 +412,9 @@ pub fn canonical_path(path: &[u8], opts: Options) -> Result<Cow<'_, str>, Refusa
                 continue;
             }
             b'\\' => return Err(bad("backslash in the path")),
+            b';' if !opts.keep_path_parameters => {
+                return Err(bad("path parameter (;) in the path"))
+            }
             b'#' => return Err(bad("fragment in the request target")),
             _ if b < 0x20 || b == 0x7f || b == b' ' => {
                 return Err(bad("control character or space in the path"))
@@ -370,6 +443,11 @@ pub fn canonical_path(path: &[u8], opts: Options) -> Result<Cow<'_, str>, Refusa
             _ if seg.starts_with(b".;") || seg.starts_with(b"..;") => {
                 return Err(bad("dot segment with a parameter in the path"))
             }
+            // Kept `%2F`/`%5C` are data here, but an upstream that decodes them sees
+            // separators: `..%2Fadmin` or `%2F%2Fx` must not be able to climb or merge.
+            _ if opts.keep_encoded_slashes && escaped_separators_unsafe(seg) => {
+                return Err(bad("encoded slash beside a dot segment or another slash"))
+            }
             _ => {
                 segs.push(seg);
                 trailing = false;
@@ -391,12 +469,35 @@ pub fn canonical_path(path: &[u8], opts: Options) -> Result<Cow<'_, str>, Refusa
     Ok(Cow::Owned(out))
 }
 
+/// Whether a segment, split at its (upper-cased) `%2F`/`%5C`, holds an empty or dot piece.
+fn escaped_separators_unsafe(seg: &[u8]) -> bool {
+    let has = |i: usize| seg[i..].starts_with(b"%2F") || seg[i..].starts_with(b"%5C");
+    if !(0..seg.len()).any(has) {
+        return false;
+    }
+    let mut pieces = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < seg.len() {
+        if has(i) {
+            pieces.push(&seg[start..i]);
+            i += 3;
+            start = i;
+        } else {
+            i += 1;
+        }
+    }
+    pieces.push(&seg[start..]);
+    pieces
+        .iter()
+        .any(|p| p.is_empty() || *p == b"." || *p == b"..")
+}
+
 /// The common case, in one scan: only plain bytes, no escape, no empty segment, no segment
 /// that starts with a dot (a dot segment, or a `.;` one) — nothing to change.
 fn is_canonical(path: &[u8]) -> bool {
     let mut prev = 0u8;
     for &b in path {
-        if !plain(b) || (prev == b'/' && (b == b'/' || b == b'.')) {
+        if !plain(b) || b == b';' || (prev == b'/' && (b == b'/' || b == b'.')) {
             return false;
         }
         prev = b;
@@ -416,7 +517,7 @@ mod tests {
 
     #[test]
     fn paths_already_canonical_are_borrowed() {
-        for p in ["/", "/a/b", "/v1.2/x", "/a:b@c;d=e", "/a-b_c~d", "/a/"] {
+        for p in ["/", "/a/b", "/v1.2/x", "/a:b@c,d=e", "/a-b_c~d", "/a/"] {
             assert!(
                 matches!(
                     canonical_path(p.as_bytes(), Options::default()),
@@ -471,6 +572,8 @@ mod tests {
             "/a%zz",
             "/public/..;/admin",
             "/public/.;x/admin",
+            "/admin;x/users",
+            "/admin;",
             "/a b",
             "/a\tb",
         ] {
@@ -482,11 +585,36 @@ mod tests {
     fn encoded_slashes_kept_when_asked() {
         let keep = Options {
             keep_encoded_slashes: true,
+            ..Options::default()
         };
-        let c = |p: &str| canonical_path(p.as_bytes(), keep).unwrap().into_owned();
-        assert_eq!(c("/files/a%2fb/../c"), "/files/c");
-        assert_eq!(c("/files/a%2fb"), "/files/a%2Fb");
-        assert_eq!(c("/x/%5c"), "/x/%5C");
+        let c = |p: &str| canonical_path(p.as_bytes(), keep).map(|c| c.into_owned());
+        assert_eq!(c("/files/a%2fb/../c").unwrap(), "/files/c");
+        assert_eq!(c("/files/a%2fb").unwrap(), "/files/a%2Fb");
+        assert_eq!(c("/x/a%5cb").unwrap(), "/x/a%5Cb");
+        // Still no climbing or merging through them.
+        for p in [
+            "/public/..%2Fadmin",
+            "/%2Fadmin",
+            "/x/%5c",
+            "/a%2F.%2Fb",
+            "/a%2f%2fb",
+        ] {
+            assert!(c(p).is_err(), "{p}");
+        }
+    }
+
+    #[test]
+    fn path_parameters_kept_when_asked() {
+        let keep = Options {
+            keep_path_parameters: true,
+            ..Options::default()
+        };
+        let c = |p: &str| canonical_path(p.as_bytes(), keep).map(|c| c.into_owned());
+        assert_eq!(c("/a;v=1/b").unwrap(), "/a;v=1/b");
+        assert!(
+            c("/x/..;/admin").is_err(),
+            "dot segments with parameters still refused"
+        );
     }
 
     #[test]
@@ -500,12 +628,31 @@ mod tests {
             "127.0.0.1:80",
             "xn--nxasmq6b.example",
             "a_b.example.",
+            "A-1.Example.COM",
         ] {
             assert!(valid_host(h.as_bytes()), "{h}");
         }
         for h in [
-            "", "a b", "a/b", "user@a", "a:port", "a:99999", "a:", "[::1", "[zz]", "[::1]x",
-            "a\\b", "a\tb",
+            "",
+            "a b",
+            "a/b",
+            "user@a",
+            "a:port",
+            "a:99999",
+            "a:",
+            "[::1",
+            "[zz]",
+            "[::1]x",
+            "a\\b",
+            "a\tb",
+            ".example.com",
+            "a..b",
+            "a.b..",
+            ".",
+            "a;b",
+            "a,b",
+            "a~b",
+            "a!b",
         ] {
             assert!(!valid_host(h.as_bytes()), "{h}");
         }
@@ -573,6 +720,39 @@ mod tests {
         let mut http10 = req("GET", "/", &[]);
         http10.set_version(Version::HTTP_10);
         assert!(decide(&mut http10).is_ok(), "HTTP/1.0 needs no Host");
+    }
+
+    #[test]
+    fn methods_connection_and_queries() {
+        assert!(decide(&mut req("get", "/", &[("host", "a")])).is_err());
+        assert!(decide(&mut req("Post", "/", &[("host", "a")])).is_err());
+        assert!(decide(&mut req("PROPFIND", "/", &[("host", "a")])).is_ok());
+        assert!(decide(&mut req("purge", "/", &[("host", "a")])).is_ok());
+        for c in [
+            "close, Host",
+            "keep-alive, content-length",
+            "Transfer-Encoding",
+        ] {
+            let h = [("host", "a"), ("connection", c)];
+            assert!(decide(&mut req("GET", "/", &h)).is_err(), "{c}");
+        }
+        let h = [("host", "a"), ("connection", "keep-alive, x-debug")];
+        assert!(decide(&mut req("GET", "/", &h)).is_ok());
+        let mut r = RequestHeader::build("GET", "/s?q=caf\u{e9}&x=1".as_bytes(), None).unwrap();
+        r.insert_header("host", "a").unwrap();
+        decide(&mut r).unwrap();
+        assert_eq!(r.raw_path(), b"/s?q=caf%C3%A9&x=1");
+    }
+
+    #[test]
+    fn http2_authority_becomes_host() {
+        let mut r = RequestHeader::build("GET", b"//x", None).unwrap();
+        r.set_version(Version::HTTP_2);
+        r.set_uri("https://admin.example.com//x?q".parse().unwrap());
+        decide(&mut r).unwrap();
+        assert_eq!(r.headers.get(HOST).unwrap(), "admin.example.com");
+        assert_eq!(r.raw_path(), b"/x?q");
+        assert!(r.uri.authority().is_none());
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! X-Forwarded-For is believed only from `trusted_proxies`: the client is the right-most
 //! address in the chain that is not a trusted proxy (as nginx's `real_ip_recursive`). From an
 //! untrusted peer, an incoming X-Forwarded-For/-Proto/-Host is replaced (or removed, when the
-//! gateway's `forwarded_headers` leaves it out), so a client cannot spoof them. Other forwarding
-//! headers (`Forwarded`, `X-Real-IP`, `X-Forwarded-Port`) are not the gateway's and pass as sent.
+//! gateway's `forwarded_headers` leaves it out), so a client cannot spoof them; the other
+//! headers upstream frameworks read as the proxy's word (`Forwarded`, `X-Real-IP`,
+//! `X-Forwarded-Port`, `X-Forwarded-Prefix`: Spring's ForwardedHeaderFilter, Tomcat's
+//! RemoteIpValve) are removed, and pass only from trusted proxies.
 use std::net::IpAddr;
 
 use http::header::HeaderName;
@@ -114,16 +116,27 @@ pub fn set_headers(
         (!which.proto, &X_FORWARDED_PROTO),
         (!which.host, &X_FORWARDED_HOST),
     ];
-    // One pass over the few names a request has costs less than a hash lookup per header.
-    let spoofed = !peer_trusted
-        && off.iter().any(|(o, _)| *o)
-        && req
-            .headers
-            .keys()
-            .any(|k| off.iter().any(|(o, name)| *o && k == *name));
-    if spoofed {
-        for (_, name) in off.iter().filter(|(o, _)| *o) {
-            req.remove_header(*name);
+    if !peer_trusted {
+        // One pass over the few names a request has costs less than a hash lookup per
+        // header; removing is the rare case.
+        let spoofed = req.headers.keys().any(|k| {
+            matches!(
+                k.as_str(),
+                "forwarded" | "x-real-ip" | "x-forwarded-port" | "x-forwarded-prefix"
+            ) || off.iter().any(|(o, name)| *o && k == *name)
+        });
+        if spoofed {
+            for name in [
+                "forwarded",
+                "x-real-ip",
+                "x-forwarded-port",
+                "x-forwarded-prefix",
+            ] {
+                req.remove_header(name);
+            }
+            for (_, name) in off.iter().filter(|(o, _)| *o) {
+                req.remove_header(*name);
+            }
         }
     }
     if let Some(peer) = peer.filter(|_| which.for_) {
@@ -232,6 +245,15 @@ mod tests {
     #[test]
     fn headers_are_replaced_from_untrusted_peers() {
         let mut r = req(&["6.6.6.6"]);
+        for h in [
+            "forwarded",
+            "x-real-ip",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+        ] {
+            r.insert_header(h, "for=127.0.0.1").unwrap();
+        }
+        let mut trusted = r.clone();
         r.insert_header("x-forwarded-proto", "https").unwrap();
         r.insert_header("host", "a.example").unwrap();
         set_headers(
@@ -245,6 +267,23 @@ mod tests {
         assert_eq!(r.headers.get("x-forwarded-for").unwrap(), "192.0.2.1");
         assert_eq!(r.headers.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(r.headers.get("x-forwarded-host").unwrap(), "a.example");
+        for h in [
+            "forwarded",
+            "x-real-ip",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+        ] {
+            assert!(r.headers.get(h).is_none(), "{h} from a client is dropped");
+        }
+        set_headers(
+            &mut trusted,
+            ForwardedHeaders::default(),
+            Some("10.0.0.1".parse().unwrap()),
+            true,
+            false,
+        )
+        .unwrap();
+        assert!(trusted.headers.get("forwarded").is_some(), "a proxy's pass");
 
         let mut r = req(&["6.6.6.6"]);
         set_headers(

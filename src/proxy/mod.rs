@@ -122,8 +122,14 @@ impl GatewayProxy {
         let gw = &rt.gateways[self.index];
         let route = &gw.routes[*id];
 
-        // The path is canonical already (early_request_filter); only the route rewrites it.
+        // The path is canonical already (early_request_filter); only the route rewrites it,
+        // and what a rewrite makes of it must be canonical too (a regex template can join
+        // captures into `/users/../admin`).
         if let Some(p) = rewrite::upstream_path(route, upstream.uri.path()) {
+            let canonical = canonical::canonical_path(p.as_bytes(), rt.canonical);
+            if !matches!(canonical, Ok(std::borrow::Cow::Borrowed(_))) {
+                return Err(client_error(400, "the rewritten path is not canonical"));
+            }
             let uri = match upstream.uri.query() {
                 Some(q) => format!("{p}?{q}"),
                 None => p,
@@ -135,6 +141,11 @@ impl GatewayProxy {
             upstream.set_uri(uri);
         }
 
+        // X-Forwarded-Host is the client's Host, so it is set before a route replaces Host.
+        let peer_ip = forwarded::peer_ip(session);
+        let trusted = peer_ip.is_some_and(|ip| forwarded::is_trusted(&rt.trusted_proxies, ip));
+        forwarded::set_headers(upstream, gw.forwarded, peer_ip, trusted, gw.tls)?;
+
         if !route.preserve_host {
             if let (Some(up), Some(idx)) = (*up, *peer_idx) {
                 upstream
@@ -142,10 +153,6 @@ impl GatewayProxy {
                     .or_err(ErrorType::InternalError, "host header")?;
             }
         }
-
-        let peer_ip = forwarded::peer_ip(session);
-        let trusted = peer_ip.is_some_and(|ip| forwarded::is_trusted(&rt.trusted_proxies, ip));
-        forwarded::set_headers(upstream, gw.forwarded, peer_ip, trusted, gw.tls)?;
 
         gw.chains[*id]
             .upstream_request(session, upstream, plugins)
@@ -463,7 +470,7 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
-        let mut e = e.more_context(format!("Peer: {peer}"));
+        let mut e = e;
         if std::mem::take(&mut ctx.status_retry) {
             // Raised by upstream_response_filter, already decided and counted.
             return e;
@@ -479,11 +486,21 @@ impl ProxyHttp for GatewayProxy {
             return e;
         }
         e.set_retry(false);
+        // An upstream that times out waiting while the client is still sending its body may
+        // be waiting for that body: nobody's verdict (a slow upload must not eject a peer).
+        if e.esource() == &ErrorSource::Upstream
+            && e.etype() == &ErrorType::ReadTimedout
+            && !session.is_body_done()
+        {
+            e.esource = ErrorSource::Internal;
+        }
         // Only the upstream's own failures count against it and are retried: not the
-        // client's (a body over a limit, a disconnect), not ours.
+        // client's (a body over a limit, a disconnect), not ours. The peer is named in the
+        // log for those alone: a client's error reply must not show upstream addresses.
         if e.esource() != &ErrorSource::Upstream {
             return e;
         }
+        let mut e = e.more_context(format!("Peer: {peer}"));
         if let (Some(rt), Some(up), Some(idx)) = (ctx.rt.clone(), ctx.upstream, ctx.peer_idx) {
             let pool = &rt.pools[up];
             pool.report(idx, false);

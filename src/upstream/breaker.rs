@@ -77,15 +77,14 @@ impl Breaker {
                 if since < self.cfg.open_for.as_millis() as u64 {
                     return Admit::No;
                 }
-                // Whoever moves it to half-open also takes the probe.
+                // Whoever moves it to half-open logs it; the probe goes to whoever takes the
+                // slot first (one slot, so never two probes).
                 if self
                     .state
                     .compare_exchange(OPEN, HALF_OPEN, AcqRel, Relaxed)
                     .is_ok()
                 {
-                    self.probing.store(true, Release);
                     log::info!("circuit half-open: sending a probe");
-                    return self.new_probe();
                 }
                 self.take_probe()
             }
@@ -100,6 +99,9 @@ impl Breaker {
 
     /// The probe slot when it is free, or when its holder is past `probe_timeout`.
     fn take_probe(&self) -> Admit {
+        if self.state.load(Acquire) != HALF_OPEN {
+            return Admit::No;
+        }
         if self
             .probing
             .compare_exchange(false, true, AcqRel, Relaxed)
@@ -135,9 +137,10 @@ impl Breaker {
 
     fn open(&self) {
         self.opened_at.store(now_ms(), Relaxed);
-        self.state.store(OPEN, Release);
         self.consecutive.store(0, Relaxed);
+        // The slot is freed before the state says open, so the next half-open finds it free.
         self.probing.store(false, Release);
+        self.state.store(OPEN, Release);
     }
 
     /// Reports a request's outcome. `probe` is the number [`admit`] gave the half-open probe.
