@@ -10,4 +10,5 @@ pub mod proxy;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod tls;
 pub mod upstream;

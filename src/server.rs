@@ -17,6 +17,7 @@ use crate::config::{self, Config};
 use crate::front::Front;
 use crate::proxy::GatewayProxy;
 use crate::runtime::{Live, Runtime};
+use crate::tls::{CertStore, Certificates};
 use crate::upstream::health;
 
 /// Builds the server for `cfg`; the caller may add services (the demo does) before running it.
@@ -44,7 +45,9 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
 
     let runtime = Runtime::build(cfg, None)?;
     let live: Live = Arc::new(ArcSwap::from_pointee(runtime));
+    let mut cert_stores = Vec::with_capacity(cfg.gateways.len());
     for (index, g) in cfg.gateways.iter().enumerate() {
+        let store = g.tls.as_ref().map(|t| CertStore::new(t.pair.clone()));
         let proxy = GatewayProxy {
             index,
             live: live.clone(),
@@ -57,23 +60,21 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
         let mut svc = Service::new(format!("gateway {}", g.name), front);
         for addr in &g.listen {
             let addr = addr.to_string();
-            match &g.tls {
-                None => svc.add_tcp(&addr),
-                Some(tls) => {
-                    let (cert, key) = (
-                        tls.cert.display().to_string(),
-                        tls.key.display().to_string(),
-                    );
-                    let mut settings = TlsSettings::intermediate(&cert, &key)
-                        .map_err(|e| format!("gateway \"{}\": TLS {cert} / {key}: {e}", g.name))?;
+            match (&g.tls, &store) {
+                (Some(tls), Some(store)) => {
+                    let mut settings =
+                        TlsSettings::with_callbacks(Box::new(Certificates(store.clone())))
+                            .map_err(|e| format!("gateway \"{}\": TLS: {e}", g.name))?;
                     if tls.h2 {
                         settings.enable_h2();
                     }
                     svc.add_tls_with_settings(&addr, None, settings);
                 }
+                _ => svc.add_tcp(&addr),
             }
         }
         server.add_service(svc);
+        cert_stores.push(store);
     }
     if let Some(addr) = cfg.server.admin {
         server.add_service(crate::admin::service(addr, live.clone()));
@@ -84,6 +85,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
             path: cfg.path.clone(),
             live: live.clone(),
             listeners: listener_set(cfg),
+            cert_stores,
         },
     ));
     Ok((server, live))
@@ -124,14 +126,30 @@ struct Reloader {
     path: PathBuf,
     live: Live,
     listeners: Vec<(String, Vec<std::net::SocketAddr>, bool)>,
+    /// Per gateway, the certificate its TLS handshakes use.
+    cert_stores: Vec<Option<Arc<CertStore>>>,
 }
 
 impl Reloader {
-    fn reload(&self) {
-        let cfg = match config::load(&self.path) {
-            Ok(c) => c,
+    /// Reads, resolves and builds off the async runtime (file reads, DNS lookups, key parsing
+    /// and regex builds block), then swaps the snapshot and the certificates together.
+    async fn reload(&self) {
+        let path = self.path.clone();
+        let current = self.live.load_full();
+        let built = tokio::task::spawn_blocking(move || {
+            let cfg = config::load(&path).map_err(|e| format!("\n{e}"))?;
+            let rt = Runtime::build(&cfg, Some(&current)).map_err(|e| format!(" {e}"))?;
+            Ok::<_, String>((cfg, rt))
+        })
+        .await;
+        let (cfg, rt) = match built {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                log::error!("reload refused, keeping the running config:{e}");
+                return;
+            }
             Err(e) => {
-                log::error!("reload refused, keeping the running config:\n{e}");
+                log::error!("reload refused, keeping the running config: {e}");
                 return;
             }
         };
@@ -142,16 +160,15 @@ impl Reloader {
             );
             return;
         }
-        let current = self.live.load_full();
-        match Runtime::build(&cfg, Some(&current)) {
-            Ok(rt) => {
-                let rt = Arc::new(rt);
-                self.live.store(rt.clone());
-                health::spawn_checks(&rt.pools);
-                log::info!("reloaded {}", self.path.display());
+        let rt = Arc::new(rt);
+        self.live.store(rt.clone());
+        for (g, store) in cfg.gateways.iter().zip(&self.cert_stores) {
+            if let (Some(tls), Some(store)) = (&g.tls, store) {
+                store.replace(tls.pair.clone());
             }
-            Err(e) => log::error!("reload refused, keeping the running config: {e}"),
         }
+        health::spawn_checks(&rt.pools);
+        log::info!("reloaded {}", self.path.display());
     }
 }
 
@@ -170,7 +187,7 @@ impl BackgroundService for Reloader {
         };
         loop {
             tokio::select! {
-                _ = hup.recv() => self.reload(),
+                _ = hup.recv() => self.reload().await,
                 _ = shutdown.changed() => return,
             }
         }

@@ -134,3 +134,87 @@ async fn h2_requests_keep_their_authority_when_the_path_is_rewritten() {
         assert_eq!(seen(&body, "host"), [format!("localhost:{port}")], "{path}");
     }
 }
+
+/// The certificate a new TLS handshake with the gateway gets, as DER.
+fn served_cert(port: u16) -> Vec<u8> {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let s = b.build().connect("localhost", tcp).unwrap();
+    s.ssl().peer_certificate().unwrap().to_der().unwrap()
+}
+
+/// SIGHUP re-reads the certificate and key: new handshakes get the new pair while a connection
+/// made before keeps working; a key that does not fit its certificate is refused, the running
+/// pair kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_on_sighup() {
+    let up = echo("a").await;
+    let port = free_port();
+    let certs = tempfile::tempdir().unwrap();
+    let (first, cert, key) = self_signed(certs.path());
+    let g = Gatehouse::start(
+        &format!(
+            "[upstreams.a]\npeers = [\"{up}\"]\n[gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             tls = {{ cert = \"{}\", key = \"{}\" }}\n[[routes]]\nupstream = \"a\"\n",
+            cert.display(),
+            key.display()
+        ),
+        &[port],
+    );
+    let der = |pem: &[u8]| {
+        openssl::x509::X509::from_pem(pem)
+            .unwrap()
+            .to_der()
+            .unwrap()
+    };
+    assert_eq!(served_cert(port), der(&first));
+    // A keep-alive connection made with the first certificate.
+    let old = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&first).unwrap())
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{port}/x");
+    assert_eq!(old.get(&url).send().await.unwrap().status(), 200);
+
+    let other = tempfile::tempdir().unwrap();
+    let (second, cert2, key2) = self_signed(other.path());
+    std::fs::copy(&cert2, &cert).unwrap();
+    std::fs::copy(&key2, &key).unwrap();
+    let reloads = |g: &Gatehouse| g.log().matches("reloaded").count();
+    std::process::Command::new("kill")
+        .args(["-HUP", &g.pid().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while reloads(&g) < 1 {
+        assert!(std::time::Instant::now() < deadline, "{}", g.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        served_cert(port),
+        der(&second),
+        "new handshakes get the new pair"
+    );
+    assert_eq!(
+        old.get(&url).send().await.unwrap().status(),
+        200,
+        "old connection serves on"
+    );
+
+    // A key that is not the certificate's: refused, the second pair stays.
+    let third_dir = tempfile::tempdir().unwrap();
+    let (_, _, key3) = self_signed(third_dir.path());
+    std::fs::copy(&key3, &key).unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &g.pid().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !g.log().contains("is not the key of the certificate") {
+        assert!(std::time::Instant::now() < deadline, "{}", g.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(served_cert(port), der(&second));
+}

@@ -242,7 +242,8 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
                 );
             }
         }
-        let tls = g.tls.map(|t| {
+        let tls = g.tls.and_then(|t| {
+            let mut found = true;
             for f in [&t.cert, &t.key] {
                 let p = relative_to(path, f.get_ref());
                 if !p.is_file() {
@@ -251,13 +252,28 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
                         &ctx,
                         format!("TLS file {} not found", p.display()),
                     );
+                    found = false;
                 }
             }
-            Tls {
-                cert: relative_to(path, t.cert.get_ref()),
-                key: relative_to(path, t.key.get_ref()),
+            let (cert, key) = (
+                relative_to(path, t.cert.get_ref()),
+                relative_to(path, t.key.get_ref()),
+            );
+            // Read and checked now, so check and reload refuse a bad pair as start would.
+            let pair = match found.then(|| crate::tls::CertPair::load(&cert, &key)) {
+                Some(Ok(p)) => std::sync::Arc::new(p),
+                Some(Err(why)) => {
+                    ld.err(t.cert.span(), &ctx, format!("TLS: {why}"));
+                    return None;
+                }
+                None => return None,
+            };
+            Some(Tls {
+                cert,
+                key,
                 h2: t.h2.unwrap_or(true),
-            }
+                pair,
+            })
         });
         let plugins = plugin_refs(&mut ld, &g.plugins, &plugin_names, &ctx);
         let mut forwarded = ForwardedHeaders::default();

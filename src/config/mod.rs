@@ -167,6 +167,8 @@ pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub h2: bool,
+    /// The certificate chain and key, read and checked at load.
+    pub pair: std::sync::Arc<crate::tls::CertPair>,
 }
 
 /// Which X-Forwarded-* headers a gateway adds (`forwarded_headers`). One left out is still
