@@ -22,6 +22,9 @@ pub struct GatewayRt {
     pub route_names: Vec<Arc<str>>,
     /// Mirrors in flight, per route (bounded by the route's `mirror.max_in_flight`).
     pub mirrors_in_flight: Vec<Arc<AtomicUsize>>,
+    /// Per route, the headers a mirror copy goes without: credentials, and what the route's
+    /// auth plugins read or set.
+    pub mirror_strip: Vec<Arc<[http::HeaderName]>>,
     /// One chain per route: global, gateway, route plugins.
     pub chains: Vec<Chain>,
     /// Global and gateway plugins: for requests no route matches.
@@ -59,13 +62,25 @@ impl Runtime {
         for g in &cfg.gateways {
             let mut base = global.clone();
             base.extend(pick(&g.plugins));
-            let chains = g
+            let chains: Vec<Chain> = g
                 .routes
                 .iter()
                 .map(|r| {
                     let mut all = base.clone();
                     all.extend(pick(&r.plugins));
                     Chain::new(&all)
+                })
+                .collect();
+            let mirror_strip = chains
+                .iter()
+                .map(|c| {
+                    let mut h = vec![
+                        http::header::AUTHORIZATION,
+                        http::header::PROXY_AUTHORIZATION,
+                        http::header::COOKIE,
+                    ];
+                    h.extend(c.credential_headers());
+                    Arc::from(h)
                 })
                 .collect();
             gateways.push(GatewayRt {
@@ -79,6 +94,7 @@ impl Runtime {
                     .map(|r| Arc::from(r.name.as_str()))
                     .collect(),
                 mirrors_in_flight: g.routes.iter().map(|_| Arc::default()).collect(),
+                mirror_strip,
                 routes: g.routes.clone(),
                 chains,
                 default_chain: Chain::new(&base),

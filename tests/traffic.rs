@@ -154,3 +154,63 @@ async fn mirror_is_fire_and_forget_and_bounded() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(bounded_seen.lock().unwrap().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_copies_go_without_credentials() {
+    let seen: Arc<Mutex<Vec<Vec<String>>>> = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let shadow = serve(move |req: hyper::Request<hyper::body::Incoming>| {
+        let s = s.clone();
+        async move {
+            let names = req
+                .headers()
+                .keys()
+                .map(|k| k.as_str().to_string())
+                .collect();
+            s.lock().unwrap().push(names);
+            hyper::Response::new(full("shadow"))
+        }
+    })
+    .await;
+    let main = echo("main").await;
+    let port = free_port();
+    let key_hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(b"the-key"))
+    };
+    let _g = Gatehouse::start(
+        &format!(
+            "[plugins.keys]\nkind = \"key_auth\"\nheader = \"x-api-key\"\nhide_credentials = false\n\
+             keys = {{ app = \"sha256:{key_hash}\" }}\n\
+             [upstreams.main]\npeers = [\"{main}\"]\n[upstreams.shadow]\npeers = [\"{shadow}\"]\n\
+             [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [[routes]]\npath = \"/strip\"\nupstream = \"main\"\nplugins = [\"keys\"]\n\
+             mirror = {{ upstream = \"shadow\" }}\n\
+             [[routes]]\npath = \"/keep\"\nupstream = \"main\"\nplugins = [\"keys\"]\n\
+             mirror = {{ upstream = \"shadow\", keep_credentials = true }}\n"
+        ),
+        &[port],
+    );
+    let creds = [
+        ("authorization", "Bearer secret"),
+        ("cookie", "sid=1"),
+        ("x-api-key", "the-key"),
+    ];
+    for path in ["/strip", "/keep"] {
+        let (status, _, body) = get(&format!("http://127.0.0.1:{port}{path}"), &creds).await;
+        assert_eq!(status, 200, "{body}");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while seen.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "no mirror copy");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let names = seen.lock().unwrap().remove(0);
+        for h in ["authorization", "cookie", "x-api-key", "x-consumer"] {
+            assert_eq!(
+                names.iter().any(|n| n == h),
+                path == "/keep",
+                "{path}: {h} in the copy: {names:?}"
+            );
+        }
+    }
+}

@@ -129,6 +129,10 @@ struct Granted(Vec<(HeaderName, HeaderValue)>);
 
 #[async_trait]
 impl Plugin for ForwardAuth {
+    fn credential_headers(&self) -> Vec<HeaderName> {
+        self.upstream_headers.clone()
+    }
+
     fn kind(&self) -> &'static str {
         "forward_auth"
     }

@@ -224,6 +224,12 @@ fn strip_param(query: &str, name: &str) -> String {
 
 #[async_trait]
 impl Plugin for KeyAuth {
+    fn credential_headers(&self) -> Vec<HeaderName> {
+        let mut v = vec![self.consumer_header.clone()];
+        v.extend(self.header.clone());
+        v
+    }
+
     fn kind(&self) -> &'static str {
         "key_auth"
     }

@@ -264,6 +264,12 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// Runs once when the request is done, whatever its outcome.
     async fn logging(&self, _s: &mut Session, _e: Option<&Error>, _cx: &mut PluginCtx) {}
+
+    /// Headers this plugin reads credentials from or sets an identity in (an API key header,
+    /// a consumer or claim header): a mirror's copy of the request goes without them.
+    fn credential_headers(&self) -> Vec<HeaderName> {
+        Vec::new()
+    }
 }
 
 /// The plugins of one route (global, then gateway, then route, in file order), split per phase
@@ -315,6 +321,22 @@ impl Chain {
             response_body: pick(Phases::RESPONSE_BODY, true),
             logging: pick(Phases::LOGGING, false),
         }
+    }
+
+    /// Every plugin's [`Plugin::credential_headers`], in one list.
+    pub fn credential_headers(&self) -> Vec<HeaderName> {
+        let mut seen: Vec<HeaderName> = Vec::new();
+        let all = self
+            .request
+            .iter()
+            .chain(self.upstream_request.iter())
+            .flat_map(|p| p.credential_headers());
+        for h in all {
+            if !seen.contains(&h) {
+                seen.push(h);
+            }
+        }
+        seen
     }
 
     pub fn is_empty(&self) -> bool {

@@ -118,6 +118,8 @@ pub struct MirrorFile {
     pub percent: Option<Spanned<f64>>,
     pub max_body: Option<Size>,
     pub max_in_flight: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub keep_credentials: bool,
 }
 
 /// A peer as written: `"HOST:PORT"` or `{ addr = "HOST:PORT", weight = 3 }`.

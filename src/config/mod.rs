@@ -278,6 +278,9 @@ pub struct Mirror {
     pub percent: f64,
     pub max_body: usize,
     pub max_in_flight: usize,
+    /// Send the copy with the client's credentials (Authorization, Cookie, API keys, the
+    /// consumer and claim headers auth plugins set); off, they are removed.
+    pub keep_credentials: bool,
 }
 
 /// One problem in a config file.

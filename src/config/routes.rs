@@ -170,6 +170,7 @@ pub(super) fn route(
             percent,
             max_body: m.max_body.map_or(64 * 1024, |s| s.0 as usize),
             max_in_flight,
+            keep_credentials: m.keep_credentials,
         }
     });
 

@@ -185,7 +185,12 @@ impl GatewayProxy {
         let up = balance::choose_upstream(&route.target, session, ctx);
         ctx.upstream = Some(up);
         if let Some(m) = &route.mirror {
-            ctx.mirror = mirror::sample(m, &rt.pools[m.upstream], &gw.mirrors_in_flight[id]);
+            ctx.mirror = mirror::sample(
+                m,
+                &rt.pools[m.upstream],
+                &gw.mirrors_in_flight[id],
+                &gw.mirror_strip[id],
+            );
         }
         if session.is_upgrade_req() && !rt.pools[up].tls() {
             // The tunnel runs the later hooks itself, and they read the snapshot from ctx.

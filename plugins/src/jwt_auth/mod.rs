@@ -575,6 +575,14 @@ impl Plugin for JwtAuth {
         "jwt_auth"
     }
 
+    fn credential_headers(&self) -> Vec<HeaderName> {
+        self.inner
+            .claims_to_headers
+            .iter()
+            .map(|(_, h)| h.clone())
+            .collect()
+    }
+
     fn phases(&self) -> Phases {
         if self.inner.claims_to_headers.is_empty() && !self.inner.hide {
             Phases::REQUEST
