@@ -42,8 +42,10 @@ impl GatewayRt {
     }
 }
 
+/// Cheap to clone: a pool swapped alone (see `upstream/resolve.rs`) shares everything else.
+#[derive(Clone)]
 pub struct Runtime {
-    pub gateways: Vec<GatewayRt>,
+    pub gateways: Arc<[GatewayRt]>,
     pub pools: Vec<Arc<Pool>>,
     pub trusted_proxies: Vec<IpNet>,
     pub canonical: crate::proxy::canonical::Options,
@@ -114,7 +116,7 @@ impl Runtime {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Runtime {
-            gateways,
+            gateways: gateways.into(),
             pools,
             trusted_proxies: cfg.server.trusted_proxies.clone(),
             canonical: crate::proxy::canonical::Options {

@@ -178,6 +178,7 @@ impl BackgroundService for Reloader {
         use tokio::signal::unix::{signal, SignalKind};
         // Health-check tasks live in this service's runtime, for as long as the server runs.
         health::spawn_checks(&self.live.load().pools);
+        tokio::spawn(crate::upstream::resolve::run(self.live.clone()));
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {

@@ -224,3 +224,28 @@ async fn active_health_checks_take_peers_out_and_back() {
         assert!(body["request_id"].as_str().is_some_and(|s| !s.is_empty()));
     }
 }
+
+/// `preserve_host = false` sends the peer's name as configured, not the address it resolved to.
+#[tokio::test]
+async fn the_peer_host_is_its_configured_name() {
+    let up = echo("named").await;
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &format!(
+            "[upstreams.u]\npeers = [\"localhost:{}\"]\nresolve_every = \"1s\"\n\
+             [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [[routes]]\nupstream = \"u\"\npreserve_host = false\n",
+            up.port()
+        ),
+        &[port],
+    );
+    let (status, _, body) = get(
+        &format!("http://127.0.0.1:{port}/x"),
+        &[("host", "client.example")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen(&echo, "host"), [format!("localhost:{}", up.port())]);
+    assert_eq!(seen(&echo, "x-forwarded-host"), ["client.example"]);
+}

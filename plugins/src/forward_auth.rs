@@ -70,12 +70,10 @@ pub struct ForwardAuth {
 impl ForwardAuth {
     pub fn new(c: Config) -> Self {
         ForwardAuth {
-            target: c.target.unwrap_or(Target {
-                addr: ([127, 0, 0, 1], 9).into(),
-                tls: false,
-                host: "127.0.0.1".into(),
-                path: "/".into(),
-            }),
+            // prepare() always sets the target; this placeholder is never called.
+            target: c
+                .target
+                .unwrap_or_else(|| Target::fixed(([127, 0, 0, 1], 9).into(), "/")),
             timeout: c.timeout.map_or(Duration::from_secs(5), |d| d.0),
             request_headers: c.request_headers.into_iter().map(|h| h.0).collect(),
             upstream_headers: c.upstream_headers.into_iter().map(|h| h.0).collect(),

@@ -1,7 +1,12 @@
 //! HTTP calls a plugin makes on its own (forward auth, JWKS): Pingora's connector, so they get
-//! its keep-alive pool and TLS like proxied requests, bounded in time and body size.
+//! its keep-alive pool and TLS like proxied requests, bounded in time and body size. The target
+//! is resolved at load; a call that cannot connect looks the name up again (the service may
+//! have moved) and, if it now resolves elsewhere, tries the new address at once.
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
@@ -9,10 +14,12 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-/// Where a plugin's calls go: parsed and resolved once, at load.
+/// Where a plugin's calls go: parsed and resolved at load, looked up again on failure.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub addr: SocketAddr,
+    addr: Arc<ArcSwap<SocketAddr>>,
+    /// `host:port`, for looking the name up again.
+    authority: String,
     pub tls: bool,
     /// Host header value and TLS server name.
     pub host: String,
@@ -48,7 +55,7 @@ impl Target {
         let addr = with_port
             .to_socket_addrs()
             .map_err(|e| format!("URL {url:?}: cannot resolve {authority:?}: {e}"))?
-            .next()
+            .min()
             .ok_or_else(|| format!("URL {url:?}: {authority:?} resolves to no address"))?;
         let host = authority
             .rsplit_once(':')
@@ -57,7 +64,8 @@ impl Target {
             .trim_matches(|c| c == '[' || c == ']')
             .to_string();
         Ok(Target {
-            addr,
+            addr: Arc::new(ArcSwap::from_pointee(addr)),
+            authority: with_port.clone(),
             tls,
             host: if with_port.ends_with(":80") || with_port.ends_with(":443") {
                 host
@@ -68,9 +76,39 @@ impl Target {
         })
     }
 
+    /// A plain-http target at a fixed address.
+    pub fn fixed(addr: SocketAddr, path: &str) -> Target {
+        Target {
+            addr: Arc::new(ArcSwap::from_pointee(addr)),
+            authority: addr.to_string(),
+            tls: false,
+            host: addr.to_string(),
+            path: path.to_string(),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        **self.addr.load()
+    }
+
+    /// Looks the name up again; whether it now resolves elsewhere.
+    async fn moved(&self) -> bool {
+        let Ok(found) = tokio::net::lookup_host(self.authority.as_str()).await else {
+            return false;
+        };
+        match found.min() {
+            Some(a) if a != self.addr() => {
+                log::info!("{} now resolves to {a}", self.authority);
+                self.addr.store(Arc::new(a));
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn peer(&self, timeout: Duration) -> HttpPeer {
         let sni = self.host.split(':').next().unwrap_or("").to_string();
-        let mut p = HttpPeer::new(self.addr, self.tls, sni);
+        let mut p = HttpPeer::new(self.addr(), self.tls, sni);
         p.options.connection_timeout = Some(timeout);
         p.options.read_timeout = Some(timeout);
         p.options.write_timeout = Some(timeout);
@@ -107,6 +145,29 @@ impl Client {
     ) -> Result<Response> {
         req.insert_header(http::header::HOST, target.host.as_str())
             .or_err(ErrorType::InternalError, "subrequest host")?;
+        let first = self.try_send(target, req.clone(), timeout, max_body).await;
+        let unreachable = first.as_ref().err().is_some_and(|e| {
+            matches!(
+                e.etype(),
+                ErrorType::ConnectRefused
+                    | ErrorType::ConnectError
+                    | ErrorType::ConnectTimedout
+                    | ErrorType::ConnectNoRoute
+            )
+        });
+        if unreachable && target.moved().await {
+            return self.try_send(target, req, timeout, max_body).await;
+        }
+        first
+    }
+
+    async fn try_send(
+        &self,
+        target: &Target,
+        req: RequestHeader,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<Response> {
         let peer = target.peer(timeout);
         let call = async {
             let (mut session, _reused) = self.connector.get_http_session(&peer).await?;
@@ -148,12 +209,12 @@ mod tests {
     #[test]
     fn parses_urls() {
         let t = Target::parse("http://127.0.0.1:9000/auth?x=1").unwrap();
-        assert_eq!(t.addr.to_string(), "127.0.0.1:9000");
+        assert_eq!(t.addr().to_string(), "127.0.0.1:9000");
         assert_eq!(t.path, "/auth?x=1");
         assert_eq!(t.host, "127.0.0.1:9000");
         assert!(!t.tls);
         let t = Target::parse("https://127.0.0.1/keys").unwrap();
-        assert_eq!(t.addr.port(), 443);
+        assert_eq!(t.addr().port(), 443);
         assert_eq!(t.host, "127.0.0.1");
         assert!(Target::parse("ftp://x/").is_err());
         assert!(Target::parse("http:///x").is_err());

@@ -63,6 +63,7 @@ pub struct UpstreamFile {
     pub read_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
     pub idle_timeout: Option<Dur>,
+    pub resolve_every: Option<Spanned<Dur>>,
     pub retries: Option<Spanned<usize>>,
     #[serde(default)]
     pub retry_on_status: Vec<Spanned<u16>>,
@@ -143,7 +144,7 @@ impl<'de> Deserialize<'de> for PeerEntry {
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PeerEntry, E> {
                 let addr = super::values::parse_peer(s).map_err(E::custom)?;
                 Ok(PeerEntry {
-                    addr: PeerAddr(addr),
+                    addr: PeerAddr(addr, s.to_string()),
                     weight: 1,
                 })
             }

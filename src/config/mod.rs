@@ -85,6 +85,9 @@ pub enum HashKey {
 pub struct Peer {
     pub addr: SocketAddr,
     pub weight: usize,
+    /// `HOST:PORT` as written: the Host a route with `preserve_host = false` sends, and the
+    /// name `resolve_every` looks up again.
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +153,8 @@ pub struct Upstream {
     pub read_timeout: Duration,
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Look the peers' names up again this often (off: once, at load).
+    pub resolve_every: Option<Duration>,
     pub health_check: Option<HealthCheck>,
     pub passive_health: Option<PassiveHealth>,
     pub circuit_breaker: Option<CircuitBreaker>,

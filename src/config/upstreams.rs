@@ -98,6 +98,7 @@ pub(super) fn upstream(
         peers.push(Peer {
             addr: p.get_ref().addr.0,
             weight: p.get_ref().weight,
+            name: p.get_ref().addr.1.clone(),
         });
     }
 
@@ -238,6 +239,12 @@ pub(super) fn upstream(
     if ld.errors.len() > errors_before {
         return None;
     }
+    let resolve_every = u.resolve_every.as_ref().map(|d| {
+        if d.get_ref().0 < Duration::from_secs(1) {
+            ld.err(d.span(), ctx, "`resolve_every` must be at least 1s");
+        }
+        d.get_ref().0
+    });
     let sni = u.sni.unwrap_or_else(|| {
         if u.tls {
             log::warn!("upstream \"{name}\": tls without `sni`; sending none");
@@ -255,6 +262,7 @@ pub(super) fn upstream(
         read_timeout: u.read_timeout.map_or(Duration::from_secs(60), |d| d.0),
         write_timeout: u.write_timeout.map_or(Duration::from_secs(60), |d| d.0),
         idle_timeout: u.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
+        resolve_every,
         health_check,
         passive_health,
         circuit_breaker,

@@ -22,15 +22,23 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
-/// An upstream peer address: `IP:PORT` or `HOST:PORT`, resolved once at load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerAddr(pub SocketAddr);
+/// An upstream peer: its address (`IP:PORT`, or `HOST:PORT` resolved at load) and the name
+/// as written, which is the peer's Host when a route does not pass the client's on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr, pub String);
 
 impl<'de> Deserialize<'de> for PeerAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_peer(&s).map(PeerAddr).map_err(de::Error::custom)
+        let addr = parse_peer(&s).map_err(de::Error::custom)?;
+        Ok(PeerAddr(addr, s))
     }
+}
+
+/// The address `name` (`HOST:PORT`) stands for: the lowest of those it resolves to, so a name
+/// with several addresses resolves to the same one every time.
+pub fn resolve_first(name: &str) -> std::io::Result<Option<SocketAddr>> {
+    Ok(name.to_socket_addrs()?.min())
 }
 
 pub fn parse_peer(s: &str) -> Result<SocketAddr, String> {
@@ -47,10 +55,9 @@ pub fn parse_peer(s: &str) -> Result<SocketAddr, String> {
             "invalid peer address {s:?} (write HOST:PORT, e.g. \"127.0.0.1:9001\")"
         ));
     }
-    match s.to_socket_addrs() {
-        Ok(mut it) => it
-            .next()
-            .ok_or_else(|| format!("peer address {s:?} resolves to no address")),
+    match resolve_first(s) {
+        Ok(Some(a)) => Ok(a),
+        Ok(None) => Err(format!("peer address {s:?} resolves to no address")),
         Err(e) => Err(format!("cannot resolve peer address {s:?}: {e}")),
     }
 }

@@ -26,6 +26,7 @@ pub mod breaker;
 pub mod budget;
 pub mod health;
 pub mod key;
+pub mod resolve;
 
 use breaker::Breaker;
 use budget::RetryBudget;
@@ -59,12 +60,13 @@ pub struct PeerState {
 }
 
 impl PeerState {
-    fn new(addr: SocketAddr, weight: usize) -> PeerState {
+    fn new(addr: SocketAddr, weight: usize, name: &str) -> PeerState {
         PeerState {
             addr,
             weight,
-            // An address's text is always a valid value; the fallback is never taken.
-            host: http::HeaderValue::try_from(addr.to_string())
+            // A peer's name is an address or a host name and port, always a valid value; the
+            // fallback is never taken.
+            host: http::HeaderValue::try_from(name)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("")),
             backend: Backend {
                 addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
@@ -220,7 +222,7 @@ impl Pool {
         let peers: Box<[PeerState]> = cfg
             .peers
             .iter()
-            .map(|p| PeerState::new(p.addr, p.weight))
+            .map(|p| PeerState::new(p.addr, p.weight, &p.name))
             .collect();
         let set: BTreeSet<Backend> = peers.iter().map(|p| p.backend.clone()).collect();
         let selector = match cfg.selection {
@@ -412,8 +414,8 @@ impl Pool {
         self.peers[idx].addr
     }
 
-    /// The Host header for requests to peer `idx` (its address), when the route does not
-    /// preserve the client's.
+    /// The Host header for requests to peer `idx` (its name as configured), when the route
+    /// does not preserve the client's.
     pub fn host(&self, idx: usize) -> http::HeaderValue {
         self.peers[idx].host.clone()
     }
@@ -455,7 +457,10 @@ mod tests {
         let peers: Vec<PeerState> = [5usize, 1, 1]
             .iter()
             .enumerate()
-            .map(|(i, &w)| PeerState::new(format!("127.0.0.1:{}", 1000 + i).parse().unwrap(), w))
+            .map(|(i, &w)| {
+                let name = format!("127.0.0.1:{}", 1000 + i);
+                PeerState::new(name.parse().unwrap(), w, &name)
+            })
             .collect();
         // nginx's documented sequence for weights 5, 1, 1.
         assert_eq!(&*smooth_weighted(&peers), &[0, 0, 1, 0, 2, 0, 0]);
