@@ -149,6 +149,52 @@ request = {{ set = {{ "x-user" = "${{consumer}}", "x-from" = "${{client_ip}}", "
     assert_eq!(client().get(&url).send().await.unwrap().status(), 401);
 }
 
+/// A client guessing passwords is stopped before bcrypt once it failed `max_failures` times;
+/// other clients are not.
+#[tokio::test]
+async fn basic_auth_caps_failures_per_client() {
+    let up = echo("up").await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("open sesame", 6).unwrap();
+    let htpasswd = write_file(dir.path(), "users", &format!("ali:{hash}\n"));
+    let plugins = format!(
+        "[plugins.basic]\nkind = \"basic_auth\"\nhtpasswd_file = \"{htpasswd}\"\n\
+         max_failures = 3\nfailure_window = \"30s\"\n"
+    );
+    let _g = plugin_gateway(port, up, &plugins, &[("/", "\"basic\"")]);
+    let url = format!("http://127.0.0.1:{port}/p");
+    let try_as = |client_ip: &'static str, pass: &'static str| {
+        let url = url.clone();
+        async move {
+            let r = client()
+                .get(&url)
+                .header("x-forwarded-for", client_ip)
+                .basic_auth("ali", Some(pass))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.headers().get("retry-after").cloned())
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(try_as("192.0.2.1", "guess").await.0, 401);
+    }
+    let (status, retry) = try_as("192.0.2.1", "guess").await;
+    assert_eq!(status, 429, "refused before bcrypt");
+    assert!(retry.is_some());
+    assert_eq!(
+        try_as("192.0.2.1", "open sesame").await.0,
+        429,
+        "until the window ends"
+    );
+    assert_eq!(
+        try_as("192.0.2.2", "open sesame").await.0,
+        200,
+        "others sign in"
+    );
+}
+
 #[tokio::test]
 async fn forward_auth_allows_refuses_and_fails_closed() {
     let up = echo("up").await;

@@ -4,15 +4,22 @@
 //! bcrypt is slow by design (tens of ms per check), so it runs on Tokio's blocking pool, never
 //! on a proxy worker thread, and a successful check is remembered for `cache_for` under a
 //! SHA-256 of user, password and stored hash (bounded; changing the file invalidates entries
-//! on reload). Wrong passwords are never cached: pair this with `rate_limit` against guessing.
+//! on reload). Wrong passwords are never cached.
+//!
+//! bcrypt turns are few (two per core), so wrong passwords must not be able to take them all:
+//! a client (by address) that failed `max_failures` times within `failure_window` is refused
+//! (429) before any bcrypt until the window ends, and one turn in four is kept for users who
+//! signed in recently, so a flood of guesses from many addresses still leaves them a way in.
 //!
 //! ```toml
 //! [plugins.basic]
 //! kind = "basic_auth"
 //! htpasswd_file = "users.htpasswd"
 //! realm = "orders"
+//! max_failures = 10            # per client address and failure_window (1m)
 //! ```
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,8 +50,17 @@ pub struct Config {
     #[serde(default = "crate::config::default_true")]
     pub hide_credentials: bool,
     pub cache_for: Option<Dur>,
+    /// Failed checks a client address may make per `failure_window` before it is refused
+    /// without one.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    pub failure_window: Option<Dur>,
     #[serde(skip)]
     pub users: Vec<(String, String)>,
+}
+
+fn default_max_failures() -> u32 {
+    10
 }
 
 impl Config {
@@ -82,6 +98,9 @@ impl Config {
         if users.is_empty() {
             return Err(format!("htpasswd_file {} has no users", path.display()));
         }
+        if self.max_failures == 0 {
+            return Err("`max_failures` must be at least 1".into());
+        }
         self.users = users;
         Ok(())
     }
@@ -95,12 +114,23 @@ pub struct BasicAuth {
     cache_for: u64,
     /// Successful checks by SHA-256(user, password, hash), each valid until a unix time.
     cache: quick_cache::sync::Cache<[u8; 32], u64>,
-    /// Turns for bcrypt on the blocking pool: two per core.
+    /// Turns for bcrypt on the blocking pool: two per core, less the reserved ones.
     bcrypt_slots: Arc<tokio::sync::Semaphore>,
+    /// Turns only users who signed in recently may take.
+    reserved_slots: Arc<tokio::sync::Semaphore>,
+    /// User names with a recent success, until a unix time.
+    known: quick_cache::sync::Cache<Arc<str>, u64>,
+    /// Failed checks per client address: (count, start of the window).
+    failures: quick_cache::sync::Cache<Option<IpAddr>, (u32, u64)>,
+    max_failures: u32,
+    failure_window: u64,
 }
 
 impl BasicAuth {
     pub fn new(c: Config) -> Self {
+        let turns = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+        let reserved = (turns / 4).max(1);
+        let turns = turns.max(reserved + 1);
         let challenge =
             HeaderValue::from_str(&format!("Basic realm=\"{}\", charset=\"UTF-8\"", c.realm))
                 .unwrap_or(HeaderValue::from_static("Basic"));
@@ -117,13 +147,51 @@ impl BasicAuth {
             hide: c.hide_credentials,
             cache_for: c.cache_for.map_or(300, |d| d.0.as_secs()),
             cache: quick_cache::sync::Cache::new(4096),
-            bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
-            )),
+            bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(turns - reserved)),
+            reserved_slots: Arc::new(tokio::sync::Semaphore::new(reserved)),
+            known: quick_cache::sync::Cache::new(4096),
+            failures: quick_cache::sync::Cache::new(65_536),
+            max_failures: c.max_failures,
+            failure_window: c.failure_window.map_or(60, |d| d.0.as_secs().max(1)),
         }
     }
 
-    async fn verify(&self, user: &str, pass: &str) -> Check {
+    /// Seconds until `client` may try again, when it has failed too often.
+    fn locked_out(&self, client: Option<IpAddr>, now: u64) -> Option<u64> {
+        let (count, start) = self.failures.get(&client)?;
+        let ends = start + self.failure_window;
+        (count >= self.max_failures && now < ends).then(|| ends - now)
+    }
+
+    fn failed(&self, client: Option<IpAddr>, now: u64) {
+        let entry = match self.failures.get(&client) {
+            Some((n, start)) if now < start + self.failure_window => (n + 1, start),
+            _ => (1, now),
+        };
+        self.failures.insert(client, entry);
+    }
+
+    /// A bcrypt turn: the shared ones, or for a known user also a reserved one; within a
+    /// second, or none.
+    async fn turn(&self, known: bool) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let wait = Duration::from_secs(1);
+        let shared = self.bcrypt_slots.clone().acquire_owned();
+        if !known {
+            return tokio::time::timeout(wait, shared).await.ok()?.ok();
+        }
+        let reserved = self.reserved_slots.clone().acquire_owned();
+        tokio::time::timeout(wait, async {
+            tokio::select! {
+                p = shared => p.ok(),
+                p = reserved => p.ok(),
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    async fn verify(&self, user: &str, pass: &str, client: Option<IpAddr>) -> Check {
         // An unknown user costs a bcrypt like a known one (against some user's hash, result
         // ignored), so response times do not tell which user names exist.
         let (name, hash) = match self.users.get(user) {
@@ -150,14 +218,16 @@ impl BasicAuth {
                 return Check::Ok(n.clone());
             }
         }
+        if let Some(wait) = self.locked_out(client, now) {
+            return Check::LockedOut(wait);
+        }
         // bcrypt is CPU-bound by design: a bounded number run at once, and a request that
         // cannot get a turn within a second is told to come back rather than queued forever.
-        let Ok(Ok(permit)) = tokio::time::timeout(
-            Duration::from_secs(1),
-            self.bcrypt_slots.clone().acquire_owned(),
-        )
-        .await
-        else {
+        let known = name
+            .as_ref()
+            .and_then(|n| self.known.get(n))
+            .is_some_and(|until| now < until);
+        let Some(permit) = self.turn(known).await else {
             return Check::Busy;
         };
         let pass = pass.to_string();
@@ -170,9 +240,15 @@ impl BasicAuth {
         match name {
             Some(n) if ok => {
                 self.cache.insert(fp, now + self.cache_for);
+                // "Recently" is a day, or cache_for if longer.
+                self.known
+                    .insert(n.clone(), now + self.cache_for.max(86_400));
                 Check::Ok(n)
             }
-            _ => Check::Bad,
+            _ => {
+                self.failed(client, now);
+                Check::Bad
+            }
         }
     }
 }
@@ -183,6 +259,8 @@ enum Check {
     Bad,
     /// Too many password checks running: try again shortly.
     Busy,
+    /// This client failed too often: try again in this many seconds.
+    LockedOut(u64),
 }
 
 /// `Authorization: Basic base64(user:pass)` → (user, pass).
@@ -228,7 +306,7 @@ impl Plugin for BasicAuth {
                 challenge(),
             ));
         };
-        match self.verify(&user, &pass).await {
+        match self.verify(&user, &pass, cx.client_ip).await {
             Check::Ok(name) => cx.consumer = Some(name),
             Check::Bad => {
                 return Ok(refuse(
@@ -244,6 +322,14 @@ impl Plugin for BasicAuth {
                     "too many password checks at once; retry shortly",
                     cx,
                     vec![(http::header::RETRY_AFTER, HeaderValue::from_static("1"))],
+                ))
+            }
+            Check::LockedOut(secs) => {
+                return Ok(refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many failed sign-ins; retry later",
+                    cx,
+                    vec![(http::header::RETRY_AFTER, HeaderValue::from(secs))],
                 ))
             }
         }
