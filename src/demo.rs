@@ -186,7 +186,7 @@ pub fn curl_lines(cfg: &Config) -> Vec<String> {
         format!("curl -s http://{web}/api/products/12     # 90/10 canary: products or products-v2"),
         format!("curl -s -H 'x-user: ada' http://{web}/api/products/12   # sticky: same side every time"),
         format!("curl -si http://{web}/nowhere          # 404 with a request id"),
-        format!("for i in $(seq 12); do curl -s -o /dev/null -w '%{{http_code}} ' http://{web}/api/users; done   # 10/s + burst 5, then 429"),
+        format!("for i in $(seq 12); do curl -s -o /dev/null -w '%{{http_code}} ' http://{web}/api/users; done   # 10/s + burst 5: six 200s, then 429 but one 200 per 100 ms"),
         format!("curl -si http://{web}/api/account       # 401: JWT required"),
     ];
     if let Some(token) = demo_token(cfg) {
