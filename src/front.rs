@@ -380,8 +380,25 @@ impl ServerApp for Front {
         let limits = self.live.load().client;
         let _slot = self.admit(limits.max_connections)?;
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // HTTP/2 over TLS: the h2 codec bounds its streams; Pingora runs the connection.
-            return self.proxy.process_new(stream, shutdown).await;
+            // HTTP/2 over TLS: Pingora runs the connection (its idle timeout is
+            // keepalive_timeout, see server.rs); a client that sends nothing at all, not even
+            // the preface, is gone after header_timeout.
+            let clock = Arc::new(HeadClock::default());
+            clock.arm();
+            let stream: Stream = Box::new(Timed {
+                inner: stream,
+                clock: clock.clone(),
+            });
+            let silent = async {
+                tokio::time::sleep(limits.header_timeout).await;
+                if clock.started.load(Relaxed) != 0 {
+                    std::future::pending::<()>().await;
+                }
+            };
+            return tokio::select! {
+                r = self.proxy.process_new(stream, shutdown) => r,
+                _ = silent => None,
+            };
         }
         self.serve_h1(stream, shutdown, limits).await;
         if let Some(hook) = CONNECTION_ENDED.get() {

@@ -52,11 +52,12 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
             index,
             live: live.clone(),
         };
-        let front = Front::new(
-            pingora_proxy::http_proxy(&server.configuration, proxy),
-            live.clone(),
-            g.name.as_str().into(),
-        );
+        let mut http = pingora_proxy::http_proxy(&server.configuration, proxy);
+        // An idle HTTP/2 connection ends like an idle HTTP/1 one.
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2_idle_timeout = Some(cfg.server.client.keepalive_timeout);
+        http.server_options = Some(options);
+        let front = Front::new(http, live.clone(), g.name.as_str().into());
         let mut svc = Service::new(format!("gateway {}", g.name), front);
         for addr in &g.listen {
             let addr = addr.to_string();

@@ -218,3 +218,44 @@ async fn certificates_reload_on_sighup() {
     }
     assert_eq!(served_cert(port), der(&second));
 }
+
+/// An HTTP/2 client that completes TLS and then says nothing holds no connection for long.
+#[test]
+fn a_silent_h2_connection_is_closed_at_header_timeout() {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    use std::io::Read;
+    let port = free_port();
+    let certs = tempfile::tempdir().unwrap();
+    let (_, cert, key) = self_signed(certs.path());
+    let _g = Gatehouse::start(
+        &format!(
+            "[server]\nheader_timeout = \"1s\"\n[upstreams.a]\npeers = []\n\
+             [gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             tls = {{ cert = \"{}\", key = \"{}\" }}\n[[routes]]\nupstream = \"a\"\n",
+            cert.display(),
+            key.display()
+        ),
+        &[port],
+    );
+    let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_alpn_protos(b"\x02h2").unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut s = b.build().connect("localhost", tcp).unwrap();
+    assert_eq!(s.ssl().selected_alpn_protocol(), Some(&b"h2"[..]));
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break start.elapsed(),
+            Ok(_) => continue, // the server's SETTINGS
+        }
+    };
+    assert!(
+        closed >= std::time::Duration::from_millis(900)
+            && closed < std::time::Duration::from_secs(4),
+        "{closed:?}"
+    );
+}

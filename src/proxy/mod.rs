@@ -399,6 +399,10 @@ impl ProxyHttp for GatewayProxy {
             0 => session.set_keepalive(None),
             secs => session.set_keepalive(Some(secs)),
         }
+        if session.as_ref().is_http2() {
+            // The HTTP/1 loop sets this per connection (front.rs); an h2 stream gets it here.
+            session.set_write_timeout(Some(limits.send_timeout));
+        }
         // Pipelined requests are answered in order, one at a time (RFC 9112 §9.3.2).
         session.set_pipelining_enabled(true);
         upgrade::only_websocket(session.req_header_mut());
