@@ -5,6 +5,9 @@
 # divided by 1000 is the cost of one request, start-up and shutdown cancelled out.
 #
 #   load-tests/profile.sh            # about 4 minutes on 2 cores, after the release build
+#   BASELINE=/path/to/gatehouse load-tests/profile.sh
+#                                    # also profiles an earlier build's binary (say, from a git
+#                                    # worktree of the last release), for the cost of a change
 #
 # Fronts: bare Pingora (only forwards), bare Pingora + X-Forwarded-*/Host/timeouts, Gatehouse
 # (one route, defaults), Gatehouse with forwarded_headers = [] (the same work as bare Pingora).
@@ -95,6 +98,10 @@ profile "bare pingora (only forwards)" "$bare" 127.0.0.1:$FRONT 127.0.0.1:$UP 1
 profile "bare pingora + X-Forwarded/Host/timeouts" "$bare" 127.0.0.1:$FRONT 127.0.0.1:$UP 1 --gateway-work
 profile "gatehouse, forwarded_headers = []" "$gh" run -c "$work/ghfwd.toml"
 profile "gatehouse (defaults: X-Forwarded-For/-Proto/-Host)" "$gh" run -c "$work/gh.toml"
+if [ -n "${BASELINE:-}" ]; then
+  profile "baseline gatehouse, forwarded_headers = []" "$BASELINE" run -c "$work/ghfwd.toml"
+  profile "baseline gatehouse (defaults)" "$BASELINE" run -c "$work/gh.toml"
+fi
 
 mkdir -p load-tests/results
 out="load-tests/results/$(date -u +%Y%m%d-%H%M%S)-profile.md"
@@ -109,6 +116,17 @@ out="load-tests/results/$(date -u +%Y%m%d-%H%M%S)-profile.md"
   while IFS='|' read -r label per; do
     echo "| $label | $per | $(awk -v a="$per" -v b="$base" 'BEGIN { printf "%.3f", a / b }') |"
   done < "$rows"
+  if [ -n "${BASELINE:-}" ]; then
+    of() { awk -F'|' -v l="$1" '$1 == l { print $2; exit }' "$rows"; }
+    echo
+    echo "This build ÷ the baseline ($BASELINE):"
+    echo
+    for pair in "gatehouse, forwarded_headers = []|baseline gatehouse, forwarded_headers = []" \
+                "gatehouse (defaults: X-Forwarded-For/-Proto/-Host)|baseline gatehouse (defaults)"; do
+      now=$(of "${pair%%|*}"); then=$(of "${pair#*|}")
+      echo "- ${pair%%|*}: $now ÷ $then = $(awk -v a="$now" -v b="$then" 'BEGIN { printf "%.3f", a / b }')"
+    done
+  fi
 } > "$out"
 echo
 cat "$out"

@@ -83,10 +83,13 @@ pub struct HeadClock {
     /// `now_ms()` of the head's first byte, 0 while none came.
     started: AtomicU64,
     done: AtomicBool,
+    /// The client left (end of stream or reset) in the middle of a head.
+    gone: AtomicBool,
 }
 
 impl HeadClock {
     fn arm(&self) {
+        self.gone.store(false, Relaxed);
         self.started.store(0, Relaxed);
         self.done.store(false, Relaxed);
         self.waiting.store(true, Relaxed);
@@ -110,6 +113,9 @@ impl HeadClock {
 pub struct Timed {
     inner: Stream,
     pub clock: Arc<HeadClock>,
+    /// HTTP/1: a client that leaves mid-head is let go quietly by the connection loop
+    /// (Pingora would log each one as an error) instead of seeing the end of stream.
+    quiet_exit: bool,
 }
 
 impl Timed {
@@ -130,8 +136,19 @@ impl AsyncRead for Timed {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        let Poll::Ready(res) = &r else {
+            return r;
+        };
+        let read_some = res.is_ok() && buf.filled().len() > before;
+        if read_some {
             self.clock.on_read();
+        } else if self.quiet_exit
+            && self.clock.waiting.load(Relaxed)
+            && self.clock.started.load(Relaxed) != 0
+        {
+            // Mid-head: the connection loop, polled right after this, ends it quietly.
+            self.clock.gone.store(true, Relaxed);
+            return Poll::Pending;
         }
         r
     }
@@ -251,6 +268,9 @@ impl Future for HeadTimer<'_> {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.clock.gone.load(Relaxed) {
+            return Poll::Ready(());
+        }
         if self.clock.done.load(Relaxed) {
             return Poll::Pending;
         }
@@ -326,6 +346,7 @@ impl Front {
         let mut session = ServerSession::new_http1(Box::new(Timed {
             inner: stream,
             clock: clock.clone(),
+            quiet_exit: true,
         }));
         session.set_keepalive_reuses_remaining(Some(
             limits.max_requests_per_connection.saturating_sub(1),
@@ -351,10 +372,14 @@ impl Front {
                 biased;
                 r = self.proxy.process_new_http(session, shutdown) => r,
                 _ = timer => {
-                    log::debug!(
-                        "gateway \"{}\": request head not complete within header_timeout, closing",
-                        self.name
-                    );
+                    if clock.gone.load(Relaxed) {
+                        log::debug!("gateway \"{}\": the client left mid-head", self.name);
+                    } else {
+                        log::debug!(
+                            "gateway \"{}\": request head not complete within header_timeout, closing",
+                            self.name
+                        );
+                    }
                     return;
                 }
             };
@@ -388,6 +413,7 @@ impl ServerApp for Front {
             let stream: Stream = Box::new(Timed {
                 inner: stream,
                 clock: clock.clone(),
+                quiet_exit: false,
             });
             let silent = async {
                 tokio::time::sleep(limits.header_timeout).await;

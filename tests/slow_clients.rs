@@ -216,3 +216,34 @@ async fn connections_requests_and_header_fields_are_capped() {
     assert_eq!(ex.answers[0].status, 431);
     assert!(ex.closed);
 }
+
+/// Clients that leave, idle or in the middle of a request head, are routine: no error line per
+/// connection, and the gateway serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_are_not_errors() {
+    let up = echo("u").await;
+    let port = free_port();
+    let _g = gateway(port, up, "");
+    for payload in [&b""[..], b"GET / HT", b"GET / HTTP/1.1\r\nHost: a\r\n"] {
+        for reset in [false, true] {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            s.write_all(payload).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if reset {
+                // A zero linger resets the connection on drop; it never blocks.
+                #[allow(deprecated)]
+                s.set_linger(Some(Duration::ZERO)).unwrap();
+            }
+            drop(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = client()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let log = _g.log();
+    assert!(!log.contains("ERROR"), "{log}");
+}
