@@ -74,18 +74,25 @@ impl Default for ClientLimits {
     }
 }
 
-/// Where a connection's current request head is: set by the stream (first byte) and by the
-/// proxy (head complete), read by the connection loop's timer.
+/// Where a connection's current request head is, and whether a response write is stuck: set
+/// by the stream (first byte, blocked writes) and by the proxy (head complete), read by the
+/// connection loop's timer.
 #[derive(Debug, Default)]
 pub struct HeadClock {
     /// A head is expected: the next bytes read start it.
     waiting: AtomicBool,
-    /// `now_ms()` of the head's first byte, 0 while none came.
+    /// `now_ms()` of the head's first byte; `STARTED` when it came and the timer has not
+    /// taken the time yet (it is polled in the same turn); 0 while none came.
     started: AtomicU64,
     done: AtomicBool,
     /// The client left (end of stream or reset) in the middle of a head.
     gone: AtomicBool,
+    /// `now_ms()` since a write to the client has been waiting for room, 0 when none waits.
+    write_blocked: AtomicU64,
 }
+
+/// A head's first byte came; its time is not read yet.
+const STARTED: u64 = u64::MAX;
 
 impl HeadClock {
     fn arm(&self) {
@@ -102,8 +109,19 @@ impl HeadClock {
     }
 
     fn on_read(&self) {
+        // No clock read here (one per request showed in profiles): the timer, polled in the
+        // same turn, takes the time only for a head that did not arrive whole.
         if self.waiting.load(Relaxed) && self.started.load(Relaxed) == 0 {
-            self.started.store(now_ms().max(1), Relaxed);
+            self.started.store(STARTED, Relaxed);
+        }
+    }
+
+    fn on_write(&self, blocked: bool) {
+        let since = self.write_blocked.load(Relaxed);
+        if blocked && since == 0 {
+            self.write_blocked.store(now_ms().max(1), Relaxed);
+        } else if !blocked && since != 0 {
+            self.write_blocked.store(0, Relaxed);
         }
     }
 }
@@ -160,11 +178,15 @@ impl AsyncWrite for Timed {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.clock.on_write(r.is_pending());
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.clock.on_write(r.is_pending());
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -176,7 +198,9 @@ impl AsyncWrite for Timed {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.clock.on_write(r.is_pending());
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -252,8 +276,8 @@ impl Peek for Timed {
     }
 }
 
-/// Resolves when the current head is overdue; pending (and off the timer wheel) while no
-/// head is under way.
+/// Resolves when the current head is overdue, or a write to the client has waited for room
+/// longer than `send_timeout`; pending (and off the timer wheel) otherwise.
 struct HeadTimer<'a> {
     clock: &'a HeadClock,
     sleep: Pin<&'a mut tokio::time::Sleep>,
@@ -261,6 +285,7 @@ struct HeadTimer<'a> {
     /// (between requests the keep-alive timeout applies, and ends the connection quietly).
     idle_deadline: Option<Instant>,
     header_timeout: Duration,
+    send_timeout: Duration,
     base: Instant,
 }
 
@@ -271,16 +296,26 @@ impl Future for HeadTimer<'_> {
         if self.clock.gone.load(Relaxed) {
             return Poll::Ready(());
         }
-        if self.clock.done.load(Relaxed) {
-            return Poll::Pending;
-        }
-        let started = self.clock.started.load(Relaxed);
-        // A connection's first head is due header_timeout after the connection came, however
-        // late its first byte; later heads, header_timeout after their first byte.
-        let want = match (self.idle_deadline, started) {
-            (Some(d), _) => d,
-            (None, 0) => return Poll::Pending,
-            (None, t) => self.base + Duration::from_millis(t) + self.header_timeout,
+        let want = if self.clock.done.load(Relaxed) {
+            // A response under way: only a write the client leaves stuck is bounded (Pingora's
+            // own write timeout would arm a timer for every write).
+            match self.clock.write_blocked.load(Relaxed) {
+                0 => return Poll::Pending,
+                since => self.base + Duration::from_millis(since) + self.send_timeout,
+            }
+        } else {
+            let mut started = self.clock.started.load(Relaxed);
+            if started == STARTED {
+                started = now_ms().max(1);
+                self.clock.started.store(started, Relaxed);
+            }
+            // A connection's first head is due header_timeout after the connection came,
+            // however late its first byte; later heads, header_timeout after their first byte.
+            match (self.idle_deadline, started) {
+                (Some(d), _) => d,
+                (None, 0) => return Poll::Pending,
+                (None, t) => self.base + Duration::from_millis(t) + self.header_timeout,
+            }
         };
         if self.sleep.deadline() != want.into() {
             self.sleep.as_mut().reset(want.into());
@@ -359,13 +394,13 @@ impl Front {
                 session.set_keepalive(None);
             }
             session.set_read_timeout(Some(limits.body_timeout));
-            session.set_write_timeout(Some(limits.send_timeout));
             clock.arm();
             let timer = HeadTimer {
                 clock: &clock,
                 sleep: sleep.as_mut(),
                 idle_deadline: first.then_some(conn_start + limits.header_timeout),
                 header_timeout: limits.header_timeout,
+                send_timeout: limits.send_timeout,
                 base,
             };
             let reused = tokio::select! {
@@ -374,6 +409,11 @@ impl Front {
                 _ = timer => {
                     if clock.gone.load(Relaxed) {
                         log::debug!("gateway \"{}\": the client left mid-head", self.name);
+                    } else if clock.done.load(Relaxed) {
+                        log::debug!(
+                            "gateway \"{}\": the client took nothing for send_timeout, closing",
+                            self.name
+                        );
                     } else {
                         log::debug!(
                             "gateway \"{}\": request head not complete within header_timeout, closing",

@@ -389,10 +389,13 @@ impl ProxyHttp for GatewayProxy {
         } else {
             canonical::canonicalize(session.req_header_mut(), raw_head.as_deref(), rt.canonical)
         };
-        if let Err(refusal) = verdict {
-            ctx.rt = Some(rt);
-            return Err(client_error(refusal.status, refusal.reason));
-        }
+        let canonical = match verdict {
+            Ok(c) => c,
+            Err(refusal) => {
+                ctx.rt = Some(rt);
+                return Err(client_error(refusal.status, refusal.reason));
+            }
+        };
         // Pingora keeps an idle HTTP/1.1 connection forever unless told (it follows the
         // client's Connection header, and a client that says close is still obeyed).
         match limits.keepalive_timeout.as_secs() {
@@ -400,19 +403,18 @@ impl ProxyHttp for GatewayProxy {
             secs => session.set_keepalive(Some(secs)),
         }
         if session.as_ref().is_http2() {
-            // The HTTP/1 loop sets this per connection (front.rs); an h2 stream gets it here.
+            // The HTTP/1 loop bounds writes itself (front.rs); an h2 stream gets Pingora's.
             session.set_write_timeout(Some(limits.send_timeout));
         }
         // Pipelined requests are answered in order, one at a time (RFC 9112 §9.3.2).
         session.set_pipelining_enabled(true);
-        upgrade::only_websocket(session.req_header_mut());
+        if canonical.upgrade {
+            upgrade::only_websocket(session.req_header_mut());
+        }
 
         let req = session.req_header();
-        let host = req
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+        // Valid hosts are ASCII: to_str does not fail on them.
+        let host = canonical.host.as_ref().and_then(|h| h.to_str().ok());
         ctx.route = gw
             .router
             .find(&gw.routes, host, req.uri.path(), &req.method, &req.headers);
