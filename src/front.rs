@@ -276,14 +276,22 @@ impl Peek for Timed {
     }
 }
 
-/// Resolves when the current head is overdue, or a write to the client has waited for room
-/// longer than `send_timeout`; pending (and off the timer wheel) otherwise.
+/// Resolves when the connection has been idle past `keepalive_timeout`, its current head is
+/// overdue, or a write to the client has waited for room longer than `send_timeout`.
+///
+/// One timer per connection, moved lazily: a deadline later than the armed one is not armed
+/// at once (the timer fires early, finds the new deadline, and moves to it), so a busy
+/// keep-alive connection touches the timer wheel about once per `keepalive_timeout`, not per
+/// request (Pingora's keep-alive timeout armed one for each).
 struct HeadTimer<'a> {
     clock: &'a HeadClock,
     sleep: Pin<&'a mut tokio::time::Sleep>,
-    /// The deadline of a head that has not started: the connection's first request only
-    /// (between requests the keep-alive timeout applies, and ends the connection quietly).
-    idle_deadline: Option<Instant>,
+    /// Until when a head may not have started: the connection's first request, from the
+    /// connection's start plus `header_timeout`; later ones, `keepalive_timeout` after the
+    /// previous request.
+    idle_deadline: Instant,
+    /// The first request's head is due at `idle_deadline` even once it has started.
+    first: bool,
     header_timeout: Duration,
     send_timeout: Duration,
     base: Instant,
@@ -311,16 +319,24 @@ impl Future for HeadTimer<'_> {
             }
             // A connection's first head is due header_timeout after the connection came,
             // however late its first byte; later heads, header_timeout after their first byte.
-            match (self.idle_deadline, started) {
-                (Some(d), _) => d,
-                (None, 0) => return Poll::Pending,
-                (None, t) => self.base + Duration::from_millis(t) + self.header_timeout,
+            match (self.first, started) {
+                (true, _) | (false, 0) => self.idle_deadline,
+                (false, t) => self.base + Duration::from_millis(t) + self.header_timeout,
             }
         };
-        if self.sleep.deadline() != want.into() {
-            self.sleep.as_mut().reset(want.into());
+        let want = tokio::time::Instant::from_std(want);
+        if want < self.sleep.deadline() {
+            self.sleep.as_mut().reset(want);
         }
-        self.sleep.as_mut().poll(cx)
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if want > self.sleep.deadline() {
+            // Fired at an earlier deadline than today's: move on to today's.
+            self.sleep.as_mut().reset(want);
+            return self.sleep.as_mut().poll(cx);
+        }
+        Poll::Ready(())
     }
 }
 
@@ -395,10 +411,16 @@ impl Front {
             }
             session.set_read_timeout(Some(limits.body_timeout));
             clock.arm();
+            let idle_deadline = if first {
+                conn_start + limits.header_timeout
+            } else {
+                Instant::now() + limits.keepalive_timeout
+            };
             let timer = HeadTimer {
                 clock: &clock,
                 sleep: sleep.as_mut(),
-                idle_deadline: first.then_some(conn_start + limits.header_timeout),
+                idle_deadline,
+                first,
                 header_timeout: limits.header_timeout,
                 send_timeout: limits.send_timeout,
                 base,
@@ -407,6 +429,10 @@ impl Front {
                 biased;
                 r = self.proxy.process_new_http(session, shutdown) => r,
                 _ = timer => {
+                    if !first && clock.started.load(Relaxed) == 0 && !clock.done.load(Relaxed) {
+                        // Idle past keepalive_timeout: the usual end of a keep-alive.
+                        return;
+                    }
                     if clock.gone.load(Relaxed) {
                         log::debug!("gateway \"{}\": the client left mid-head", self.name);
                     } else if clock.done.load(Relaxed) {

@@ -275,13 +275,25 @@ pub fn valid_host(h: &[u8]) -> bool {
             b'.' if label == 0 => return false,
             b'.' => label = 0,
             b':' => break,
-            b if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' => label += 1,
+            b if HOST_BYTE[usize::from(b)] => label += 1,
             _ => return false,
         }
         i += 1;
     }
     i > 0 && (i == h.len() || valid_port(&h[i + 1..]))
 }
+
+/// Letters, digits, `-` and `_`: a table, as a Host is checked on every request.
+const HOST_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+        b += 1;
+    }
+    t
+};
 
 fn valid_port(p: &[u8]) -> bool {
     !p.is_empty()

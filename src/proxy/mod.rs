@@ -396,11 +396,10 @@ impl ProxyHttp for GatewayProxy {
                 return Err(client_error(refusal.status, refusal.reason));
             }
         };
-        // Pingora keeps an idle HTTP/1.1 connection forever unless told (it follows the
-        // client's Connection header, and a client that says close is still obeyed).
-        match limits.keepalive_timeout.as_secs() {
-            0 => session.set_keepalive(None),
-            secs => session.set_keepalive(Some(secs)),
+        // Idle HTTP/1 connections are ended by the connection loop (front.rs), at
+        // keepalive_timeout; here only "no keep-alive at all" is said.
+        if limits.keepalive_timeout.is_zero() {
+            session.set_keepalive(None);
         }
         if session.as_ref().is_http2() {
             // The HTTP/1 loop bounds writes itself (front.rs); an h2 stream gets Pingora's.
