@@ -89,7 +89,11 @@ pub struct HeadClock {
     gone: AtomicBool,
     /// `now_ms()` since a write to the client has been waiting for room, 0 when none waits.
     write_blocked: AtomicU64,
+    /// Spaces seen in the request line so far, `LINE_DONE` once its end was seen.
+    line_spaces: AtomicU64,
 }
+
+const LINE_DONE: u64 = u64::MAX;
 
 /// A head's first byte came; its time is not read yet.
 const STARTED: u64 = u64::MAX;
@@ -97,6 +101,7 @@ const STARTED: u64 = u64::MAX;
 impl HeadClock {
     fn arm(&self) {
         self.gone.store(false, Relaxed);
+        self.line_spaces.store(0, Relaxed);
         self.started.store(0, Relaxed);
         self.done.store(false, Relaxed);
         self.waiting.store(true, Relaxed);
@@ -108,12 +113,36 @@ impl HeadClock {
         self.done.store(true, Relaxed);
     }
 
-    fn on_read(&self) {
+    fn on_read(&self, bytes: &[u8]) {
+        if !self.waiting.load(Relaxed) {
+            return;
+        }
         // No clock read here (one per request showed in profiles): the timer, polled in the
         // same turn, takes the time only for a head that did not arrive whole.
-        if self.waiting.load(Relaxed) && self.started.load(Relaxed) == 0 {
+        if self.started.load(Relaxed) == 0 {
             self.started.store(STARTED, Relaxed);
         }
+        // The request line's spaces, as sent: Pingora percent-encodes a target with a raw
+        // space in it (`GET /a b HTTP/1.1` becomes `/a%20b`) before any hook runs. A valid
+        // line has two, and so has any piece of it (a head begun in pipelined bytes).
+        let spaces = self.line_spaces.load(Relaxed);
+        if spaces == LINE_DONE {
+            return;
+        }
+        let line = match memchr::memchr(b'\n', bytes) {
+            Some(i) => &bytes[..i],
+            None => bytes,
+        };
+        let n = spaces + memchr::memchr_iter(b' ', line).count() as u64;
+        let done = line.len() < bytes.len();
+        self.line_spaces
+            .store(if done && n <= 2 { LINE_DONE } else { n }, Relaxed);
+    }
+
+    /// Whether the current request line, as sent, had a space more than a request line has.
+    pub fn extra_space(&self) -> bool {
+        let n = self.line_spaces.load(Relaxed);
+        n != LINE_DONE && n > 2
     }
 
     fn on_write(&self, blocked: bool) {
@@ -159,7 +188,7 @@ impl AsyncRead for Timed {
         };
         let read_some = res.is_ok() && buf.filled().len() > before;
         if read_some {
-            self.clock.on_read();
+            self.clock.on_read(&buf.filled()[before..]);
         } else if self.quiet_exit
             && self.clock.waiting.load(Relaxed)
             && self.clock.started.load(Relaxed) != 0

@@ -165,6 +165,8 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Want)> {
         // The request line.
         c("two spaces", "GET  / HTTP/1.1\r\nHost: a\r\n\r\n", Refused(400)),
         c("tab in the target", "GET /a\tb HTTP/1.1\r\nHost: a\r\n\r\n", Refused(400)),
+        c("space in the target", "GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", Refused(400)),
+        c("a second request line", "GET /x HTTP/1.1 GET /admin HTTP/1.1\r\nHost: a\r\n\r\n", Refused(400)),
         c("control byte in the target", "GET /a\x01b HTTP/1.1\r\nHost: a\r\n\r\n", Refused(400)),
         c("HTTP/2.0 on an HTTP/1 connection", "GET / HTTP/2.0\r\nHost: a\r\n\r\n", Refused(400)),
         c("HTTP/0.9", "GET /\r\n\r\n", Cut),

@@ -370,13 +370,20 @@ impl ProxyHttp for GatewayProxy {
         ctx.plugins.gateway = Some(gw.name.clone());
 
         let h1 = session.as_ref().as_http1();
-        if let Some(clock) = h1.and_then(|h| crate::front::Timed::clock_of(h.stream())) {
-            clock.head_done();
-        }
+        let clock = h1.and_then(|h| crate::front::Timed::clock_of(h.stream()));
+        let extra_space = clock.is_some_and(|c| {
+            c.head_done();
+            c.extra_space()
+        });
         let raw_head = h1.map(|h1| h1.get_headers_raw_bytes());
         let limits = &rt.client;
         let head_size = raw_head.as_ref().map_or(0, |h| h.len());
-        let verdict = if session.req_header().headers.len() > limits.max_headers {
+        let verdict = if extra_space {
+            Err(canonical::Refusal {
+                status: 400,
+                reason: "whitespace in the request target",
+            })
+        } else if session.req_header().headers.len() > limits.max_headers {
             Err(canonical::Refusal {
                 status: 431,
                 reason: "too many header fields",
