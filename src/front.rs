@@ -308,24 +308,86 @@ impl Peek for Timed {
 /// Resolves when the connection has been idle past `keepalive_timeout`, its current head is
 /// overdue, or a write to the client has waited for room longer than `send_timeout`.
 ///
-/// One timer per connection, moved lazily: a deadline later than the armed one is not armed
-/// at once (the timer fires early, finds the new deadline, and moves to it), so a busy
-/// keep-alive connection arms a timer about once per `keepalive_timeout`, not per request
-/// (Pingora's keep-alive timeout armed one for each). Pingora's timer wheel, not Tokio's: a
-/// Tokio timer left armed makes every park of the worker thread look at it (callgrind: ~600
-/// instructions per request).
+/// One timer per connection, on Pingora's timer wheel (a Tokio timer left armed makes every
+/// park of the worker thread look at it: ~600 instructions per request by callgrind), and
+/// nothing per request on a busy connection: idleness is counted in ticks of a quarter of
+/// `keepalive_timeout` (a connection that served no request for four ticks in a row is idle,
+/// so it goes between 1 and 1.25 × `keepalive_timeout` after its last request), and a later
+/// deadline is not armed at once (the timer fires early, finds it, and moves on). Pingora's
+/// own keep-alive timeout armed a timer, and read the clock, for every request.
 struct HeadTimer<'a> {
     clock: &'a HeadClock,
-    armed: &'a mut Option<Armed>,
-    /// Until when a head may not have started: the connection's first request, from the
-    /// connection's start plus `header_timeout`; later ones, `keepalive_timeout` after the
-    /// previous request.
-    idle_deadline: Instant,
-    /// The first request's head is due at `idle_deadline` even once it has started.
+    state: &'a mut TimerState,
+    /// The first request's head is due at `first_deadline`, however late its first byte.
     first: bool,
+    first_deadline: Instant,
     header_timeout: Duration,
     send_timeout: Duration,
+    tick: Duration,
     base: Instant,
+}
+
+/// The connection timer, kept across requests.
+#[derive(Default)]
+struct TimerState {
+    armed: Option<Armed>,
+    /// Requests begun on the connection, and as many as the last tick saw.
+    served: u64,
+    seen: u64,
+    /// Ticks in a row without a request.
+    quiet: u32,
+}
+
+impl TimerState {
+    /// Polls the armed timer; `Ready` when it has fired (and is gone).
+    fn fired(&mut self, cx: &mut Context<'_>) -> bool {
+        let fired = self
+            .armed
+            .as_mut()
+            .is_some_and(|a| a.fired.as_mut().poll(cx).is_ready());
+        if fired {
+            self.armed = None;
+        }
+        fired
+    }
+
+    /// Ready once `want` has passed.
+    fn deadline(&mut self, want: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.armed.as_ref().is_none_or(|a| want < a.at) {
+                self.armed = Some(Armed::at(want));
+            }
+            let at = self.armed.as_ref().map_or(want, |a| a.at);
+            if !self.fired(cx) {
+                return Poll::Pending;
+            }
+            if want <= at {
+                return Poll::Ready(());
+            }
+            // Fired at an earlier deadline than today's: move on to today's.
+        }
+    }
+
+    /// Ready after four ticks in a row without a request.
+    fn idle(&mut self, tick: Duration, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.armed.is_none() {
+                self.armed = Some(Armed::at(Instant::now() + tick));
+            }
+            if !self.fired(cx) {
+                return Poll::Pending;
+            }
+            if self.served != self.seen {
+                self.seen = self.served;
+                self.quiet = 0;
+            } else {
+                self.quiet += 1;
+                if self.quiet >= 4 {
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
 }
 
 impl Future for HeadTimer<'_> {
@@ -335,41 +397,37 @@ impl Future for HeadTimer<'_> {
         if self.clock.gone.load(Relaxed) {
             return Poll::Ready(());
         }
-        let want = if self.clock.done.load(Relaxed) {
+        if self.clock.done.load(Relaxed) {
             // A response under way: only a write the client leaves stuck is bounded (Pingora's
             // own write timeout would arm a timer for every write).
-            match self.clock.write_blocked.load(Relaxed) {
-                0 => return Poll::Pending,
-                since => self.base + Duration::from_millis(since) + self.send_timeout,
-            }
-        } else {
-            let mut started = self.clock.started.load(Relaxed);
-            if started == STARTED {
-                started = now_ms().max(1);
-                self.clock.started.store(started, Relaxed);
-            }
-            // A connection's first head is due header_timeout after the connection came,
-            // however late its first byte; later heads, header_timeout after their first byte.
-            match (self.first, started) {
-                (true, _) | (false, 0) => self.idle_deadline,
-                (false, t) => self.base + Duration::from_millis(t) + self.header_timeout,
-            }
-        };
-        if self.armed.as_ref().is_none_or(|a| want < a.at) {
-            *self.armed = Some(Armed::at(want));
-        }
-        loop {
-            let Some(a) = self.armed.as_mut() else {
-                return Poll::Pending;
+            return match self.clock.write_blocked.load(Relaxed) {
+                0 => Poll::Pending,
+                since => {
+                    let want = self.base + Duration::from_millis(since) + self.send_timeout;
+                    self.state.deadline(want, cx)
+                }
             };
-            if a.fired.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
+        }
+        let mut started = self.clock.started.load(Relaxed);
+        if started == STARTED {
+            started = now_ms().max(1);
+            self.clock.started.store(started, Relaxed);
+        }
+        // A connection's first head is due header_timeout after the connection came; later
+        // heads, header_timeout after their first byte; before that, the keep-alive idles.
+        if self.first {
+            let want = self.first_deadline;
+            return self.state.deadline(want, cx);
+        }
+        match started {
+            0 => {
+                let tick = self.tick;
+                self.state.idle(tick, cx)
             }
-            if want <= a.at {
-                return Poll::Ready(());
+            t => {
+                let want = self.base + Duration::from_millis(t) + self.header_timeout;
+                self.state.deadline(want, cx)
             }
-            // Fired at an earlier deadline than today's: move on to today's.
-            *self.armed = Some(Armed::at(want));
         }
     }
 }
@@ -452,7 +510,8 @@ impl Front {
         session.set_keepalive_reuses_remaining(Some(
             limits.max_requests_per_connection.saturating_sub(1),
         ));
-        let mut armed: Option<Armed> = None;
+        let mut timer_state = TimerState::default();
+        let tick = (limits.keepalive_timeout / 4).max(Duration::from_millis(10));
         let mut first = true;
         loop {
             if *shutdown.borrow() {
@@ -460,18 +519,15 @@ impl Front {
             }
             session.set_read_timeout(Some(limits.body_timeout));
             clock.arm();
-            let idle_deadline = if first {
-                conn_start + limits.header_timeout
-            } else {
-                Instant::now() + limits.keepalive_timeout
-            };
+            timer_state.served += 1;
             let timer = HeadTimer {
                 clock: &clock,
-                armed: &mut armed,
-                idle_deadline,
+                state: &mut timer_state,
                 first,
+                first_deadline: conn_start + limits.header_timeout,
                 header_timeout: limits.header_timeout,
                 send_timeout: limits.send_timeout,
+                tick,
                 base,
             };
             let reused = tokio::select! {

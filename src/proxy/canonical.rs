@@ -305,7 +305,17 @@ fn valid_port(p: &[u8]) -> bool {
 /// Refuses a head in which a line ends in a bare LF (RFC 9112 §2.2 lets a recipient accept
 /// them; a gateway in front of other parsers must not).
 fn check_line_endings(head: &[u8]) -> Result<(), Refusal> {
-    if memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r') {
+    // Each byte against the one before it, with no early exit: a loop the compiler turns
+    // into vector instructions (cheaper than a search per line end).
+    let bare = head.first() == Some(&b'\n')
+        || head
+            .iter()
+            .skip(1)
+            .zip(head.iter())
+            .fold(false, |acc, (&b, &prev)| {
+                acc | ((b == b'\n') & (prev != b'\r'))
+            });
+    if bare {
         return Err(bad("a line of the request head ends in a bare LF"));
     }
     Ok(())
