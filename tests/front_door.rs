@@ -205,6 +205,17 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Want)> {
             once("GET /a/b/~/%3A?x=%2f&y=1 HTTP/1.1"),
         ),
         c("path case kept", "GET /ADMIN HTTP/1.1\r\nHost: a\r\n\r\n", once("GET /ADMIN HTTP/1.1")),
+        c(
+            "a canonical escape survives a rewrite",
+            "GET /files/My%20Doc.pdf HTTP/1.1\r\nHost: a\r\n\r\n",
+            once("GET /My%20Doc.pdf HTTP/1.1"),
+        ),
+        c(
+            "a dot-led segment survives a rewrite",
+            "GET /files/.well-known/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            once("GET /.well-known/x HTTP/1.1"),
+        ),
+        c("a dot-led route matches", "GET /.well-known/acme-challenge/t HTTP/1.1\r\nHost: a\r\n\r\n", Denied(403)),
         // Pipelining (RFC 9112 §9.3.2): answered in order.
         c(
             "two pipelined GETs",
@@ -292,6 +303,16 @@ name = "internal"
 host = "internal.example.com"
 upstream = "rec"
 plugins = ["internal"]
+[[routes]]
+name = "files"
+path = "/files"
+strip_prefix = true
+upstream = "rec"
+[[routes]]
+name = "acme"
+path = "/.well-known/acme-challenge"
+upstream = "rec"
+plugins = ["deny"]
 "#
     )
 }

@@ -307,7 +307,7 @@ fn not_canonical(path: &str) -> Option<String> {
         keep_path_parameters: true,
     };
     match crate::proxy::canonical::canonical_path(path.as_bytes(), lenient) {
-        Ok(std::borrow::Cow::Borrowed(_)) => None,
+        Ok(c) if c == path => None,
         Ok(c) => Some(c.into_owned()),
         Err(r) => Some(format!("a path without {}", r.reason)),
     }

@@ -152,7 +152,8 @@ pub fn canonicalize(
     // upstream as sent: encoded, both see the same.
     let query_ascii = query.is_none_or(|q| q.is_ascii());
     let origin_form = absolute.is_none() && req.version != Version::HTTP_2;
-    if origin_form && query_ascii && matches!(canonical, Cow::Borrowed(_)) {
+    // Unchanged when borrowed (the common case, decided by one scan) or rebuilt equal.
+    if origin_form && query_ascii && canonical.as_bytes() == path {
         return Ok(found);
     }
     let mut new_target = Vec::with_capacity(canonical.len() + query.map_or(0, |q| q.len() + 1));

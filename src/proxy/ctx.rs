@@ -38,4 +38,6 @@ pub struct RequestCtx {
     /// upstream_response_filter raised a retry for the upstream's status.
     pub status_retry: bool,
     pub mirror: Option<MirrorState>,
+    /// A WebSocket handshake's expected `Sec-WebSocket-Accept`.
+    pub ws_accept: Option<String>,
 }

@@ -127,7 +127,7 @@ impl GatewayProxy {
         // captures into `/users/../admin`).
         if let Some(p) = rewrite::upstream_path(route, upstream.uri.path()) {
             let canonical = canonical::canonical_path(p.as_bytes(), rt.canonical);
-            if !matches!(canonical, Ok(std::borrow::Cow::Borrowed(_))) {
+            if !canonical.is_ok_and(|c| c == p) {
                 return Err(client_error(400, "the rewritten path is not canonical"));
             }
             let uri = match upstream.uri.query() {
@@ -184,7 +184,8 @@ impl GatewayProxy {
         let route = &gw.routes[id];
         let up = balance::choose_upstream(&route.target, session, ctx);
         ctx.upstream = Some(up);
-        if let Some(m) = &route.mirror {
+        // A WebSocket is no request to mirror (nor to hold a mirror slot for its life).
+        if let (Some(m), false) = (&route.mirror, session.is_upgrade_req()) {
             ctx.mirror = mirror::sample(
                 m,
                 &rt.pools[m.upstream],
@@ -210,7 +211,8 @@ impl GatewayProxy {
         // Pingora strips hop-by-hop request headers before upstream_request_filter; this
         // request does not go through Pingora, so the handshake is made here.
         let mut req = session.req_header().clone();
-        let accept = upgrade::handshake_request(&mut req)?;
+        upgrade::handshake_request(&mut req)?;
+        let accept = ctx.ws_accept.clone().unwrap_or_default();
         balance::select_peer(&rt, up, session, ctx)?;
         let pool = &rt.pools[up];
         let Some(addr) = ctx.peer else {
@@ -415,7 +417,13 @@ impl ProxyHttp for GatewayProxy {
         // Pipelined requests are answered in order, one at a time (RFC 9112 §9.3.2).
         session.set_pipelining_enabled(true);
         if canonical.upgrade {
-            upgrade::only_websocket(session.req_header_mut());
+            match upgrade::only_websocket(session.req_header_mut()) {
+                Ok(accept) => ctx.ws_accept = accept,
+                Err(e) => {
+                    ctx.rt = Some(rt);
+                    return Err(e);
+                }
+            }
         }
 
         let req = session.req_header();
@@ -551,6 +559,14 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let upgrade = resp.status == StatusCode::SWITCHING_PROTOCOLS;
+        if resp.status.is_informational() && !upgrade {
+            // 100 Continue, 103 Early Hints: not the answer, so no verdict on the peer yet.
+            return Ok(());
+        }
+        if upgrade {
+            // Pingora's path (TLS upstreams) opens its tunnel on any 101: it must be ours.
+            upgrade::completes(resp, ctx.ws_accept.as_deref().unwrap_or(""))?;
+        }
         for h in hop_by_hop(&resp.headers, upgrade, true) {
             resp.remove_header(&h);
         }

@@ -90,10 +90,13 @@ impl Upstream {
 /// Only `GET` with `Upgrade: websocket` is an upgrade here (RFC 6455 §4.1). Any other
 /// `Upgrade` (curl's `h2c`, a POST asking for `x`) is dropped from the request, which is then
 /// proxied as a normal one: left in place, Pingora would treat the exchange as a protocol
-/// switch and wait for the client's side of a tunnel that never comes.
-pub fn only_websocket(req: &mut RequestHeader) {
+/// switch and wait for the client's side of a tunnel that never comes. A WebSocket request is
+/// checked (no body, a valid key) and asks for exactly `websocket`, with no `HTTP2-Settings`,
+/// whichever path takes it (the tunnel, or Pingora's for TLS upstreams); the
+/// `Sec-WebSocket-Accept` its `101` must carry is returned.
+pub fn only_websocket(req: &mut RequestHeader) -> Result<Option<String>> {
     let Some(up) = req.headers.get(http::header::UPGRADE) else {
-        return;
+        return Ok(None);
     };
     let websocket = req.method == http::Method::GET
         && up
@@ -102,28 +105,8 @@ pub fn only_websocket(req: &mut RequestHeader) {
             .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"));
     if !websocket {
         req.remove_header(&http::header::UPGRADE);
+        return Ok(None);
     }
-}
-
-/// The `Sec-WebSocket-Accept` an upstream must answer to `key` (RFC 6455 §4.2.2).
-fn accept_for(key: &[u8]) -> String {
-    use sha1::{Digest, Sha1};
-    let mut h = Sha1::new();
-    h.update(key);
-    h.update(WS_GUID);
-    base64::engine::general_purpose::STANDARD.encode(h.finalize())
-}
-
-fn client_err(why: &'static str) -> Box<Error> {
-    let mut e = Error::explain(ErrorType::HTTPStatus(400), why);
-    e.esource = ErrorSource::Downstream;
-    e
-}
-
-/// Makes `req` the handshake the tunnel sends: refuses what is not a WebSocket handshake,
-/// drops every hop-by-hop header, and sets exactly `Connection: Upgrade` and `Upgrade:
-/// websocket`. Returns the `Sec-WebSocket-Accept` the upstream's `101` must carry.
-pub fn handshake_request(req: &mut RequestHeader) -> Result<String> {
     let h = &req.headers;
     let has_body = h.contains_key(http::header::TRANSFER_ENCODING)
         || h.get(http::header::CONTENT_LENGTH)
@@ -141,13 +124,57 @@ pub fn handshake_request(req: &mut RequestHeader) -> Result<String> {
         })
         .ok_or_else(|| client_err("a WebSocket handshake needs a valid Sec-WebSocket-Key"))?;
     let accept = accept_for(key);
+    req.remove_header("http2-settings");
+    req.insert_header(http::header::UPGRADE, "websocket")?;
+    Ok(Some(accept))
+}
+
+/// Whether a `101` completes the WebSocket handshake whose accept key is `accept`: it must
+/// switch to `websocket` and carry that key. Any other opens no tunnel.
+pub fn completes(resp: &ResponseHeader, accept: &str) -> Result<()> {
+    let h = &resp.headers;
+    let upgrade_ok = h
+        .get(http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    let accept_ok = h
+        .get(http::header::SEC_WEBSOCKET_ACCEPT)
+        .is_some_and(|v| v.as_bytes().trim_ascii() == accept.as_bytes());
+    if upgrade_ok && accept_ok {
+        return Ok(());
+    }
+    let mut e = Error::explain(
+        ErrorType::HTTPStatus(502),
+        "the upstream's 101 does not complete the WebSocket handshake",
+    );
+    // The upstream did answer; whether its answer was the client's doing is unknown.
+    e.esource = ErrorSource::Internal;
+    Err(e)
+}
+
+/// The `Sec-WebSocket-Accept` an upstream must answer to `key` (RFC 6455 §4.2.2).
+fn accept_for(key: &[u8]) -> String {
+    use sha1::{Digest, Sha1};
+    let mut h = Sha1::new();
+    h.update(key);
+    h.update(WS_GUID);
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+fn client_err(why: &'static str) -> Box<Error> {
+    let mut e = Error::explain(ErrorType::HTTPStatus(400), why);
+    e.esource = ErrorSource::Downstream;
+    e
+}
+
+/// Makes `req` (checked by [`only_websocket`]) the handshake the tunnel sends: every
+/// hop-by-hop header dropped, then exactly `Connection: Upgrade` and `Upgrade: websocket`.
+pub fn handshake_request(req: &mut RequestHeader) -> Result<()> {
     for name in super::hop_by_hop(&req.headers, false, false) {
         req.remove_header(&name);
     }
-    req.remove_header("http2-settings");
     req.insert_header(http::header::CONNECTION, "Upgrade")?;
     req.insert_header(http::header::UPGRADE, "websocket")?;
-    Ok(accept)
+    Ok(())
 }
 
 /// Connects to `addr` and sends the request head.
@@ -256,30 +283,12 @@ pub async fn handshake(pool: &Pool, stream: TcpStream) -> Result<Handshake> {
 }
 
 impl Handshake {
-    /// Whether the answer is a `101` that completes this WebSocket handshake. A `101` that does
-    /// not (another protocol, a wrong accept key) opens no tunnel: the upstream was asked for
-    /// a WebSocket and nothing else.
+    /// Whether the answer, if a `101`, completes this WebSocket handshake (see [`completes`]).
     pub fn check_switch(&self, accept: &str) -> Result<()> {
         if self.resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
             return Ok(());
         }
-        let h = &self.resp.headers;
-        let upgrade_ok = h
-            .get(http::header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
-        let accept_ok = h
-            .get(http::header::SEC_WEBSOCKET_ACCEPT)
-            .is_some_and(|v| v.as_bytes().trim_ascii() == accept.as_bytes());
-        if upgrade_ok && accept_ok {
-            return Ok(());
-        }
-        let mut e = Error::explain(
-            ErrorType::HTTPStatus(502),
-            "the upstream's 101 does not complete the WebSocket handshake",
-        );
-        // The upstream did answer; whether its answer was the client's doing is unknown.
-        e.esource = ErrorSource::Internal;
-        Err(e)
+        completes(&self.resp, accept)
     }
 }
 
