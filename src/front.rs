@@ -91,6 +91,13 @@ pub struct HeadClock {
     write_blocked: AtomicU64,
     /// Spaces seen in the request line so far, `LINE_DONE` once its end was seen.
     line_spaces: AtomicU64,
+    /// The first bytes read of the current head (up to 8, little-endian) and how many: the
+    /// space count is trusted only for a line read from its start, not one begun in bytes
+    /// Pingora carried over from a pipelined read.
+    line_start: AtomicU64,
+    line_start_len: AtomicU64,
+    /// HTTP/2: bytes read so far (the preface and SETTINGS must come within header_timeout).
+    h2_read: AtomicU64,
 }
 
 const LINE_DONE: u64 = u64::MAX;
@@ -102,6 +109,7 @@ impl HeadClock {
     fn arm(&self) {
         self.gone.store(false, Relaxed);
         self.line_spaces.store(0, Relaxed);
+        self.line_start_len.store(0, Relaxed);
         self.started.store(0, Relaxed);
         self.done.store(false, Relaxed);
         self.waiting.store(true, Relaxed);
@@ -129,6 +137,13 @@ impl HeadClock {
         if spaces == LINE_DONE {
             return;
         }
+        if self.line_start_len.load(Relaxed) == 0 {
+            let n = bytes.len().min(8);
+            let mut first = [0u8; 8];
+            first[..n].copy_from_slice(&bytes[..n]);
+            self.line_start.store(u64::from_le_bytes(first), Relaxed);
+            self.line_start_len.store(n as u64, Relaxed);
+        }
         let line = match memchr::memchr(b'\n', bytes) {
             Some(i) => &bytes[..i],
             None => bytes,
@@ -139,10 +154,22 @@ impl HeadClock {
             .store(if done && n <= 2 { LINE_DONE } else { n }, Relaxed);
     }
 
-    /// Whether the current request line, as sent, had a space more than a request line has.
-    pub fn extra_space(&self) -> bool {
+    /// Whether the current request line of `method`, as sent, had a space more than a request
+    /// line has (counted only for a line read from its start: `METHOD SP`).
+    pub fn extra_space(&self, method: &str) -> bool {
         let n = self.line_spaces.load(Relaxed);
-        n != LINE_DONE && n > 2
+        if n == LINE_DONE || n <= 2 {
+            return false;
+        }
+        let len = self.line_start_len.load(Relaxed) as usize;
+        let first = self.line_start.load(Relaxed).to_le_bytes();
+        let mut want = [0u8; 8];
+        let m = method.as_bytes();
+        let k = (m.len() + 1).min(8).min(len);
+        for (i, w) in want.iter_mut().enumerate().take(k) {
+            *w = m.get(i).copied().unwrap_or(b' ');
+        }
+        k > 0 && first[..k] == want[..k]
     }
 
     fn on_write(&self, blocked: bool) {
@@ -187,7 +214,11 @@ impl AsyncRead for Timed {
             return r;
         };
         let read_some = res.is_ok() && buf.filled().len() > before;
-        if read_some {
+        if read_some && !self.quiet_exit {
+            // HTTP/2: only the byte count matters (see Front::process_new).
+            let n = (buf.filled().len() - before) as u64;
+            self.clock.h2_read.fetch_add(n, Relaxed);
+        } else if read_some {
             self.clock.on_read(&buf.filled()[before..]);
         } else if self.quiet_exit
             && self.clock.waiting.load(Relaxed)
@@ -462,8 +493,11 @@ struct Slot<'a>(&'a Front);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Relaxed);
-        if self.0.saturated.load(Relaxed) && self.0.saturated.swap(false, Relaxed) {
+        let before = self.0.active.fetch_sub(1, Relaxed);
+        // Said again only once well below the limit, not at every close of a full gateway.
+        let max = self.0.live.load().client.max_connections;
+        let calm = before <= max - max / 10;
+        if calm && self.0.saturated.load(Relaxed) && self.0.saturated.swap(false, Relaxed) {
             log::info!(
                 "gateway \"{}\": below max_connections again, accepting connections",
                 self.0.name
@@ -586,9 +620,10 @@ impl ServerApp for Front {
                 clock: clock.clone(),
                 quiet_exit: false,
             });
+            // The client preface (24 bytes) and its SETTINGS frame (9 at least) are due.
             let silent = async {
                 tokio::time::sleep(limits.header_timeout).await;
-                if clock.started.load(Relaxed) != 0 {
+                if clock.h2_read.load(Relaxed) >= 33 {
                     std::future::pending::<()>().await;
                 }
             };

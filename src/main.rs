@@ -51,7 +51,9 @@ fn release_memory() {
     use std::time::{Duration, Instant};
     thread_local! {
         static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
-        static PENDING: Cell<bool> = const { Cell::new(false) };
+        /// Until when a trailing collect is scheduled from this thread (it may run on
+        /// another: with work stealing a task moves, so this is a time, not a flag it clears).
+        static PENDING: Cell<Option<Instant>> = const { Cell::new(None) };
     }
     let now = Instant::now();
     if LAST
@@ -61,11 +63,10 @@ fn release_memory() {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if !PENDING.replace(true) {
+        if PENDING.get().is_none_or(|t| now >= t) {
+            PENDING.set(Some(now + Duration::from_millis(150)));
             rt.spawn(async {
                 tokio::time::sleep(Duration::from_millis(150)).await;
-                PENDING.set(false);
-                LAST.set(Some(Instant::now()));
                 collect();
             });
         }

@@ -500,3 +500,37 @@ async fn a_tunnel_opens_only_on_a_real_websocket_101() {
     let status = admin_status(admin).await;
     assert_eq!(status["upstreams"]["u"]["circuit"], "closed", "{status}");
 }
+
+/// A pipelined head that arrives in two reads, the second beginning mid-header with spaces
+/// in it, is one valid request (the request-line check looks only at lines read from their
+/// start).
+#[tokio::test]
+async fn a_pipelined_head_split_across_reads_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (rec, records): (_, Records) = recording_upstream().await;
+    let port = free_port();
+    let _g = Gatehouse::start(&config(port, rec), &[port]);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nUser-Agent: x")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b" (X11; Linux x86_64) y\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while out.windows(12).filter(|w| *w == b"HTTP/1.1 200").count() < 2 {
+        match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{text}");
+    let got = records.take();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].header("user-agent"), Some("x (X11; Linux x86_64) y"));
+}

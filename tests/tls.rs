@@ -237,25 +237,29 @@ fn a_silent_h2_connection_is_closed_at_header_timeout() {
         ),
         &[port],
     );
-    let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
-    b.set_verify(SslVerifyMode::NONE);
-    b.set_alpn_protos(b"\x02h2").unwrap();
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
-    let mut s = b.build().connect("localhost", tcp).unwrap();
-    assert_eq!(s.ssl().selected_alpn_protocol(), Some(&b"h2"[..]));
-    let start = std::time::Instant::now();
-    let mut buf = [0u8; 256];
-    let closed = loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break start.elapsed(),
-            Ok(_) => continue, // the server's SETTINGS
-        }
-    };
-    assert!(
-        closed >= std::time::Duration::from_millis(900)
-            && closed < std::time::Duration::from_secs(4),
-        "{closed:?}"
-    );
+    // Nothing at all, and then only the start of the preface.
+    for first in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+        b.set_verify(SslVerifyMode::NONE);
+        b.set_alpn_protos(b"\x02h2").unwrap();
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut s = b.build().connect("localhost", tcp).unwrap();
+        assert_eq!(s.ssl().selected_alpn_protocol(), Some(&b"h2"[..]));
+        let start = std::time::Instant::now();
+        std::io::Write::write_all(&mut s, first).unwrap();
+        let mut buf = [0u8; 256];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break start.elapsed(),
+                Ok(_) => continue, // the server's SETTINGS
+            }
+        };
+        assert!(
+            closed >= std::time::Duration::from_millis(800)
+                && closed < std::time::Duration::from_secs(4),
+            "{closed:?}"
+        );
+    }
 }

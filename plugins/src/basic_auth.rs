@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,10 +119,11 @@ pub struct BasicAuth {
     bcrypt_slots: Arc<tokio::sync::Semaphore>,
     /// Turns only users who signed in recently may take.
     reserved_slots: Arc<tokio::sync::Semaphore>,
-    /// User names with a recent success, until a unix time.
-    known: quick_cache::sync::Cache<Arc<str>, u64>,
-    /// Failed checks per client address: (count, start of the window).
-    failures: quick_cache::sync::Cache<Option<IpAddr>, (u32, u64)>,
+    /// (user, client) pairs with a recent success, until a unix time: a guesser who knows a
+    /// user's name does not get the reserved turns by it.
+    known: quick_cache::sync::Cache<(Arc<str>, Option<IpAddr>), u64>,
+    /// Checks under way or failed per client (IPv6 per /64), in the current window.
+    failures: quick_cache::sync::Cache<Option<IpAddr>, Arc<Failures>>,
     max_failures: u32,
     failure_window: u64,
 }
@@ -156,19 +158,33 @@ impl BasicAuth {
         }
     }
 
-    /// Seconds until `client` may try again, when it has failed too often.
-    fn locked_out(&self, client: Option<IpAddr>, now: u64) -> Option<u64> {
-        let (count, start) = self.failures.get(&client)?;
-        let ends = start + self.failure_window;
-        (count >= self.max_failures && now < ends).then(|| ends - now)
-    }
-
-    fn failed(&self, client: Option<IpAddr>, now: u64) {
-        let entry = match self.failures.get(&client) {
-            Some((n, start)) if now < start + self.failure_window => (n + 1, start),
-            _ => (1, now),
-        };
-        self.failures.insert(client, entry);
+    /// Counts a check for `client` before it runs (so a burst of concurrent guesses is
+    /// counted, not let through while the first ones are still checking); the seconds until
+    /// it may try again when it is over `max_failures`. A success gives its count back.
+    fn attempt(&self, client: Option<IpAddr>, now: u64) -> Result<Arc<Failures>, u64> {
+        let f = self
+            .failures
+            .get_or_insert_with(&client, || {
+                Ok::<_, std::convert::Infallible>(Arc::new(Failures {
+                    count: AtomicU32::new(0),
+                    start: AtomicU64::new(now),
+                }))
+            })
+            .unwrap_or_else(|e| match e {});
+        let start = f.start.load(Relaxed);
+        if now >= start + self.failure_window
+            && f.start
+                .compare_exchange(start, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            f.count.store(0, Relaxed);
+        }
+        if f.count.fetch_add(1, Relaxed) >= self.max_failures {
+            f.count.fetch_sub(1, Relaxed);
+            let ends = f.start.load(Relaxed) + self.failure_window;
+            return Err(ends.saturating_sub(now).max(1));
+        }
+        Ok(f)
     }
 
     /// A bcrypt turn: the shared ones, or for a known user also a reserved one; within a
@@ -218,16 +234,19 @@ impl BasicAuth {
                 return Check::Ok(n.clone());
             }
         }
-        if let Some(wait) = self.locked_out(client, now) {
-            return Check::LockedOut(wait);
-        }
+        let client = client.map(per_site);
+        let tries = match self.attempt(client, now) {
+            Ok(f) => f,
+            Err(wait) => return Check::LockedOut(wait),
+        };
         // bcrypt is CPU-bound by design: a bounded number run at once, and a request that
         // cannot get a turn within a second is told to come back rather than queued forever.
         let known = name
             .as_ref()
-            .and_then(|n| self.known.get(n))
+            .and_then(|n| self.known.get(&(n.clone(), client)))
             .is_some_and(|until| now < until);
         let Some(permit) = self.turn(known).await else {
+            tries.count.fetch_sub(1, Relaxed);
             return Check::Busy;
         };
         let pass = pass.to_string();
@@ -239,17 +258,32 @@ impl BasicAuth {
         .unwrap_or(false);
         match name {
             Some(n) if ok => {
+                tries.count.fetch_sub(1, Relaxed);
                 self.cache.insert(fp, now + self.cache_for);
                 // "Recently" is a day, or cache_for if longer.
                 self.known
-                    .insert(n.clone(), now + self.cache_for.max(86_400));
+                    .insert((n.clone(), client), now + self.cache_for.max(86_400));
                 Check::Ok(n)
             }
-            _ => {
-                self.failed(client, now);
-                Check::Bad
-            }
+            _ => Check::Bad,
         }
+    }
+}
+
+/// A client's checks in the current window.
+struct Failures {
+    count: AtomicU32,
+    start: AtomicU64,
+}
+
+/// IPv6 clients by their /64: rotating addresses within one must not reset the count.
+fn per_site(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
     }
 }
 

@@ -128,7 +128,9 @@ struct Granted(Vec<(HeaderName, HeaderValue)>);
 #[async_trait]
 impl Plugin for ForwardAuth {
     fn credential_headers(&self) -> Vec<HeaderName> {
-        self.upstream_headers.clone()
+        let mut v = self.upstream_headers.clone();
+        v.extend(self.request_headers.iter().cloned());
+        v
     }
 
     fn kind(&self) -> &'static str {

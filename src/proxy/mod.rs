@@ -373,9 +373,10 @@ impl ProxyHttp for GatewayProxy {
 
         let h1 = session.as_ref().as_http1();
         let clock = h1.and_then(|h| crate::front::Timed::clock_of(h.stream()));
+        let method = session.req_header().method.as_str();
         let extra_space = clock.is_some_and(|c| {
             c.head_done();
-            c.extra_space()
+            c.extra_space(method)
         });
         let raw_head = h1.map(|h1| h1.get_headers_raw_bytes());
         let limits = &rt.client;

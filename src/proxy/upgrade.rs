@@ -53,7 +53,7 @@ impl Upstream {
     /// Reads more bytes into `buf`; `Ok(0)` at end of stream.
     async fn fill(&mut self) -> Result<usize> {
         match timeout(self.read_timeout, self.stream.read_buf(&mut self.buf)).await {
-            Ok(r) => r.or_err(ErrorType::ReadError, "reading from upstream"),
+            Ok(r) => r.map_err(|_| up_err(ErrorType::ReadError, "reading from upstream")),
             Err(_) => Err(up_err(ErrorType::ReadTimedout, "upstream read timed out")),
         }
     }
@@ -206,7 +206,7 @@ pub async fn connect(pool: &Pool, addr: SocketAddr, req: &RequestHeader) -> Resu
     }
     head.extend_from_slice(b"\r\n");
     match timeout(pool.write_timeout(), stream.write_all(&head)).await {
-        Ok(r) => r.or_err(ErrorType::WriteError, "writing request head upstream")?,
+        Ok(r) => r.map_err(|_| up_err(ErrorType::WriteError, "writing request head upstream"))?,
         Err(_) => return Err(up_err(ErrorType::WriteTimedout, "upstream write timed out")),
     }
     Ok(stream)
@@ -323,7 +323,9 @@ async fn relay_or_pump(session: &mut Session, hs: Handshake) -> Result<()> {
             Some(v) if !chunked => Some(
                 std::str::from_utf8(v.as_bytes())
                     .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
                     .ok_or_else(|| up_err(ErrorType::InvalidHTTPHeader, "bad content-length"))?,
             ),
             _ => None,
@@ -333,7 +335,9 @@ async fn relay_or_pump(session: &mut Session, hs: Handshake) -> Result<()> {
             return Ok(());
         }
         if length.is_none() && !chunked {
-            // Read until the upstream closes: the client learns the end the same way.
+            // Read until the upstream closes: the client learns the end the same way (a
+            // transfer coding we do not decode is relayed as it is, not framed again).
+            resp.remove_header(&http::header::TRANSFER_ENCODING);
             resp.insert_header(http::header::CONNECTION, "close")?;
             session.set_keepalive(None);
         }
@@ -359,7 +363,7 @@ async fn relay_or_pump(session: &mut Session, hs: Handshake) -> Result<()> {
         tokio::select! {
             data = session.read_request_body(), if client_open => match data? {
                 Some(b) => match timeout(write_timeout, uw.write_all(&b)).await {
-                    Ok(r) => r.or_err(ErrorType::WriteError, "writing to upstream tunnel")?,
+                    Ok(r) => r.map_err(|_| up_err(ErrorType::WriteError, "writing to upstream tunnel"))?,
                     Err(_) => return Err(up_err(ErrorType::WriteTimedout, "upstream tunnel write timed out")),
                 },
                 None => {
@@ -369,7 +373,7 @@ async fn relay_or_pump(session: &mut Session, hs: Handshake) -> Result<()> {
                 }
             },
             n = ur.read(&mut chunk) => {
-                let n = n.or_err(ErrorType::ReadError, "reading from upstream tunnel")?;
+                let n = n.map_err(|_| up_err(ErrorType::ReadError, "reading from upstream tunnel"))?;
                 if n == 0 {
                     break;
                 }
@@ -423,6 +427,8 @@ async fn relay_chunked(session: &mut Session, up: &mut Upstream) -> Result<()> {
             return Ok(());
         }
         relay_length(session, up, Some(size)).await?;
-        up.exactly(2).await?;
+        if up.exactly(2).await?.as_ref() != b"\r\n" {
+            return Err(up_err(ErrorType::InvalidHTTPHeader, "bad chunk end"));
+        }
     }
 }

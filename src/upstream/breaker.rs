@@ -11,7 +11,7 @@
 //! verdict of a replaced probe changes nothing.
 //!
 //! Lock-free: a few atomics, touched once per request.
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 
 use crate::config::CircuitBreaker;
 
@@ -35,8 +35,8 @@ pub struct Breaker {
     state: AtomicU8,
     consecutive: AtomicU32,
     opened_at: AtomicU64,
-    probing: AtomicBool,
-    /// When the current probe was let through (ms), and its number.
+    /// When the current probe was let through (ms, never 0), 0 while the slot is free: one
+    /// atomic is the slot, so taking it and stamping it cannot be split by another thread.
     probe_at: AtomicU64,
     probe_seq: AtomicU64,
     window_start: AtomicU64,
@@ -51,7 +51,6 @@ impl Breaker {
             state: AtomicU8::new(CLOSED),
             consecutive: AtomicU32::new(0),
             opened_at: AtomicU64::new(0),
-            probing: AtomicBool::new(false),
             probe_at: AtomicU64::new(0),
             probe_seq: AtomicU64::new(0),
             window_start: AtomicU64::new(now_ms()),
@@ -92,32 +91,24 @@ impl Breaker {
         }
     }
 
-    fn new_probe(&self) -> Admit {
-        self.probe_at.store(now_ms(), Relaxed);
-        Admit::Probe(self.probe_seq.fetch_add(1, AcqRel) + 1)
-    }
-
     /// The probe slot when it is free, or when its holder is past `probe_timeout`.
     fn take_probe(&self) -> Admit {
         if self.state.load(Acquire) != HALF_OPEN {
             return Admit::No;
         }
-        if self
-            .probing
-            .compare_exchange(false, true, AcqRel, Relaxed)
-            .is_ok()
-        {
-            return self.new_probe();
-        }
-        let at = self.probe_at.load(Relaxed);
-        let overdue = now_ms().saturating_sub(at) >= self.cfg.probe_timeout.as_millis() as u64;
-        if overdue
+        let now = now_ms().max(1);
+        let at = self.probe_at.load(Acquire);
+        let overdue =
+            at != 0 && now.saturating_sub(at) >= self.cfg.probe_timeout.as_millis() as u64;
+        if (at == 0 || overdue)
             && self
                 .probe_at
-                .compare_exchange(at, now_ms(), AcqRel, Relaxed)
+                .compare_exchange(at, now, AcqRel, Relaxed)
                 .is_ok()
         {
-            log::info!("circuit half-open: the probe gave no verdict in time, sending another");
+            if overdue {
+                log::info!("circuit half-open: the probe gave no verdict in time, sending another");
+            }
             return Admit::Probe(self.probe_seq.fetch_add(1, AcqRel) + 1);
         }
         Admit::No
@@ -131,7 +122,7 @@ impl Breaker {
     /// request probes.
     pub fn abandon(&self, probe: u64) {
         if self.current_probe(probe) {
-            self.probing.store(false, Release);
+            self.probe_at.store(0, Release);
         }
     }
 
@@ -139,7 +130,7 @@ impl Breaker {
         self.opened_at.store(now_ms(), Relaxed);
         self.consecutive.store(0, Relaxed);
         // The slot is freed before the state says open, so the next half-open finds it free.
-        self.probing.store(false, Release);
+        self.probe_at.store(0, Release);
         self.state.store(OPEN, Release);
     }
 
@@ -155,7 +146,7 @@ impl Breaker {
                 self.window_failed.store(0, Relaxed);
                 self.window_start.store(now_ms(), Relaxed);
                 self.state.store(CLOSED, Release);
-                self.probing.store(false, Release);
+                self.probe_at.store(0, Release);
                 log::info!("circuit closed: the probe succeeded");
             } else {
                 self.open();
