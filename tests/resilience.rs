@@ -217,3 +217,46 @@ async fn circuit_breaker_opens_then_probes_and_closes() {
         assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
     }
 }
+
+/// A retried request's body is sent again, but the body hooks count it once: a PUT of 12 bytes
+/// under a 16-byte limit is not a 413 because a retry replayed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_does_not_count_the_body_twice() {
+    let bad = serve(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+        hyper::Response::builder()
+            .status(503)
+            .body(full("bad"))
+            .unwrap()
+    })
+    .await;
+    let good = serve(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let n = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .map_or(0, |b| b.to_bytes().len());
+        hyper::Response::new(full(n.to_string()))
+    })
+    .await;
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &format!(
+            "[server]\nthreads = 1\n[plugins.limit]\nkind = \"request_limit\"\nmax_body = \"16\"\n\
+             [upstreams.pool]\npeers = [\"{bad}\", \"{good}\"]\nselection = \"round_robin\"\n\
+             retries = 1\nretry_on_status = [503]\nretry_budget = 100\n\
+             [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [[routes]]\nupstream = \"pool\"\nplugins = [\"limit\"]\n"
+        ),
+        &[port],
+    );
+    let c = client();
+    for _ in 0..4 {
+        let r = c
+            .put(format!("http://127.0.0.1:{port}/doc"))
+            .body("twelve bytes")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "12");
+    }
+}

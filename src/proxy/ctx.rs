@@ -40,4 +40,8 @@ pub struct RequestCtx {
     pub mirror: Option<MirrorState>,
     /// A WebSocket handshake's expected `Sec-WebSocket-Accept`.
     pub ws_accept: Option<String>,
+    /// Request body bytes sent in this try, and the most any try has sent: a retry replays
+    /// the body from its start, which the body hooks and the mirror must not see twice.
+    pub body_try: u64,
+    pub body_seen: u64,
 }

@@ -460,6 +460,7 @@ impl ProxyHttp for GatewayProxy {
         };
         // Taken and put back rather than cloned: select_peer needs the ctx mutably.
         let peer = balance::select_peer(&rt, up, session, ctx);
+        ctx.body_try = 0;
         ctx.rt = Some(rt);
         peer
     }
@@ -616,6 +617,22 @@ impl ProxyHttp for GatewayProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // A retry sends the body again from its start: hooks and mirror see each byte once
+        // (a replayed body counted twice against request_limit made a retried PUT a 413).
+        let len = body.as_ref().map_or(0, |b| b.len() as u64);
+        let start = ctx.body_try;
+        ctx.body_try += len;
+        if len > 0 && ctx.body_try <= ctx.body_seen {
+            return Ok(());
+        }
+        let mut fresh = match body.as_ref() {
+            Some(b) if start < ctx.body_seen => {
+                Some(b.slice(usize::try_from(ctx.body_seen - start).unwrap_or(b.len())..))
+            }
+            _ => None,
+        };
+        ctx.body_seen = ctx.body_seen.max(ctx.body_try);
+        let body = if fresh.is_some() { &mut fresh } else { body };
         if let Some(m) = ctx.mirror.as_mut() {
             m.on_body(body.as_ref(), end_of_stream);
         }
@@ -630,6 +647,8 @@ impl ProxyHttp for GatewayProxy {
         };
         let chain = rt.gateways[self.index].chain(*route);
         if chain.has_request_body() {
+            // Request-body plugins observe (limits, counts); a replayed piece is shown to them
+            // cut to its new part.
             chain
                 .request_body(session, body, end_of_stream, plugins)
                 .await?;
