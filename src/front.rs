@@ -386,7 +386,7 @@ impl TimerState {
     fn deadline(&mut self, want: Instant, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             if self.armed.as_ref().is_none_or(|a| want < a.at) {
-                self.armed = Some(Armed::at(want));
+                self.armed = Some(Armed::at(want, false));
             }
             let at = self.armed.as_ref().map_or(want, |a| a.at);
             if !self.fired(cx) {
@@ -403,7 +403,7 @@ impl TimerState {
     fn idle(&mut self, tick: Duration, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             if self.armed.is_none() {
-                self.armed = Some(Armed::at(Instant::now() + tick));
+                self.armed = Some(Armed::at(Instant::now() + tick, true));
             }
             if !self.fired(cx) {
                 return Poll::Pending;
@@ -466,14 +466,18 @@ impl Future for HeadTimer<'_> {
 /// A timer armed for a deadline.
 struct Armed {
     at: Instant,
+    /// For an idle tick (kept across requests), not a head or write deadline (dropped when
+    /// its request is done, so the next idle wait ticks from then).
+    tick: bool,
     fired: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
 }
 
 impl Armed {
-    fn at(at: Instant) -> Armed {
+    fn at(at: Instant, tick: bool) -> Armed {
         let after = at.saturating_duration_since(Instant::now());
         Armed {
             at,
+            tick,
             fired: Box::pin(pingora_timeout::fast_timeout::fast_sleep(after)),
         }
     }
@@ -591,6 +595,9 @@ impl Front {
             let Some((stream, settings)) = reused.map(|r| r.consume()) else {
                 return;
             };
+            if timer_state.armed.as_ref().is_some_and(|a| !a.tick) {
+                timer_state.armed = None;
+            }
             session = ServerSession::new_http1(stream);
             if let Some(s) = settings {
                 s.apply_to_session(&mut session);
