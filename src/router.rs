@@ -1,6 +1,6 @@
 //! The compiled route table of one gateway: host map, then per-path lookups, then predicates.
 //!
-//! Specificity, not file order, decides (DESIGN.md): an exact host beats a wildcard host (the
+//! Specificity, not file order, decides: an exact host beats a wildcard host (the
 //! longer suffix first), which beats routes with no host; when no route of a more specific host
 //! matches, the less specific ones are tried. Within a host: exact path, then the longest
 //! matching prefix (segment-wise: `/api` matches `/api` and `/api/x`, not `/apix`), then

@@ -1,6 +1,6 @@
 //! The Pingora server: one proxy service per gateway (its listeners, its worker threads), the
 //! SIGHUP reload task, and the process settings Pingora would otherwise take from its own YAML
-//! and command line (see PINGORA-NOTES.md: pid file, upgrade socket and grace period are set
+//! and command line (pid file, upgrade socket and grace period are set
 //! per instance here so parallel instances never collide and shutdown does not wait 300 s).
 use std::path::PathBuf;
 use std::sync::Arc;

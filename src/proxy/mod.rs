@@ -1,4 +1,4 @@
-//! `impl ProxyHttp` for one gateway: the request's life, phase by phase (DESIGN.md's picture).
+//! `impl ProxyHttp` for one gateway: the request's life, phase by phase.
 //!
 //! Errors become statuses in one place, [`status_for`]: 502 when the upstream refused, reset
 //! or spoke garbage, 504 when it was too slow, 503 when no peer could be chosen, 400 for a
@@ -16,17 +16,21 @@ use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::runtime::{GatewayRt, Live, Runtime};
+use crate::runtime::{Live, Runtime};
 
 pub mod balance;
 pub mod canonical;
 pub mod ctx;
+mod errors;
 pub mod forwarded;
 pub mod mirror;
+mod path;
 pub mod rewrite;
 pub mod upgrade;
 
 pub use ctx::RequestCtx;
+pub use errors::{client_error, status_for};
+use errors::{message_for, upstream_verdict, write_reply};
 
 pub struct GatewayProxy {
     /// Which gateway of the snapshot this service serves.
@@ -242,109 +246,6 @@ impl GatewayProxy {
             .response(session, &mut hs.resp, &mut ctx.plugins)
             .await?;
         upgrade::finish(session, hs).await
-    }
-}
-
-/// What a finished request says about its upstream: `Some(true)` it served, `Some(false)` it
-/// failed (a transport error of its own, or a 502–504 it answered), `None` nothing — the
-/// client went away or was refused, or the gateway itself failed. Only verdicts reach the
-/// breaker; passive health and retries are fed the same way, per try.
-fn upstream_verdict(e: Option<&Error>, upstream_failed: bool) -> Option<bool> {
-    match e {
-        _ if upstream_failed => Some(false),
-        None => Some(true),
-        Some(e) if e.esource() == &ErrorSource::Upstream => Some(false),
-        Some(_) => None,
-    }
-}
-
-/// Maps an error to the status the client sees; 0 means the client is gone.
-pub fn status_for(e: &Error) -> u16 {
-    use ErrorType::*;
-    match (e.esource(), e.etype()) {
-        (_, HTTPStatus(code)) => *code,
-        (_, Custom(balance::CIRCUIT_OPEN | balance::NO_PEER)) => 503,
-        (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => 0,
-        (ErrorSource::Downstream, ReadTimedout | WriteTimedout) => 408,
-        (ErrorSource::Downstream, _) => 400,
-        (_, ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout) => 504,
-        (ErrorSource::Upstream, _) => 502,
-        (
-            _,
-            ConnectRefused | ConnectError | ConnectNoRoute | ConnectionClosed | TLSHandshakeFailure,
-        ) => 502,
-        _ => 500,
-    }
-}
-
-/// An error for what the client did: answered with `status`, never held against an upstream,
-/// and `why` is told to the client.
-pub fn client_error(status: u16, why: &'static str) -> Box<Error> {
-    let mut e = Error::explain(ErrorType::HTTPStatus(status), why);
-    e.esource = ErrorSource::Downstream;
-    e
-}
-
-fn message_for(e: Option<&Error>, status: u16) -> &str {
-    if let Some(e) = e {
-        if e.etype() == &ErrorType::Custom(balance::CIRCUIT_OPEN) {
-            return "upstream circuit open";
-        }
-        // Refusals of a client's request (ours and the plugins') say why.
-        if matches!(e.etype(), ErrorType::HTTPStatus(_)) && e.esource() == &ErrorSource::Downstream
-        {
-            if let Some(c) = &e.context {
-                return c.as_str();
-            }
-        }
-    }
-    match status {
-        400 => "bad request",
-        404 => "no route matches this request",
-        408 => "request timed out",
-        413 => "request body too large",
-        431 => "request header too large",
-        502 => "upstream connection failed",
-        503 => "no upstream peer available",
-        504 => "upstream timed out",
-        _ => "internal error",
-    }
-}
-
-/// Writes a gateway-made reply: response hooks of the request's chain first, then header and
-/// body. Errors writing mean the client is gone; there is nobody left to tell.
-async fn write_reply(
-    gw: Option<&GatewayRt>,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    reply: Reply,
-) {
-    let mut resp = match ResponseHeader::build(reply.status, Some(reply.headers.len() + 3)) {
-        Ok(r) => r,
-        Err(_) => return,
-    };
-    for (name, value) in reply.headers {
-        let _ = resp.append_header(name, value);
-    }
-    // A 204 or 304 has no body and must not say it has one (RFC 9110 §8.6).
-    if !matches!(reply.status.as_u16(), 204 | 304) {
-        let _ = resp.insert_header(header::CONTENT_LENGTH, reply.body.len());
-    }
-    if let Some(gw) = gw {
-        let chain = gw.chain(ctx.route);
-        if let Err(e) = chain.response(session, &mut resp, &mut ctx.plugins).await {
-            log::warn!("response plugin failed on a gateway reply: {e}");
-        }
-    }
-    ctx.replied = true;
-    let head_only = session.req_header().method == http::Method::HEAD;
-    if session
-        .write_response_header(Box::new(resp), head_only)
-        .await
-        .is_ok()
-        && !head_only
-    {
-        let _ = session.write_response_body(Some(reply.body), true).await;
     }
 }
 
