@@ -112,7 +112,10 @@ pub fn only_websocket(req: &mut RequestHeader) -> Result<Option<String>> {
         || h.get(http::header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0");
     if has_body {
-        return Err(client_err("a WebSocket handshake has no body"));
+        return Err(super::client_error(
+            400,
+            "a WebSocket handshake has no body",
+        ));
     }
     let key = h
         .get(http::header::SEC_WEBSOCKET_KEY)
@@ -122,7 +125,9 @@ pub fn only_websocket(req: &mut RequestHeader) -> Result<Option<String>> {
                 .decode(k)
                 .is_ok_and(|raw| raw.len() == 16)
         })
-        .ok_or_else(|| client_err("a WebSocket handshake needs a valid Sec-WebSocket-Key"))?;
+        .ok_or_else(|| {
+            super::client_error(400, "a WebSocket handshake needs a valid Sec-WebSocket-Key")
+        })?;
     let accept = accept_for(key);
     req.remove_header("http2-settings");
     req.insert_header(http::header::UPGRADE, "websocket")?;
@@ -158,12 +163,6 @@ fn accept_for(key: &[u8]) -> String {
     h.update(key);
     h.update(WS_GUID);
     base64::engine::general_purpose::STANDARD.encode(h.finalize())
-}
-
-fn client_err(why: &'static str) -> Box<Error> {
-    let mut e = Error::explain(ErrorType::HTTPStatus(400), why);
-    e.esource = ErrorSource::Downstream;
-    e
 }
 
 /// Makes `req` (checked by [`only_websocket`]) the handshake the tunnel sends: every
