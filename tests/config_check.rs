@@ -273,6 +273,7 @@ fn client_limits_and_insecure_key_urls() {
             7,
             "plugin \"jwt\": jwks_url \"http://127.0.0.1:9/keys\" is plain http",
         ),
+        (7, "could hand the gateway their own keys; use https"),
     ] {
         let found = out
             .lines()

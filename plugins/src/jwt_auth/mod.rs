@@ -180,7 +180,8 @@ impl Config {
             let target = Target::parse(u)?;
             if !target.tls && !self.allow_insecure_jwks {
                 return Err(format!(
-                    "jwks_url {u:?} is plain http: whoever is on the path could hand the gateway                      their own keys; use https, or set allow_insecure_jwks = true"
+                    "jwks_url {u:?} is plain http: whoever is on the path could hand the gateway \
+                     their own keys; use https, or set allow_insecure_jwks = true"
                 ));
             }
             self.jwks_target = Some(target);
