@@ -243,9 +243,12 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             }
         }
         let tls = g.tls.and_then(|t| {
+            let (cert, key) = (
+                relative_to(path, t.cert.get_ref()),
+                relative_to(path, t.key.get_ref()),
+            );
             let mut found = true;
-            for f in [&t.cert, &t.key] {
-                let p = relative_to(path, f.get_ref());
+            for (f, p) in [(&t.cert, &cert), (&t.key, &key)] {
                 if !p.is_file() {
                     ld.err(
                         f.span(),
@@ -255,25 +258,20 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
                     found = false;
                 }
             }
-            let (cert, key) = (
-                relative_to(path, t.cert.get_ref()),
-                relative_to(path, t.key.get_ref()),
-            );
+            if !found {
+                return None;
+            }
             // Read and checked now, so check and reload refuse a bad pair as start would.
-            let pair = match found.then(|| crate::tls::CertPair::load(&cert, &key)) {
-                Some(Ok(p)) => std::sync::Arc::new(p),
-                Some(Err(why)) => {
+            match crate::tls::CertPair::load(&cert, &key) {
+                Ok(pair) => Some(Tls {
+                    h2: t.h2.unwrap_or(true),
+                    pair: std::sync::Arc::new(pair),
+                }),
+                Err(why) => {
                     ld.err(t.cert.span(), &ctx, format!("TLS: {why}"));
-                    return None;
+                    None
                 }
-                None => return None,
-            };
-            Some(Tls {
-                cert,
-                key,
-                h2: t.h2.unwrap_or(true),
-                pair,
-            })
+            }
         });
         let plugins = plugin_refs(&mut ld, &g.plugins, &plugin_names, &ctx);
         let mut forwarded = ForwardedHeaders::default();

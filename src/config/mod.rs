@@ -169,8 +169,6 @@ pub struct NamedPlugin {
 
 #[derive(Debug)]
 pub struct Tls {
-    pub cert: PathBuf,
-    pub key: PathBuf,
     pub h2: bool,
     /// The certificate chain and key, read and checked at load.
     pub pair: std::sync::Arc<crate::tls::CertPair>,

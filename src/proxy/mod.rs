@@ -283,10 +283,7 @@ impl ProxyHttp for GatewayProxy {
         let limits = &rt.client;
         let head_size = raw_head.as_ref().map_or(0, |h| h.len());
         let verdict = if extra_space {
-            Err(canonical::Refusal {
-                status: 400,
-                reason: "whitespace in the request target",
-            })
+            Err(canonical::bad("whitespace in the request target"))
         } else if session.req_header().headers.len() > limits.max_headers {
             Err(canonical::Refusal {
                 status: 431,
@@ -483,13 +480,11 @@ impl ProxyHttp for GatewayProxy {
         };
         let pool = &rt.pools[up];
         pool.report(idx, !pool.is_failure_status(status));
-        if let (Some(b), Some(probe)) = (&pool.breaker, ctx.probe) {
+        if let (Some(b), Some(probe), false) = (&pool.breaker, ctx.probe, ctx.recorded) {
             // A probe's verdict is its response head: a WebSocket or an event stream must not
             // hold the circuit half-open for as long as it lives.
-            if !ctx.recorded {
-                b.record(!ctx.upstream_failed, Some(probe));
-                ctx.recorded = true;
-            }
+            b.record(!ctx.upstream_failed, Some(probe));
+            ctx.recorded = true;
         }
         // Upgrades run in our own tunnel, outside Pingora's retry loop: their answer is
         // relayed as is.

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
-use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,11 +49,20 @@ fn up_err(t: ErrorType, why: &'static str) -> Box<Error> {
     e
 }
 
+/// An I/O failure on the upstream side: the upstream's, with its cause kept for the log.
+fn up_io<T>(r: std::io::Result<T>, t: ErrorType, why: &'static str) -> Result<T> {
+    r.map_err(|cause| {
+        let mut e = Error::because(t, why, cause);
+        e.esource = ErrorSource::Upstream;
+        e
+    })
+}
+
 impl Upstream {
     /// Reads more bytes into `buf`; `Ok(0)` at end of stream.
     async fn fill(&mut self) -> Result<usize> {
         match timeout(self.read_timeout, self.stream.read_buf(&mut self.buf)).await {
-            Ok(r) => r.map_err(|_| up_err(ErrorType::ReadError, "reading from upstream")),
+            Ok(r) => up_io(r, ErrorType::ReadError, "reading from upstream"),
             Err(_) => Err(up_err(ErrorType::ReadTimedout, "upstream read timed out")),
         }
     }
@@ -205,7 +214,7 @@ pub async fn connect(pool: &Pool, addr: SocketAddr, req: &RequestHeader) -> Resu
     }
     head.extend_from_slice(b"\r\n");
     match timeout(pool.write_timeout(), stream.write_all(&head)).await {
-        Ok(r) => r.map_err(|_| up_err(ErrorType::WriteError, "writing request head upstream"))?,
+        Ok(r) => up_io(r, ErrorType::WriteError, "writing request head upstream")?,
         Err(_) => return Err(up_err(ErrorType::WriteTimedout, "upstream write timed out")),
     }
     Ok(stream)
@@ -226,8 +235,9 @@ async fn read_head(up: &mut Upstream) -> Result<ResponseHeader> {
                 }
                 let mut resp = ResponseHeader::build(code, Some(parsed.headers.len()))?;
                 for h in parsed.headers.iter() {
-                    let v = http::HeaderValue::from_bytes(h.value)
-                        .or_err(ErrorType::InvalidHTTPHeader, "upstream header value")?;
+                    let v = http::HeaderValue::from_bytes(h.value).map_err(|_| {
+                        up_err(ErrorType::InvalidHTTPHeader, "upstream header value")
+                    })?;
                     resp.append_header(h.name.to_string(), v)?;
                 }
                 up.buf.advance(len);
@@ -362,7 +372,7 @@ async fn relay_or_pump(session: &mut Session, hs: Handshake) -> Result<()> {
         tokio::select! {
             data = session.read_request_body(), if client_open => match data? {
                 Some(b) => match timeout(write_timeout, uw.write_all(&b)).await {
-                    Ok(r) => r.map_err(|_| up_err(ErrorType::WriteError, "writing to upstream tunnel"))?,
+                    Ok(r) => up_io(r, ErrorType::WriteError, "writing to upstream tunnel")?,
                     Err(_) => return Err(up_err(ErrorType::WriteTimedout, "upstream tunnel write timed out")),
                 },
                 None => {
@@ -372,7 +382,7 @@ async fn relay_or_pump(session: &mut Session, hs: Handshake) -> Result<()> {
                 }
             },
             n = ur.read(&mut chunk) => {
-                let n = n.map_err(|_| up_err(ErrorType::ReadError, "reading from upstream tunnel"))?;
+                let n = up_io(n, ErrorType::ReadError, "reading from upstream tunnel")?;
                 if n == 0 {
                     break;
                 }
