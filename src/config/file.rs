@@ -200,6 +200,110 @@ pub struct RouteFile {
     pub preserve_host: bool,
     #[serde(default)]
     pub plugins: Vec<Spanned<String>>,
+    pub compression: Option<Spanned<CompressionFile>>,
+}
+
+/// `compression = ["zstd", "br", "gzip"]` or a table with `algorithms`, `min_size`, `level`,
+/// `types`. Read by hand (as [`PeerEntry`]) so a typo inside the table keeps its own message.
+#[derive(Debug, Default)]
+pub struct CompressionFile {
+    pub algorithms: Option<Vec<Spanned<String>>>,
+    pub min_size: Option<Size>,
+    pub level: Option<Spanned<LevelFile>>,
+    pub types: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompressionTable {
+    algorithms: Option<Vec<Spanned<String>>>,
+    min_size: Option<Size>,
+    level: Option<Spanned<LevelFile>>,
+    types: Option<Vec<Spanned<String>>>,
+}
+
+impl<'de> Deserialize<'de> for CompressionFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CompressionFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of encodings, e.g. [\"zstd\", \"br\", \"gzip\"], or a table")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                s: A,
+            ) -> Result<Self::Value, A::Error> {
+                let list = Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(s))?;
+                Ok(CompressionFile {
+                    algorithms: Some(list),
+                    ..Default::default()
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let t =
+                    CompressionTable::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(CompressionFile {
+                    algorithms: t.algorithms,
+                    min_size: t.min_size,
+                    level: t.level,
+                    types: t.types,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `level = 5` for every encoding, or `level = { gzip = 6, br = 4, zstd = 3 }`.
+#[derive(Debug, Default)]
+pub struct LevelFile {
+    pub all: Option<i64>,
+    pub gzip: Option<i64>,
+    pub br: Option<i64>,
+    pub zstd: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LevelTable {
+    gzip: Option<i64>,
+    br: Option<i64>,
+    zstd: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for LevelFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = LevelFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number, or a table such as { gzip = 6, br = 4, zstd = 3 }")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                Ok(LevelFile {
+                    all: Some(n),
+                    ..Default::default()
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let t = LevelTable::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(LevelFile {
+                    all: None,
+                    gzip: t.gzip,
+                    br: t.br,
+                    zstd: t.zstd,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn yes() -> bool {

@@ -16,6 +16,7 @@ use regex::Regex;
 
 mod build;
 pub mod file;
+pub mod offload;
 mod routes;
 mod upstreams;
 pub mod values;
@@ -261,6 +262,7 @@ pub struct Route {
     pub rewrite: Rewrite,
     pub preserve_host: bool,
     pub plugins: Vec<usize>,
+    pub compression: Option<std::sync::Arc<offload::Compression>>,
 }
 
 /// Where a route's requests go.

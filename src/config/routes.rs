@@ -217,6 +217,10 @@ pub(super) fn route(
     };
 
     let plugins = plugin_refs(ld, &r.plugins, refs.plugins, ctx);
+    let compression = r
+        .compression
+        .as_ref()
+        .and_then(|c| super::offload::compression(ld, c, ctx));
 
     if ld.errors.len() > errors_before {
         return None;
@@ -237,6 +241,7 @@ pub(super) fn route(
             rewrite,
             preserve_host: r.preserve_host,
             plugins,
+            compression,
         },
     ))
 }

@@ -257,6 +257,11 @@ impl ProxyHttp for GatewayProxy {
         RequestCtx::default()
     }
 
+    /// Our compression in place of Pingora's default (disabled) one: see `compress.rs`.
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        modules.add_module(Box::new(crate::compress::Builder));
+    }
+
     /// Snapshot, client address, the canonical request (see `canonical.rs`) and its route,
     /// before any module or plugin runs: everything after sees this one request.
     async fn early_request_filter(
@@ -333,6 +338,14 @@ impl ProxyHttp for GatewayProxy {
             .find(&gw.routes, host, req.uri.path(), &req.method, &req.headers);
         if let Some(id) = ctx.route {
             ctx.plugins.route = Some(gw.route_names[id].clone());
+            if let Some(c) = &gw.routes[id].compression {
+                if let Some(m) = session
+                    .downstream_modules_ctx
+                    .get_mut::<crate::compress::Compress>()
+                {
+                    m.route = Some(c.clone());
+                }
+            }
         }
         ctx.rt = Some(rt);
         Ok(())

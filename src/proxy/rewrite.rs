@@ -64,6 +64,7 @@ mod tests {
             rewrite,
             preserve_host: true,
             plugins: vec![],
+            compression: None,
         }
     }
 

@@ -1,0 +1,236 @@
+//! Route offloads that answer or transform responses in the gateway: `compression` (and,
+//! later in this file, `cache` and `static`). Each is read from its file form into a typed,
+//! shared value at load, so the request path only follows an `Arc`.
+use std::ops::Range;
+use std::sync::Arc;
+
+use toml::Spanned;
+
+use super::build::Loader;
+use super::file::CompressionFile;
+
+/// A content coding the gateway can produce, with Pingora's encoder behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    Zstd,
+    Br,
+    Gzip,
+}
+
+impl Coding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Coding::Zstd => "zstd",
+            Coding::Br => "br",
+            Coding::Gzip => "gzip",
+        }
+    }
+
+    /// Levels each encoder accepts. zstd stops at 19: above it are the "ultra" levels, whose
+    /// windows cost far more memory per response than a gateway should spend.
+    fn levels(self) -> std::ops::RangeInclusive<i64> {
+        match self {
+            Coding::Zstd => 1..=19,
+            Coding::Br => 1..=11,
+            Coding::Gzip => 1..=9,
+        }
+    }
+
+    /// gzip 6 is gzip's own default; br 4 and zstd 3 are what CDNs use for dynamic content
+    /// (near gzip's speed, smaller output).
+    fn default_level(self) -> u32 {
+        match self {
+            Coding::Zstd => 3,
+            Coding::Br => 4,
+            Coding::Gzip => 6,
+        }
+    }
+}
+
+/// A `types` entry: `text/*` (any subtype) or an exact media type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypeMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compression {
+    /// Allowed codings, the route's preference first (ties in the client's q-values go to it).
+    pub algorithms: Vec<(Coding, u32)>,
+    /// Responses whose Content-Length says they are smaller go as they are.
+    pub min_size: u64,
+    pub types: Vec<TypeMatch>,
+}
+
+impl Compression {
+    /// Whether a response of this `Content-Type` is compressed. `text/event-stream` never is:
+    /// encoders buffer, and an event stream must reach the client event by event.
+    pub fn compresses(&self, content_type: &[u8]) -> bool {
+        let media = content_type
+            .split(|&b| b == b';')
+            .next()
+            .unwrap_or_default()
+            .trim_ascii();
+        if media.eq_ignore_ascii_case(b"text/event-stream") {
+            return false;
+        }
+        self.types.iter().any(|t| match t {
+            TypeMatch::Prefix(p) => {
+                media.len() > p.len() && media[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            }
+            TypeMatch::Exact(e) => media.eq_ignore_ascii_case(e.as_bytes()),
+        })
+    }
+}
+
+const DEFAULT_TYPES: &[&str] = &[
+    "text/*",
+    "application/json",
+    "application/javascript",
+    "application/xml",
+    "image/svg+xml",
+];
+
+pub(super) fn compression(
+    ld: &mut Loader,
+    c: &Spanned<CompressionFile>,
+    ctx: &str,
+) -> Option<Arc<Compression>> {
+    let span: Range<usize> = c.span();
+    let c = c.get_ref();
+    let before = ld.errors.len();
+    let mut algorithms = Vec::new();
+    match &c.algorithms {
+        Some(list) if list.is_empty() => ld.err(
+            span.clone(),
+            ctx,
+            "`compression` lists no encoding: leave it out to send responses as they are",
+        ),
+        Some(list) => {
+            for a in list {
+                let coding = match a.get_ref().as_str() {
+                    "zstd" => Coding::Zstd,
+                    "br" => Coding::Br,
+                    "gzip" => Coding::Gzip,
+                    other => {
+                        ld.err(
+                            a.span(),
+                            ctx,
+                            format!(
+                                "unknown encoding \"{other}\": expected \"zstd\", \"br\" or \"gzip\""
+                            ),
+                        );
+                        continue;
+                    }
+                };
+                if algorithms.iter().any(|(c, _)| *c == coding) {
+                    ld.err(
+                        a.span(),
+                        ctx,
+                        format!("encoding \"{}\" listed twice", coding.as_str()),
+                    );
+                    continue;
+                }
+                algorithms.push((coding, coding.default_level()));
+            }
+        }
+        None => {
+            algorithms = [Coding::Zstd, Coding::Br, Coding::Gzip]
+                .into_iter()
+                .map(|c| (c, c.default_level()))
+                .collect()
+        }
+    }
+    if let Some(level) = &c.level {
+        let l = level.get_ref();
+        for (coding, chosen) in algorithms.iter_mut() {
+            let set = match coding {
+                Coding::Zstd => l.zstd,
+                Coding::Br => l.br,
+                Coding::Gzip => l.gzip,
+            }
+            .or(l.all);
+            let Some(n) = set else { continue };
+            let range = coding.levels();
+            if range.contains(&n) {
+                *chosen = n as u32;
+            } else {
+                ld.err(
+                    level.span(),
+                    ctx,
+                    format!(
+                        "{} level {n} is out of range ({} to {})",
+                        coding.as_str(),
+                        range.start(),
+                        range.end()
+                    ),
+                );
+            }
+        }
+    }
+    let types = match &c.types {
+        None => DEFAULT_TYPES.iter().map(|t| type_match(t)).collect(),
+        Some(list) => {
+            let mut out = Vec::new();
+            for t in list {
+                let s = t.get_ref().trim().to_ascii_lowercase();
+                let ok = s.split_once('/').is_some_and(|(a, b)| {
+                    !a.is_empty()
+                        && !b.is_empty()
+                        && !a.contains('*')
+                        && (b == "*" || !b.contains('*'))
+                        && !s.contains([';', ' ', ','])
+                });
+                if ok {
+                    out.push(type_match(&s));
+                } else {
+                    ld.err(
+                        t.span(),
+                        ctx,
+                        format!(
+                            "invalid media type \"{}\" (write e.g. \"application/json\" or \"text/*\")",
+                            t.get_ref()
+                        ),
+                    );
+                }
+            }
+            out
+        }
+    };
+    if ld.errors.len() > before {
+        return None;
+    }
+    Some(Arc::new(Compression {
+        algorithms,
+        min_size: c.min_size.map_or(1024, |s| s.0),
+        types,
+    }))
+}
+
+fn type_match(t: &str) -> TypeMatch {
+    match t.strip_suffix('*') {
+        Some(prefix) => TypeMatch::Prefix(prefix.to_string()),
+        None => TypeMatch::Exact(t.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types() {
+        let c = Compression {
+            algorithms: vec![(Coding::Gzip, 6)],
+            min_size: 0,
+            types: DEFAULT_TYPES.iter().map(|t| type_match(t)).collect(),
+        };
+        assert!(c.compresses(b"text/html; charset=utf-8"));
+        assert!(c.compresses(b"Application/JSON"));
+        assert!(!c.compresses(b"text/"));
+        assert!(!c.compresses(b"text/event-stream"));
+        assert!(!c.compresses(b"image/png"));
+        assert!(!c.compresses(b"application/json-seq"));
+    }
+}
