@@ -323,6 +323,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         upstreams: &upstream_names,
         plugins: &plugin_names,
         gateways: &gateway_names,
+        config: path,
     };
     let mut seen: HashMap<String, (String, usize)> = HashMap::new();
     for (i, value) in route_vals.into_iter().enumerate() {
@@ -512,7 +513,7 @@ fn client_limits(ld: &mut Loader, f: &ServerFile) -> crate::front::ClientLimits 
     }
 }
 
-fn relative_to(config: &Path, p: &Path) -> PathBuf {
+pub(super) fn relative_to(config: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         return p.to_path_buf();
     }

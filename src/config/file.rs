@@ -201,6 +201,18 @@ pub struct RouteFile {
     #[serde(default)]
     pub plugins: Vec<Spanned<String>>,
     pub compression: Option<Spanned<CompressionFile>>,
+    #[serde(rename = "static")]
+    pub static_files: Option<Spanned<StaticFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticFile {
+    pub root: Spanned<PathBuf>,
+    pub index: Option<Spanned<String>>,
+    pub fallback: Option<Spanned<String>>,
+    #[serde(default)]
+    pub dotfiles: bool,
 }
 
 /// `compression = ["zstd", "br", "gzip"]` or a table with `algorithms`, `min_size`, `level`,

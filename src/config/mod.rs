@@ -274,6 +274,8 @@ pub enum Target {
         arms: Vec<(usize, u32)>,
         sticky: Option<HashKey>,
     },
+    /// Files under a folder, answered by the gateway itself.
+    Static(std::sync::Arc<offload::StaticSite>),
 }
 
 /// A shadow copy of each sampled request, sent fire-and-forget.

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use toml::Spanned;
 
-use super::build::Loader;
-use super::file::CompressionFile;
+use super::build::{relative_to, Loader};
+use super::file::{CompressionFile, StaticFile};
 
 /// A content coding the gateway can produce, with Pingora's encoder behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +213,90 @@ fn type_match(t: &str) -> TypeMatch {
         Some(prefix) => TypeMatch::Prefix(prefix.to_string()),
         None => TypeMatch::Exact(t.to_string()),
     }
+}
+
+/// A static route's folder, resolved at load (symlinks included) so a request's file can be
+/// checked to lie under it after its own symlinks are resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticSite {
+    pub root: std::path::PathBuf,
+    /// The file served for a directory; `None`: directories are 404.
+    pub index: Option<String>,
+    /// Served (200) when no file matches: single-page apps route in the browser.
+    pub fallback: Option<std::path::PathBuf>,
+    pub dotfiles: bool,
+}
+
+pub(super) fn static_site(
+    ld: &mut Loader,
+    s: &Spanned<StaticFile>,
+    config: &std::path::Path,
+    ctx: &str,
+) -> Option<Arc<StaticSite>> {
+    let f = s.get_ref();
+    let root = relative_to(config, f.root.get_ref());
+    let root = match std::fs::canonicalize(&root) {
+        Ok(r) if r.is_dir() => r,
+        Ok(_) => {
+            ld.err(
+                f.root.span(),
+                ctx,
+                format!("static root {} is not a directory", root.display()),
+            );
+            return None;
+        }
+        Err(e) => {
+            ld.err(
+                f.root.span(),
+                ctx,
+                format!("static root {}: {e}", root.display()),
+            );
+            return None;
+        }
+    };
+    let plain_name =
+        |n: &str| !n.is_empty() && n != "." && n != ".." && !n.contains(['/', '\\', '\0']);
+    let index = match &f.index {
+        None => Some("index.html".to_string()),
+        Some(i) if i.get_ref().is_empty() => None,
+        Some(i) if plain_name(i.get_ref()) => Some(i.get_ref().clone()),
+        Some(i) => {
+            ld.err(
+                i.span(),
+                ctx,
+                format!("`index` must be a file name, got \"{}\"", i.get_ref()),
+            );
+            return None;
+        }
+    };
+    let fallback = match &f.fallback {
+        None => None,
+        Some(fb) => {
+            let rel = fb.get_ref().trim_start_matches('/');
+            let ok = !rel.is_empty() && rel.split('/').all(plain_name);
+            let file = root.join(rel);
+            match std::fs::canonicalize(&file) {
+                Ok(real) if ok && real.starts_with(&root) && real.is_file() => Some(real),
+                _ => {
+                    ld.err(
+                        fb.span(),
+                        ctx,
+                        format!(
+                            "`fallback` must name a file under the root, and {} is not one",
+                            file.display()
+                        ),
+                    );
+                    return None;
+                }
+            }
+        }
+    };
+    Some(Arc::new(StaticSite {
+        root,
+        index,
+        fallback,
+        dotfiles: f.dotfiles,
+    }))
 }
 
 #[cfg(test)]

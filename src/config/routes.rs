@@ -15,6 +15,8 @@ pub(super) struct Refs<'r> {
     pub(super) upstreams: &'r HashMap<String, Option<usize>>,
     pub(super) plugins: &'r HashMap<String, Option<usize>>,
     pub(super) gateways: &'r HashMap<String, Option<usize>>,
+    /// The config file: relative paths in it are taken from its folder.
+    pub(super) config: &'r std::path::Path,
 }
 
 /// Validates one route; returns its gateway's name and index (`None` when that gateway is
@@ -396,6 +398,32 @@ fn target(ld: &mut Loader, r: &RouteFile, span: &Range<usize>, refs: &Refs, ctx:
             ld.err(s.span(), ctx, "`sticky` only applies with `split`");
         }
     }
+    if let Some(st) = &r.static_files {
+        if let Some(u) = &r.upstream {
+            ld.err(u.span(), ctx, "`upstream` and `static` exclude each other");
+        }
+        if let Some(s) = &r.split {
+            ld.err(s.span(), ctx, "`split` and `static` exclude each other");
+        }
+        if let Some(m) = &r.mirror {
+            ld.err(
+                m.span(),
+                ctx,
+                "`mirror` needs an upstream route, not a `static` one",
+            );
+        }
+        if let Some(rw) = &r.rewrite {
+            ld.err(
+                rw.span(),
+                ctx,
+                "`rewrite` does not apply to `static` routes (use `strip_prefix` for nginx's alias)",
+            );
+        }
+        return match super::offload::static_site(ld, st, refs.config, ctx) {
+            Some(s) => Target::Static(s),
+            None => Target::Upstream(broken),
+        };
+    }
     match (&r.upstream, &r.split) {
         (Some(u), None) => Target::Upstream(upstream_ref(ld, u, refs, ctx).unwrap_or(broken)),
         (None, Some(split)) => {
@@ -437,7 +465,7 @@ fn target(ld: &mut Loader, r: &RouteFile, span: &Range<usize>, refs: &Refs, ctx:
             ld.err(
                 span.clone(),
                 ctx,
-                "a route needs a target: set `upstream` or `split`",
+                "a route needs a target: set `upstream`, `split` or `static`",
             );
             Target::Upstream(broken)
         }

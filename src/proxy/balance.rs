@@ -25,9 +25,11 @@ pub fn breaker_failure(status: u16) -> bool {
     matches!(status, 502..=504)
 }
 
-/// The upstream of a route: its own, or a split arm (sticky by key when configured).
-pub fn choose_upstream(target: &Target, session: &Session, ctx: &RequestCtx) -> usize {
-    match target {
+/// The upstream of a route: its own, or a split arm (sticky by key when configured); `None`
+/// for routes the gateway answers itself.
+pub fn choose_upstream(target: &Target, session: &Session, ctx: &RequestCtx) -> Option<usize> {
+    let up = match target {
+        Target::Static(_) => return None,
         Target::Upstream(u) => *u,
         Target::Split { arms, sticky } => {
             let total: u64 = arms.iter().map(|(_, w)| u64::from(*w)).sum();
@@ -42,13 +44,14 @@ pub fn choose_upstream(target: &Target, session: &Session, ctx: &RequestCtx) -> 
             } % total.max(1);
             for (u, w) in arms {
                 if point < u64::from(*w) {
-                    return *u;
+                    return Some(*u);
                 }
                 point -= u64::from(*w);
             }
             arms.last().map_or(usize::MAX, |(u, _)| *u)
         }
-    }
+    };
+    Some(up)
 }
 
 fn err(kind: &'static str, why: String) -> Box<Error> {

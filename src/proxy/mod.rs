@@ -26,6 +26,7 @@ pub mod forwarded;
 pub mod mirror;
 mod path;
 pub mod rewrite;
+mod statics;
 pub mod upgrade;
 
 pub use ctx::RequestCtx;
@@ -186,7 +187,12 @@ impl GatewayProxy {
             return Ok(true);
         };
         let route = &gw.routes[id];
-        let up = balance::choose_upstream(&route.target, session, ctx);
+        let Some(up) = balance::choose_upstream(&route.target, session, ctx) else {
+            if let crate::config::Target::Static(site) = &route.target {
+                statics::serve(site, route, gw, session, ctx).await?;
+            }
+            return Ok(true);
+        };
         ctx.upstream = Some(up);
         // A WebSocket is no request to mirror (nor to hold a mirror slot for its life).
         if let (Some(m), false) = (&route.mirror, session.is_upgrade_req()) {
