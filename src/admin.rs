@@ -1,6 +1,7 @@
 //! The admin listener (`[server] admin`): `/healthz` for load balancers and systemd, `/status`
 //! with each upstream's peers (active health, passive ejection, in-flight requests) and circuit
-//! breaker state. Keep it on loopback or a management network: it has no authentication.
+//! breaker state, and `POST /cache/purge` (by URL or tag) behind the admin token. Keep it on
+//! loopback or a management network: reads need no token.
 use std::net::SocketAddr;
 
 use async_trait::async_trait;
@@ -70,10 +71,119 @@ fn reply(status: StatusCode, ctype: &str, body: String) -> Response<Vec<u8>> {
         .unwrap_or_else(|_| Response::new(Vec::new()))
 }
 
+/// Whether `Authorization: Bearer TOKEN` carries the configured token, compared in constant
+/// time (only the length can be learnt by timing, and it is not secret enough to matter).
+fn authorized(session: &ServerSession, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    session
+        .req_header()
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|got| bool::from(got.trim_ascii().ct_eq(token.as_bytes())))
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Vec<u8>> {
+    let body = json!({ "status": status.as_u16(), "error": message });
+    reply(status, "application/json", format!("{body}\n"))
+}
+
+impl Admin {
+    /// `POST /cache/purge?url=ABSOLUTE_URL` or `?tag=TAG`: drops the entries, says how many.
+    fn purge(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        let rt = self.live.load();
+        let Some(token) = rt.admin_token.as_deref() else {
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "purge is off: set [server] admin_token or admin_token_file",
+            );
+        };
+        if !authorized(session, token) {
+            let mut r = json_error(
+                StatusCode::UNAUTHORIZED,
+                "a valid admin bearer token is required",
+            );
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            return r;
+        }
+        let req = session.req_header();
+        if req.method != http::Method::POST {
+            let mut r = json_error(StatusCode::METHOD_NOT_ALLOWED, "purge with POST");
+            r.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+            return r;
+        }
+        let query = req.uri.query().unwrap_or("");
+        let mut by_url = None;
+        let mut by_tag = None;
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "url" => by_url = Some(v.into_owned()),
+                "tag" => by_tag = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        let (what, purged) = match (by_url, by_tag) {
+            (Some(u), None) => match purge_key(&u, rt.canonical) {
+                Some(key) => (json!({ "url": key }), crate::cache::STORE.purge_url(&key)),
+                None => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        "url must be absolute: http(s)://host[:port]/path[?query]",
+                    )
+                }
+            },
+            (None, Some(t)) if !t.is_empty() => {
+                (json!({ "tag": t }), crate::cache::STORE.purge_tag(&t))
+            }
+            _ => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "say what to purge: ?url=ABSOLUTE_URL or ?tag=TAG (one of them)",
+                )
+            }
+        };
+        log::info!("cache purge {what}: {purged} entries");
+        let body = json!({ "purged": purged, "target": what });
+        reply(StatusCode::OK, "application/json", format!("{body}\n"))
+    }
+}
+
+/// An absolute URL as the cache keys it: scheme and host lower-cased, the path made canonical
+/// the way requests are (so `/a//b` names the entry `/a/b` was stored under).
+fn purge_key(u: &str, opts: crate::proxy::canonical::Options) -> Option<String> {
+    let (scheme, rest) = u.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (host, pq) = rest.split_at(split);
+    if host.is_empty() || host.contains('@') {
+        return None;
+    }
+    let (path, query) = match pq.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (pq, None),
+    };
+    let path = if path.is_empty() { "/" } else { path };
+    let path = crate::proxy::canonical::canonical_path(path.as_bytes(), opts).ok()?;
+    let mut key = format!("{scheme}://{}{path}", host.to_ascii_lowercase());
+    if let Some(q) = query {
+        key.push('?');
+        key.push_str(q);
+    }
+    Some(key)
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         match session.req_header().uri.path() {
+            "/cache/purge" => self.purge(session),
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             "/status" => reply(
                 StatusCode::OK,

@@ -3,6 +3,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod admin;
+pub mod cache;
 pub mod compress;
 pub mod config;
 pub mod demo;

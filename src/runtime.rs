@@ -50,6 +50,8 @@ pub struct Runtime {
     pub trusted_proxies: Vec<IpNet>,
     pub canonical: crate::proxy::canonical::Options,
     pub client: crate::front::ClientLimits,
+    /// Bearer token for the admin listener's purge endpoint; `None`: purge is off.
+    pub admin_token: Option<Arc<str>>,
 }
 
 impl Runtime {
@@ -124,6 +126,7 @@ impl Runtime {
                 keep_path_parameters: cfg.server.keep_path_parameters,
             },
             client: cfg.server.client,
+            admin_token: cfg.server.admin_token.clone(),
         })
     }
 }

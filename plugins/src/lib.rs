@@ -138,6 +138,9 @@ pub struct PluginCtx {
     pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
     /// Request body bytes seen so far (kept by the chain for body limits).
     pub body_bytes: u64,
+    /// What the response cache did (`HIT`, `MISS`, `EXPIRED`, `STALE`, `REVALIDATED`,
+    /// `UPDATING`, `BYPASS`); `None` on routes without a cache. Set before the response hooks.
+    pub cache_status: Option<&'static str>,
     /// Per-plugin state kept until the request ends (a concurrency slot, headers to send
     /// later), tagged with the plugin instance that kept it; dropped with the ctx.
     hold: Vec<(usize, Box<dyn std::any::Any + Send + Sync>)>,

@@ -36,6 +36,9 @@ pub struct ServerFile {
     pub max_requests_per_connection: Option<Spanned<u32>>,
     pub max_headers: Option<Spanned<usize>>,
     pub max_header_size: Option<Spanned<Size>>,
+    pub cache_size: Option<Spanned<Size>>,
+    pub admin_token: Option<Spanned<String>>,
+    pub admin_token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +206,21 @@ pub struct RouteFile {
     pub compression: Option<Spanned<CompressionFile>>,
     #[serde(rename = "static")]
     pub static_files: Option<Spanned<StaticFile>>,
+    pub cache: Option<Spanned<CacheFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheFile {
+    pub ttl: Option<Dur>,
+    pub max_size: Option<Spanned<Size>>,
+    pub lock_timeout: Option<Spanned<Dur>>,
+    pub stale_while_revalidate: Option<Dur>,
+    pub stale_if_error: Option<Dur>,
+    pub tag_header: Option<Spanned<String>>,
+    #[serde(default)]
+    pub expose_tags: bool,
+    pub status_header: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -52,6 +52,10 @@ pub struct Server {
     /// Keep `;` in paths instead of refusing them.
     pub keep_path_parameters: bool,
     pub client: crate::front::ClientLimits,
+    /// The response cache's memory bound, in bytes.
+    pub cache_size: usize,
+    /// Bearer token for the admin listener's mutating endpoints (purge); `None`: they are off.
+    pub admin_token: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,6 +267,7 @@ pub struct Route {
     pub preserve_host: bool,
     pub plugins: Vec<usize>,
     pub compression: Option<std::sync::Arc<offload::Compression>>,
+    pub cache: Option<std::sync::Arc<offload::CacheRoute>>,
 }
 
 /// Where a route's requests go.

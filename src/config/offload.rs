@@ -7,7 +7,7 @@ use std::sync::Arc;
 use toml::Spanned;
 
 use super::build::{relative_to, Loader};
-use super::file::{CompressionFile, StaticFile};
+use super::file::{CacheFile, CompressionFile, StaticFile};
 
 /// A content coding the gateway can produce, with Pingora's encoder behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +213,89 @@ fn type_match(t: &str) -> TypeMatch {
         Some(prefix) => TypeMatch::Prefix(prefix.to_string()),
         None => TypeMatch::Exact(t.to_string()),
     }
+}
+
+/// A route's response cache settings (`cache = { ... }`); freshness itself comes from the
+/// responses (RFC 9111), these are the defaults and bounds around it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheRoute {
+    /// Freshness for storable responses that carry none (`0`: only what the origin marks).
+    pub ttl: std::time::Duration,
+    /// Larger responses go through uncached.
+    pub max_size: usize,
+    /// How long concurrent misses on one key wait for the first to fill it.
+    pub lock_timeout: std::time::Duration,
+    /// Defaults when the response says nothing (RFC 5861), in seconds.
+    pub stale_while_revalidate: u32,
+    pub stale_if_error: u32,
+    pub tag_header: http::HeaderName,
+    pub expose_tags: bool,
+    pub status_header: Option<http::HeaderName>,
+}
+
+pub(super) fn cache(ld: &mut Loader, c: &Spanned<CacheFile>, ctx: &str) -> Option<Arc<CacheRoute>> {
+    let f = c.get_ref();
+    let before = ld.errors.len();
+    let header = |ld: &mut Loader, v: &Option<Spanned<String>>, default: &'static str| match v {
+        None => Some(http::HeaderName::from_static(default)),
+        Some(s) if s.get_ref().is_empty() => None,
+        Some(s) => match http::HeaderName::from_bytes(s.get_ref().as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                ld.err(
+                    s.span(),
+                    ctx,
+                    format!("invalid header name \"{}\"", s.get_ref()),
+                );
+                None
+            }
+        },
+    };
+    let tag_header = header(ld, &f.tag_header, "surrogate-key");
+    if f.tag_header
+        .as_ref()
+        .is_some_and(|t| t.get_ref().is_empty())
+    {
+        if let Some(t) = &f.tag_header {
+            ld.err(t.span(), ctx, "`tag_header` cannot be empty");
+        }
+    }
+    let status_header = header(ld, &f.status_header, "x-cache-status");
+    let max_size = f.max_size.as_ref().map_or(8 << 20, |s| s.get_ref().0);
+    if max_size == 0 || max_size > 1 << 30 {
+        if let Some(s) = &f.max_size {
+            ld.err(
+                s.span(),
+                ctx,
+                "cache `max_size` must be from 1 byte to 1GiB",
+            );
+        }
+    }
+    let lock_timeout = f
+        .lock_timeout
+        .as_ref()
+        .map_or(std::time::Duration::from_secs(5), |d| d.get_ref().0);
+    if lock_timeout.is_zero() {
+        if let Some(d) = &f.lock_timeout {
+            ld.err(d.span(), ctx, "cache `lock_timeout` must be more than 0");
+        }
+    }
+    let secs = |d: &Option<super::values::Dur>| {
+        d.map_or(0, |d| u32::try_from(d.0.as_secs()).unwrap_or(u32::MAX))
+    };
+    if ld.errors.len() > before {
+        return None;
+    }
+    Some(Arc::new(CacheRoute {
+        ttl: f.ttl.map_or(std::time::Duration::ZERO, |d| d.0),
+        max_size: max_size as usize,
+        lock_timeout,
+        stale_while_revalidate: secs(&f.stale_while_revalidate),
+        stale_if_error: secs(&f.stale_if_error),
+        tag_header: tag_header?,
+        expose_tags: f.expose_tags,
+        status_header,
+    }))
 }
 
 /// A static route's folder, resolved at load (symlinks included) so a request's file can be

@@ -223,6 +223,17 @@ pub(super) fn route(
         .compression
         .as_ref()
         .and_then(|c| super::offload::compression(ld, c, ctx));
+    let cache = r.cache.as_ref().and_then(|c| {
+        if r.static_files.is_some() {
+            ld.err(
+                c.span(),
+                ctx,
+                "`cache` applies to proxied routes; a `static` route's files are served as they are",
+            );
+            return None;
+        }
+        super::offload::cache(ld, c, ctx)
+    });
 
     if ld.errors.len() > errors_before {
         return None;
@@ -244,6 +255,7 @@ pub(super) fn route(
             preserve_host: r.preserve_host,
             plugins,
             compression,
+            cache,
         },
     ))
 }

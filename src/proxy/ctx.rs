@@ -44,4 +44,9 @@ pub struct RequestCtx {
     /// the body from its start, which the body hooks and the mirror must not see twice.
     pub body_try: u64,
     pub body_seen: u64,
+    /// The client asked not to store (`Cache-Control: no-store`): the cache was not used.
+    pub cache_bypass: bool,
+    /// An upstream 304 refreshing a stale entry: the age it reported, for the new freshness
+    /// (the stored head keeps its old Date).
+    pub cache_age: Option<u64>,
 }

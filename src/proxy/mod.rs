@@ -19,6 +19,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::runtime::{Live, Runtime};
 
 pub mod balance;
+pub mod caching;
 pub mod canonical;
 pub mod ctx;
 mod errors;
@@ -173,9 +174,14 @@ impl GatewayProxy {
     ) -> Result<bool> {
         let gw = &rt.gateways[self.index];
         let chain = gw.chain(ctx.route);
-        if let Decision::Respond(reply) = chain.request(session, &mut ctx.plugins).await? {
-            write_reply(Some(gw), session, ctx, reply).await;
-            return Ok(true);
+        // A background refresh (stale-while-revalidate) repeats a request whose plugins ran
+        // already: it must not count against the client's rate limit a second time.
+        let background = session.subrequest_ctx.is_some();
+        if !background {
+            if let Decision::Respond(reply) = chain.request(session, &mut ctx.plugins).await? {
+                write_reply(Some(gw), session, ctx, reply).await;
+                return Ok(true);
+            }
         }
         let Some(id) = ctx.route else {
             let reply = Reply::json_error(
@@ -478,6 +484,14 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let upgrade = resp.status == StatusCode::SWITCHING_PROTOCOLS;
+        if resp.status == StatusCode::NOT_MODIFIED
+            && matches!(session.cache.phase(), pingora_cache::CachePhase::Stale)
+        {
+            ctx.cache_age = Some(crate::cache::policy::initial_age(
+                resp,
+                std::time::SystemTime::now(),
+            ));
+        }
         if resp.status.is_informational() && !upgrade {
             // 100 Continue, 103 Early Hints: not the answer, so no verdict on the peer yet.
             return Ok(());
@@ -577,6 +591,8 @@ impl ProxyHttp for GatewayProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let status = caching::status(session, ctx);
+        ctx.plugins.cache_status = status;
         let RequestCtx {
             rt: Some(rt),
             route: Some(id),
@@ -586,9 +602,11 @@ impl ProxyHttp for GatewayProxy {
         else {
             return Ok(());
         };
-        rt.gateways[self.index].chains[*id]
-            .response(session, resp, plugins)
-            .await
+        let gw = &rt.gateways[self.index];
+        if let Some(cfg) = &gw.routes[*id].cache {
+            caching::on_response(cfg, session, resp, status, gw.tls);
+        }
+        gw.chains[*id].response(session, resp, plugins).await
     }
 
     fn response_body_filter(
@@ -605,6 +623,105 @@ impl ProxyHttp for GatewayProxy {
             }
         }
         Ok(None)
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        caching::enable(session, ctx, self.index);
+        Ok(())
+    }
+
+    fn cache_key_callback(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<pingora_cache::CacheKey> {
+        let Some(gw) = ctx.rt.as_ref().and_then(|rt| rt.gateways.get(self.index)) else {
+            return Error::e_explain(ErrorType::InternalError, "no snapshot for the cache key");
+        };
+        Ok(caching::key(&gw.name, gw.tls, session.req_header()))
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        session: &mut Session,
+        meta: &pingora_cache::CacheMeta,
+        _hit: &mut pingora_cache::HitHandler,
+        is_fresh: bool,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Option<pingora_cache::ForcedFreshness>> {
+        Ok(caching::hit_freshness(session.req_header(), meta, is_fresh))
+    }
+
+    /// A miss for a client that said `only-if-cached`: 504, and no upstream request.
+    async fn proxy_upstream_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        if !caching::only_if_cached(session.req_header()) {
+            return Ok(true);
+        }
+        let reply = Reply::json_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "not in the cache, and the request said only-if-cached",
+            ctx.plugins.request_id(),
+        );
+        let rt = ctx.rt.clone();
+        write_reply(
+            rt.as_ref().and_then(|rt| rt.gateways.get(self.index)),
+            session,
+            ctx,
+            reply,
+        )
+        .await;
+        Ok(false)
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<pingora_cache::RespCacheable> {
+        let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
+            return Ok(pingora_cache::RespCacheable::Uncacheable(
+                pingora_cache::NoCacheReason::NeverEnabled,
+            ));
+        };
+        let gw = &rt.gateways[self.index];
+        let Some(cfg) = gw.routes[id].cache.as_deref() else {
+            return Ok(pingora_cache::RespCacheable::Uncacheable(
+                pingora_cache::NoCacheReason::NeverEnabled,
+            ));
+        };
+        Ok(caching::decide(
+            cfg,
+            &gw.mirror_strip[id],
+            session.req_header(),
+            resp,
+            ctx,
+        ))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &pingora_cache::CacheMeta,
+        _ctx: &mut RequestCtx,
+        req: &RequestHeader,
+    ) -> Option<[u8; 16]> {
+        caching::variance(meta, req)
+    }
+
+    /// Stale may stand in while a background refresh runs (the entry's own
+    /// stale-while-revalidate window, checked by Pingora) or when the upstream failed
+    /// (stale-if-error); never for a client's own fault.
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        error: Option<&Error>,
+    ) -> bool {
+        error.is_none_or(|e| e.esource() == &ErrorSource::Upstream)
     }
 
     async fn fail_to_proxy(

@@ -65,6 +65,7 @@ mod tests {
             preserve_host: true,
             plugins: vec![],
             compression: None,
+            cache: None,
         }
     }
 

@@ -1,0 +1,423 @@
+//! The response cache: Pingora's `HttpCache` (its cache lock, its size-weighted LRU
+//! eviction, its cacheability predictor) over an in-memory [`Store`] of ours, with an RFC 9111
+//! storability and freshness policy ([`policy`]) and purge by URL or tag.
+//!
+//! Why our own store: pingora-cache's `MemCache` is marked test-only (one lock over the whole
+//! map, the body copied on every hit). Here entries sit in Pingora's sharded hash table, a hit
+//! hands out the stored `Bytes` without copying, and two small indexes (URL → entries, tag →
+//! entries) make purges exact. The indexes take a lock, but only on fills and purges, never on
+//! hits.
+//!
+//! The key is the gateway, scheme, host, path and query (HEAD is served from the stored GET;
+//! only GET and HEAD are cached), plus the values of the request headers the stored response
+//! names in `Vary` (Pingora's variance key).
+use std::any::Any;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_cache::eviction::{lru, CacheEntryKey, CacheEntryKeyRef, EvictionManager};
+use pingora_cache::hashtable::ConcurrentHashTable;
+use pingora_cache::key::{CacheHashKey, CacheKey, CompactCacheKey};
+use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora_cache::predictor::Predictor;
+use pingora_cache::storage::{
+    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
+    PurgeType, Storage,
+};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{CacheMeta, CachePhase, NoCacheReason};
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+
+pub mod policy;
+
+/// Shards of the entry table: enough that two workers seldom meet on one.
+const SHARDS: usize = 32;
+
+/// The one store, eviction manager, predictor and lock of the process: pingora-cache wants
+/// them `'static`. The memory bound is set from `[server] cache_size` at start and reload.
+pub static STORE: LazyLock<Store> = LazyLock::new(Store::default);
+pub static EVICTION: LazyLock<lru::Manager<SHARDS>> =
+    LazyLock::new(|| lru::Manager::with_capacity(256 << 20, 1024));
+/// Remembers URLs whose responses were not storable, so their requests skip the lookup and
+/// the lock. Reasons that depend on the request (credentials) are not remembered: one
+/// client's `Authorization` must not turn caching off for everyone else.
+pub static PREDICTOR: LazyLock<Predictor<SHARDS>> =
+    LazyLock::new(|| Predictor::new(4096, Some(|reason| reason == policy::AUTHORIZED)));
+/// A fill may hold a key this long before waiting requests stop trusting it; each route's
+/// `lock_timeout` bounds how long they wait.
+pub static LOCK: LazyLock<Box<CacheKeyLockImpl>> =
+    LazyLock::new(|| CacheLock::new_boxed(Duration::from_secs(30)));
+
+pub fn set_size(bytes: usize) {
+    EVICTION.set_weight_limit(bytes);
+}
+
+/// What `x-cache-status` says, from the request's final cache phase.
+pub fn status(phase: CachePhase) -> Option<&'static str> {
+    Some(match phase {
+        CachePhase::Hit => "HIT",
+        CachePhase::Miss => "MISS",
+        CachePhase::Expired => "EXPIRED",
+        CachePhase::Stale => "STALE",
+        CachePhase::StaleUpdating => "UPDATING",
+        CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => "REVALIDATED",
+        CachePhase::Bypass => "BYPASS",
+        CachePhase::Disabled(NoCacheReason::NeverEnabled) => return None,
+        CachePhase::Disabled(NoCacheReason::Custom(r)) if r == policy::BYPASS => "BYPASS",
+        // Went upstream and stored nothing: a miss, as nginx says for an uncacheable answer.
+        CachePhase::Disabled(_) => "MISS",
+        CachePhase::Uninit | CachePhase::CacheKey => return None,
+    })
+}
+
+/// The metadata of an entry, kept as fields rather than Pingora's serialized form, so a hit
+/// rebuilds it with a header clone instead of a decompression and a parse.
+struct Meta {
+    fresh_until: SystemTime,
+    created: SystemTime,
+    /// Where age counts from: admission or the last revalidation, minus the age the
+    /// response already had when it arrived (RFC 9111 §4.2.3).
+    epoch: SystemTime,
+    swr: u32,
+    sie: u32,
+    variance: Option<[u8; 16]>,
+    header: ResponseHeader,
+}
+
+impl Meta {
+    fn of(m: &CacheMeta) -> Meta {
+        Meta {
+            fresh_until: m.fresh_until(),
+            created: m.created(),
+            epoch: m.epoch(),
+            swr: m.stale_while_revalidate_sec(),
+            sie: m.stale_if_error_sec(),
+            variance: m.variance(),
+            header: m.response_header().clone(),
+        }
+    }
+
+    fn to_meta(&self) -> CacheMeta {
+        let mut m = CacheMeta::new(
+            self.fresh_until,
+            self.created,
+            self.swr,
+            self.sie,
+            self.header.clone(),
+        );
+        m.set_epoch_override(self.epoch);
+        if let Some(v) = self.variance {
+            m.set_variance(v);
+        }
+        m
+    }
+}
+
+/// Purge tags a fill carries, put in the meta's extensions by `policy` (read from the
+/// route's tag header).
+#[derive(Clone, Debug, Default)]
+pub struct Tags(pub Vec<Box<str>>);
+
+struct Entry {
+    meta: Meta,
+    body: Bytes,
+    key: CompactCacheKey,
+    tags: Vec<Box<str>>,
+}
+
+#[derive(Default)]
+struct Index {
+    by_url: HashMap<Box<str>, HashSet<u128>>,
+    by_tag: HashMap<Box<str>, HashSet<u128>>,
+}
+
+#[derive(Default)]
+pub struct Store {
+    entries: ConcurrentHashTable<Arc<Entry>, SHARDS>,
+    index: Mutex<Index>,
+}
+
+fn id(bin: [u8; 16]) -> u128 {
+    u128::from_be_bytes(bin)
+}
+
+impl Store {
+    fn insert(&self, entry: Entry) {
+        let key = id(entry.key.combined_bin());
+        let entry = Arc::new(entry);
+        let old = self.entries.write(key).insert(key, entry.clone());
+        let mut ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = old {
+            unindex(&mut ix, key, &old);
+        }
+        ix.by_url
+            .entry(entry.key.user_tag.clone())
+            .or_default()
+            .insert(key);
+        for t in &entry.tags {
+            ix.by_tag.entry(t.clone()).or_default().insert(key);
+        }
+    }
+
+    fn remove(&self, key: u128) -> Option<Arc<Entry>> {
+        let old = self.entries.write(key).remove(&key)?;
+        let mut ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        unindex(&mut ix, key, &old);
+        Some(old)
+    }
+
+    /// Drops every entry of `url` (the `scheme://host/path?query` the key was made from),
+    /// all variants, in every gateway; returns how many.
+    pub fn purge_url(&self, url: &str) -> usize {
+        let keys: Vec<u128> = {
+            let ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            ix.by_url
+                .get(url)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default()
+        };
+        self.drop_all(&keys)
+    }
+
+    /// Drops every entry whose response carried `tag`; returns how many.
+    pub fn purge_tag(&self, tag: &str) -> usize {
+        let keys: Vec<u128> = {
+            let ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            ix.by_tag
+                .get(tag)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default()
+        };
+        self.drop_all(&keys)
+    }
+
+    fn drop_all(&self, keys: &[u128]) -> usize {
+        let mut n = 0;
+        for k in keys {
+            if let Some(e) = self.remove(*k) {
+                EVICTION.remove(CacheEntryKeyRef::KeyOnly(&e.key));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub fn len(&self) -> usize {
+        let mut n = 0;
+        self.entries.for_each(|_, _| n += 1);
+        n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn unindex(ix: &mut Index, key: u128, e: &Entry) {
+    if let Some(set) = ix.by_url.get_mut(&e.key.user_tag) {
+        set.remove(&key);
+        if set.is_empty() {
+            ix.by_url.remove(&e.key.user_tag);
+        }
+    }
+    for t in &e.tags {
+        if let Some(set) = ix.by_tag.get_mut(t) {
+            set.remove(&key);
+            if set.is_empty() {
+                ix.by_tag.remove(t);
+            }
+        }
+    }
+}
+
+/// A hit: the stored body, or the part of it a range asked for, in one piece.
+struct Hit {
+    body: Bytes,
+    start: usize,
+    end: usize,
+    done: bool,
+}
+
+#[async_trait]
+impl HandleHit for Hit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        if self.done {
+            return Ok(None);
+        }
+        self.done = true;
+        Ok(Some(self.body.slice(self.start..self.end)))
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn can_seek(&self) -> bool {
+        true
+    }
+
+    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        if start >= self.body.len() {
+            return pingora_error::Error::e_explain(
+                pingora_error::ErrorType::InternalError,
+                "seek past the end of a cached body",
+            );
+        }
+        self.start = start;
+        self.end = end.map_or(self.body.len(), |e| e.min(self.body.len()));
+        self.done = false;
+        Ok(())
+    }
+
+    fn get_eviction_weight(&self) -> usize {
+        self.body.len()
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// A fill: the body gathers here and the entry appears whole at `finish`, so a lookup never
+/// sees half a response (waiting requests are held by the cache lock meanwhile).
+struct Fill {
+    store: &'static Store,
+    key: CompactCacheKey,
+    meta: Option<Meta>,
+    tags: Vec<Box<str>>,
+    body: BytesMut,
+}
+
+#[async_trait]
+impl HandleMiss for Fill {
+    async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+        self.body.extend_from_slice(&data);
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        let Some(meta) = self.meta.take() else {
+            return pingora_error::Error::e_explain(
+                pingora_error::ErrorType::InternalError,
+                "cache fill finished twice",
+            );
+        };
+        // The weight counts the head too: many small answers must not slip under the bound.
+        let head: usize = meta
+            .header
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        let body = std::mem::take(&mut self.body).freeze();
+        let size = body.len() + head + 256;
+        self.store.insert(Entry {
+            meta,
+            body,
+            key: self.key.clone(),
+            tags: std::mem::take(&mut self.tags),
+        });
+        Ok(MissFinishType::Created(size))
+    }
+}
+
+#[async_trait]
+impl Storage for Store {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let k = id(key.combined_bin());
+        let Some(e) = self.entries.read(k).get(&k).cloned() else {
+            return Ok(None);
+        };
+        let hit = Hit {
+            body: e.body.clone(),
+            start: 0,
+            end: e.body.len(),
+            done: false,
+        };
+        Ok(Some((e.meta.to_meta(), Box::new(hit))))
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let tags = meta
+            .extensions()
+            .get::<Tags>()
+            .map(|t| t.0.clone())
+            .unwrap_or_default();
+        Ok(Box::new(Fill {
+            store: self,
+            key: key.to_compact(),
+            meta: Some(Meta::of(meta)),
+            tags,
+            body: BytesMut::new(),
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _kind: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let key = match target {
+            PurgeTarget::Active(k) => k,
+            PurgeTarget::Exact(CacheEntryKey::KeyOnly(k)) => k,
+            // This store never names entries by id: an identified entry is not one of ours.
+            PurgeTarget::Exact(CacheEntryKey::Identified { .. }) => {
+                return Ok(PurgeOutcome::NotFound)
+            }
+        };
+        Ok(match self.remove(id(key.combined_bin())) {
+            Some(_) => PurgeOutcome::Purged(None),
+            None => PurgeOutcome::NotFound,
+        })
+    }
+
+    /// A 304 refreshed the entry: same body, new head and freshness. Gone meanwhile (evicted,
+    /// purged) is not an error.
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
+        let k = id(key.combined_bin());
+        let mut shard = self.entries.write(k);
+        let Some(old) = shard.get(&k).cloned() else {
+            return Ok(false);
+        };
+        let fresh = Arc::new(Entry {
+            meta: Meta::of(meta),
+            body: old.body.clone(),
+            key: old.key.clone(),
+            tags: old.tags.clone(),
+        });
+        shard.insert(k, fresh);
+        Ok(true)
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}

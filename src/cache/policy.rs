@@ -1,0 +1,434 @@
+//! Storability and freshness of a response for a shared cache, per RFC 9111: what may be
+//! stored (§3, §3.5), how long it is fresh (§4.2.1), how old it already is (§4.2.3), and
+//! when stale may be served (§4.2.4, RFC 5861). Pingora's own `resp_cacheable` leaves out
+//! Age and Date, heuristics, Set-Cookie, `Vary: *` and statuses; this covers them.
+use std::time::{Duration, SystemTime};
+
+use http::{header, StatusCode};
+use pingora_cache::cache_control::CacheControl;
+use pingora_cache::{CacheMeta, NoCacheReason, RespCacheable};
+use pingora_http::ResponseHeader;
+
+use super::Tags;
+use crate::config::offload::CacheRoute;
+
+/// The request carried credentials and the response did not allow sharing it (§3.5).
+pub const AUTHORIZED: &str = "authorized request";
+/// The client asked not to store (`Cache-Control: no-store`).
+pub const BYPASS: &str = "bypass";
+const SET_COOKIE: &str = "set-cookie without public";
+const VARY_ALL: &str = "vary: *";
+const STATUS: &str = "status not cacheable";
+
+/// Statuses a cache may store without explicit freshness (RFC 9110 §15.1).
+fn heuristic_status(s: u16) -> bool {
+    matches!(
+        s,
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+fn uncacheable(reason: &'static str) -> RespCacheable {
+    RespCacheable::Uncacheable(NoCacheReason::Custom(reason))
+}
+
+/// Seconds of a delta-seconds directive; a malformed one counts as 0 (§4.2.1: treat as stale).
+fn secs(v: pingora_error::Result<Option<u32>>) -> Option<u64> {
+    match v {
+        Ok(v) => v.map(u64::from),
+        Err(_) => Some(0),
+    }
+}
+
+fn date(resp: &ResponseHeader, name: header::HeaderName) -> Option<SystemTime> {
+    let mut values = resp.headers.get_all(name).iter();
+    let v = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    httpdate::parse_http_date(v.to_str().ok()?).ok()
+}
+
+/// How old the response was when it reached us (§4.2.3, without the response delay, which
+/// on a gateway's own link is below the one-second resolution).
+pub fn initial_age(resp: &ResponseHeader, now: SystemTime) -> u64 {
+    let age_value = resp
+        .headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let apparent = date(resp, header::DATE)
+        .and_then(|d| now.duration_since(d).ok())
+        .map_or(0, |d| d.as_secs());
+    apparent.max(age_value)
+}
+
+/// The route's decision on a response. `authorized`: the request carried `Authorization`;
+/// `age`: the response's age when it arrived, when the caller knows better than the stored
+/// head (a 304's Date and Age refresh an entry whose head keeps the old ones).
+pub fn decide(
+    route: &CacheRoute,
+    authorized: bool,
+    resp: &ResponseHeader,
+    now: SystemTime,
+    age: Option<u64>,
+) -> RespCacheable {
+    let status = resp.status.as_u16();
+    // Partial content is not the representation; informational and 5xx answers (but 501)
+    // are about this one exchange.
+    if resp.status == StatusCode::PARTIAL_CONTENT || resp.status.is_informational() {
+        return uncacheable(STATUS);
+    }
+    let cc = CacheControl::from_resp_headers(resp);
+    let has = |f: fn(&CacheControl) -> bool| cc.as_ref().is_some_and(f);
+    if has(CacheControl::no_store) || has(CacheControl::private) {
+        return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
+    }
+    let public = has(CacheControl::public);
+    let s_maxage = cc.as_ref().and_then(|c| secs(c.s_maxage()));
+    let must_revalidate = has(CacheControl::must_revalidate);
+    if authorized && !(public || s_maxage.is_some() || must_revalidate) {
+        return uncacheable(AUTHORIZED);
+    }
+    if resp.headers.contains_key(header::SET_COOKIE) && !public {
+        return uncacheable(SET_COOKIE);
+    }
+    let vary_all = resp.headers.get_all(header::VARY).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii() == b"*")
+    });
+    if vary_all {
+        return uncacheable(VARY_ALL);
+    }
+
+    // §4.2.1: s-maxage, then max-age, then Expires less Date.
+    let explicit = s_maxage
+        .or_else(|| cc.as_ref().and_then(|c| secs(c.max_age())))
+        .or_else(|| {
+            if !resp.headers.contains_key(header::EXPIRES) {
+                return None;
+            }
+            // An invalid Expires (or two) means "already expired" (§5.3).
+            let expires = date(resp, header::EXPIRES)?;
+            let base = date(resp, header::DATE).unwrap_or(now);
+            Some(expires.duration_since(base).map_or(0, |d| d.as_secs()))
+        })
+        .or_else(|| resp.headers.contains_key(header::EXPIRES).then_some(0));
+    let lifetime = match explicit {
+        // Explicit freshness makes any final status storable (§3) but server errors, which
+        // speak of this one exchange.
+        Some(l) if status < 500 || status == 501 => l,
+        Some(_) => return uncacheable(STATUS),
+        // §4.2.2: a heuristic (here the route's ttl) only for statuses that allow one, or
+        // a response marked public.
+        None if !route.ttl.is_zero() && (heuristic_status(status) || public) => route.ttl.as_secs(),
+        None if heuristic_status(status) || public => {
+            return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache)
+        }
+        None => return uncacheable(STATUS),
+    };
+
+    let no_cache = has(CacheControl::no_cache);
+    let age = age.unwrap_or_else(|| initial_age(resp, now));
+    let fresh_until = if no_cache || lifetime <= age {
+        // Stored, but every use revalidates first.
+        now - Duration::from_secs(1)
+    } else {
+        now + Duration::from_secs(lifetime - age)
+    };
+    // Serving stale is off when the origin forbids it (§4.2.4, §5.2.2.2, §5.2.2.8, s-maxage
+    // implies proxy-revalidate).
+    let strict =
+        must_revalidate || has(CacheControl::proxy_revalidate) || s_maxage.is_some() || no_cache;
+    let (swr, sie) = if strict {
+        (0, 0)
+    } else {
+        let pick = |v: Option<u64>, default: u32| {
+            v.map_or(default, |v| u32::try_from(v).unwrap_or(u32::MAX))
+        };
+        (
+            pick(
+                cc.as_ref()
+                    .and_then(|c| c.stale_while_revalidate().ok().flatten().map(u64::from)),
+                route.stale_while_revalidate,
+            ),
+            pick(
+                cc.as_ref()
+                    .and_then(|c| c.stale_if_error().ok().flatten().map(u64::from)),
+                route.stale_if_error,
+            ),
+        )
+    };
+
+    let mut stored = resp.clone();
+    // A public response's cookie was meant for the client it went to, not for everyone
+    // served from the copy; `private="x"` / `no-cache="x"` fields are not shared either.
+    stored.remove_header(&header::SET_COOKIE);
+    if let Some(c) = &cc {
+        let mut named: Vec<String> = Vec::new();
+        for it in [c.private_field_names(), c.no_cache_field_names()]
+            .into_iter()
+            .flatten()
+        {
+            for f in it {
+                if let Ok(s) = std::str::from_utf8(f) {
+                    named.push(s.trim().to_ascii_lowercase());
+                }
+            }
+        }
+        for n in named {
+            stored.remove_header(n.as_str());
+        }
+    }
+    let mut meta = CacheMeta::new(fresh_until, now, swr, sie, stored);
+    meta.set_epoch_override(now - Duration::from_secs(age));
+    let tags: Vec<Box<str>> = resp
+        .headers
+        .get_all(&route.tag_header)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(str::split_ascii_whitespace)
+        .filter(|t| t.len() <= 256)
+        .take(64)
+        .map(Box::from)
+        .collect();
+    if !tags.is_empty() {
+        meta.extensions_mut().insert(Tags(tags));
+    }
+    RespCacheable::Cacheable(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(ttl: u64) -> CacheRoute {
+        CacheRoute {
+            ttl: Duration::from_secs(ttl),
+            max_size: 1 << 20,
+            lock_timeout: Duration::from_secs(5),
+            stale_while_revalidate: 0,
+            stale_if_error: 0,
+            tag_header: http::HeaderName::from_static("surrogate-key"),
+            expose_tags: false,
+            status_header: None,
+        }
+    }
+
+    fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut r = ResponseHeader::build(status, None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    /// Seconds of freshness left, or None when not stored.
+    fn fresh(route: &CacheRoute, auth: bool, r: &ResponseHeader) -> Option<i64> {
+        let now = SystemTime::now();
+        match decide(route, auth, r, now, None) {
+            RespCacheable::Cacheable(m) => Some(match m.fresh_until().duration_since(now) {
+                Ok(d) => d.as_secs() as i64,
+                Err(_) => -1,
+            }),
+            RespCacheable::Uncacheable(_) => None,
+        }
+    }
+
+    #[test]
+    fn storability() {
+        let r = route(60);
+        assert_eq!(
+            fresh(&r, false, &resp(200, &[])),
+            Some(60),
+            "route ttl as default"
+        );
+        assert_eq!(
+            fresh(&route(0), false, &resp(200, &[])),
+            None,
+            "ttl 0: origin must say"
+        );
+        assert_eq!(
+            fresh(
+                &route(0),
+                false,
+                &resp(200, &[("cache-control", "max-age=30")])
+            ),
+            Some(30)
+        );
+        assert_eq!(
+            fresh(
+                &r,
+                false,
+                &resp(200, &[("cache-control", "max-age=5, s-maxage=20")])
+            ),
+            Some(20)
+        );
+        assert_eq!(
+            fresh(&r, false, &resp(200, &[("cache-control", "no-store")])),
+            None
+        );
+        assert_eq!(
+            fresh(
+                &r,
+                false,
+                &resp(200, &[("cache-control", "private, max-age=60")])
+            ),
+            None
+        );
+        assert_eq!(
+            fresh(&r, false, &resp(200, &[("cache-control", "no-cache")])),
+            Some(-1),
+            "stored, revalidated each time"
+        );
+        assert_eq!(fresh(&r, false, &resp(500, &[])), None);
+        assert_eq!(
+            fresh(&r, false, &resp(502, &[("cache-control", "max-age=60")])),
+            None
+        );
+        assert_eq!(fresh(&r, false, &resp(404, &[])), Some(60));
+        assert_eq!(
+            fresh(&r, false, &resp(302, &[])),
+            None,
+            "no heuristic for 302"
+        );
+        assert_eq!(
+            fresh(&r, false, &resp(206, &[("cache-control", "max-age=60")])),
+            None
+        );
+        assert_eq!(fresh(&r, false, &resp(200, &[("vary", "Accept, *")])), None);
+        // Credentials (§3.5) and cookies.
+        assert_eq!(
+            fresh(&r, true, &resp(200, &[("cache-control", "max-age=60")])),
+            None
+        );
+        assert_eq!(
+            fresh(
+                &r,
+                true,
+                &resp(200, &[("cache-control", "public, max-age=60")])
+            ),
+            Some(60)
+        );
+        assert_eq!(
+            fresh(&r, true, &resp(200, &[("cache-control", "s-maxage=60")])),
+            Some(60)
+        );
+        assert_eq!(fresh(&r, false, &resp(200, &[("set-cookie", "a=1")])), None);
+        assert_eq!(
+            fresh(
+                &r,
+                false,
+                &resp(
+                    200,
+                    &[
+                        ("set-cookie", "a=1"),
+                        ("cache-control", "public, max-age=9")
+                    ]
+                )
+            ),
+            Some(9)
+        );
+    }
+
+    #[test]
+    fn age_and_dates() {
+        let r = route(0);
+        let now = SystemTime::now();
+        let date = httpdate::fmt_http_date(now - Duration::from_secs(20));
+        // Age carried from upstream counts against max-age.
+        assert_eq!(
+            fresh(
+                &r,
+                false,
+                &resp(200, &[("cache-control", "max-age=60"), ("age", "50")])
+            ),
+            Some(10)
+        );
+        assert_eq!(
+            fresh(
+                &r,
+                false,
+                &resp(200, &[("cache-control", "max-age=60"), ("date", &date)])
+            ),
+            Some(40)
+        );
+        assert_eq!(
+            fresh(
+                &r,
+                false,
+                &resp(200, &[("cache-control", "max-age=60"), ("age", "90")])
+            ),
+            Some(-1)
+        );
+        let expires = httpdate::fmt_http_date(now + Duration::from_secs(100));
+        assert_eq!(
+            fresh(
+                &r,
+                false,
+                &resp(
+                    200,
+                    &[
+                        ("expires", &expires),
+                        ("date", &httpdate::fmt_http_date(now))
+                    ]
+                )
+            ),
+            Some(100)
+        );
+        assert_eq!(
+            fresh(&r, false, &resp(200, &[("expires", "0")])),
+            Some(-1),
+            "invalid Expires: stale"
+        );
+        // The age is carried into the entry, so Age on hits continues from it.
+        match decide(
+            &r,
+            false,
+            &resp(200, &[("cache-control", "max-age=60"), ("age", "50")]),
+            now,
+            None,
+        ) {
+            RespCacheable::Cacheable(m) => assert!(m.age().as_secs() >= 50),
+            _ => panic!("not stored"),
+        }
+    }
+
+    #[test]
+    fn stale_permissions_and_stored_head() {
+        let r = CacheRoute {
+            stale_if_error: 30,
+            ..route(60)
+        };
+        let now = SystemTime::now();
+        let meta = |h: &[(&str, &str)]| match decide(&r, false, &resp(200, h), now, None) {
+            RespCacheable::Cacheable(m) => m,
+            _ => panic!("not stored"),
+        };
+        let m = meta(&[("cache-control", "max-age=5, stale-while-revalidate=10")]);
+        assert_eq!(
+            (m.stale_while_revalidate_sec(), m.stale_if_error_sec()),
+            (10, 30)
+        );
+        let m = meta(&[(
+            "cache-control",
+            "max-age=5, must-revalidate, stale-if-error=10",
+        )]);
+        assert_eq!(
+            (m.stale_while_revalidate_sec(), m.stale_if_error_sec()),
+            (0, 0)
+        );
+        let m = meta(&[
+            ("cache-control", "public, max-age=5, private=\"x-user\""),
+            ("x-user", "ada"),
+            ("set-cookie", "s=1"),
+            ("surrogate-key", "users  user-1"),
+        ]);
+        assert!(m.headers().get("x-user").is_none());
+        assert!(m.headers().get("set-cookie").is_none());
+        let tags = m.extensions().get::<Tags>().unwrap();
+        assert_eq!(tags.0, vec![Box::from("users"), Box::from("user-1")]);
+    }
+}

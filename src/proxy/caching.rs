@@ -1,0 +1,224 @@
+//! The proxy's side of the response cache (see `cache.rs`): which requests use it, their key,
+//! what the client's own Cache-Control asks for, the status header, tag hiding, and the
+//! invalidation that a successful unsafe request causes (RFC 9111 §4.4).
+use std::time::SystemTime;
+
+use http::{header, Method};
+use pingora_cache::cache_control::CacheControl;
+use pingora_cache::key::CacheKey;
+use pingora_cache::{
+    CacheMeta, CacheOptionOverrides, ForcedFreshness, RespCacheable, VarianceBuilder,
+};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+use super::RequestCtx;
+use crate::cache::{self, policy, EVICTION, LOCK, PREDICTOR, STORE};
+use crate::config::offload::CacheRoute;
+
+/// The request's cache settings: its route's, when it has them.
+pub(super) fn route_cache(ctx: &RequestCtx, gw: usize) -> Option<&CacheRoute> {
+    let rt = ctx.rt.as_ref()?;
+    rt.gateways.get(gw)?.routes[ctx.route?].cache.as_deref()
+}
+
+/// What the client's Cache-Control (or HTTP/1.0 `Pragma: no-cache`) asks of the cache.
+struct Asks {
+    no_store: bool,
+    no_cache: bool,
+    max_age: Option<u32>,
+    only_if_cached: bool,
+}
+
+fn asks(req: &RequestHeader) -> Asks {
+    match CacheControl::from_req_headers(req) {
+        Some(cc) => Asks {
+            no_store: cc.no_store(),
+            no_cache: cc.no_cache(),
+            max_age: cc.max_age().ok().flatten(),
+            only_if_cached: cc.only_if_cached(),
+        },
+        None => Asks {
+            no_store: false,
+            // §5.4: Pragma counts only without Cache-Control.
+            no_cache: req
+                .headers
+                .get(header::PRAGMA)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache")),
+            max_age: None,
+            only_if_cached: false,
+        },
+    }
+}
+
+/// request_cache_filter: GET and HEAD on a cached route use the cache, unless the client
+/// said `no-store`.
+pub(super) fn enable(session: &mut Session, ctx: &mut RequestCtx, gw: usize) {
+    let Some(cfg) = route_cache(ctx, gw) else {
+        return;
+    };
+    let req = session.req_header();
+    if !(req.method == Method::GET || req.method == Method::HEAD) || session.is_upgrade_req() {
+        return;
+    }
+    if asks(req).no_store {
+        ctx.cache_bypass = true;
+        return;
+    }
+    let mut o = CacheOptionOverrides::default();
+    o.wait_timeout = Some(cfg.lock_timeout);
+    let max = cfg.max_size;
+    session.cache.enable(
+        &*STORE,
+        Some(&*EVICTION),
+        Some(&*PREDICTOR),
+        Some(LOCK.as_ref()),
+        Some(o),
+    );
+    session.cache.set_max_file_size_bytes(max);
+}
+
+/// The URL part of the key, `scheme://host/path?query` (host lower-cased): also what a purge
+/// by URL names.
+pub(super) fn url(tls: bool, req: &RequestHeader) -> String {
+    let host = req
+        .headers
+        .get(header::HOST)
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).to_ascii_lowercase())
+        .unwrap_or_default();
+    let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    format!("{}://{host}{pq}", if tls { "https" } else { "http" })
+}
+
+/// The key: the gateway and the URL (HEAD shares the GET's entry; Vary adds variance).
+pub(super) fn key(gateway: &str, tls: bool, req: &RequestHeader) -> CacheKey {
+    let url = url(tls, req);
+    CacheKey::new(format!("{gateway}\n{url}"), url)
+}
+
+/// cache_hit_filter: the client's `no-cache` or `max-age` can make a fresh entry too old
+/// for it; it is then revalidated (and never served stale instead).
+pub(super) fn hit_freshness(
+    req: &RequestHeader,
+    meta: &CacheMeta,
+    fresh: bool,
+) -> Option<ForcedFreshness> {
+    if !fresh {
+        return None;
+    }
+    let a = asks(req);
+    let too_old = a
+        .max_age
+        .is_some_and(|m| meta.age().as_secs() > u64::from(m));
+    (a.no_cache || too_old).then_some(ForcedFreshness::ForceExpired)
+}
+
+/// `only-if-cached` on a miss: the client wants no upstream request (§5.2.1.7).
+pub(super) fn only_if_cached(req: &RequestHeader) -> bool {
+    asks(req).only_if_cached
+}
+
+/// `credentials`: the headers the route's auth plugins read or set (and Authorization): a
+/// request carrying any was authenticated, and its answer is shared only when the origin
+/// says so, as §3.5 asks for Authorization. Cookie alone does not count, as at CDNs.
+pub(super) fn decide(
+    cfg: &CacheRoute,
+    credentials: &[header::HeaderName],
+    req: &RequestHeader,
+    resp: &ResponseHeader,
+    ctx: &mut RequestCtx,
+) -> RespCacheable {
+    let authorized = credentials
+        .iter()
+        .filter(|h| **h != header::COOKIE)
+        .any(|h| req.headers.contains_key(h));
+    policy::decide(
+        cfg,
+        authorized,
+        resp,
+        SystemTime::now(),
+        ctx.cache_age.take(),
+    )
+}
+
+/// The variance of a request against a stored response's `Vary`.
+pub(super) fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<[u8; 16]> {
+    let mut b = VarianceBuilder::new();
+    for v in meta.headers().get_all(header::VARY) {
+        for name in v.as_bytes().split(|&c| c == b',') {
+            let name = name.trim_ascii();
+            if name.is_empty() {
+                continue;
+            }
+            let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+            let value = req
+                .headers
+                .get_all(name.as_str())
+                .iter()
+                .flat_map(|v| v.as_bytes().iter().copied().chain([b',']))
+                .collect::<Vec<u8>>();
+            b.add_owned_name_value(name, value);
+        }
+    }
+    b.finalize()
+}
+
+/// response_filter: the status header, the tags hidden, and §4.4 invalidation.
+pub(super) fn on_response(
+    cfg: &CacheRoute,
+    session: &Session,
+    resp: &mut ResponseHeader,
+    status: Option<&'static str>,
+    tls: bool,
+) {
+    if let (Some(h), Some(s)) = (&cfg.status_header, status) {
+        let _ = resp.insert_header(h.clone(), s);
+    }
+    if !cfg.expose_tags {
+        resp.remove_header(&cfg.tag_header);
+    }
+    let req = session.req_header();
+    let unsafe_method = matches!(
+        req.method,
+        Method::POST | Method::PUT | Method::DELETE | Method::PATCH
+    );
+    if unsafe_method && (200..400).contains(&resp.status.as_u16()) {
+        invalidate(tls, req, resp);
+    }
+}
+
+/// A successful unsafe request makes stored answers for its URI, and for the
+/// Location/Content-Location it names on the same host, stale (here: gone).
+fn invalidate(tls: bool, req: &RequestHeader, resp: &ResponseHeader) {
+    let target = url(tls, req);
+    STORE.purge_url(&target);
+    // The authority part, `scheme://host`, that other URLs must share.
+    let origin_len = target
+        .find("://")
+        .and_then(|i| target[i + 3..].find('/').map(|j| i + 3 + j))
+        .unwrap_or(target.len());
+    let origin = &target[..origin_len];
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(v) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        let other = if v.starts_with('/') && !v.starts_with("//") {
+            format!("{origin}{v}")
+        } else if v.len() > origin.len()
+            && v[..origin.len()].eq_ignore_ascii_case(origin)
+            && v.as_bytes()[origin.len()] == b'/'
+        {
+            format!("{origin}{}", &v[origin.len()..])
+        } else {
+            continue;
+        };
+        STORE.purge_url(&other);
+    }
+}
+
+pub(super) fn status(session: &Session, ctx: &RequestCtx) -> Option<&'static str> {
+    if ctx.cache_bypass {
+        return Some("BYPASS");
+    }
+    cache::status(session.cache.phase())
+}

@@ -1,0 +1,465 @@
+//! The response cache end to end: a real upstream that counts what reaches it, the gateway,
+//! a real client. Each test asserts what a client sees (status, x-cache-status, body, Age)
+//! and what the upstream saw (how many requests, which conditionals).
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hyper::{Request, Response};
+
+const TOKEN: &str = "purge-token-0123456789abcdef";
+
+/// Requests per path that reached the upstream, and the If-None-Match each carried.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<HashMap<String, Vec<Option<String>>>>>);
+
+impl Seen {
+    fn count(&self, path: &str) -> usize {
+        self.0.lock().unwrap().get(path).map_or(0, Vec::len)
+    }
+    fn conditionals(&self, path: &str) -> Vec<Option<String>> {
+        self.0
+            .lock()
+            .unwrap()
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+async fn upstream(addr: Option<std::net::SocketAddr>, seen: Seen) -> Ctl {
+    serve_ctl(addr, move |req: Request<hyper::body::Incoming>| {
+        let seen = seen.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            let inm = req
+                .headers()
+                .get("if-none-match")
+                .map(|v| v.to_str().unwrap().to_string());
+            let lang = req
+                .headers()
+                .get("accept-language")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let n = {
+                let mut m = seen.0.lock().unwrap();
+                let v = m.entry(path.clone()).or_default();
+                v.push(inm.clone());
+                v.len()
+            };
+            let b = Response::builder().header("content-type", "text/plain");
+            let body = format!("{path} #{n}");
+            let r = match path
+                .trim_start_matches("/c")
+                .trim_start_matches("/u")
+                .trim_start_matches("/k")
+            {
+                "/fresh" => b
+                    .header("cache-control", "max-age=60")
+                    .header("surrogate-key", "users user-1"),
+                "/slow" => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    b.header("cache-control", "max-age=60")
+                }
+                "/nostore" => b.header("cache-control", "no-store, max-age=60"),
+                "/private" => b.header("cache-control", "private, max-age=60"),
+                "/cookie" => b
+                    .header("cache-control", "max-age=60")
+                    .header("set-cookie", "session=abc"),
+                "/shared" => b.header("cache-control", "public, max-age=60"),
+                "/vary" => {
+                    return Response::builder()
+                        .header("cache-control", "max-age=60")
+                        .header("vary", "Accept-Language")
+                        .body(full(format!("{lang} #{n}")))
+                        .unwrap()
+                }
+                "/age" => b.header("cache-control", "max-age=60").header("age", "50"),
+                "/nomark" => b,
+                "/etag" => {
+                    if inm.as_deref() == Some("\"e1\"") {
+                        return Response::builder()
+                            .status(304)
+                            .header("etag", "\"e1\"")
+                            .header("cache-control", "max-age=1")
+                            .body(full(""))
+                            .unwrap();
+                    }
+                    b.header("cache-control", "max-age=1")
+                        .header("etag", "\"e1\"")
+                }
+                "/stale" => b.header("cache-control", "max-age=1, stale-if-error=60"),
+                "/swr" => b.header("cache-control", "max-age=1, stale-while-revalidate=60"),
+                "/tagged" => b
+                    .header("cache-control", "max-age=60")
+                    .header("surrogate-key", "t1 t2"),
+                "/items" => b.header("cache-control", "max-age=60"),
+                _ => b.status(404),
+            };
+            let r = if req.method() == hyper::Method::POST && path.ends_with("/items") {
+                b_created()
+            } else {
+                r.body(full(body)).unwrap()
+            };
+            r
+        }
+    })
+    .await
+}
+
+fn b_created() -> Response<Body> {
+    Response::builder()
+        .status(201)
+        .header("location", "/c/fresh")
+        .body(full("created"))
+        .unwrap()
+}
+
+fn start(up: std::net::SocketAddr) -> (Gatehouse, u16, u16) {
+    let (port, admin) = (free_port(), free_port());
+    let key = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"app-key-1"));
+    let toml = format!(
+        r#"
+[server]
+admin = "127.0.0.1:{admin}"
+admin_token = "{TOKEN}"
+[plugins.keys]
+kind = "key_auth"
+header = "x-api-key"
+keys = {{ "app" = "sha256:{key}" }}
+[upstreams.u]
+peers = ["{up}"]
+[gateways.g]
+listen = ["127.0.0.1:{port}"]
+[[routes]]
+path = "/c"
+upstream = "u"
+cache = {{ ttl = "0s", stale_if_error = "0s" }}
+[[routes]]
+path = "/u"
+upstream = "u"
+cache = {{ ttl = "60s", status_header = "x-cached", expose_tags = true }}
+[[routes]]
+path = "/k"
+upstream = "u"
+cache = {{ ttl = "60s" }}
+plugins = ["keys"]
+[[routes]]
+path = "/plain"
+upstream = "u"
+"#
+    );
+    (Gatehouse::start(&toml, &[port, admin]), port, admin)
+}
+
+struct Got {
+    status: u16,
+    cache: String,
+    age: Option<u64>,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+async fn req(method: &str, port: u16, path: &str, headers: &[(&str, &str)]) -> Got {
+    let mut r = client().request(
+        method.parse().unwrap(),
+        format!("http://127.0.0.1:{port}{path}"),
+    );
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let resp = r.send().await.expect("response");
+    let headers = resp.headers().clone();
+    let h = |n: &str| headers.get(n).map(|v| v.to_str().unwrap().to_string());
+    Got {
+        status: resp.status().as_u16(),
+        cache: h("x-cache-status").or(h("x-cached")).unwrap_or_default(),
+        age: h("age").and_then(|a| a.parse().ok()),
+        body: resp.text().await.unwrap(),
+        headers,
+    }
+}
+
+async fn get(port: u16, path: &str) -> Got {
+    req("GET", port, path, &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_misses_and_what_is_never_stored() {
+    let seen = Seen::default();
+    let up = upstream(None, seen.clone()).await;
+    let (_g, port, _) = start(up.addr);
+
+    let a = get(port, "/c/fresh").await;
+    assert_eq!(
+        (a.status, &*a.cache, &*a.body),
+        (200, "MISS", "/c/fresh #1")
+    );
+    let b = get(port, "/c/fresh").await;
+    assert_eq!((b.status, &*b.cache, &*b.body), (200, "HIT", "/c/fresh #1"));
+    assert_eq!(b.age, Some(0));
+    assert!(
+        b.headers.get("surrogate-key").is_none(),
+        "tags are hidden by default"
+    );
+    assert_eq!(seen.count("/c/fresh"), 1);
+    // A query is part of the key.
+    assert_eq!(get(port, "/c/fresh?page=2").await.cache, "MISS");
+    assert_eq!(get(port, "/c/fresh?page=2").await.cache, "HIT");
+    // HEAD is served from the stored GET.
+    let h = req("HEAD", port, "/c/fresh", &[]).await;
+    assert_eq!((h.status, &*h.cache, &*h.body), (200, "HIT", ""));
+    // A conditional request is answered from the cache.
+    let etag_less = req(
+        "GET",
+        port,
+        "/c/fresh",
+        &[("if-modified-since", "Sat, 01 Jan 2100 00:00:00 GMT")],
+    )
+    .await;
+    assert_eq!(
+        etag_less.status, 200,
+        "no Last-Modified stored: no 304 by date"
+    );
+    assert_eq!(seen.count("/c/fresh"), 2, "one per query");
+
+    // The age the upstream reported goes on: Age on hits continues from it.
+    get(port, "/c/age").await;
+    let hit = get(port, "/c/age").await;
+    assert_eq!(hit.cache, "HIT");
+    assert!(
+        hit.age.is_some_and(|a| (50..55).contains(&a)),
+        "{:?}",
+        hit.age
+    );
+
+    // Never stored: no-store, private, Set-Cookie without public; each request goes upstream.
+    for p in ["/c/nostore", "/c/private", "/c/cookie"] {
+        get(port, p).await;
+        let again = get(port, p).await;
+        assert_eq!(again.cache, "MISS", "{p}");
+        assert_eq!(seen.count(p), 2, "{p}");
+    }
+    // ttl = "0s": a response without freshness information is not stored...
+    get(port, "/c/nomark").await;
+    assert_eq!(get(port, "/c/nomark").await.cache, "MISS");
+    // ...with ttl = "60s" it is, and this route names its status header itself.
+    get(port, "/u/nomark").await;
+    let hit = get(port, "/u/nomark").await;
+    assert_eq!((&*hit.cache, &*hit.body), ("HIT", "/u/nomark #1"));
+    assert!(hit.headers.get("x-cache-status").is_none());
+    // A route without cache says nothing about it.
+    assert!(get(port, "/plain/fresh")
+        .await
+        .headers
+        .get("x-cache-status")
+        .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_racing_on_a_cold_key_make_one_upstream_request() {
+    let seen = Seen::default();
+    let up = upstream(None, seen.clone()).await;
+    let (_g, port, _) = start(up.addr);
+    let start = Instant::now();
+    let (a, b) = tokio::join!(get(port, "/c/slow"), get(port, "/c/slow"));
+    assert_eq!(seen.count("/c/slow"), 1, "the second waited for the first");
+    assert_eq!((&*a.body, &*b.body), ("/c/slow #1", "/c/slow #1"));
+    let mut statuses = [a.cache, b.cache];
+    statuses.sort();
+    assert_eq!(statuses, ["HIT".to_string(), "MISS".to_string()]);
+    assert!(start.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_and_credentials() {
+    let seen = Seen::default();
+    let up = upstream(None, seen.clone()).await;
+    let (_g, port, _) = start(up.addr);
+    let en = [("accept-language", "en")];
+    let fr = [("accept-language", "fr")];
+    assert_eq!(req("GET", port, "/c/vary", &en).await.body, "en #1");
+    assert_eq!(req("GET", port, "/c/vary", &fr).await.body, "fr #2");
+    let en_hit = req("GET", port, "/c/vary", &en).await;
+    let fr_hit = req("GET", port, "/c/vary", &fr).await;
+    assert_eq!((&*en_hit.cache, &*en_hit.body), ("HIT", "en #1"));
+    assert_eq!((&*fr_hit.cache, &*fr_hit.body), ("HIT", "fr #2"));
+    assert_eq!(seen.count("/c/vary"), 2);
+
+    // Authorization: stored only when the response allows sharing (public, s-maxage...).
+    let auth = [("authorization", "Bearer secret-of-ada")];
+    req("GET", port, "/c/fresh", &auth).await;
+    req("GET", port, "/c/fresh", &auth).await;
+    assert_eq!(
+        seen.count("/c/fresh"),
+        2,
+        "credentialed answers are not shared"
+    );
+    req("GET", port, "/c/shared", &auth).await;
+    assert_eq!(req("GET", port, "/c/shared", &auth).await.cache, "HIT");
+    // So with the credentials of the route's auth plugins (an API key header).
+    let key = [("x-api-key", "app-key-1")];
+    assert_eq!(req("GET", port, "/k/fresh", &key).await.status, 200);
+    assert_eq!(req("GET", port, "/k/fresh", &key).await.cache, "MISS");
+    assert_eq!(seen.count("/k/fresh"), 2);
+    assert_eq!(req("GET", port, "/k/shared", &key).await.cache, "MISS");
+    assert_eq!(req("GET", port, "/k/shared", &key).await.cache, "HIT");
+    // Auth runs before the cache: a hit is no way around it.
+    assert_eq!(get(port, "/k/shared").await.status, 401);
+    // One client's credentials did not turn caching off for the URL.
+    get(port, "/c/fresh").await;
+    assert_eq!(get(port, "/c/fresh").await.cache, "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revalidation_stale_and_client_directives() {
+    let seen = Seen::default();
+    let up = upstream(None, seen.clone()).await;
+    let (_g, port, _) = start(up.addr);
+
+    // 304 from the upstream refreshes the entry: same body, fresh again.
+    assert_eq!(get(port, "/c/etag").await.cache, "MISS");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = get(port, "/c/etag").await;
+    assert_eq!((&*r.cache, &*r.body), ("REVALIDATED", "/c/etag #1"));
+    assert_eq!(
+        seen.conditionals("/c/etag"),
+        vec![None, Some("\"e1\"".into())]
+    );
+    let r = get(port, "/c/etag").await;
+    assert_eq!(r.cache, "HIT", "the 304 made it fresh again");
+    // A client conditional is answered 304 from the cache.
+    let r = req("GET", port, "/c/etag", &[("if-none-match", "\"e1\"")]).await;
+    assert_eq!((r.status, &*r.cache), (304, "HIT"));
+    // Client no-cache: revalidated even though fresh.
+    let r = req("GET", port, "/c/etag", &[("cache-control", "no-cache")]).await;
+    assert_eq!(r.cache, "REVALIDATED");
+    assert_eq!(seen.count("/c/etag"), 3);
+    // only-if-cached: a miss is a 504 and reaches no upstream.
+    let r = req(
+        "GET",
+        port,
+        "/c/never",
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_eq!(r.status, 504);
+    assert_eq!(seen.count("/c/never"), 0);
+    // Client no-store: the cache is not used.
+    let r = req("GET", port, "/c/fresh", &[("cache-control", "no-store")]).await;
+    assert_eq!(r.cache, "BYPASS");
+
+    // stale-while-revalidate: stale served at once, one refresh in the background.
+    get(port, "/c/swr").await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = get(port, "/c/swr").await;
+    assert_eq!((&*r.cache, &*r.body), ("UPDATING", "/c/swr #1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = get(port, "/c/swr").await;
+    assert_eq!((&*r.cache, &*r.body), ("HIT", "/c/swr #2"));
+    assert_eq!(seen.count("/c/swr"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_with_the_upstream_down() {
+    let seen = Seen::default();
+    let up = upstream(None, seen.clone()).await;
+    let (_g, port, _) = start(up.addr);
+    assert_eq!(get(port, "/c/stale").await.cache, "MISS");
+    assert_eq!(get(port, "/c/fresh").await.cache, "MISS");
+    up.kill();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = get(port, "/c/stale").await;
+    assert_eq!(
+        (r.status, &*r.cache, &*r.body),
+        (200, "STALE", "/c/stale #1")
+    );
+    // Fresh entries are served as ever.
+    assert_eq!(get(port, "/c/fresh").await.cache, "HIT");
+    // Without stale-if-error, an expired entry is not served in place of the error.
+    let r = get(port, "/c/nomark").await;
+    assert_eq!(r.status, 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_url_and_tag_and_unsafe_methods() {
+    let seen = Seen::default();
+    let up = upstream(None, seen.clone()).await;
+    let (_g, port, admin) = start(up.addr);
+    let purge = |q: &str, token: Option<&str>| {
+        let mut r = client().post(format!("http://127.0.0.1:{admin}/cache/purge?{q}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let en = [("accept-language", "en")];
+    let fr = [("accept-language", "fr")];
+    req("GET", port, "/c/vary", &en).await;
+    req("GET", port, "/c/vary", &fr).await;
+    get(port, "/c/fresh").await;
+    get(port, "/c/tagged").await;
+    let tagged = get(port, "/u/tagged").await;
+    assert_eq!(
+        tagged
+            .headers
+            .get("surrogate-key")
+            .map(|v| v.to_str().unwrap()),
+        Some("t1 t2"),
+        "expose_tags shows them"
+    );
+
+    // Refused without the token, or with another.
+    let r = purge(&format!("url=http://127.0.0.1:{port}/c/fresh"), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = purge("tag=t1", Some("wrong-token-0123456789abcdef"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(get(port, "/c/fresh").await.cache, "HIT");
+
+    // By URL: every variant.
+    let url = format!("http://127.0.0.1:{port}/c/vary");
+    let r = purge(&format!("url={}", form(&url)), Some(TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["purged"], 2, "{body}");
+    assert_eq!(req("GET", port, "/c/vary", &en).await.cache, "MISS");
+    assert_eq!(req("GET", port, "/c/vary", &fr).await.cache, "MISS");
+
+    // By tag: every entry that carried it, on any route.
+    let r = purge("tag=t2", Some(TOKEN)).await.unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["purged"], 2, "{body}");
+    assert_eq!(get(port, "/c/tagged").await.cache, "MISS");
+    assert_eq!(get(port, "/c/fresh").await.cache, "HIT", "other tags stay");
+    let r = purge("tag=user-1", Some(TOKEN)).await.unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["purged"], 1, "{body}");
+    assert_eq!(get(port, "/c/fresh").await.cache, "MISS");
+
+    // A successful POST invalidates its URI and the Location it names (§4.4).
+    get(port, "/c/items").await;
+    assert_eq!(get(port, "/c/items").await.cache, "HIT");
+    assert_eq!(get(port, "/c/fresh").await.cache, "HIT");
+    let r = req("POST", port, "/c/items", &[]).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(get(port, "/c/items").await.cache, "MISS");
+    assert_eq!(get(port, "/c/fresh").await.cache, "MISS");
+}
+
+fn form(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
