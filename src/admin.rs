@@ -57,7 +57,15 @@ impl Admin {
             .iter()
             .map(|g| json!({ "name": &*g.name, "routes": g.routes.len() }))
             .collect();
-        json!({ "gateways": gateways, "upstreams": upstreams })
+        use pingora_cache::eviction::EvictionManager;
+        let ev = &*crate::cache::EVICTION;
+        let cache = json!({
+            "entries": crate::cache::STORE.len(),
+            "bytes": ev.total_size(),
+            "limit": ev.weight_limit(),
+            "evicted": ev.evicted_items(),
+        });
+        json!({ "gateways": gateways, "upstreams": upstreams, "cache": cache })
     }
 }
 

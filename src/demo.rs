@@ -17,6 +17,18 @@ use crate::config::Config;
 
 /// The demo config, built in so `gatehouse demo` works from any directory.
 pub const DEMO_CONFIG: &str = include_str!("../conf/gatehouse.toml");
+const DEMO_PAGE: &str = include_str!("../conf/www/index.html");
+
+/// Writes the built-in config and its static site under the temp dir; returns the config's
+/// path.
+pub fn materialize() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("gatehouse-demo-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("www"))?;
+    std::fs::write(dir.join("www/index.html"), DEMO_PAGE)?;
+    let path = dir.join("gatehouse.toml");
+    std::fs::write(&path, DEMO_CONFIG)?;
+    Ok(path)
+}
 
 pub struct DemoApi {
     service: String,
@@ -185,7 +197,9 @@ pub fn curl_lines(cfg: &Config) -> Vec<String> {
         format!("curl -s http://{web}/api/orders        # twice: two instances, round robin"),
         format!("curl -s http://{web}/api/products/12     # 90/10 canary: products or products-v2"),
         format!("curl -s -H 'x-user: ada' http://{web}/api/products/12   # sticky: same side every time"),
+        format!("curl -s http://{web}/                  # a static page, served from conf/www"),
         format!("curl -si http://{web}/nowhere          # 404 with a request id"),
+        format!("curl -si http://{web}/api/catalog       # twice: x-cache-status MISS, then HIT"),
         format!("for i in $(seq 12); do curl -s -o /dev/null -w '%{{http_code}} ' http://{web}/api/users; done   # 10/s + burst 5: six 200s, then 429 but one 200 per 100 ms"),
         format!("curl -si http://{web}/api/account       # 401: JWT required"),
     ];
@@ -203,6 +217,11 @@ pub fn curl_lines(cfg: &Config) -> Vec<String> {
         lines.push(format!(
             "curl -s http://{admin}/status              # admin: peer health, circuit state"
         ));
+        if let Some(token) = &cfg.server.admin_token {
+            lines.push(format!(
+                "curl -s -X POST -H 'Authorization: Bearer {token}' 'http://{admin}/cache/purge?url=http://{web}/api/catalog'"
+            ));
+        }
     }
     lines
 }

@@ -169,13 +169,12 @@ fn main() -> ExitCode {
                 None if Path::new("conf/gatehouse.toml").is_file() => {
                     load_or_report(Path::new("conf/gatehouse.toml"))
                 }
-                None => match config::load_str(
-                    Path::new("gatehouse.toml (built in)"),
-                    demo::DEMO_CONFIG,
-                ) {
-                    Ok(c) => Some(c),
+                // Outside the source tree: the built-in copy, with its static site, written to
+                // a folder of its own so the relative paths in it hold.
+                None => match demo::materialize() {
+                    Ok(path) => load_or_report(&path),
                     Err(e) => {
-                        eprintln!("{e}");
+                        eprintln!("cannot write the demo config: {e}");
                         None
                     }
                 },

@@ -97,6 +97,16 @@ async fn upstream(addr: Option<std::net::SocketAddr>, seen: Seen) -> Ctl {
                     .header("cache-control", "max-age=60")
                     .header("surrogate-key", "t1 t2"),
                 "/items" => b.header("cache-control", "max-age=60"),
+                p if p.starts_with("/big/") => {
+                    return Response::builder()
+                        .header("cache-control", "max-age=60")
+                        .body(full(vec![b'x'; 100_000]))
+                        .unwrap()
+                }
+                "/slower" => {
+                    tokio::time::sleep(Duration::from_millis(1000)).await;
+                    b.header("cache-control", "max-age=60")
+                }
                 _ => b.status(404),
             };
             let r = if req.method() == hyper::Method::POST && path.ends_with("/items") {
@@ -462,4 +472,85 @@ fn form(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_is_bounded_by_cache_size_with_lru_eviction() {
+    let seen = Seen::default();
+    let up = upstream(None, seen.clone()).await;
+    let (port, admin) = (free_port(), free_port());
+    let _g = Gatehouse::start(
+        &format!(
+            r#"
+[server]
+admin = "127.0.0.1:{admin}"
+cache_size = "1MiB"
+[upstreams.u]
+peers = ["{}"]
+[gateways.g]
+listen = ["127.0.0.1:{port}"]
+[[routes]]
+upstream = "u"
+cache = {{ ttl = "60s" }}
+"#,
+            up.addr
+        ),
+        &[port, admin],
+    );
+    for i in 0..30 {
+        assert_eq!(get(port, &format!("/big/{i}")).await.cache, "MISS");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = admin_status(admin).await;
+    let cache = &status["cache"];
+    let entries = cache["entries"].as_u64().unwrap();
+    assert!(cache["bytes"].as_u64().unwrap() <= 1 << 20, "{cache}");
+    assert!((5..=10).contains(&entries), "{cache}");
+    assert!(cache["evicted"].as_u64().unwrap() >= 20, "{cache}");
+    // What the store still holds is served; what was evicted is fetched again. (The LRU is
+    // Pingora's sharded one: which entries go is least-recently-used per shard, so this
+    // counts them rather than naming them.)
+    let mut hits = 0;
+    for i in 0..30 {
+        if get(port, &format!("/big/{i}")).await.cache == "HIT" {
+            hits += 1;
+        }
+    }
+    assert!(
+        hits >= 1 && hits <= entries,
+        "{hits} hits, {entries} entries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_on_the_lock_is_bounded_by_lock_timeout() {
+    let seen = Seen::default();
+    let up = upstream(None, seen.clone()).await;
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &format!(
+            r#"
+[upstreams.u]
+peers = ["{}"]
+[gateways.g]
+listen = ["127.0.0.1:{port}"]
+[[routes]]
+path = "/c"
+upstream = "u"
+cache = {{ lock_timeout = "200ms" }}
+"#,
+            up.addr
+        ),
+        &[port],
+    );
+    let first = tokio::spawn(async move { get(port, "/c/slower").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = Instant::now();
+    let second = get(port, "/c/slower").await;
+    // It waited its 200 ms, then went upstream itself rather than wait the whole second.
+    assert_eq!((second.status, &*second.cache), (200, "MISS"));
+    assert!(start.elapsed() < Duration::from_millis(1500));
+    assert_eq!(seen.count("/c/slower"), 2);
+    assert_eq!(first.await.unwrap().cache, "MISS");
+    assert_eq!(get(port, "/c/slower").await.cache, "HIT");
 }
