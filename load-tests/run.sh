@@ -3,7 +3,7 @@
 # on this machine, in alternating rounds with the same client settings. Traffic stays on
 # loopback; every run stops by itself.
 #
-#   load-tests/run.sh [all|plain|routes|large|idle|selection|plugins]   (default: all, ~7 minutes)
+#   load-tests/run.sh [all|plain|routes|large|idle|selection|plugins|cache]   (default: all, ~9 minutes)
 #   ROUNDS=2 DURATION=8s CONNS="50 200" load-tests/run.sh plain
 #
 # Fronts, each with one worker: the upstream directly (the ceiling), nginx as a reverse proxy
@@ -23,13 +23,14 @@ scenario=${1:-all}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-8s}
 CONNS=${CONNS:-"50 200"}
-case "$scenario" in all|plain|routes|large|idle|selection|plugins) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
+case "$scenario" in all|plain|routes|large|idle|selection|plugins|cache) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
 
 . load-tests/setup.sh
-setup_kit nginx:nginx-light wrk:wrk python3:python3 openssl:openssl
+setup_kit nginx:nginx-light wrk:wrk python3:python3 openssl:openssl curl:curl
 
 UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
 GHPLUG=18310 BAREGW=18311 GHFWD=18312 NGX10=18313 GH10=18314
+NGXC=18315 GHC=18316 NGXZ=18317 GHZ=18318
 hz=$(getconf CLK_TCK)
 # CPU cycles per request from the hardware counters, where perf can read them (not in every
 # VM): unlike req/s, they barely move with what the neighbours do.
@@ -38,6 +39,17 @@ if command -v perf >/dev/null && perf stat -x, -e cycles -- true 2>&1 | grep -q 
   perf_ok=1
 fi
 head -c 1048576 /dev/zero | tr '\0' 'x' > "$work/1m.bin"
+# API-like JSON (repeated keys, varying values) for the cache and gzip runs: 1 KB and 100 KB.
+python3 - "$work" <<'PY'
+import sys
+for name, size in (("1k.json", 1000), ("100k.json", 100_000)):
+    items, i = [], 0
+    while sum(len(x) + 1 for x in items) + 2 < size - 60:
+        items.append('{"id":%d,"name":"user %d","score":%d}' % (i, i * 7919 % 10007, i * i % 1013))
+        i += 1
+    body = "[" + ",".join(items) + "]"
+    open(f"{sys.argv[1]}/{name}", "w").write(body + " " * (size - len(body)))
+PY
 
 nginx_conf() { # dir port body...
   local dir=$1 port=$2; shift 2
@@ -84,7 +96,7 @@ CONF
 }
 
 upstream="upstream up { server 127.0.0.1:$UP; keepalive 256; keepalive_requests 1000000; }"
-nginx_conf "$work/up" $UP "server { listen 127.0.0.1:$UP; listen 127.0.0.1:$UP2; location = /1m { alias $work/1m.bin; } location / { return 200 hello; } }"
+nginx_conf "$work/up" $UP "server { listen 127.0.0.1:$UP; listen 127.0.0.1:$UP2; location = /1m { alias $work/1m.bin; } location ~ ^/(1k|100k)\$ { alias $work/\$1.json; default_type application/json; add_header Cache-Control \"max-age=3600\"; } location / { return 200 hello; } }"
 nginx_conf "$work/ngx" $NGX "$upstream server { listen 127.0.0.1:$NGX; location / { $NGX_PROXY proxy_buffers 64 16k; } }"
 gatehouse_conf $GH "$(printf '[[routes]]\nupstream = "up"\n')" > "$work/gh.toml"
 # Gatehouse doing what bare Pingora does (forward only, Host kept): the like-for-like pair.
@@ -126,6 +138,23 @@ request = function()
   return wrk.format(nil, nil, { ["x-user"] = "user-" .. math.random(1, 10000) })
 end
 LUA
+fi
+if [ "$scenario" = all ] || [ "$scenario" = cache ]; then
+  # Cache hits: nginx proxy_cache on tmpfs (same 256 MiB bound) against Gatehouse's cache,
+  # and gzip level 6 of 100 KB JSON by each (no cache: compressing every answer).
+  ports="$ports $NGXC $GHC $NGXZ $GHZ"
+  cdir=/dev/shm; [ -d "$cdir" ] || cdir=$work
+  cdir=$(mktemp -d "$cdir/gh-ngx-cache.XXXX"); chmod 777 "$cdir"
+  nginx_conf "$work/ngxc" $NGXC "$upstream proxy_cache_path $cdir levels=1:2 keys_zone=c:16m max_size=256m inactive=1h; server { listen 127.0.0.1:$NGXC; location / { $NGX_PROXY proxy_cache c; proxy_cache_lock on; add_header X-Cache-Status \$upstream_cache_status; } }"
+  gatehouse_conf $GHC "$(printf '[[routes]]\nupstream = "up"\ncache = { ttl = "1h" }\n')" > "$work/ghc.toml"
+  nginx_conf "$work/ngxz" $NGXZ "$upstream server { listen 127.0.0.1:$NGXZ; location / { $NGX_PROXY proxy_buffers 64 16k; gzip on; gzip_comp_level 6; gzip_min_length 1024; gzip_types application/json; gzip_proxied any; } }"
+  gatehouse_conf $GHZ "$(printf '[[routes]]\nupstream = "up"\ncompression = { algorithms = ["gzip"], level = 6 }\n')" > "$work/ghz.toml"
+  start nginx -p "$work/ngxc" -c "$work/ngxc/nginx.conf"
+  RUST_LOG=error start "$gh" run -c "$work/ghc.toml"
+  start nginx -p "$work/ngxz" -c "$work/ngxz/nginx.conf"
+  RUST_LOG=error start "$gh" run -c "$work/ghz.toml"
+  printf 'wrk.headers["Accept-Encoding"] = "gzip"\n' > "$work/gzip.lua"
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work" "$cdir"' EXIT
 fi
 if [ "$scenario" = all ] || [ "$scenario" = plugins ]; then
   # One gateway, two routes: /plain with no plugin, /secure with the issue's stack. The rate
@@ -264,6 +293,33 @@ run_plugins() { # request_id + ip_filter + jwt_auth (RS256) + rate_limit against
     measure plugins "gatehouse, rid+ip_filter+jwt_auth RS256+rate_limit" $GHPLUG 50 /secure "$work/jwt.lua"
   done
 }
+run_cache() {
+  # Both caches warm and answering hits before anything is measured.
+  for path in /1k /100k; do
+    for _ in 1 2; do
+      curl -s -o /dev/null "http://127.0.0.1:$NGXC$path"; curl -s -o /dev/null "http://127.0.0.1:$GHC$path"
+    done
+    n=$(curl -sI "http://127.0.0.1:$NGXC$path" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache-status" {print $2}')
+    g=$(curl -sI "http://127.0.0.1:$GHC$path" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache-status" {print $2}')
+    if [ "$n" != HIT ] || [ "$g" != HIT ]; then
+      echo "caches not warm on $path: nginx says '$n', gatehouse says '$g'" >&2
+      exit 1
+    fi
+  done
+  z=$(curl -s -H 'Accept-Encoding: gzip' -o /dev/null -w '%{size_download}' "http://127.0.0.1:$GHZ/100k")
+  zn=$(curl -s -H 'Accept-Encoding: gzip' -o /dev/null -w '%{size_download}' "http://127.0.0.1:$NGXZ/100k")
+  echo "  gzip 6 of 100 KB JSON: gatehouse $z bytes, nginx $zn bytes" >&2
+  for r in $(seq "$ROUNDS"); do
+    measure cache-1k "nginx proxy_cache hit" $NGXC 50 /1k
+    measure cache-1k "gatehouse cache hit" $GHC 50 /1k
+    measure cache-1k "gatehouse, no cache" $GH 50 /1k
+    measure cache-100k "nginx proxy_cache hit" $NGXC 50 /100k
+    measure cache-100k "gatehouse cache hit" $GHC 50 /100k
+    measure cache-100k "gatehouse, no cache" $GH 50 /100k
+    measure gzip-100k "nginx gzip 6" $NGXZ 50 /100k "$work/gzip.lua"
+    measure gzip-100k "gatehouse gzip 6" $GHZ 50 /100k "$work/gzip.lua"
+  done
+}
 run_idle() { # memory per idle keep-alive connection
   local n=2000
   for front in "nginx $NGX" "bare-pingora $BARE" "gatehouse $GH"; do
@@ -295,7 +351,7 @@ PY
 }
 
 case "$scenario" in
-  all) run_plain; run_routes; run_large; run_selection; run_plugins; run_idle ;;
+  all) run_plain; run_routes; run_large; run_selection; run_plugins; run_cache; run_idle ;;
   *) "run_$scenario" ;;
 esac
 
@@ -349,7 +405,12 @@ pairs = [("plain", "gatehouse, forwarded_headers = []", "bare pingora", "Gatehou
          ("plain", "gatehouse", "bare pingora + X-Forwarded/Host/timeouts", "Gatehouse ÷ bare Pingora + X-Forwarded-* (same work)"),
          ("plain", "gatehouse", "bare pingora", "Gatehouse (default X-Forwarded-*) ÷ bare Pingora (forwards only)"),
          ("routes", "gatehouse, 10,000 routes", "gatehouse, 10 routes", "Gatehouse 10,000 routes ÷ 10 routes"),
-         ("routes", "nginx, 10,000 locations", "nginx, 10 locations", "nginx 10,000 locations ÷ 10 locations")]
+         ("routes", "nginx, 10,000 locations", "nginx, 10 locations", "nginx 10,000 locations ÷ 10 locations"),
+         ("cache-1k", "gatehouse cache hit", "nginx proxy_cache hit", "Gatehouse cache hits ÷ nginx proxy_cache hits, 1 KB"),
+         ("cache-1k", "gatehouse cache hit", "gatehouse, no cache", "Gatehouse cache hits ÷ Gatehouse uncached, 1 KB"),
+         ("cache-100k", "gatehouse cache hit", "nginx proxy_cache hit", "Gatehouse cache hits ÷ nginx proxy_cache hits, 100 KB"),
+         ("cache-100k", "gatehouse cache hit", "gatehouse, no cache", "Gatehouse cache hits ÷ Gatehouse uncached, 100 KB"),
+         ("gzip-100k", "gatehouse gzip 6", "nginx gzip 6", "Gatehouse gzip 6 ÷ nginx gzip 6, 100 KB JSON")]
 lines = []
 for scenario, a, b, label in pairs:
     for (sc, front, c), v in groups.items():

@@ -87,7 +87,11 @@ fn authorized(session: &ServerSession, token: &str) -> bool {
         .req_header()
         .headers
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            let v = v.as_bytes();
+            (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+        })
         .is_some_and(|got| bool::from(got.trim_ascii().ct_eq(token.as_bytes())))
 }
 
@@ -179,7 +183,10 @@ fn purge_key(u: &str, opts: crate::proxy::canonical::Options) -> Option<String> 
     };
     let path = if path.is_empty() { "/" } else { path };
     let path = crate::proxy::canonical::canonical_path(path.as_bytes(), opts).ok()?;
-    let mut key = format!("{scheme}://{}{path}", host.to_ascii_lowercase());
+    let mut key = format!(
+        "{scheme}://{}{path}",
+        crate::proxy::caching::host_name(host)
+    );
     if let Some(q) = query {
         key.push('?');
         key.push_str(q);

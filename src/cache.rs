@@ -13,6 +13,7 @@
 //! names in `Vary` (Pingora's variance key).
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -45,8 +46,12 @@ pub static EVICTION: LazyLock<lru::Manager<SHARDS>> =
 /// Remembers URLs whose responses were not storable, so their requests skip the lookup and
 /// the lock. Reasons that depend on the request (credentials) are not remembered: one
 /// client's `Authorization` must not turn caching off for everyone else.
-pub static PREDICTOR: LazyLock<Predictor<SHARDS>> =
-    LazyLock::new(|| Predictor::new(4096, Some(|reason| reason == policy::AUTHORIZED)));
+pub static PREDICTOR: LazyLock<Predictor<SHARDS>> = LazyLock::new(|| {
+    Predictor::new(
+        4096,
+        Some(|reason| reason == policy::AUTHORIZED || reason == policy::BYPASS),
+    )
+});
 /// A fill may hold a key this long before waiting requests stop trusting it; each route's
 /// `lock_timeout` bounds how long they wait.
 pub static LOCK: LazyLock<Box<CacheKeyLockImpl>> =
@@ -138,7 +143,14 @@ struct Index {
 #[derive(Default)]
 pub struct Store {
     entries: ConcurrentHashTable<Arc<Entry>, SHARDS>,
+    /// Taken before an entry shard on every insert and removal, so the two never disagree;
+    /// hits take only their shard's read lock.
     index: Mutex<Index>,
+    /// Purges so far: a fill that began before one is not stored (it may hold what was just
+    /// purged).
+    purges: AtomicU64,
+    /// Bytes held by fills in flight, all routes together; bounded by the cache size.
+    filling: AtomicUsize,
 }
 
 fn id(bin: [u8; 16]) -> u128 {
@@ -149,8 +161,8 @@ impl Store {
     fn insert(&self, entry: Entry) {
         let key = id(entry.key.combined_bin());
         let entry = Arc::new(entry);
-        let old = self.entries.write(key).insert(key, entry.clone());
         let mut ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.entries.write(key).insert(key, entry.clone());
         if let Some(old) = old {
             unindex(&mut ix, key, &old);
         }
@@ -164,8 +176,8 @@ impl Store {
     }
 
     fn remove(&self, key: u128) -> Option<Arc<Entry>> {
-        let old = self.entries.write(key).remove(&key)?;
         let mut ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.entries.write(key).remove(&key)?;
         unindex(&mut ix, key, &old);
         Some(old)
     }
@@ -196,6 +208,7 @@ impl Store {
     }
 
     fn drop_all(&self, keys: &[u128]) -> usize {
+        self.purges.fetch_add(1, Ordering::SeqCst);
         let mut n = 0;
         for k in keys {
             if let Some(e) = self.remove(*k) {
@@ -299,11 +312,31 @@ struct Fill {
     meta: Option<Meta>,
     tags: Vec<Box<str>>,
     body: BytesMut,
+    /// `Store::purges` when the fill began.
+    purges: u64,
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        self.store
+            .filling
+            .fetch_sub(self.body.len(), Ordering::Relaxed);
+    }
 }
 
 #[async_trait]
 impl HandleMiss for Fill {
+    /// Fills in flight hold their bodies outside the cache's bound until they finish; past
+    /// that bound in all, a fill gives up (the client still gets its answer, uncached).
     async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+        let held = self.store.filling.fetch_add(data.len(), Ordering::Relaxed) + data.len();
+        if held > EVICTION.weight_limit() {
+            self.store.filling.fetch_sub(data.len(), Ordering::Relaxed);
+            return pingora_error::Error::e_explain(
+                pingora_error::ErrorType::InternalError,
+                "responses being cached hold more than cache_size: not caching this one",
+            );
+        }
         self.body.extend_from_slice(&data);
         Ok(())
     }
@@ -315,15 +348,23 @@ impl HandleMiss for Fill {
                 "cache fill finished twice",
             );
         };
-        // The weight counts the head too: many small answers must not slip under the bound.
+        // The weight counts the head, the URL (kept in the key, the purge index and the LRU)
+        // and the tags too: many small answers must not slip under the bound.
         let head: usize = meta
             .header
             .headers
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum();
-        let body = std::mem::take(&mut self.body).freeze();
-        let size = body.len() + head + 256;
+        let tags: usize = self.tags.iter().map(|t| 2 * t.len() + 64).sum();
+        let body = std::mem::take(&mut self.body);
+        self.store.filling.fetch_sub(body.len(), Ordering::Relaxed);
+        let body = body.freeze();
+        let size = body.len() + head + 3 * self.key.user_tag.len() + tags + 512;
+        if self.store.purges.load(Ordering::SeqCst) != self.purges {
+            // A purge ran while this was fetched: what it holds may be what was purged.
+            return Ok(MissFinishType::Created(0));
+        }
         self.store.insert(Entry {
             meta,
             body,
@@ -365,12 +406,21 @@ impl Storage for Store {
             .get::<Tags>()
             .map(|t| t.0.clone())
             .unwrap_or_default();
+        // Preallocated when the length is known, bounded by what the cache could hold.
+        let capacity = meta
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(1 << 20);
         Ok(Box::new(Fill {
             store: self,
             key: key.to_compact(),
             meta: Some(Meta::of(meta)),
             tags,
-            body: BytesMut::new(),
+            body: BytesMut::with_capacity(capacity),
+            purges: self.purges.load(Ordering::SeqCst),
         }))
     }
 
@@ -407,6 +457,20 @@ impl Storage for Store {
         let Some(old) = shard.get(&k).cloned() else {
             return Ok(false);
         };
+        // The 304 refreshed the head of the entry that was looked up; if another fill replaced
+        // it meanwhile, that head (its length, its validator) is not this body's.
+        let same =
+            |h: http::header::HeaderName| meta.headers().get(&h) == old.meta.header.headers.get(&h);
+        if !same(http::header::ETAG) || !same(http::header::LAST_MODIFIED) {
+            return Ok(false);
+        }
+        if meta
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != old.body.len().to_string().as_bytes())
+        {
+            return Ok(false);
+        }
         let fresh = Arc::new(Entry {
             meta: Meta::of(meta),
             body: old.body.clone(),

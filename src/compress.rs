@@ -190,8 +190,10 @@ fn compressible(route: &Compression, resp: &ResponseHeader) -> bool {
         return false;
     }
     let h = &resp.headers;
-    if h.get(header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    // Any coding at all, in any of the fields: never encode twice.
+    if h.get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
     {
         return false;
     }

@@ -87,11 +87,41 @@ fn start_memory_release() {
 }
 
 fn init_logging() {
-    env_logger::Builder::from_env(
+    let inner = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,gatehouse=info"),
     )
     .format_timestamp_millis()
-    .init();
+    .build();
+    let level = inner.filter();
+    if log::set_boxed_logger(Box::new(Quiet(inner))).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+/// Drops the one line Pingora logs at ERROR, unconditionally, when a client goes away while
+/// a cache hit is sent to it ("Fail to serve cache: Downstream ..."): a client leaving is
+/// routine (the proxy path keeps such lines at debug), and a load of them would drown the log.
+struct Quiet(env_logger::Logger);
+
+impl log::Log for Quiet {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        self.0.enabled(m)
+    }
+
+    fn log(&self, r: &log::Record) {
+        if r.target() == "pingora_proxy::proxy_cache" && r.level() == log::Level::Error {
+            let line = r.args().to_string();
+            if line.starts_with("Fail to serve cache: Downstream") {
+                log::debug!(target: "gatehouse::cache", "client left during a hit: {line}");
+                return;
+            }
+        }
+        self.0.log(r)
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
 }
 
 fn load_or_report(path: &Path) -> Option<config::Config> {

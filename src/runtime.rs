@@ -25,6 +25,10 @@ pub struct GatewayRt {
     /// Per route, the headers a mirror copy goes without: credentials, and what the route's
     /// auth plugins read or set.
     pub mirror_strip: Vec<Arc<[http::HeaderName]>>,
+    /// Per route, the headers that make a request authenticated for the response cache:
+    /// Authorization, and what the route's auth plugins read or set (Cookie only when one
+    /// reads a credential from it).
+    pub cache_credentials: Vec<Arc<[http::HeaderName]>>,
     /// One chain per route: global, gateway, route plugins.
     pub chains: Vec<Chain>,
     /// Global and gateway plugins: for requests no route matches.
@@ -87,6 +91,21 @@ impl Runtime {
                     Arc::from(h)
                 })
                 .collect();
+            let cache_credentials = chains
+                .iter()
+                .map(|c| {
+                    let mut h = vec![
+                        http::header::AUTHORIZATION,
+                        http::header::PROXY_AUTHORIZATION,
+                    ];
+                    for x in c.credential_headers() {
+                        if !h.contains(&x) {
+                            h.push(x);
+                        }
+                    }
+                    Arc::from(h)
+                })
+                .collect();
             gateways.push(GatewayRt {
                 name: g.name.as_str().into(),
                 tls: g.tls.is_some(),
@@ -99,6 +118,7 @@ impl Runtime {
                     .collect(),
                 mirrors_in_flight: g.routes.iter().map(|_| Arc::default()).collect(),
                 mirror_strip,
+                cache_credentials,
                 routes: g.routes.clone(),
                 chains,
                 default_chain: Chain::new(&base),

@@ -11,6 +11,14 @@ use common::*;
 use hyper::{Request, Response};
 
 const TOKEN: &str = "purge-token-0123456789abcdef";
+const JWT_SECRET: &str = "cache-test-secret-0123456789abcdef-xyz";
+
+fn session_cookie(sub: &str) -> String {
+    let claims = serde_json::json!({ "sub": sub, "exp": 4_000_000_000u64 });
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes());
+    let t = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
+    format!("session={t}")
+}
 
 /// Requests per path that reached the upstream, and the If-None-Match each carried.
 #[derive(Clone, Default)]
@@ -44,6 +52,11 @@ async fn upstream(addr: Option<std::net::SocketAddr>, seen: Seen) -> Ctl {
                 .get("accept-language")
                 .map(|v| v.to_str().unwrap().to_string())
                 .unwrap_or_default();
+            let who = ["x-user-id", "x-consumer"]
+                .iter()
+                .find_map(|h| req.headers().get(*h))
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_else(|| "nobody".into());
             let n = {
                 let mut m = seen.0.lock().unwrap();
                 let v = m.entry(path.clone()).or_default();
@@ -56,6 +69,7 @@ async fn upstream(addr: Option<std::net::SocketAddr>, seen: Seen) -> Ctl {
                 .trim_start_matches("/c")
                 .trim_start_matches("/u")
                 .trim_start_matches("/k")
+                .trim_start_matches("/j")
             {
                 "/fresh" => b
                     .header("cache-control", "max-age=60")
@@ -97,10 +111,42 @@ async fn upstream(addr: Option<std::net::SocketAddr>, seen: Seen) -> Ctl {
                     .header("cache-control", "max-age=60")
                     .header("surrogate-key", "t1 t2"),
                 "/items" => b.header("cache-control", "max-age=60"),
+                "/hugeage" => b
+                    .header("cache-control", "max-age=60")
+                    .header("age", "18446744073709551615"),
+                // Answers that depend on who asks.
+                "/me" => {
+                    return Response::builder()
+                        .header("cache-control", "max-age=60")
+                        .body(full(format!("me: {who} #{n}")))
+                        .unwrap()
+                }
+                "/by-consumer" => {
+                    return Response::builder()
+                        .header("cache-control", "public, max-age=60")
+                        .header("vary", "X-Consumer")
+                        .body(full(format!("{who} #{n}")))
+                        .unwrap()
+                }
+                "/swr-who" => {
+                    return Response::builder()
+                        .header(
+                            "cache-control",
+                            "public, max-age=1, stale-while-revalidate=60",
+                        )
+                        .body(full(format!("{who} #{n}")))
+                        .unwrap()
+                }
                 p if p.starts_with("/big/") => {
                     return Response::builder()
                         .header("cache-control", "max-age=60")
                         .body(full(vec![b'x'; 100_000]))
+                        .unwrap()
+                }
+                "/huge" => {
+                    return Response::builder()
+                        .header("cache-control", "max-age=60")
+                        .body(full(vec![b'h'; 32 << 20]))
                         .unwrap()
                 }
                 "/slower" => {
@@ -140,6 +186,12 @@ admin_token = "{TOKEN}"
 kind = "key_auth"
 header = "x-api-key"
 keys = {{ "app" = "sha256:{key}" }}
+[plugins.jwtc]
+kind = "jwt_auth"
+algorithms = ["HS256"]
+secret = "{JWT_SECRET}"
+cookie = "session"
+claims_to_headers = {{ sub = "x-user-id" }}
 [upstreams.u]
 peers = ["{up}"]
 [gateways.g]
@@ -147,7 +199,7 @@ listen = ["127.0.0.1:{port}"]
 [[routes]]
 path = "/c"
 upstream = "u"
-cache = {{ ttl = "0s", stale_if_error = "0s" }}
+cache = {{ ttl = "0s", stale_if_error = "0s", max_size = "64MiB" }}
 [[routes]]
 path = "/u"
 upstream = "u"
@@ -157,6 +209,22 @@ path = "/k"
 upstream = "u"
 cache = {{ ttl = "60s" }}
 plugins = ["keys"]
+[[routes]]
+path = "/j"
+upstream = "u"
+cache = {{ ttl = "60s" }}
+plugins = ["jwtc"]
+[[routes]]
+path = "/c/variant"
+headers = {{ "x-version" = "2" }}
+rewrite = "/c/fresh"
+upstream = "u"
+cache = {{ ttl = "0s" }}
+[[routes]]
+path = "/c/variant"
+rewrite = "/c/fresh"
+upstream = "u"
+cache = {{ ttl = "0s" }}
 [[routes]]
 path = "/plain"
 upstream = "u"
@@ -450,6 +518,16 @@ async fn purge_by_url_and_tag_and_unsafe_methods() {
     assert_eq!(body["purged"], 2, "{body}");
     assert_eq!(get(port, "/c/tagged").await.cache, "MISS");
     assert_eq!(get(port, "/c/fresh").await.cache, "HIT", "other tags stay");
+    // A URL names its host as routing does: any port, any case, a trailing dot.
+    let r = purge(
+        &format!("url={}", form("HTTP://127.0.0.1.:1/c/fresh")),
+        Some(TOKEN),
+    )
+    .await
+    .unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["purged"], 1, "{body}");
+    assert_eq!(get(port, "/c/fresh").await.cache, "MISS");
     let r = purge("tag=user-1", Some(TOKEN)).await.unwrap();
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["purged"], 1, "{body}");
@@ -553,4 +631,104 @@ cache = {{ lock_timeout = "200ms" }}
     assert_eq!(seen.count("/c/slower"), 2);
     assert_eq!(first.await.unwrap().cache, "MISS");
     assert_eq!(get(port, "/c/slower").await.cache, "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_depend_on_who_asks_are_not_shared() {
+    let seen = Seen::default();
+    let up = upstream(None, seen.clone()).await;
+    let (_g, port, _) = start(up.addr);
+    // A session cookie read by jwt_auth is a credential: A's page is not B's.
+    let (a, b) = (session_cookie("ada"), session_cookie("bob"));
+    let ra = req("GET", port, "/j/me", &[("cookie", &a)]).await;
+    let rb = req("GET", port, "/j/me", &[("cookie", &b)]).await;
+    assert_eq!((ra.status, &*ra.body), (200, "me: ada #1"));
+    assert_eq!((rb.status, &*rb.body), (200, "me: bob #2"));
+    // Vary on a header the gateway sets (the consumer): not stored, it cannot be matched.
+    let key = [("x-api-key", "app-key-1")];
+    req("GET", port, "/k/by-consumer", &key).await;
+    let r = req("GET", port, "/k/by-consumer", &key).await;
+    assert_eq!((&*r.cache, &*r.body), ("MISS", "app #2"));
+    // A background refresh goes with the identity its request had.
+    req("GET", port, "/k/swr-who", &key).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = req("GET", port, "/k/swr-who", &key).await;
+    assert_eq!((&*r.cache, &*r.body), ("UPDATING", "app #1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = req("GET", port, "/k/swr-who", &key).await;
+    assert_eq!(
+        (&*r.cache, &*r.body),
+        ("HIT", "app #2"),
+        "refreshed as app, not as nobody"
+    );
+    // Two routes on one path (one by header) keep their answers apart.
+    let v2 = req("GET", port, "/c/variant", &[("x-version", "2")]).await;
+    let v1 = get(port, "/c/variant").await;
+    assert_eq!((&*v2.cache, &*v1.cache), ("MISS", "MISS"));
+    assert_eq!(
+        req("GET", port, "/c/variant", &[("x-version", "2")])
+            .await
+            .cache,
+        "HIT"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_requests_and_answers_bypass_or_survive() {
+    let seen = Seen::default();
+    let up = upstream(None, seen.clone()).await;
+    let (g, port, _) = start(up.addr);
+    // An absurd Age is "very old", not a crash.
+    let r = get(port, "/c/hugeage").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        get(port, "/c/hugeage").await.cache,
+        "EXPIRED",
+        "stored stale, fetched again"
+    );
+    // A GET with a body, or a very long URL, does not use the cache.
+    let r = client()
+        .get(format!("http://127.0.0.1:{port}/c/fresh"))
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "BYPASS");
+    let long = format!("/c/fresh?{}", "q".repeat(3000));
+    assert_eq!(get(port, &long).await.cache, "BYPASS");
+    // no-store: a hit may be served, a miss is not stored.
+    get(port, "/c/fresh").await;
+    let ns = [("cache-control", "no-store")];
+    assert_eq!(req("GET", port, "/c/fresh", &ns).await.cache, "HIT");
+    assert_eq!(req("GET", port, "/c/items", &ns).await.cache, "BYPASS");
+    assert_eq!(get(port, "/c/items").await.cache, "MISS");
+    // only-if-cached means nothing on a route without a cache.
+    let r = req(
+        "GET",
+        port,
+        "/plain/fresh",
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_ne!(r.status, 504, "went upstream");
+    // Clients that leave in the middle of a large hit are routine, not errors in the log.
+    get(port, "/c/huge").await;
+    for _ in 0..5 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(b"GET /c/huge HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        s.set_zero_linger().unwrap();
+        drop(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(port, "/c/huge").await.cache, "HIT");
+    let log = g.log();
+    assert!(!log.contains("Fail to serve cache"), "{log}");
+    assert!(log.lines().all(|l| !l.contains("panicked")));
 }

@@ -156,7 +156,15 @@ async fn files_validators_and_ranges() {
     .await;
     assert_eq!(s, 206);
 
-    // HEAD: the GET's head, no body; POST is not for files.
+    // HEAD: the GET's head, no body (a Range on it is ignored: ranges are for GET); POST is
+    // not for files.
+    let r = client()
+        .head(format!("http://127.0.0.1:{port}/site/app.js"))
+        .header("range", "bytes=0-9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let r = client()
         .head(format!("http://127.0.0.1:{port}/site/app.js"))
         .send()
@@ -208,6 +216,21 @@ async fn directories_names_and_fallback() {
     let (s, _, _) = get(port, "/site/empty/", &[]).await;
     assert_eq!(s, 404);
     let (s, _, _) = get(port, "/site/nope.txt", &[]).await;
+    assert_eq!(s, 404);
+    // A file dated before 1970 is served without Last-Modified (no HTTP date for it).
+    let old = dir.path().join("site/old.txt");
+    std::fs::write(&old, b"old").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH - Duration::from_secs(86_400))
+        .unwrap();
+    let (s, hd, body) = get(port, "/site/old.txt", &[]).await;
+    assert_eq!((s, &body[..]), (200, &b"old"[..]));
+    assert!(h(&hd, "last-modified").is_none());
+    // A name too long for the file system is missing, not a server fault.
+    let (s, _, _) = get(port, &format!("/site/{}", "n".repeat(300)), &[]).await;
     assert_eq!(s, 404);
     // A symlink that stays inside the root is followed.
     let (s, _, body) = get(port, "/site/inlink.html", &[]).await;

@@ -16,6 +16,7 @@ use crate::config::offload::CacheRoute;
 pub const AUTHORIZED: &str = "authorized request";
 /// The client asked not to store (`Cache-Control: no-store`).
 pub const BYPASS: &str = "bypass";
+const VARY_IDENTITY: &str = "vary on a header the gateway sets";
 const SET_COOKIE: &str = "set-cookie without public";
 const VARY_ALL: &str = "vary: *";
 const STATUS: &str = "status not cacheable";
@@ -40,6 +41,11 @@ fn secs(v: pingora_error::Result<Option<u32>>) -> Option<u64> {
     }
 }
 
+/// As [`secs`], and a directive written without its value (`max-age`) is 0 too.
+fn present(cc: &CacheControl, name: &str, v: pingora_error::Result<Option<u32>>) -> Option<u64> {
+    secs(v).or_else(|| cc.has_key(name).then_some(0))
+}
+
 fn date(resp: &ResponseHeader, name: header::HeaderName) -> Option<SystemTime> {
     let mut values = resp.headers.get_all(name).iter();
     let v = values.next()?;
@@ -49,31 +55,58 @@ fn date(resp: &ResponseHeader, name: header::HeaderName) -> Option<SystemTime> {
     httpdate::parse_http_date(v.to_str().ok()?).ok()
 }
 
+/// The largest age or lifetime a cache must handle (RFC 9111 §1.2.2): larger values count as
+/// this one, so no arithmetic on times can overflow.
+const MAX_SECS: u64 = 1 << 31;
+
 /// How old the response was when it reached us (§4.2.3, without the response delay, which
 /// on a gateway's own link is below the one-second resolution).
 pub fn initial_age(resp: &ResponseHeader, now: SystemTime) -> u64 {
     let age_value = resp
         .headers
         .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+        .map(|v| v.as_bytes().trim_ascii())
+        .filter(|v| !v.is_empty() && v.iter().all(u8::is_ascii_digit))
+        .map_or(0, |v| {
+            // Digits only: too many of them is "very old", not an error.
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(MAX_SECS)
+        })
+        .min(MAX_SECS);
     let apparent = date(resp, header::DATE)
         .and_then(|d| now.duration_since(d).ok())
         .map_or(0, |d| d.as_secs());
-    apparent.max(age_value)
+    apparent.max(age_value).min(MAX_SECS)
 }
 
-/// The route's decision on a response. `authorized`: the request carried `Authorization`;
-/// `age`: the response's age when it arrived, when the caller knows better than the stored
-/// head (a 304's Date and Age refresh an entry whose head keeps the old ones).
+/// What the request adds to the decision.
+#[derive(Default)]
+pub struct Asked<'a> {
+    /// The request carried credentials (Authorization, or what the route's auth plugins read).
+    pub authorized: bool,
+    /// The client said `no-store`: serve from the cache, store nothing.
+    pub no_store: bool,
+    /// Headers the gateway's plugins set on the upstream request (consumer, claims): a
+    /// `Vary` on them cannot be matched against the client's request.
+    pub set_by_gateway: &'a [header::HeaderName],
+    /// This decision refreshes a stale entry after a 304: the 304's age and Date, which the
+    /// stored head (Pingora merges only some fields) does not carry.
+    pub revalidated: Option<(u64, Option<SystemTime>)>,
+}
+
+/// The route's decision on a response.
 pub fn decide(
     route: &CacheRoute,
-    authorized: bool,
+    asked: &Asked,
     resp: &ResponseHeader,
     now: SystemTime,
-    age: Option<u64>,
 ) -> RespCacheable {
+    if asked.no_store {
+        return uncacheable(BYPASS);
+    }
+    let authorized = asked.authorized;
     let status = resp.status.as_u16();
     // Partial content is not the representation; informational and 5xx answers (but 501)
     // are about this one exchange.
@@ -86,7 +119,9 @@ pub fn decide(
         return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
     }
     let public = has(CacheControl::public);
-    let s_maxage = cc.as_ref().and_then(|c| secs(c.s_maxage()));
+    let s_maxage = cc
+        .as_ref()
+        .and_then(|c| present(c, "s-maxage", c.s_maxage()));
     let must_revalidate = has(CacheControl::must_revalidate);
     if authorized && !(public || s_maxage.is_some() || must_revalidate) {
         return uncacheable(AUTHORIZED);
@@ -102,20 +137,38 @@ pub fn decide(
     if vary_all {
         return uncacheable(VARY_ALL);
     }
+    let vary_identity = resp.headers.get_all(header::VARY).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|t| {
+            let t = t.trim_ascii();
+            asked
+                .set_by_gateway
+                .iter()
+                .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
+        })
+    });
+    if vary_identity {
+        return uncacheable(VARY_IDENTITY);
+    }
+    // After a 304 the entry's Date is the 304's (§4.3.4), so Expires counts from it.
+    let date_value = match asked.revalidated {
+        Some((_, d)) => Some(d.unwrap_or(now)),
+        None => date(resp, header::DATE),
+    };
 
     // §4.2.1: s-maxage, then max-age, then Expires less Date.
     let explicit = s_maxage
-        .or_else(|| cc.as_ref().and_then(|c| secs(c.max_age())))
+        .or_else(|| cc.as_ref().and_then(|c| present(c, "max-age", c.max_age())))
         .or_else(|| {
             if !resp.headers.contains_key(header::EXPIRES) {
                 return None;
             }
             // An invalid Expires (or two) means "already expired" (§5.3).
             let expires = date(resp, header::EXPIRES)?;
-            let base = date(resp, header::DATE).unwrap_or(now);
+            let base = date_value.unwrap_or(now);
             Some(expires.duration_since(base).map_or(0, |d| d.as_secs()))
         })
-        .or_else(|| resp.headers.contains_key(header::EXPIRES).then_some(0));
+        .or_else(|| resp.headers.contains_key(header::EXPIRES).then_some(0))
+        .map(|l| l.min(MAX_SECS));
     let lifetime = match explicit {
         // Explicit freshness makes any final status storable (§3) but server errors, which
         // speak of this one exchange.
@@ -131,12 +184,20 @@ pub fn decide(
     };
 
     let no_cache = has(CacheControl::no_cache);
-    let age = age.unwrap_or_else(|| initial_age(resp, now));
+    let age = match asked.revalidated {
+        Some((a, _)) => a.min(MAX_SECS),
+        None => initial_age(resp, now),
+    };
+    let past = |secs: u64| {
+        now.checked_sub(Duration::from_secs(secs))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    };
     let fresh_until = if no_cache || lifetime <= age {
         // Stored, but every use revalidates first.
-        now - Duration::from_secs(1)
+        past(1)
     } else {
-        now + Duration::from_secs(lifetime - age)
+        now.checked_add(Duration::from_secs(lifetime - age))
+            .unwrap_or(now)
     };
     // Serving stale is off when the origin forbids it (§4.2.4, §5.2.2.2, §5.2.2.8, s-maxage
     // implies proxy-revalidate).
@@ -163,6 +224,9 @@ pub fn decide(
     };
 
     let mut stored = resp.clone();
+    if let Some((_, Some(d))) = asked.revalidated {
+        let _ = stored.insert_header(header::DATE, httpdate::fmt_http_date(d));
+    }
     // A public response's cookie was meant for the client it went to, not for everyone
     // served from the copy; `private="x"` / `no-cache="x"` fields are not shared either.
     stored.remove_header(&header::SET_COOKIE);
@@ -183,7 +247,7 @@ pub fn decide(
         }
     }
     let mut meta = CacheMeta::new(fresh_until, now, swr, sie, stored);
-    meta.set_epoch_override(now - Duration::from_secs(age));
+    meta.set_epoch_override(past(age));
     let tags: Vec<Box<str>> = resp
         .headers
         .get_all(&route.tag_header)
@@ -228,7 +292,11 @@ mod tests {
     /// Seconds of freshness left, or None when not stored.
     fn fresh(route: &CacheRoute, auth: bool, r: &ResponseHeader) -> Option<i64> {
         let now = SystemTime::now();
-        match decide(route, auth, r, now, None) {
+        let asked = Asked {
+            authorized: auth,
+            ..Asked::default()
+        };
+        match decide(route, &asked, r, now) {
             RespCacheable::Cacheable(m) => Some(match m.fresh_until().duration_since(now) {
                 Ok(d) => d.as_secs() as i64,
                 Err(_) => -1,
@@ -383,17 +451,85 @@ mod tests {
             Some(-1),
             "invalid Expires: stale"
         );
+        // Absurd ages are very old, never an overflow; a valueless max-age is 0.
+        let huge = [
+            ("cache-control", "max-age=60"),
+            ("age", "18446744073709551615999"),
+        ];
+        assert_eq!(fresh(&r, false, &resp(200, &huge)), Some(-1));
+        let plus = [("cache-control", "max-age=60"), ("age", "+5")];
+        assert_eq!(fresh(&r, false, &resp(200, &plus)), Some(60));
+        let bare = [("cache-control", "max-age")];
+        assert_eq!(fresh(&route(60), false, &resp(200, &bare)), Some(-1));
         // The age is carried into the entry, so Age on hits continues from it.
         match decide(
             &r,
-            false,
+            &Asked::default(),
             &resp(200, &[("cache-control", "max-age=60"), ("age", "50")]),
             now,
-            None,
         ) {
             RespCacheable::Cacheable(m) => assert!(m.age().as_secs() >= 50),
             _ => panic!("not stored"),
         }
+    }
+
+    #[test]
+    fn revalidation_counts_from_the_304() {
+        let r = route(0);
+        let now = SystemTime::now();
+        let old = now - Duration::from_secs(3600);
+        // Stored an hour ago with Date T and Expires T+60; the 304 keeps the old Expires.
+        let merged = resp(
+            200,
+            &[
+                ("date", &httpdate::fmt_http_date(old)),
+                (
+                    "expires",
+                    &httpdate::fmt_http_date(old + Duration::from_secs(60)),
+                ),
+            ],
+        );
+        let asked = Asked {
+            revalidated: Some((0, Some(now))),
+            ..Asked::default()
+        };
+        match decide(&r, &asked, &merged, now) {
+            RespCacheable::Cacheable(m) => {
+                assert!(!m.is_fresh(now), "still expired");
+                assert_eq!(m.headers()["date"], httpdate::fmt_http_date(now));
+            }
+            _ => panic!("not stored"),
+        }
+        // Vary on a header the gateway sets upstream is not stored.
+        let set = [http::HeaderName::from_static("x-user-id")];
+        let asked = Asked {
+            set_by_gateway: &set,
+            ..Asked::default()
+        };
+        let v = resp(
+            200,
+            &[
+                ("cache-control", "public, max-age=60"),
+                ("vary", "Accept, X-User-Id"),
+            ],
+        );
+        assert!(matches!(
+            decide(&r, &asked, &v, now),
+            RespCacheable::Uncacheable(_)
+        ));
+        let asked = Asked {
+            no_store: true,
+            ..Asked::default()
+        };
+        assert!(matches!(
+            decide(
+                &r,
+                &asked,
+                &resp(200, &[("cache-control", "max-age=60")]),
+                now
+            ),
+            RespCacheable::Uncacheable(_)
+        ));
     }
 
     #[test]
@@ -403,7 +539,7 @@ mod tests {
             ..route(60)
         };
         let now = SystemTime::now();
-        let meta = |h: &[(&str, &str)]| match decide(&r, false, &resp(200, h), now, None) {
+        let meta = |h: &[(&str, &str)]| match decide(&r, &Asked::default(), &resp(200, h), now) {
             RespCacheable::Cacheable(m) => m,
             _ => panic!("not stored"),
         };

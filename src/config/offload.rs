@@ -64,15 +64,18 @@ pub struct Compression {
 }
 
 impl Compression {
-    /// Whether a response of this `Content-Type` is compressed. `text/event-stream` never is:
-    /// encoders buffer, and an event stream must reach the client event by event.
+    /// Whether a response of this `Content-Type` is compressed. Streams of events or records
+    /// (`text/event-stream`, `application/x-ndjson`) never are: encoders buffer, and such a
+    /// stream must reach the client piece by piece.
     pub fn compresses(&self, content_type: &[u8]) -> bool {
         let media = content_type
             .split(|&b| b == b';')
             .next()
             .unwrap_or_default()
             .trim_ascii();
-        if media.eq_ignore_ascii_case(b"text/event-stream") {
+        if media.eq_ignore_ascii_case(b"text/event-stream")
+            || media.eq_ignore_ascii_case(b"application/x-ndjson")
+        {
             return false;
         }
         self.types.iter().any(|t| match t {

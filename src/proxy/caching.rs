@@ -51,23 +51,35 @@ fn asks(req: &RequestHeader) -> Asks {
     }
 }
 
-/// request_cache_filter: GET and HEAD on a cached route use the cache, unless the client
-/// said `no-store`.
+/// Longer URLs are not cached: the URL is kept three times per entry (key, purge index,
+/// LRU), and junk query strings must not turn a small answer into a large entry.
+const MAX_URL: usize = 2048;
+
+/// request_cache_filter: GET and HEAD on a cached route use the cache. Not: requests with a
+/// body (it is not in the key, yet reaches the upstream), without a Host, or with a URL over
+/// [`MAX_URL`]; these bypass it. A client's `no-store` is honoured at storing time.
 pub(super) fn enable(session: &mut Session, ctx: &mut RequestCtx, gw: usize) {
     let Some(cfg) = route_cache(ctx, gw) else {
         return;
     };
+    let (lock_timeout, max) = (cfg.lock_timeout, cfg.max_size);
     let req = session.req_header();
     if !(req.method == Method::GET || req.method == Method::HEAD) || session.is_upgrade_req() {
         return;
     }
-    if asks(req).no_store {
+    let has_body = req.headers.contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let long = req.uri.path_and_query().map_or(0, |p| p.as_str().len()) > MAX_URL;
+    if has_body || long || !req.headers.contains_key(header::HOST) {
         ctx.cache_bypass = true;
         return;
     }
+    ctx.cache_no_store = asks(req).no_store;
     let mut o = CacheOptionOverrides::default();
-    o.wait_timeout = Some(cfg.lock_timeout);
-    let max = cfg.max_size;
+    o.wait_timeout = Some(lock_timeout);
     session.cache.enable(
         &*STORE,
         Some(&*EVICTION),
@@ -78,22 +90,58 @@ pub(super) fn enable(session: &mut Session, ctx: &mut RequestCtx, gw: usize) {
     session.cache.set_max_file_size_bytes(max);
 }
 
-/// The URL part of the key, `scheme://host/path?query` (host lower-cased): also what a purge
-/// by URL names.
+/// A host as routing sees it: lower case, no port, no trailing dot (`API.example.com.:443`
+/// is `api.example.com`), so a purge names it one way.
+pub fn host_name(h: &str) -> String {
+    let h = h.trim();
+    let name = match h.rfind(':') {
+        // An IPv6 literal's colons are inside brackets.
+        Some(i) if !h[i..].contains(']') => &h[..i],
+        _ => h,
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The URL of a request as the cache indexes it, `scheme://host/path?query`: also what a
+/// purge by URL names.
 pub(super) fn url(tls: bool, req: &RequestHeader) -> String {
     let host = req
         .headers
         .get(header::HOST)
-        .map(|h| String::from_utf8_lossy(h.as_bytes()).to_ascii_lowercase())
+        .map(|h| host_name(&String::from_utf8_lossy(h.as_bytes())))
         .unwrap_or_default();
     let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
     format!("{}://{host}{pq}", if tls { "https" } else { "http" })
 }
 
-/// The key: the gateway and the URL (HEAD shares the GET's entry; Vary adds variance).
-pub(super) fn key(gateway: &str, tls: bool, req: &RequestHeader) -> CacheKey {
+static X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
+
+/// The key: gateway, route and upstream (routes matched by header or method, and split arms,
+/// answer the same URL differently), the URL, and the X-Forwarded-Host/-Proto a trusted peer
+/// passes on (they reach the upstream and may shape its links). HEAD shares the GET's entry;
+/// Vary adds variance.
+pub(super) fn key(
+    gateway: &str,
+    route: &str,
+    upstream: &str,
+    tls: bool,
+    req: &RequestHeader,
+) -> CacheKey {
     let url = url(tls, req);
-    CacheKey::new(format!("{gateway}\n{url}"), url)
+    let fwd = |h: &header::HeaderName| {
+        req.headers
+            .get(h)
+            .map_or(std::borrow::Cow::Borrowed(""), |v| {
+                String::from_utf8_lossy(v.as_bytes())
+            })
+    };
+    let primary = format!(
+        "{gateway}\n{route}\n{upstream}\n{url}\n{}\n{}",
+        fwd(&X_FORWARDED_HOST),
+        fwd(&X_FORWARDED_PROTO)
+    );
+    CacheKey::new(primary, url)
 }
 
 /// cache_hit_filter: the client's `no-cache` or `max-age` can make a fresh entry too old
@@ -118,9 +166,10 @@ pub(super) fn only_if_cached(req: &RequestHeader) -> bool {
     asks(req).only_if_cached
 }
 
-/// `credentials`: the headers the route's auth plugins read or set (and Authorization): a
+/// `credentials`: Authorization and the headers the route's auth plugins read or set: a
 /// request carrying any was authenticated, and its answer is shared only when the origin
-/// says so, as §3.5 asks for Authorization. Cookie alone does not count, as at CDNs.
+/// says so, as §3.5 asks for Authorization. Cookie counts only when a plugin reads a
+/// credential from it (as at CDNs, a cookie alone does not make an answer private).
 pub(super) fn decide(
     cfg: &CacheRoute,
     credentials: &[header::HeaderName],
@@ -128,17 +177,25 @@ pub(super) fn decide(
     resp: &ResponseHeader,
     ctx: &mut RequestCtx,
 ) -> RespCacheable {
-    let authorized = credentials
+    let authorized = credentials.iter().any(|h| req.headers.contains_key(h));
+    // What plugins set upstream (consumer, claims) cannot be matched by Vary against the
+    // client's request; Authorization and Cookie are the client's own.
+    let set: Vec<header::HeaderName> = credentials
         .iter()
-        .filter(|h| **h != header::COOKIE)
-        .any(|h| req.headers.contains_key(h));
-    policy::decide(
-        cfg,
+        .filter(|h| {
+            **h != header::AUTHORIZATION
+                && **h != header::PROXY_AUTHORIZATION
+                && **h != header::COOKIE
+        })
+        .cloned()
+        .collect();
+    let asked = policy::Asked {
         authorized,
-        resp,
-        SystemTime::now(),
-        ctx.cache_age.take(),
-    )
+        no_store: ctx.cache_no_store,
+        set_by_gateway: &set,
+        revalidated: ctx.cache_revalidated.take(),
+    };
+    policy::decide(cfg, &asked, resp, SystemTime::now())
 }
 
 /// The variance of a request against a stored response's `Vary`.

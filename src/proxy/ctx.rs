@@ -44,9 +44,11 @@ pub struct RequestCtx {
     /// the body from its start, which the body hooks and the mirror must not see twice.
     pub body_try: u64,
     pub body_seen: u64,
-    /// The client asked not to store (`Cache-Control: no-store`): the cache was not used.
+    /// The request could not use the cache (a body, no Host, a very long URL).
     pub cache_bypass: bool,
-    /// An upstream 304 refreshing a stale entry: the age it reported, for the new freshness
-    /// (the stored head keeps its old Date).
-    pub cache_age: Option<u64>,
+    /// The client said `no-store`: hits are served, nothing is stored.
+    pub cache_no_store: bool,
+    /// An upstream 304 refreshing a stale entry: its age and Date, for the new freshness
+    /// (Pingora's merge keeps the stored Date).
+    pub cache_revalidated: Option<(u64, Option<std::time::SystemTime>)>,
 }

@@ -174,14 +174,12 @@ impl GatewayProxy {
     ) -> Result<bool> {
         let gw = &rt.gateways[self.index];
         let chain = gw.chain(ctx.route);
-        // A background refresh (stale-while-revalidate) repeats a request whose plugins ran
-        // already: it must not count against the client's rate limit a second time.
-        let background = session.subrequest_ctx.is_some();
-        if !background {
-            if let Decision::Respond(reply) = chain.request(session, &mut ctx.plugins).await? {
-                write_reply(Some(gw), session, ctx, reply).await;
-                return Ok(true);
-            }
+        // A background refresh (stale-while-revalidate) runs the chain too: auth plugins set
+        // the identity headers the upstream answers by (a refresh without them could store an
+        // anonymous answer for everyone). A rate limit counts the refresh once more.
+        if let Decision::Respond(reply) = chain.request(session, &mut ctx.plugins).await? {
+            write_reply(Some(gw), session, ctx, reply).await;
+            return Ok(true);
         }
         let Some(id) = ctx.route else {
             let reply = Reply::json_error(
@@ -487,10 +485,15 @@ impl ProxyHttp for GatewayProxy {
         if resp.status == StatusCode::NOT_MODIFIED
             && matches!(session.cache.phase(), pingora_cache::CachePhase::Stale)
         {
-            ctx.cache_age = Some(crate::cache::policy::initial_age(
-                resp,
-                std::time::SystemTime::now(),
-            ));
+            let now = std::time::SystemTime::now();
+            let date = resp
+                .headers
+                .get(header::DATE)
+                .and_then(|d| d.to_str().ok())
+                .and_then(|d| httpdate::parse_http_date(d).ok())
+                // A Date in the future is our clock's or theirs: not a reason to extend.
+                .map(|d| d.min(now));
+            ctx.cache_revalidated = Some((crate::cache::policy::initial_age(resp, now), date));
         }
         if resp.status.is_informational() && !upgrade {
             // 100 Continue, 103 Early Hints: not the answer, so no verdict on the peer yet.
@@ -635,10 +638,17 @@ impl ProxyHttp for GatewayProxy {
         session: &Session,
         ctx: &mut RequestCtx,
     ) -> Result<pingora_cache::CacheKey> {
-        let Some(gw) = ctx.rt.as_ref().and_then(|rt| rt.gateways.get(self.index)) else {
-            return Error::e_explain(ErrorType::InternalError, "no snapshot for the cache key");
+        let (Some(rt), Some(id), Some(up)) = (ctx.rt.as_ref(), ctx.route, ctx.upstream) else {
+            return Error::e_explain(ErrorType::InternalError, "no route for the cache key");
         };
-        Ok(caching::key(&gw.name, gw.tls, session.req_header()))
+        let gw = &rt.gateways[self.index];
+        Ok(caching::key(
+            &gw.name,
+            &gw.route_names[id],
+            &rt.pools[up].name,
+            gw.tls,
+            session.req_header(),
+        ))
     }
 
     async fn cache_hit_filter(
@@ -658,7 +668,7 @@ impl ProxyHttp for GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<bool> {
-        if !caching::only_if_cached(session.req_header()) {
+        if !session.cache.enabled() || !caching::only_if_cached(session.req_header()) {
             return Ok(true);
         }
         let reply = Reply::json_error(
@@ -696,7 +706,7 @@ impl ProxyHttp for GatewayProxy {
         };
         Ok(caching::decide(
             cfg,
-            &gw.mirror_strip[id],
+            &gw.cache_credentials[id],
             session.req_header(),
             resp,
             ctx,

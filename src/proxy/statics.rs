@@ -75,11 +75,16 @@ async fn resolve(site: &StaticSite, p: &Path) -> std::io::Result<Result<PathBuf,
     Ok(Ok(real))
 }
 
+/// Missing, for the client: no such file, a name too long for the file system, a symlink
+/// loop. None of them is worth a log line per request.
 fn is_missing(e: &std::io::Error) -> bool {
+    const ELOOP: i32 = 40;
     matches!(
         e.kind(),
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-    )
+        std::io::ErrorKind::NotFound
+            | std::io::ErrorKind::NotADirectory
+            | std::io::ErrorKind::InvalidFilename
+    ) || e.raw_os_error() == Some(ELOOP)
 }
 
 // One per static request, moved twice: boxing the file would cost more than it saves.
@@ -297,7 +302,15 @@ async fn send_file(
 ) -> Result<()> {
     let len = meta.len();
     let tag = etag(meta);
-    let modified = meta.modified().ok().map(httpdate::fmt_http_date);
+    // HTTP dates run from 1970 to 9999 (httpdate panics outside): other mtimes send none.
+    let modified = meta
+        .modified()
+        .ok()
+        .filter(|t| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .is_ok_and(|d| d.as_secs() < 253_402_300_800)
+        })
+        .map(httpdate::fmt_http_date);
     let req = session.req_header();
     let h = &req.headers;
 
@@ -329,11 +342,12 @@ async fn send_file(
                 .as_deref()
                 .is_some_and(|m| v.as_bytes() == m.as_bytes())
     });
-    let ask = match (h.get(header::RANGE), range_ok, not_modified) {
-        (Some(r), true, false) => range(r.as_bytes(), len),
+    let head_only = req.method == Method::HEAD;
+    // Range is defined for GET only (RFC 9110 §14.2): a HEAD gets the whole file's head.
+    let ask = match (h.get(header::RANGE), range_ok, not_modified, head_only) {
+        (Some(r), true, false, false) => range(r.as_bytes(), len),
         _ => RangeAsk::Whole,
     };
-    let head_only = req.method == Method::HEAD;
 
     let (status, start, count) = match ask {
         _ if not_modified => (StatusCode::NOT_MODIFIED, 0, 0),

@@ -577,11 +577,18 @@ impl Plugin for JwtAuth {
     }
 
     fn credential_headers(&self) -> Vec<HeaderName> {
-        self.inner
+        let mut v: Vec<HeaderName> = self
+            .inner
             .claims_to_headers
             .iter()
             .map(|(_, h)| h.clone())
-            .collect()
+            .collect();
+        // A token read from a cookie makes the cookie a credential (the response cache must
+        // not share what it was sent with).
+        if self.inner.cookie.is_some() {
+            v.push(http::header::COOKIE);
+        }
+        v
     }
 
     fn phases(&self) -> Phases {
