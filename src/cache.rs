@@ -102,7 +102,7 @@ impl Meta {
             swr: m.stale_while_revalidate_sec(),
             sie: m.stale_if_error_sec(),
             variance: m.variance(),
-            header: m.response_header().clone(),
+            header: without_case(m.response_header()),
         }
     }
 
@@ -122,16 +122,39 @@ impl Meta {
     }
 }
 
-/// Purge tags a fill carries, put in the meta's extensions by `policy` (read from the
-/// route's tag header).
+/// The head without its record of how the upstream spelled each name: every hit clones the
+/// head twice (here and in Pingora), and the spelling map doubled that work. Hits go out with
+/// lower-case names, as HTTP/2 ones do; names are case-insensitive (RFC 9110 §5.1).
+fn without_case(h: &ResponseHeader) -> ResponseHeader {
+    let Ok(mut out) = ResponseHeader::build_no_case(h.status, Some(h.headers.len())) else {
+        return h.clone();
+    };
+    for (name, value) in h.headers.iter() {
+        if out.append_header(name.clone(), value.clone()).is_err() {
+            return h.clone();
+        }
+    }
+    out.set_version(h.version);
+    out
+}
+
+/// What a fill is indexed by for purges, put in the meta's extensions when a response is
+/// found storable (so hits never build it): its URL (`scheme://host/path?query`) and the
+/// tags of the route's tag header.
 #[derive(Clone, Debug, Default)]
-pub struct Tags(pub Vec<Box<str>>);
+pub struct Tags {
+    pub url: Box<str>,
+    pub tags: Vec<Box<str>>,
+}
 
 struct Entry {
     meta: Meta,
     body: Bytes,
     key: CompactCacheKey,
+    url: Box<str>,
     tags: Vec<Box<str>>,
+    /// What the LRU was told the entry weighs.
+    weight: usize,
 }
 
 #[derive(Default)]
@@ -166,10 +189,7 @@ impl Store {
         if let Some(old) = old {
             unindex(&mut ix, key, &old);
         }
-        ix.by_url
-            .entry(entry.key.user_tag.clone())
-            .or_default()
-            .insert(key);
+        ix.by_url.entry(entry.url.clone()).or_default().insert(key);
         for t in &entry.tags {
             ix.by_tag.entry(t.clone()).or_default().insert(key);
         }
@@ -231,10 +251,10 @@ impl Store {
 }
 
 fn unindex(ix: &mut Index, key: u128, e: &Entry) {
-    if let Some(set) = ix.by_url.get_mut(&e.key.user_tag) {
+    if let Some(set) = ix.by_url.get_mut(&e.url) {
         set.remove(&key);
         if set.is_empty() {
-            ix.by_url.remove(&e.key.user_tag);
+            ix.by_url.remove(&e.url);
         }
     }
     for t in &e.tags {
@@ -253,6 +273,7 @@ struct Hit {
     start: usize,
     end: usize,
     done: bool,
+    weight: usize,
 }
 
 #[async_trait]
@@ -262,6 +283,10 @@ impl HandleHit for Hit {
             return Ok(None);
         }
         self.done = true;
+        // The whole body: handed over as is (one reference count less per hit).
+        if self.start == 0 && self.end == self.body.len() {
+            return Ok(Some(std::mem::take(&mut self.body)));
+        }
         Ok(Some(self.body.slice(self.start..self.end)))
     }
 
@@ -279,6 +304,7 @@ impl HandleHit for Hit {
     }
 
     fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        // After a whole read the body is gone; Pingora seeks before reading, never after.
         if start >= self.body.len() {
             return pingora_error::Error::e_explain(
                 pingora_error::ErrorType::InternalError,
@@ -291,8 +317,9 @@ impl HandleHit for Hit {
         Ok(())
     }
 
+    /// The admitted weight: a hit that (re)admits its key to the LRU counts what was stored.
     fn get_eviction_weight(&self) -> usize {
-        self.body.len()
+        self.weight
     }
 
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
@@ -310,6 +337,7 @@ struct Fill {
     store: &'static Store,
     key: CompactCacheKey,
     meta: Option<Meta>,
+    url: Box<str>,
     tags: Vec<Box<str>>,
     body: BytesMut,
     /// `Store::purges` when the fill began.
@@ -360,7 +388,7 @@ impl HandleMiss for Fill {
         let body = std::mem::take(&mut self.body);
         self.store.filling.fetch_sub(body.len(), Ordering::Relaxed);
         let body = body.freeze();
-        let size = body.len() + head + 3 * self.key.user_tag.len() + tags + 512;
+        let size = body.len() + head + 2 * self.url.len() + tags + 512;
         if self.store.purges.load(Ordering::SeqCst) != self.purges {
             // A purge ran while this was fetched: what it holds may be what was purged.
             return Ok(MissFinishType::Created(0));
@@ -369,7 +397,9 @@ impl HandleMiss for Fill {
             meta,
             body,
             key: self.key.clone(),
+            url: std::mem::take(&mut self.url),
             tags: std::mem::take(&mut self.tags),
+            weight: size,
         });
         Ok(MissFinishType::Created(size))
     }
@@ -391,6 +421,7 @@ impl Storage for Store {
             start: 0,
             end: e.body.len(),
             done: false,
+            weight: e.weight,
         };
         Ok(Some((e.meta.to_meta(), Box::new(hit))))
     }
@@ -401,11 +432,7 @@ impl Storage for Store {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
-        let tags = meta
-            .extensions()
-            .get::<Tags>()
-            .map(|t| t.0.clone())
-            .unwrap_or_default();
+        let Tags { url, tags } = meta.extensions().get::<Tags>().cloned().unwrap_or_default();
         // Preallocated when the length is known, bounded by what the cache could hold.
         let capacity = meta
             .headers()
@@ -418,6 +445,7 @@ impl Storage for Store {
             store: self,
             key: key.to_compact(),
             meta: Some(Meta::of(meta)),
+            url,
             tags,
             body: BytesMut::with_capacity(capacity),
             purges: self.purges.load(Ordering::SeqCst),
@@ -475,7 +503,9 @@ impl Storage for Store {
             meta: Meta::of(meta),
             body: old.body.clone(),
             key: old.key.clone(),
+            url: old.url.clone(),
             tags: old.tags.clone(),
+            weight: old.weight,
         });
         shard.insert(k, fresh);
         Ok(true)

@@ -94,6 +94,8 @@ pub struct Asked<'a> {
     /// This decision refreshes a stale entry after a 304: the 304's age and Date, which the
     /// stored head (Pingora merges only some fields) does not carry.
     pub revalidated: Option<(u64, Option<SystemTime>)>,
+    /// The request's URL as purges name it.
+    pub url: String,
 }
 
 /// The route's decision on a response.
@@ -258,9 +260,10 @@ pub fn decide(
         .take(64)
         .map(Box::from)
         .collect();
-    if !tags.is_empty() {
-        meta.extensions_mut().insert(Tags(tags));
-    }
+    meta.extensions_mut().insert(Tags {
+        url: asked.url.clone().into_boxed_str(),
+        tags,
+    });
     RespCacheable::Cacheable(meta)
 }
 
@@ -565,6 +568,6 @@ mod tests {
         assert!(m.headers().get("x-user").is_none());
         assert!(m.headers().get("set-cookie").is_none());
         let tags = m.extensions().get::<Tags>().unwrap();
-        assert_eq!(tags.0, vec![Box::from("users"), Box::from("user-1")]);
+        assert_eq!(tags.tags, vec![Box::from("users"), Box::from("user-1")]);
     }
 }

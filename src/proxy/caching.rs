@@ -93,13 +93,7 @@ pub(super) fn enable(session: &mut Session, ctx: &mut RequestCtx, gw: usize) {
 /// A host as routing sees it: lower case, no port, no trailing dot (`API.example.com.:443`
 /// is `api.example.com`), so a purge names it one way.
 pub fn host_name(h: &str) -> String {
-    let h = h.trim();
-    let name = match h.rfind(':') {
-        // An IPv6 literal's colons are inside brackets.
-        Some(i) if !h[i..].contains(']') => &h[..i],
-        _ => h,
-    };
-    name.trim_end_matches('.').to_ascii_lowercase()
+    String::from_utf8_lossy(host_part(h.as_bytes())).to_ascii_lowercase()
 }
 
 /// The URL of a request as the cache indexes it, `scheme://host/path?query`: also what a
@@ -118,9 +112,14 @@ static X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x
 static X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
 
 /// The key: gateway, route and upstream (routes matched by header or method, and split arms,
-/// answer the same URL differently), the URL, and the X-Forwarded-Host/-Proto a trusted peer
-/// passes on (they reach the upstream and may shape its links). HEAD shares the GET's entry;
-/// Vary adds variance.
+/// answer the same URL differently), scheme, host (as [`host_name`] spells it), path and
+/// query, and the X-Forwarded-Host/-Proto a trusted peer passes on (they reach the upstream
+/// and may shape its links). HEAD shares the GET's entry; Vary adds variance.
+///
+/// Hit path: the parts are hashed here, once, with the hash pingora-cache uses (Blake2b-128),
+/// straight from the request (nothing is allocated), and the key carries that hash:
+/// pingora-cache would otherwise hash the primary bytes again at each use (predictor, lookup,
+/// eviction). The URL string purges need is built only for responses that are stored.
 pub(super) fn key(
     gateway: &str,
     route: &str,
@@ -128,20 +127,56 @@ pub(super) fn key(
     tls: bool,
     req: &RequestHeader,
 ) -> CacheKey {
-    let url = url(tls, req);
-    let fwd = |h: &header::HeaderName| {
-        req.headers
-            .get(h)
-            .map_or(std::borrow::Cow::Borrowed(""), |v| {
-                String::from_utf8_lossy(v.as_bytes())
-            })
+    use blake2::digest::{consts::U16, Digest};
+    let mut h = blake2::Blake2b::<U16>::new();
+    let mut part = |b: &[u8]| {
+        h.update((b.len() as u64).to_le_bytes());
+        h.update(b);
     };
-    let primary = format!(
-        "{gateway}\n{route}\n{upstream}\n{url}\n{}\n{}",
-        fwd(&X_FORWARDED_HOST),
-        fwd(&X_FORWARDED_PROTO)
+    part(gateway.as_bytes());
+    part(route.as_bytes());
+    part(upstream.as_bytes());
+    part(if tls { b"https" } else { b"http" });
+    let host = req
+        .headers
+        .get(header::HOST)
+        .map_or(&b""[..], |v| v.as_bytes());
+    let host = host_part(host);
+    let mut lower = [0u8; 64];
+    if host.len() <= lower.len() {
+        for (d, s) in lower.iter_mut().zip(host) {
+            *d = s.to_ascii_lowercase();
+        }
+        part(&lower[..host.len()]);
+    } else {
+        part(host.to_ascii_lowercase().as_slice());
+    }
+    part(
+        req.uri
+            .path_and_query()
+            .map_or(b"/", |p| p.as_str().as_bytes()),
     );
-    CacheKey::new(primary, url)
+    for name in [&X_FORWARDED_HOST, &X_FORWARDED_PROTO] {
+        part(req.headers.get(name).map_or(&b""[..], |v| v.as_bytes()));
+    }
+    let mut key = CacheKey::new(Vec::new(), String::new());
+    key.set_primary_bin_override(h.finalize().into());
+    key
+}
+
+/// The host name of a Host value: no port, no trailing dot (case is the caller's).
+fn host_part(h: &[u8]) -> &[u8] {
+    let h = h.trim_ascii();
+    let name = match h.iter().rposition(|&b| b == b':') {
+        // An IPv6 literal's colons are inside brackets.
+        Some(i) if !h[i..].contains(&b']') => &h[..i],
+        _ => h,
+    };
+    let mut end = name.len();
+    while end > 0 && name[end - 1] == b'.' {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 /// cache_hit_filter: the client's `no-cache` or `max-age` can make a fresh entry too old
@@ -172,6 +207,7 @@ pub(super) fn only_if_cached(req: &RequestHeader) -> bool {
 /// credential from it (as at CDNs, a cookie alone does not make an answer private).
 pub(super) fn decide(
     cfg: &CacheRoute,
+    tls: bool,
     credentials: &[header::HeaderName],
     req: &RequestHeader,
     resp: &ResponseHeader,
@@ -194,6 +230,7 @@ pub(super) fn decide(
         no_store: ctx.cache_no_store,
         set_by_gateway: &set,
         revalidated: ctx.cache_revalidated.take(),
+        url: url(tls, req),
     };
     policy::decide(cfg, &asked, resp, SystemTime::now())
 }

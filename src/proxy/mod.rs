@@ -706,6 +706,7 @@ impl ProxyHttp for GatewayProxy {
         };
         Ok(caching::decide(
             cfg,
+            gw.tls,
             &gw.cache_credentials[id],
             session.req_header(),
             resp,
