@@ -165,12 +165,23 @@ async fn connections_requests_and_header_fields_are_capped() {
         "max_connections = 5\nmax_requests_per_connection = 3\nmax_headers = 10\n\
          max_header_size = \"1KiB\"\nheader_timeout = \"10s\"",
     );
-    // Five idle connections hold every slot: the next ones are closed at once.
+    // Five idle connections hold every slot: the next ones are closed at once. Each makes
+    // one request first, so it is certainly accepted and counted before the others come (a
+    // bare connect may still sit in the accept queue on a busy machine).
     let mut held = Vec::new();
     for _ in 0..5 {
-        held.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(n > 0);
+        held.push(s);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     for _ in 0..3 {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
