@@ -199,6 +199,11 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         match session.req_header().uri.path() {
             "/cache/purge" => self.purge(session),
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                crate::metrics::render(&self.live.load()),
+            ),
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             "/status" => reply(
                 StatusCode::OK,

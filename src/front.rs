@@ -522,6 +522,8 @@ pub struct Front {
     pub name: Arc<str>,
     active: AtomicUsize,
     saturated: AtomicBool,
+    /// `gatehouse_connections_active{gateway}`.
+    gauge: prometheus::IntGauge,
 }
 
 /// Holds one of the gateway's connection slots.
@@ -530,6 +532,7 @@ struct Slot<'a>(&'a Front);
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         let before = self.0.active.fetch_sub(1, Relaxed);
+        self.0.gauge.dec();
         // Said again only once well below the limit, not at every close of a full gateway.
         let max = self.0.live.load().client.max_connections;
         let calm = before <= max - max / 10;
@@ -547,9 +550,10 @@ impl Front {
         Front {
             proxy: Arc::new(proxy),
             live,
-            name,
             active: AtomicUsize::new(0),
             saturated: AtomicBool::new(false),
+            gauge: crate::metrics::connections(&name),
+            name,
         }
     }
 
@@ -564,6 +568,7 @@ impl Front {
             }
             return None;
         }
+        self.gauge.inc();
         Some(Slot(self))
     }
 

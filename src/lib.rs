@@ -8,6 +8,7 @@ pub mod compress;
 pub mod config;
 pub mod demo;
 pub mod front;
+pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod runtime;

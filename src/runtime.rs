@@ -33,6 +33,9 @@ pub struct GatewayRt {
     pub chains: Vec<Chain>,
     /// Global and gateway plugins: for requests no route matches.
     pub default_chain: Chain,
+    /// Per route, its metric handles; `unmatched` for requests no route matched (`route="-"`).
+    pub metrics: Vec<crate::metrics::RouteMetrics>,
+    pub unmatched: crate::metrics::RouteMetrics,
     pub router: Router,
 }
 
@@ -122,6 +125,12 @@ impl Runtime {
                 routes: g.routes.clone(),
                 chains,
                 default_chain: Chain::new(&base),
+                metrics: g
+                    .routes
+                    .iter()
+                    .map(|r| crate::metrics::RouteMetrics::new(&g.name, &r.name))
+                    .collect(),
+                unmatched: crate::metrics::RouteMetrics::new(&g.name, "-"),
             });
         }
         let pools = cfg

@@ -148,10 +148,12 @@ impl Reloader {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
                 log::error!("reload refused, keeping the running config:{e}");
+                crate::metrics::reloaded(false);
                 return;
             }
             Err(e) => {
                 log::error!("reload refused, keeping the running config: {e}");
+                crate::metrics::reloaded(false);
                 return;
             }
         };
@@ -160,6 +162,7 @@ impl Reloader {
                 "reload refused: gateways or listeners changed; restart or upgrade to apply ({})",
                 self.path.display()
             );
+            crate::metrics::reloaded(false);
             return;
         }
         let rt = Arc::new(rt);
@@ -171,6 +174,7 @@ impl Reloader {
             }
         }
         health::spawn_checks(&rt.pools);
+        crate::metrics::reloaded(true);
         log::info!("reloaded {}", self.path.display());
     }
 }

@@ -122,6 +122,7 @@ pub fn may_retry(pool: &Pool, session: &Session, ctx: &mut RequestCtx, replayabl
         && pool.budget.withdraw();
     if ok {
         ctx.retries += 1;
+        pool.retries.inc();
     }
     ok
 }

@@ -44,6 +44,10 @@ pub struct RequestCtx {
     /// the body from its start, which the body hooks and the mirror must not see twice.
     pub body_try: u64,
     pub body_seen: u64,
+    /// When the request's head was in (early_request_filter): its duration's start.
+    pub start: Option<std::time::Instant>,
+    /// When the current try's request went upstream.
+    pub upstream_sent: Option<std::time::Instant>,
     /// The request could not use the cache (a body, no Host, a very long URL).
     pub cache_bypass: bool,
     /// The client said `no-store`: hits are served, nothing is stored.

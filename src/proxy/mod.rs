@@ -279,6 +279,7 @@ impl ProxyHttp for GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.start = Some(std::time::Instant::now());
         let rt = self.live.load_full();
         let Some(gw) = rt.gateways.get(self.index) else {
             return Error::e_explain(ErrorType::InternalError, "gateway missing from snapshot");
@@ -470,6 +471,7 @@ impl ProxyHttp for GatewayProxy {
         if let Some(m) = ctx.mirror.as_mut() {
             m.set_head(upstream);
         }
+        ctx.upstream_sent = Some(std::time::Instant::now());
         Ok(())
     }
 
@@ -515,6 +517,9 @@ impl ProxyHttp for GatewayProxy {
             return Ok(());
         };
         let pool = &rt.pools[up];
+        if let Some(t) = ctx.upstream_sent.take() {
+            pool.upstream_time.observe(t.elapsed().as_secs_f64());
+        }
         pool.report(idx, !pool.is_failure_status(status));
         if let (Some(b), Some(probe), false) = (&pool.breaker, ctx.probe, ctx.recorded) {
             // A probe's verdict is its response head: a WebSocket or an event stream must not
@@ -770,6 +775,22 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // A background refresh is the cache's own request, not a client's: not counted.
+        let client = session.subrequest_ctx.is_none();
+        if let (Some(rt), Some(start), true) = (ctx.rt.as_ref(), ctx.start, client) {
+            if let Some(gw) = rt.gateways.get(self.index) {
+                let m = ctx.route.map_or(&gw.unmatched, |id| &gw.metrics[id]);
+                let status = session.response_written().map_or(0, |r| r.status.as_u16());
+                m.record(
+                    &session.req_header().method,
+                    status,
+                    start.elapsed().as_secs_f64(),
+                    session.body_bytes_read(),
+                    session.body_bytes_sent(),
+                    ctx.plugins.cache_status,
+                );
+            }
+        }
         if let (Some(rt), Some(up), true, false) =
             (ctx.rt.as_ref(), ctx.upstream, ctx.admitted, ctx.recorded)
         {

@@ -152,6 +152,9 @@ pub struct Pool {
     pub budget: RetryBudget,
     /// Set once a health-check task runs for this pool.
     pub(crate) checking: AtomicBool,
+    /// This upstream's series, resolved once (no label lookup per request).
+    pub upstream_time: prometheus::Histogram,
+    pub retries: prometheus::IntCounter,
 }
 
 fn balancer<S>(backends: &BTreeSet<Backend>, cfg: &Upstream) -> Result<LoadBalancer<S>, String>
@@ -242,6 +245,12 @@ impl Pool {
             breaker: cfg.circuit_breaker.clone().map(Breaker::new),
             budget: RetryBudget::new(cfg.retry.budget_percent),
             checking: AtomicBool::new(false),
+            upstream_time: crate::metrics::METRICS
+                .upstream_duration
+                .with_label_values(&[cfg.name.as_str()]),
+            retries: crate::metrics::METRICS
+                .retries
+                .with_label_values(&[cfg.name.as_str()]),
             cfg: cfg.clone(),
         })
     }

@@ -1,0 +1,190 @@
+//! `GET /metrics` on the admin listener: Prometheus text, with the counts a user's traffic
+//! makes, bounded labels, and the state of peers, circuits and reloads.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// The value of the sample `name{labels}` (labels as Prometheus prints them, sorted).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn scrape(admin: u16) -> String {
+    let r = client()
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    r.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_shows_in_the_metrics() {
+    let up = echo("u").await;
+    let dead = free_port();
+    let (port, admin) = (free_port(), free_port());
+    let g = Gatehouse::start(
+        &format!(
+            r#"
+[server]
+admin = "127.0.0.1:{admin}"
+[upstreams.app]
+peers = ["{up}"]
+[upstreams.gone]
+peers = ["127.0.0.1:{dead}"]
+retries = 0
+circuit_breaker = {{ failures = 2, open_for = "30s" }}
+[gateways.web]
+listen = ["127.0.0.1:{port}"]
+[[routes]]
+name = "api"
+path = "/api"
+upstream = "app"
+cache = {{ ttl = "60s" }}
+[[routes]]
+name = "broken"
+path = "/broken"
+upstream = "gone"
+"#
+        ),
+        &[port, admin],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let c = client();
+    for _ in 0..3 {
+        c.get(format!("{base}/api/x")).send().await.unwrap();
+    }
+    c.post(format!("{base}/api/x"))
+        .body("12345")
+        .send()
+        .await
+        .unwrap();
+    // Methods outside the list count as OTHER; paths no route takes as route "-".
+    c.request(
+        reqwest::Method::from_bytes(b"PROPFIND").unwrap(),
+        format!("{base}/api/x"),
+    )
+    .send()
+    .await
+    .unwrap();
+    for i in 0..3 {
+        c.get(format!("{base}/nowhere/{i}")).send().await.unwrap();
+    }
+    for _ in 0..3 {
+        c.get(format!("{base}/broken")).send().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let m = scrape(admin).await;
+    let get = |s: &str| sample(&m, s).unwrap_or_else(|| panic!("no {s} in:\n{m}"));
+
+    let req = |route: &str, method: &str, status: &str| {
+        format!(
+            "gatehouse_requests_total{{gateway=\"web\",method=\"{method}\",route=\"{route}\",status=\"{status}\"}}"
+        )
+    };
+    assert_eq!(get(&req("api", "GET", "2xx")), 3.0);
+    assert_eq!(get(&req("api", "POST", "2xx")), 1.0);
+    assert_eq!(get(&req("api", "OTHER", "2xx")), 1.0);
+    assert_eq!(get(&req("-", "GET", "4xx")), 3.0);
+    assert_eq!(get(&req("broken", "GET", "5xx")), 3.0);
+    assert_eq!(
+        get("gatehouse_request_duration_seconds_count{gateway=\"web\",route=\"api\"}"),
+        5.0
+    );
+    assert_eq!(
+        get("gatehouse_request_bytes_total{gateway=\"web\",route=\"api\"}"),
+        5.0,
+        "the POST's body"
+    );
+    assert!(get("gatehouse_response_bytes_total{gateway=\"web\",route=\"api\"}") > 0.0);
+    // Upstream time: the requests that reached the upstream (one GET, two were cache hits;
+    // the POST; the PROPFIND).
+    assert_eq!(
+        get("gatehouse_upstream_duration_seconds_count{upstream=\"app\"}"),
+        3.0
+    );
+    assert_eq!(
+        get("gatehouse_cache_requests_total{route=\"api\",status=\"MISS\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("gatehouse_cache_requests_total{route=\"api\",status=\"HIT\"}"),
+        2.0
+    );
+    // State: peers, the breaker that the dead upstream opened, the build.
+    assert_eq!(
+        get(&format!(
+            "gatehouse_upstream_peer_healthy{{peer=\"{up}\",upstream=\"app\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        get("gatehouse_upstream_circuit_open{upstream=\"gone\"}"),
+        1.0
+    );
+    assert!(m.contains("gatehouse_build_info{version=\""));
+    // Connections: two held open, idle after a request each, are counted.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        held.push(s);
+    }
+    let active = sample(
+        &scrape(admin).await,
+        "gatehouse_connections_active{gateway=\"web\"}",
+    );
+    assert!(active.is_some_and(|n| n >= 2.0), "{active:?}");
+    drop(held);
+    // No series carries a raw path.
+    assert!(!m.contains("nowhere"));
+
+    // Reloads: one good, one bad.
+    let cfg = std::fs::read_to_string(&g.config).unwrap();
+    std::fs::write(
+        &g.config,
+        cfg.replace("name = \"broken\"", "name = \"broken2\""),
+    )
+    .unwrap();
+    signal(g.pid(), "HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::write(&g.config, "this is not toml [").unwrap();
+    signal(g.pid(), "HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = scrape(admin).await;
+    assert_eq!(
+        sample(&m, "gatehouse_config_reloads_total{result=\"success\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "gatehouse_config_reloads_total{result=\"failure\"}"),
+        Some(1.0)
+    );
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
