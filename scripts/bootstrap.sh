@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what building Gatehouse needs, when it is missing, on Debian or Ubuntu:
-# cmake (Pingora's zlib-ng build), pkg-config and the OpenSSL headers, and a C compiler.
+# Installs what building and testing Gatehouse needs, when it is missing, on Debian or Ubuntu:
+# cmake (Pingora's zlib-ng build), pkg-config and the OpenSSL headers, a C compiler, and
+# systemd-analyze (the unit file tests).
 # Safe to run every time: it does nothing when all is there.
 set -euo pipefail
 
@@ -9,6 +10,8 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 [ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+# The tests check the systemd unit with systemd-analyze (the package installs, it starts nothing).
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need[*]}" >&2

@@ -13,5 +13,6 @@ pub mod proxy;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod systemd;
 pub mod tls;
 pub mod upstream;

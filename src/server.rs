@@ -175,6 +175,7 @@ impl Reloader {
         }
         health::spawn_checks(&rt.pools);
         crate::metrics::reloaded(true);
+        crate::systemd::notify("STATUS=reloaded");
         log::info!("reloaded {}", self.path.display());
     }
 }
@@ -186,6 +187,12 @@ impl BackgroundService for Reloader {
         // Health-check tasks live in this service's runtime, for as long as the server runs.
         health::spawn_checks(&self.live.load().pools);
         tokio::spawn(crate::upstream::resolve::run(self.live.clone()));
+        let addrs = self
+            .listeners
+            .iter()
+            .flat_map(|(_, a, _)| a.iter().copied())
+            .collect();
+        tokio::spawn(crate::systemd::ready_when_listening(addrs));
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {
