@@ -15,10 +15,11 @@ use crate::runtime::Live;
 
 pub struct Admin {
     live: Live,
+    reloads: crate::server::Reloads,
 }
 
-pub fn service(addr: SocketAddr, live: Live) -> Service<Admin> {
-    let mut svc = Service::new("admin".to_string(), Admin { live });
+pub fn service(addr: SocketAddr, live: Live, reloads: crate::server::Reloads) -> Service<Admin> {
+    let mut svc = Service::new("admin".to_string(), Admin { live, reloads });
     svc.add_tcp(&addr.to_string());
     svc.threads = Some(1);
     svc
@@ -65,7 +66,22 @@ impl Admin {
             "limit": ev.weight_limit(),
             "evicted": ev.evicted_items(),
         });
-        json!({ "gateways": gateways, "upstreams": upstreams, "cache": cache })
+        let last = self.reloads.last.lock().ok().and_then(|l| l.clone());
+        let last_reload = last.map(|l| {
+            let at =
+                l.at.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+            match l.result {
+                Ok(()) => json!({ "at": at, "result": "success" }),
+                Err(e) => json!({ "at": at, "result": "failure", "errors": e }),
+            }
+        });
+        json!({
+            "gateways": gateways,
+            "upstreams": upstreams,
+            "cache": cache,
+            "last_reload": last_reload,
+        })
     }
 }
 
@@ -101,14 +117,15 @@ fn json_error(status: StatusCode, message: &str) -> Response<Vec<u8>> {
 }
 
 impl Admin {
-    /// `POST /cache/purge?url=ABSOLUTE_URL` or `?tag=TAG`: drops the entries, says how many.
-    fn purge(&self, session: &ServerSession) -> Response<Vec<u8>> {
+    /// The token and method checks of the mutating endpoints: `None` when the request may go
+    /// on, else the refusal.
+    fn refuse(&self, session: &ServerSession, what: &str) -> Option<Response<Vec<u8>>> {
         let rt = self.live.load();
         let Some(token) = rt.admin_token.as_deref() else {
-            return json_error(
+            return Some(json_error(
                 StatusCode::FORBIDDEN,
-                "purge is off: set [server] admin_token or admin_token_file",
-            );
+                &format!("{what} is off: set [server] admin_token or admin_token_file"),
+            ));
         };
         if !authorized(session, token) {
             let mut r = json_error(
@@ -119,15 +136,58 @@ impl Admin {
                 http::header::WWW_AUTHENTICATE,
                 http::HeaderValue::from_static("Bearer"),
             );
-            return r;
+            return Some(r);
         }
-        let req = session.req_header();
-        if req.method != http::Method::POST {
-            let mut r = json_error(StatusCode::METHOD_NOT_ALLOWED, "purge with POST");
+        if session.req_header().method != http::Method::POST {
+            let mut r = json_error(StatusCode::METHOD_NOT_ALLOWED, &format!("{what} with POST"));
             r.headers_mut()
                 .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+            return Some(r);
+        }
+        None
+    }
+
+    /// `POST /reload`: as SIGHUP, and the answer says whether the new file took (422 with its
+    /// errors when not; the running config stays).
+    async fn reload(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        if let Some(r) = self.refuse(session, "reload") {
             return r;
         }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.reloads.ask.send(tx).await.is_err() {
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the reloader is not running",
+            );
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(60), rx).await {
+            Ok(Ok(Ok(()))) => reply(
+                StatusCode::OK,
+                "application/json",
+                format!("{}\n", json!({ "reloaded": true })),
+            ),
+            Ok(Ok(Err(errors))) => {
+                let body = json!({ "reloaded": false, "status": 422, "errors": errors });
+                reply(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "application/json",
+                    format!("{body}\n"),
+                )
+            }
+            _ => json_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the reload did not answer in 60 s",
+            ),
+        }
+    }
+
+    /// `POST /cache/purge?url=ABSOLUTE_URL` or `?tag=TAG`: drops the entries, says how many.
+    fn purge(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        if let Some(r) = self.refuse(session, "purge") {
+            return r;
+        }
+        let rt = self.live.load();
+        let req = session.req_header();
         let query = req.uri.query().unwrap_or("");
         let mut by_url = None;
         let mut by_tag = None;
@@ -199,6 +259,7 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         match session.req_header().uri.path() {
             "/cache/purge" => self.purge(session),
+            "/reload" => self.reload(session).await,
             "/metrics" => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -78,8 +78,14 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
         server.add_service(svc);
         cert_stores.push(store);
     }
+    let (ask, requests) = tokio::sync::mpsc::channel(4);
+    let last = Arc::new(std::sync::Mutex::new(None));
     if let Some(addr) = cfg.server.admin {
-        server.add_service(crate::admin::service(addr, live.clone()));
+        let reloads = Reloads {
+            ask,
+            last: last.clone(),
+        };
+        server.add_service(crate::admin::service(addr, live.clone(), reloads));
     }
     server.add_service(background_service(
         "health checks and reload",
@@ -88,6 +94,8 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
             live: live.clone(),
             listeners: listener_set(cfg),
             cert_stores,
+            requests: std::sync::Mutex::new(Some(requests)),
+            last,
         },
     ));
     Ok((server, live))
@@ -130,12 +138,44 @@ struct Reloader {
     listeners: Vec<(String, Vec<std::net::SocketAddr>, bool)>,
     /// Per gateway, the certificate its TLS handshakes use.
     cert_stores: Vec<Option<Arc<CertStore>>>,
+    /// Reload requests from the admin listener (`POST /reload`), each with its answer.
+    requests: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<ReloadRequest>>>,
+    last: Arc<std::sync::Mutex<Option<LastReload>>>,
+}
+
+/// A reload asked over the admin API; the answer says whether it took.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// The last reload, for `/status`.
+#[derive(Clone, Debug)]
+pub struct LastReload {
+    pub at: std::time::SystemTime,
+    pub result: Result<(), String>,
+}
+
+/// What the admin listener needs of the reloader.
+#[derive(Clone)]
+pub struct Reloads {
+    pub ask: tokio::sync::mpsc::Sender<ReloadRequest>,
+    pub last: Arc<std::sync::Mutex<Option<LastReload>>>,
 }
 
 impl Reloader {
     /// Reads, resolves and builds off the async runtime (file reads, DNS lookups, key parsing
     /// and regex builds block), then swaps the snapshot and the certificates together.
-    async fn reload(&self) {
+    async fn reload(&self) -> Result<(), String> {
+        let result = self.try_reload().await;
+        crate::metrics::reloaded(result.is_ok());
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(LastReload {
+                at: std::time::SystemTime::now(),
+                result: result.clone(),
+            });
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<(), String> {
         let path = self.path.clone();
         let current = self.live.load_full();
         let built = tokio::task::spawn_blocking(move || {
@@ -148,22 +188,20 @@ impl Reloader {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
                 log::error!("reload refused, keeping the running config:{e}");
-                crate::metrics::reloaded(false);
-                return;
+                return Err(e.trim_start().to_string());
             }
             Err(e) => {
                 log::error!("reload refused, keeping the running config: {e}");
-                crate::metrics::reloaded(false);
-                return;
+                return Err(e.to_string());
             }
         };
         if listener_set(&cfg) != self.listeners {
-            log::error!(
-                "reload refused: gateways or listeners changed; restart or upgrade to apply ({})",
+            let why = format!(
+                "gateways or listeners changed; restart or upgrade to apply ({})",
                 self.path.display()
             );
-            crate::metrics::reloaded(false);
-            return;
+            log::error!("reload refused: {why}");
+            return Err(why);
         }
         let rt = Arc::new(rt);
         self.live.store(rt.clone());
@@ -174,9 +212,9 @@ impl Reloader {
             }
         }
         health::spawn_checks(&rt.pools);
-        crate::metrics::reloaded(true);
         crate::systemd::notify("STATUS=reloaded");
         log::info!("reloaded {}", self.path.display());
+        Ok(())
     }
 }
 
@@ -193,6 +231,10 @@ impl BackgroundService for Reloader {
             .flat_map(|(_, a, _)| a.iter().copied())
             .collect();
         tokio::spawn(crate::systemd::ready_when_listening(addrs));
+        let Some(mut requests) = self.requests.lock().ok().and_then(|mut r| r.take()) else {
+            log::error!("reload service started twice");
+            return;
+        };
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {
@@ -202,7 +244,12 @@ impl BackgroundService for Reloader {
         };
         loop {
             tokio::select! {
-                _ = hup.recv() => self.reload().await,
+                _ = hup.recv() => {
+                    let _ = self.reload().await;
+                }
+                Some(reply) = requests.recv() => {
+                    let _ = reply.send(self.reload().await);
+                }
                 _ = shutdown.changed() => return,
             }
         }

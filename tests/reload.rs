@@ -73,3 +73,54 @@ async fn sighup_applies_good_files_and_refuses_bad_ones() {
         "the running config stays"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_reload_answers_whether_the_file_took() {
+    let a = echo("a").await;
+    let (port, admin) = (free_port(), free_port());
+    let token = "reload-token-0123456789abcdef";
+    let head = format!("[server]\nadmin = \"127.0.0.1:{admin}\"\nadmin_token = \"{token}\"\n");
+    let g = Gatehouse::start(&(head.clone() + &config(port, a, "/one")), &[port, admin]);
+    let url = format!("http://127.0.0.1:{port}/x");
+    assert_eq!(upstream_path(&url).await, "/one");
+    let post = |t: Option<&str>| {
+        let mut r = client().post(format!("http://127.0.0.1:{admin}/reload"));
+        if let Some(t) = t {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    // The token is required, and POST.
+    assert_eq!(post(None).await.unwrap().status(), 401);
+    let r = client()
+        .get(format!("http://127.0.0.1:{admin}/reload"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+
+    // A good file: 200, and it took.
+    std::fs::write(&g.config, head.clone() + &config(port, a, "/two")).unwrap();
+    let r = post(Some(token)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(upstream_path(&url).await, "/two");
+
+    // A bad file: 422 with the error and its line; the running config stays, /status says so.
+    std::fs::write(&g.config, head.clone() + &config(port, a, "no-slash")).unwrap();
+    let r = post(Some(token)).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    let errors = body["errors"].as_str().unwrap();
+    assert!(
+        errors.contains(":10:11: error") && errors.contains("`rewrite` must be a path"),
+        "{errors}"
+    );
+    assert_eq!(upstream_path(&url).await, "/two");
+    let status = admin_status(admin).await;
+    assert_eq!(status["last_reload"]["result"], "failure", "{status}");
+    assert!(status["last_reload"]["errors"]
+        .as_str()
+        .unwrap()
+        .contains("rewrite"));
+}
