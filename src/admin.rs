@@ -117,6 +117,33 @@ fn json_error(status: StatusCode, message: &str) -> Response<Vec<u8>> {
 }
 
 impl Admin {
+    /// Ready: every listener accepts connections and every upstream with active health
+    /// checks has had its first round (so no request meets a peer whose health is unknown).
+    fn readyz(&self) -> Response<Vec<u8>> {
+        use std::sync::atomic::Ordering;
+        let listening = crate::systemd::LISTENING.load(Ordering::Acquire);
+        let rt = self.live.load();
+        let pending: Vec<&str> = rt
+            .pools
+            .iter()
+            .filter(|p| !p.checked.load(Ordering::Acquire))
+            .map(|p| &*p.name)
+            .collect();
+        if listening && pending.is_empty() {
+            return reply(StatusCode::OK, "text/plain", "ready\n".into());
+        }
+        let body = json!({
+            "status": 503,
+            "listening": listening,
+            "health_checks_pending": pending,
+        });
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "application/json",
+            format!("{body}\n"),
+        )
+    }
+
     /// The token and method checks of the mutating endpoints: `None` when the request may go
     /// on, else the refusal.
     fn refuse(&self, session: &ServerSession, what: &str) -> Option<Response<Vec<u8>>> {
@@ -266,6 +293,7 @@ impl ServeHttp for Admin {
                 crate::metrics::render(&self.live.load()),
             ),
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/readyz" => self.readyz(),
             "/status" => reply(
                 StatusCode::OK,
                 "application/json",

@@ -4,7 +4,11 @@
 //! the unit sets `WatchdogSec`. Outside systemd (no `$NOTIFY_SOCKET`) nothing is sent.
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+/// Every listener accepts connections (set once, by [`ready_when_listening`]).
+pub static LISTENING: AtomicBool = AtomicBool::new(false);
 
 /// Sends `state` (newline-separated `KEY=value` lines); false when not under systemd or the
 /// socket refused it.
@@ -38,6 +42,7 @@ pub async fn ready_when_listening(addrs: Vec<SocketAddr>) {
             wait = (wait * 2).min(Duration::from_millis(200));
         }
     }
+    LISTENING.store(true, Ordering::Release);
     // MAINPID: after `run --upgrade` the new process is the one systemd must watch (with
     // NotifyAccess=all in the unit); on a first start it is the main PID already.
     let status = format!(

@@ -188,3 +188,51 @@ fn signal(pid: u32, sig: &str) {
         .success();
     assert!(ok);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_listeners_and_the_first_health_checks() {
+    // A peer that takes connections and never answers: its first check lasts its timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer = silent.local_addr().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let _g = Gatehouse::start(
+        &format!(
+            r#"
+[server]
+admin = "127.0.0.1:{admin}"
+[upstreams.slow]
+peers = ["{peer}"]
+health_check = {{ kind = "http", path = "/", interval = "1s", timeout = "3s" }}
+[gateways.web]
+listen = ["127.0.0.1:{port}"]
+[[routes]]
+upstream = "slow"
+"#
+        ),
+        &[port, admin],
+    );
+    let readyz = || async {
+        let r = client()
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let (status, body) = readyz().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("\"health_checks_pending\":[\"slow\"]"),
+        "{body}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = readyz().await;
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(silent);
+}

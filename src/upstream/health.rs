@@ -22,6 +22,7 @@ pub fn spawn_checks<'a>(pools: impl IntoIterator<Item = &'a Arc<Pool>>) {
             loop {
                 let Some(pool) = weak.upgrade() else { return };
                 pool.check_health().await;
+                pool.checked.store(true, Ordering::Release);
                 drop(pool);
                 tokio::time::sleep(hc.interval).await;
             }

@@ -152,6 +152,8 @@ pub struct Pool {
     pub budget: RetryBudget,
     /// Set once a health-check task runs for this pool.
     pub(crate) checking: AtomicBool,
+    /// Set once the first round of active health checks has finished (for `/readyz`).
+    pub checked: AtomicBool,
     /// This upstream's series, resolved once (no label lookup per request).
     pub upstream_time: prometheus::Histogram,
     pub retries: prometheus::IntCounter,
@@ -245,6 +247,7 @@ impl Pool {
             breaker: cfg.circuit_breaker.clone().map(Breaker::new),
             budget: RetryBudget::new(cfg.retry.budget_percent),
             checking: AtomicBool::new(false),
+            checked: AtomicBool::new(cfg.health_check.is_none()),
             upstream_time: crate::metrics::METRICS
                 .upstream_duration
                 .with_label_values(&[cfg.name.as_str()]),
