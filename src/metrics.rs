@@ -224,6 +224,28 @@ impl RouteMetrics {
     }
 }
 
+/// logging: one finished request, on its route's handles (or the gateway's unmatched ones).
+/// A background refresh is the cache's own request, not a client's: not counted.
+pub fn record_request(
+    gw: &crate::runtime::GatewayRt,
+    session: &pingora_proxy::Session,
+    ctx: &crate::proxy::RequestCtx,
+) {
+    let Some(start) = ctx.start else { return };
+    if session.subrequest_ctx.is_some() {
+        return;
+    }
+    let m = ctx.route.map_or(&gw.unmatched, |id| &gw.metrics[id]);
+    m.record(
+        &session.req_header().method,
+        session.response_written().map_or(0, |r| r.status.as_u16()),
+        start.elapsed().as_secs_f64(),
+        session.body_bytes_read(),
+        session.body_bytes_sent(),
+        ctx.plugins.cache_status,
+    );
+}
+
 pub fn connections(gateway: &str) -> IntGauge {
     METRICS.connections.with_label_values(&[gateway])
 }

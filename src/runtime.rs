@@ -29,6 +29,9 @@ pub struct GatewayRt {
     /// Authorization, and what the route's auth plugins read or set (Cookie only when one
     /// reads a credential from it).
     pub cache_credentials: Vec<Arc<[http::HeaderName]>>,
+    /// Per route, those of them the gateway sets on the upstream request (not the client's
+    /// Authorization or Cookie): a `Vary` on one cannot be matched against the client's.
+    pub cache_set_upstream: Vec<Arc<[http::HeaderName]>>,
     /// One chain per route: global, gateway, route plugins.
     pub chains: Vec<Chain>,
     /// Global and gateway plugins: for requests no route matches.
@@ -94,7 +97,7 @@ impl Runtime {
                     Arc::from(h)
                 })
                 .collect();
-            let cache_credentials = chains
+            let cache_credentials: Vec<Arc<[http::HeaderName]>> = chains
                 .iter()
                 .map(|c| {
                     let mut h = vec![
@@ -121,6 +124,19 @@ impl Runtime {
                     .collect(),
                 mirrors_in_flight: g.routes.iter().map(|_| Arc::default()).collect(),
                 mirror_strip,
+                cache_set_upstream: cache_credentials
+                    .iter()
+                    .map(|c| {
+                        c.iter()
+                            .filter(|h| {
+                                **h != http::header::AUTHORIZATION
+                                    && **h != http::header::PROXY_AUTHORIZATION
+                                    && **h != http::header::COOKIE
+                            })
+                            .cloned()
+                            .collect()
+                    })
+                    .collect(),
                 cache_credentials,
                 routes: g.routes.clone(),
                 chains,

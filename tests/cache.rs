@@ -1,298 +1,13 @@
 //! The response cache end to end: a real upstream that counts what reaches it, the gateway,
 //! a real client. Each test asserts what a client sees (status, x-cache-status, body, Age)
-//! and what the upstream saw (how many requests, which conditionals).
+//! and what the upstream saw (how many requests, which conditionals). The upstream and the
+//! gateway's config are in `common/cache_kit.rs`.
 mod common;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
-use hyper::{Request, Response};
-
-const TOKEN: &str = "purge-token-0123456789abcdef";
-const JWT_SECRET: &str = "cache-test-secret-0123456789abcdef-xyz";
-
-fn session_cookie(sub: &str) -> String {
-    let claims = serde_json::json!({ "sub": sub, "exp": 4_000_000_000u64 });
-    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes());
-    let t = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
-    format!("session={t}")
-}
-
-/// Requests per path that reached the upstream, and the If-None-Match each carried.
-#[derive(Clone, Default)]
-struct Seen(Arc<Mutex<HashMap<String, Vec<Option<String>>>>>);
-
-impl Seen {
-    fn count(&self, path: &str) -> usize {
-        self.0.lock().unwrap().get(path).map_or(0, Vec::len)
-    }
-    fn conditionals(&self, path: &str) -> Vec<Option<String>> {
-        self.0
-            .lock()
-            .unwrap()
-            .get(path)
-            .cloned()
-            .unwrap_or_default()
-    }
-}
-
-async fn upstream(addr: Option<std::net::SocketAddr>, seen: Seen) -> Ctl {
-    serve_ctl(addr, move |req: Request<hyper::body::Incoming>| {
-        let seen = seen.clone();
-        async move {
-            let path = req.uri().path().to_string();
-            let inm = req
-                .headers()
-                .get("if-none-match")
-                .or(req.headers().get("if-modified-since"))
-                .map(|v| v.to_str().unwrap().to_string());
-            let lang = req
-                .headers()
-                .get("accept-language")
-                .map(|v| v.to_str().unwrap().to_string())
-                .unwrap_or_default();
-            let who = ["x-user-id", "x-consumer"]
-                .iter()
-                .find_map(|h| req.headers().get(*h))
-                .map(|v| v.to_str().unwrap().to_string())
-                .unwrap_or_else(|| "nobody".into());
-            let n = {
-                let mut m = seen.0.lock().unwrap();
-                let v = m.entry(path.clone()).or_default();
-                v.push(inm.clone());
-                v.len()
-            };
-            let b = Response::builder().header("content-type", "text/plain");
-            let body = format!("{path} #{n}");
-            let r = match path
-                .trim_start_matches("/c")
-                .trim_start_matches("/u")
-                .trim_start_matches("/k")
-                .trim_start_matches("/j")
-            {
-                "/fresh" => b
-                    .header("cache-control", "max-age=60")
-                    .header("surrogate-key", "users user-1"),
-                "/slow" => {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    b.header("cache-control", "max-age=60")
-                }
-                "/nostore" => b.header("cache-control", "no-store, max-age=60"),
-                "/private" => b.header("cache-control", "private, max-age=60"),
-                "/cookie" => b
-                    .header("cache-control", "max-age=60")
-                    .header("set-cookie", "session=abc"),
-                "/shared" => b.header("cache-control", "public, max-age=60"),
-                "/vary" => {
-                    return Response::builder()
-                        .header("cache-control", "max-age=60")
-                        .header("vary", "Accept-Language")
-                        .body(full(format!("{lang} #{n}")))
-                        .unwrap()
-                }
-                "/age" => b.header("cache-control", "max-age=60").header("age", "50"),
-                "/nomark" => b,
-                "/etag" => {
-                    if inm.as_deref() == Some("\"e1\"") {
-                        // Longer than the first answer's: Date has one-second resolution,
-                        // so a refreshed max-age=1 may already be a second old.
-                        return Response::builder()
-                            .status(304)
-                            .header("etag", "\"e1\"")
-                            .header("cache-control", "max-age=5")
-                            .body(full(""))
-                            .unwrap();
-                    }
-                    b.header("cache-control", "max-age=1")
-                        .header("etag", "\"e1\"")
-                }
-                "/stale" => b.header("cache-control", "max-age=1, stale-if-error=60"),
-                "/lm" => {
-                    let lm = "Sat, 01 Jan 2022 00:00:00 GMT";
-                    if inm.as_deref() == Some(lm) {
-                        return Response::builder()
-                            .status(304)
-                            .header("cache-control", "max-age=5")
-                            .body(full(""))
-                            .unwrap();
-                    }
-                    b.header("cache-control", "max-age=1")
-                        .header("last-modified", lm)
-                }
-                "/hang" => {
-                    // The second time, slower than the upstream's read_timeout.
-                    if n > 1 {
-                        tokio::time::sleep(Duration::from_secs(3)).await;
-                    }
-                    b.header("cache-control", "max-age=1, stale-if-error=60")
-                }
-                "/swr" => b.header("cache-control", "max-age=1, stale-while-revalidate=60"),
-                "/tagged" => b
-                    .header("cache-control", "max-age=60")
-                    .header("surrogate-key", "t1 t2"),
-                "/items" => b.header("cache-control", "max-age=60"),
-                "/hugeage" => b
-                    .header("cache-control", "max-age=60")
-                    .header("age", "18446744073709551615"),
-                // Answers that depend on who asks.
-                "/me" => {
-                    return Response::builder()
-                        .header("cache-control", "max-age=60")
-                        .body(full(format!("me: {who} #{n}")))
-                        .unwrap()
-                }
-                "/by-consumer" => {
-                    return Response::builder()
-                        .header("cache-control", "public, max-age=60")
-                        .header("vary", "X-Consumer")
-                        .body(full(format!("{who} #{n}")))
-                        .unwrap()
-                }
-                "/swr-who" => {
-                    return Response::builder()
-                        .header(
-                            "cache-control",
-                            "public, max-age=1, stale-while-revalidate=60",
-                        )
-                        .body(full(format!("{who} #{n}")))
-                        .unwrap()
-                }
-                p if p.starts_with("/big/") => {
-                    return Response::builder()
-                        .header("cache-control", "max-age=60")
-                        .body(full(vec![b'x'; 100_000]))
-                        .unwrap()
-                }
-                "/huge" => {
-                    return Response::builder()
-                        .header("cache-control", "max-age=60")
-                        .body(full(vec![b'h'; 32 << 20]))
-                        .unwrap()
-                }
-                "/slower" => {
-                    tokio::time::sleep(Duration::from_millis(1000)).await;
-                    b.header("cache-control", "max-age=60")
-                }
-                _ => b.status(404),
-            };
-            let r = if req.method() == hyper::Method::POST && path.ends_with("/items") {
-                b_created()
-            } else {
-                r.body(full(body)).unwrap()
-            };
-            r
-        }
-    })
-    .await
-}
-
-fn b_created() -> Response<Body> {
-    Response::builder()
-        .status(201)
-        .header("location", "/c/fresh")
-        .body(full("created"))
-        .unwrap()
-}
-
-fn start(up: std::net::SocketAddr) -> (Gatehouse, u16, u16) {
-    let (port, admin) = (free_port(), free_port());
-    let key = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"app-key-1"));
-    let toml = format!(
-        r#"
-[server]
-admin = "127.0.0.1:{admin}"
-admin_token = "{TOKEN}"
-[plugins.keys]
-kind = "key_auth"
-header = "x-api-key"
-keys = {{ "app" = "sha256:{key}" }}
-[plugins.jwtc]
-kind = "jwt_auth"
-algorithms = ["HS256"]
-secret = "{JWT_SECRET}"
-cookie = "session"
-claims_to_headers = {{ sub = "x-user-id" }}
-[upstreams.u]
-peers = ["{up}"]
-[upstreams.quick]
-peers = ["{up}"]
-read_timeout = "500ms"
-[gateways.g]
-listen = ["127.0.0.1:{port}"]
-[[routes]]
-path = "/c"
-upstream = "u"
-cache = {{ ttl = "0s", stale_if_error = "0s", max_size = "64MiB" }}
-[[routes]]
-path = "/c/hang"
-upstream = "quick"
-cache = {{ ttl = "0s" }}
-[[routes]]
-path = "/u"
-upstream = "u"
-cache = {{ ttl = "60s", status_header = "x-cached", expose_tags = true }}
-[[routes]]
-path = "/k"
-upstream = "u"
-cache = {{ ttl = "60s" }}
-plugins = ["keys"]
-[[routes]]
-path = "/j"
-upstream = "u"
-cache = {{ ttl = "60s" }}
-plugins = ["jwtc"]
-[[routes]]
-path = "/c/variant"
-headers = {{ "x-version" = "2" }}
-rewrite = "/c/fresh"
-upstream = "u"
-cache = {{ ttl = "0s" }}
-[[routes]]
-path = "/c/variant"
-rewrite = "/c/fresh"
-upstream = "u"
-cache = {{ ttl = "0s" }}
-[[routes]]
-path = "/plain"
-upstream = "u"
-"#
-    );
-    (Gatehouse::start(&toml, &[port, admin]), port, admin)
-}
-
-struct Got {
-    status: u16,
-    cache: String,
-    age: Option<u64>,
-    headers: reqwest::header::HeaderMap,
-    body: String,
-}
-
-async fn req(method: &str, port: u16, path: &str, headers: &[(&str, &str)]) -> Got {
-    let mut r = client().request(
-        method.parse().unwrap(),
-        format!("http://127.0.0.1:{port}{path}"),
-    );
-    for (k, v) in headers {
-        r = r.header(*k, *v);
-    }
-    let resp = r.send().await.expect("response");
-    let headers = resp.headers().clone();
-    let h = |n: &str| headers.get(n).map(|v| v.to_str().unwrap().to_string());
-    Got {
-        status: resp.status().as_u16(),
-        cache: h("x-cache-status").or(h("x-cached")).unwrap_or_default(),
-        age: h("age").and_then(|a| a.parse().ok()),
-        body: resp.text().await.unwrap(),
-        headers,
-    }
-}
-
-async fn get(port: u16, path: &str) -> Got {
-    req("GET", port, path, &[]).await
-}
+use common::cache_kit::*;
+use common::{admin_status, client, free_port, Gatehouse};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_misses_and_what_is_never_stored() {
@@ -316,6 +31,9 @@ async fn hits_misses_and_what_is_never_stored() {
     // A query is part of the key.
     assert_eq!(get(port, "/c/fresh?page=2").await.cache, "MISS");
     assert_eq!(get(port, "/c/fresh?page=2").await.cache, "HIT");
+    // An untrusted client's X-Forwarded-Host is replaced on the way up: it is no new key.
+    let xfh = [("x-forwarded-host", "evil.example")];
+    assert_eq!(req("GET", port, "/c/fresh?page=2", &xfh).await.cache, "HIT");
     // HEAD is served from the stored GET.
     let h = req("HEAD", port, "/c/fresh", &[]).await;
     assert_eq!((h.status, &*h.cache, &*h.body), (200, "HIT", ""));
@@ -601,28 +319,6 @@ async fn purge_by_url_and_tag_and_unsafe_methods() {
     assert_eq!(get(port, "/c/fresh").await.cache, "MISS");
 }
 
-/// Asks until the background refresh has landed (stale answers meanwhile), at most 5 s.
-async fn until_refreshed(port: u16, path: &str, headers: &[(&str, &str)], want: &str) -> Got {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let r = req("GET", port, path, headers).await;
-        if r.body == want || Instant::now() > deadline {
-            return r;
-        }
-        assert_eq!(r.cache, "UPDATING", "stale while the refresh runs");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn form(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_is_bounded_by_cache_size_with_lru_eviction() {
     let seen = Seen::default();
@@ -796,15 +492,8 @@ async fn odd_requests_and_answers_bypass_or_survive() {
     // Clients that leave in the middle of a large hit are routine, not errors in the log.
     get(port, "/c/huge").await;
     for _ in 0..5 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        s.write_all(b"GET /c/huge HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 1024];
-        let _ = s.read(&mut buf).await;
+        let req = b"GET /c/huge HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+        let s = common::raw::answered_connection(port, req).await;
         s.set_zero_linger().unwrap();
         drop(s);
     }

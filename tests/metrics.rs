@@ -136,16 +136,8 @@ upstream = "gone"
     // Connections: two held open, idle after a request each, are counted.
     let mut held = Vec::new();
     for _ in 0..2 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 4096];
-        assert!(s.read(&mut buf).await.unwrap() > 0);
-        held.push(s);
+        let req = b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n";
+        held.push(common::raw::answered_connection(port, req).await);
     }
     let active = sample(
         &scrape(admin).await,

@@ -170,17 +170,8 @@ async fn connections_requests_and_header_fields_are_capped() {
     // bare connect may still sit in the accept queue on a busy machine).
     let mut held = Vec::new();
     for _ in 0..5 {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("answered")
-            .unwrap();
-        assert!(n > 0);
-        held.push(s);
+        let req = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        held.push(common::raw::answered_connection(port, req).await);
     }
     for _ in 0..3 {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();

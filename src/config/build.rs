@@ -413,7 +413,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         }
         Some(s) => usize::try_from(s.get_ref().0).unwrap_or(usize::MAX),
     };
-    let admin_token = admin_token(&mut ld, &server_file, path);
+    let admin_token = super::admin::admin_token(&mut ld, &server_file, path);
 
     if !ld.errors.is_empty() {
         ld.errors.sort_by_key(|e| (e.line, e.col));
@@ -522,46 +522,6 @@ fn client_limits(ld: &mut Loader, f: &ServerFile) -> crate::front::ClientLimits 
         max_headers,
         max_header_size,
     }
-}
-
-/// `admin_token` or `admin_token_file` (read now, so a missing file fails `check`). Short
-/// tokens are refused: the token guards purges of every cached response.
-fn admin_token(ld: &mut Loader, f: &ServerFile, config: &Path) -> Option<std::sync::Arc<str>> {
-    let (token, span) = match (&f.admin_token, &f.admin_token_file) {
-        (None, None) => return None,
-        (Some(t), Some(_)) => {
-            ld.err(
-                t.span(),
-                "[server]",
-                "`admin_token` and `admin_token_file` exclude each other",
-            );
-            return None;
-        }
-        (Some(t), None) => (t.get_ref().trim().to_string(), t.span()),
-        (None, Some(p)) => {
-            let file = relative_to(config, p.get_ref());
-            match std::fs::read_to_string(&file) {
-                Ok(s) => (s.trim().to_string(), p.span()),
-                Err(e) => {
-                    ld.err(
-                        p.span(),
-                        "[server]",
-                        format!("admin_token_file {}: {e}", file.display()),
-                    );
-                    return None;
-                }
-            }
-        }
-    };
-    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
-        ld.err(
-            span,
-            "[server]",
-            "the admin token must be at least 16 visible ASCII characters",
-        );
-        return None;
-    }
-    Some(token.into())
 }
 
 pub(super) fn relative_to(config: &Path, p: &Path) -> PathBuf {

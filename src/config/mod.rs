@@ -14,6 +14,7 @@ use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 use regex::Regex;
 
+mod admin;
 mod build;
 pub mod file;
 pub mod offload;

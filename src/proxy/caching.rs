@@ -113,8 +113,9 @@ static X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("
 
 /// The key: gateway, route and upstream (routes matched by header or method, and split arms,
 /// answer the same URL differently), scheme, host (as [`host_name`] spells it), path and
-/// query, and the X-Forwarded-Host/-Proto a trusted peer passes on (they reach the upstream
-/// and may shape its links). HEAD shares the GET's entry; Vary adds variance.
+/// query, and, from a trusted peer (`forwarded`), the X-Forwarded-Host/-Proto it passes on
+/// (they reach the upstream and may shape its links; an untrusted client's are replaced, so
+/// they must not split the key either). HEAD shares the GET's entry; Vary adds variance.
 ///
 /// Hit path: the parts are hashed here, once, with the hash pingora-cache uses (Blake2b-128),
 /// straight from the request (nothing is allocated), and the key carries that hash:
@@ -125,6 +126,7 @@ pub(super) fn key(
     route: &str,
     upstream: &str,
     tls: bool,
+    forwarded: bool,
     req: &RequestHeader,
 ) -> CacheKey {
     use blake2::digest::{consts::U16, Digest};
@@ -157,7 +159,8 @@ pub(super) fn key(
             .map_or(b"/", |p| p.as_str().as_bytes()),
     );
     for name in [&X_FORWARDED_HOST, &X_FORWARDED_PROTO] {
-        part(req.headers.get(name).map_or(&b""[..], |v| v.as_bytes()));
+        let v = req.headers.get(name).filter(|_| forwarded);
+        part(v.map_or(&b""[..], |v| v.as_bytes()));
     }
     let mut key = CacheKey::new(Vec::new(), String::new());
     key.set_primary_bin_override(h.finalize().into());
@@ -177,6 +180,42 @@ fn host_part(h: &[u8]) -> &[u8] {
         end -= 1;
     }
     &name[..end]
+}
+
+/// cache_key_callback: [`key`] for the request's gateway, route and upstream.
+pub(super) fn key_for(ctx: &RequestCtx, gw: usize, session: &Session) -> Option<CacheKey> {
+    let (rt, id, up) = (ctx.rt.as_ref()?, ctx.route?, ctx.upstream?);
+    let g = rt.gateways.get(gw)?;
+    let trusted = super::forwarded::peer_ip(session)
+        .is_some_and(|ip| super::forwarded::is_trusted(&rt.trusted_proxies, ip));
+    let (route, pool) = (&g.route_names[id], &rt.pools[up].name);
+    Some(key(
+        &g.name,
+        route,
+        pool,
+        g.tls,
+        trusted,
+        session.req_header(),
+    ))
+}
+
+/// upstream_response_filter: a 304 refreshing a stale entry brings its own Date and Age,
+/// which Pingora's merge leaves out of the stored head; kept for [`decide`].
+pub(super) fn note_revalidation(session: &Session, resp: &ResponseHeader, ctx: &mut RequestCtx) {
+    if resp.status != http::StatusCode::NOT_MODIFIED
+        || !matches!(session.cache.phase(), pingora_cache::CachePhase::Stale)
+    {
+        return;
+    }
+    let now = SystemTime::now();
+    let date = resp
+        .headers
+        .get(header::DATE)
+        .and_then(|d| d.to_str().ok())
+        .and_then(|d| httpdate::parse_http_date(d).ok())
+        // A Date in the future is our clock's or theirs: not a reason to extend.
+        .map(|d| d.min(now));
+    ctx.cache_revalidated = Some((policy::initial_age(resp, now), date));
 }
 
 /// cache_hit_filter: the client's `no-cache` or `max-age` can make a fresh entry too old
@@ -201,36 +240,35 @@ pub(super) fn only_if_cached(req: &RequestHeader) -> bool {
     asks(req).only_if_cached
 }
 
-/// `credentials`: Authorization and the headers the route's auth plugins read or set: a
-/// request carrying any was authenticated, and its answer is shared only when the origin
-/// says so, as §3.5 asks for Authorization. Cookie counts only when a plugin reads a
-/// credential from it (as at CDNs, a cookie alone does not make an answer private).
+/// response_cache_filter: the route's decision on an answer. A request carrying Authorization
+/// or a header the route's auth plugins read or set was authenticated, and its answer is
+/// shared only when the origin says so, as §3.5 asks for Authorization (Cookie counts only
+/// when a plugin reads a credential from it: as at CDNs, a cookie alone does not make an
+/// answer private).
 pub(super) fn decide(
-    cfg: &CacheRoute,
-    tls: bool,
-    credentials: &[header::HeaderName],
+    ctx: &mut RequestCtx,
+    gw: usize,
     req: &RequestHeader,
     resp: &ResponseHeader,
-    ctx: &mut RequestCtx,
 ) -> RespCacheable {
-    let authorized = credentials.iter().any(|h| req.headers.contains_key(h));
-    // What plugins set upstream (consumer, claims) cannot be matched by Vary against the
-    // client's request; Authorization and Cookie are the client's own.
-    let set: Vec<header::HeaderName> = credentials
-        .iter()
-        .filter(|h| {
-            **h != header::AUTHORIZATION
-                && **h != header::PROXY_AUTHORIZATION
-                && **h != header::COOKIE
-        })
-        .cloned()
-        .collect();
+    let never = RespCacheable::Uncacheable(pingora_cache::NoCacheReason::NeverEnabled);
+    let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
+        return never;
+    };
+    let Some(g) = rt.gateways.get(gw) else {
+        return never;
+    };
+    let Some(cfg) = g.routes[id].cache.as_deref() else {
+        return never;
+    };
     let asked = policy::Asked {
-        authorized,
+        authorized: g.cache_credentials[id]
+            .iter()
+            .any(|h| req.headers.contains_key(h)),
         no_store: ctx.cache_no_store,
-        set_by_gateway: &set,
+        set_by_gateway: &g.cache_set_upstream[id],
         revalidated: ctx.cache_revalidated.take(),
-        url: url(tls, req),
+        url: url(g.tls, req),
     };
     policy::decide(cfg, &asked, resp, SystemTime::now())
 }

@@ -24,6 +24,7 @@ pub mod canonical;
 pub mod ctx;
 mod errors;
 pub mod forwarded;
+mod hop;
 pub mod mirror;
 mod path;
 pub mod rewrite;
@@ -40,69 +41,14 @@ pub struct GatewayProxy {
     pub live: Live,
 }
 
-/// Request headers that describe one hop, not the request (RFC 9110 §7.6.1). Connection and
-/// Upgrade stay on upgrade requests: WebSocket needs them.
-const HOP_BY_HOP: &[header::HeaderName] = &[
-    header::CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-];
-
-static KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: header::HeaderName = header::HeaderName::from_static("proxy-connection");
-
-/// The hop-by-hop headers present in `headers`; empty (no allocation) in the common case.
-/// One pass over the names present, compared by value (standard names compare as enums),
-/// rather than a hash lookup per candidate. `keep_connection` leaves Connection itself in
-/// place (the headers it names still go): on responses Pingora rewrites it anyway.
-fn hop_by_hop(
-    headers: &http::HeaderMap,
-    upgrade: bool,
-    keep_connection: bool,
-) -> Vec<header::HeaderName> {
-    let mut out = Vec::new();
-    for name in headers.keys() {
-        let hop = if name == header::CONNECTION {
-            // Headers named in Connection are hop-by-hop too. Bytes, not text: a value with
-            // one odd byte must not hide the names beside it.
-            for v in headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .map(|v| v.as_bytes())
-            {
-                // The usual value names no header: skip the token walk.
-                if v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close") {
-                    continue;
-                }
-                for t in v.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                    let skip = t.is_empty()
-                        || t.eq_ignore_ascii_case(b"close")
-                        || t.eq_ignore_ascii_case(b"keep-alive")
-                        || t.eq_ignore_ascii_case(b"upgrade");
-                    if skip {
-                        continue;
-                    }
-                    if let Ok(n) = header::HeaderName::from_bytes(t) {
-                        out.push(n);
-                    }
-                }
-            }
-            !upgrade && !keep_connection
-        } else {
-            *name == KEEP_ALIVE
-                || *name == PROXY_CONNECTION
-                || (!upgrade && HOP_BY_HOP.contains(name))
-        };
-        if hop {
-            out.push(name.clone());
-        }
-    }
-    out
-}
-
 impl GatewayProxy {
+    /// A gateway-made answer from a phase that holds no borrow of the snapshot.
+    async fn reply(&self, session: &mut Session, ctx: &mut RequestCtx, reply: Reply) {
+        let rt = ctx.rt.clone();
+        let gw = rt.as_ref().and_then(|rt| rt.gateways.get(self.index));
+        write_reply(gw, session, ctx, reply).await;
+    }
+
     /// The request header as the upstream gets it: path rewrite, Host, X-Forwarded-*, then the
     /// plugins' upstream hooks. Shared by Pingora's proxy path and the upgrade tunnel so both
     /// send the same request (hop-by-hop headers are gone by then: Pingora strips them, and
@@ -214,48 +160,6 @@ impl GatewayProxy {
             return Ok(true);
         }
         Ok(false)
-    }
-
-    /// WebSocket upgrades to plain-HTTP upstreams (see `upgrade.rs`).
-    async fn tunnel(&self, session: &mut Session, ctx: &mut RequestCtx, up: usize) -> Result<()> {
-        let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
-            return Error::e_explain(ErrorType::InternalError, "no route for upgrade");
-        };
-        let gw = &rt.gateways[self.index];
-        // Pingora strips hop-by-hop request headers before upstream_request_filter; this
-        // request does not go through Pingora, so the handshake is made here.
-        let mut req = session.req_header().clone();
-        upgrade::handshake_request(&mut req)?;
-        let accept = ctx.ws_accept.clone().unwrap_or_default();
-        balance::select_peer(&rt, up, session, ctx)?;
-        let pool = &rt.pools[up];
-        let Some(addr) = ctx.peer else {
-            return Error::e_explain(ErrorType::InternalError, "no peer for upgrade");
-        };
-        self.prepare_upstream_request(session, &mut req, ctx)
-            .await?;
-        let result = async {
-            let stream = upgrade::connect(pool, addr, &req).await?;
-            upgrade::handshake(pool, stream).await
-        }
-        .await;
-        let mut hs = match result {
-            Ok(hs) => hs,
-            Err(e) => {
-                ctx.upstream_failed = true;
-                if let Some(idx) = ctx.peer_idx {
-                    pool.report(idx, false);
-                }
-                return Err(e);
-            }
-        };
-        hs.check_switch(&accept)?;
-        self.upstream_response_filter(session, &mut hs.resp, ctx)
-            .await?;
-        gw.chains[id]
-            .response(session, &mut hs.resp, &mut ctx.plugins)
-            .await?;
-        upgrade::finish(session, hs).await
     }
 }
 
@@ -484,19 +388,7 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let upgrade = resp.status == StatusCode::SWITCHING_PROTOCOLS;
-        if resp.status == StatusCode::NOT_MODIFIED
-            && matches!(session.cache.phase(), pingora_cache::CachePhase::Stale)
-        {
-            let now = std::time::SystemTime::now();
-            let date = resp
-                .headers
-                .get(header::DATE)
-                .and_then(|d| d.to_str().ok())
-                .and_then(|d| httpdate::parse_http_date(d).ok())
-                // A Date in the future is our clock's or theirs: not a reason to extend.
-                .map(|d| d.min(now));
-            ctx.cache_revalidated = Some((crate::cache::policy::initial_age(resp, now), date));
-        }
+        caching::note_revalidation(session, resp, ctx);
         if resp.status.is_informational() && !upgrade {
             // 100 Continue, 103 Early Hints: not the answer, so no verdict on the peer yet.
             return Ok(());
@@ -505,7 +397,7 @@ impl ProxyHttp for GatewayProxy {
             // Pingora's path (TLS upstreams) opens its tunnel on any 101: it must be ours.
             upgrade::completes(resp, ctx.ws_accept.as_deref().unwrap_or(""))?;
         }
-        for h in hop_by_hop(&resp.headers, upgrade, true) {
+        for h in hop::hop_by_hop(&resp.headers, upgrade, true) {
             resp.remove_header(&h);
         }
         let status = resp.status.as_u16();
@@ -643,17 +535,10 @@ impl ProxyHttp for GatewayProxy {
         session: &Session,
         ctx: &mut RequestCtx,
     ) -> Result<pingora_cache::CacheKey> {
-        let (Some(rt), Some(id), Some(up)) = (ctx.rt.as_ref(), ctx.route, ctx.upstream) else {
-            return Error::e_explain(ErrorType::InternalError, "no route for the cache key");
-        };
-        let gw = &rt.gateways[self.index];
-        Ok(caching::key(
-            &gw.name,
-            &gw.route_names[id],
-            &rt.pools[up].name,
-            gw.tls,
-            session.req_header(),
-        ))
+        match caching::key_for(ctx, self.index, session) {
+            Some(key) => Ok(key),
+            None => Error::e_explain(ErrorType::InternalError, "no route for the cache key"),
+        }
     }
 
     async fn cache_hit_filter(
@@ -681,14 +566,7 @@ impl ProxyHttp for GatewayProxy {
             "not in the cache, and the request said only-if-cached",
             ctx.plugins.request_id(),
         );
-        let rt = ctx.rt.clone();
-        write_reply(
-            rt.as_ref().and_then(|rt| rt.gateways.get(self.index)),
-            session,
-            ctx,
-            reply,
-        )
-        .await;
+        self.reply(session, ctx, reply).await;
         Ok(false)
     }
 
@@ -698,25 +576,7 @@ impl ProxyHttp for GatewayProxy {
         resp: &ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<pingora_cache::RespCacheable> {
-        let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
-            return Ok(pingora_cache::RespCacheable::Uncacheable(
-                pingora_cache::NoCacheReason::NeverEnabled,
-            ));
-        };
-        let gw = &rt.gateways[self.index];
-        let Some(cfg) = gw.routes[id].cache.as_deref() else {
-            return Ok(pingora_cache::RespCacheable::Uncacheable(
-                pingora_cache::NoCacheReason::NeverEnabled,
-            ));
-        };
-        Ok(caching::decide(
-            cfg,
-            gw.tls,
-            &gw.cache_credentials[id],
-            session.req_header(),
-            resp,
-            ctx,
-        ))
+        Ok(caching::decide(ctx, self.index, session.req_header(), resp))
     }
 
     fn cache_vary_filter(
@@ -759,14 +619,7 @@ impl ProxyHttp for GatewayProxy {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let reply =
                 Reply::json_error(status, message_for(Some(e), code), ctx.plugins.request_id());
-            let rt = ctx.rt.clone();
-            write_reply(
-                rt.as_ref().and_then(|rt| rt.gateways.get(self.index)),
-                session,
-                ctx,
-                reply,
-            )
-            .await;
+            self.reply(session, ctx, reply).await;
         }
         FailToProxy {
             error_code: code,
@@ -775,21 +628,8 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        // A background refresh is the cache's own request, not a client's: not counted.
-        let client = session.subrequest_ctx.is_none();
-        if let (Some(rt), Some(start), true) = (ctx.rt.as_ref(), ctx.start, client) {
-            if let Some(gw) = rt.gateways.get(self.index) {
-                let m = ctx.route.map_or(&gw.unmatched, |id| &gw.metrics[id]);
-                let status = session.response_written().map_or(0, |r| r.status.as_u16());
-                m.record(
-                    &session.req_header().method,
-                    status,
-                    start.elapsed().as_secs_f64(),
-                    session.body_bytes_read(),
-                    session.body_bytes_sent(),
-                    ctx.plugins.cache_status,
-                );
-            }
+        if let Some(gw) = ctx.rt.as_ref().and_then(|rt| rt.gateways.get(self.index)) {
+            crate::metrics::record_request(gw, session, ctx);
         }
         if let (Some(rt), Some(up), true, false) =
             (ctx.rt.as_ref(), ctx.upstream, ctx.admitted, ctx.recorded)

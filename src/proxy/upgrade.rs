@@ -27,7 +27,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use super::{balance, RequestCtx};
 use crate::upstream::Pool;
+use pingora_proxy::ProxyHttp;
 
 /// Largest answer head we read from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
@@ -177,7 +179,7 @@ fn accept_for(key: &[u8]) -> String {
 /// Makes `req` (checked by [`only_websocket`]) the handshake the tunnel sends: every
 /// hop-by-hop header dropped, then exactly `Connection: Upgrade` and `Upgrade: websocket`.
 pub fn handshake_request(req: &mut RequestHeader) -> Result<()> {
-    for name in super::hop_by_hop(&req.headers, false, false) {
+    for name in super::hop::hop_by_hop(&req.headers, false, false) {
         req.remove_header(&name);
     }
     req.insert_header(http::header::CONNECTION, "Upgrade")?;
@@ -439,5 +441,56 @@ async fn relay_chunked(session: &mut Session, up: &mut Upstream) -> Result<()> {
         if up.exactly(2).await?.as_ref() != b"\r\n" {
             return Err(up_err(ErrorType::InvalidHTTPHeader, "bad chunk end"));
         }
+    }
+}
+
+/// The tunnel itself, as a proxy phase: it runs the same upstream request hooks and response
+/// hooks as Pingora's path does.
+impl super::GatewayProxy {
+    /// WebSocket upgrades to plain-HTTP upstreams (see `upgrade.rs`).
+    pub(super) async fn tunnel(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        up: usize,
+    ) -> Result<()> {
+        let (Some(rt), Some(id)) = (ctx.rt.clone(), ctx.route) else {
+            return Error::e_explain(ErrorType::InternalError, "no route for upgrade");
+        };
+        let gw = &rt.gateways[self.index];
+        // Pingora strips hop-by-hop request headers before upstream_request_filter; this
+        // request does not go through Pingora, so the handshake is made here.
+        let mut req = session.req_header().clone();
+        handshake_request(&mut req)?;
+        let accept = ctx.ws_accept.clone().unwrap_or_default();
+        balance::select_peer(&rt, up, session, ctx)?;
+        let pool = &rt.pools[up];
+        let Some(addr) = ctx.peer else {
+            return Error::e_explain(ErrorType::InternalError, "no peer for upgrade");
+        };
+        self.prepare_upstream_request(session, &mut req, ctx)
+            .await?;
+        let result = async {
+            let stream = connect(pool, addr, &req).await?;
+            handshake(pool, stream).await
+        }
+        .await;
+        let mut hs = match result {
+            Ok(hs) => hs,
+            Err(e) => {
+                ctx.upstream_failed = true;
+                if let Some(idx) = ctx.peer_idx {
+                    pool.report(idx, false);
+                }
+                return Err(e);
+            }
+        };
+        hs.check_switch(&accept)?;
+        self.upstream_response_filter(session, &mut hs.resp, ctx)
+            .await?;
+        gw.chains[id]
+            .response(session, &mut hs.resp, &mut ctx.plugins)
+            .await?;
+        finish(session, hs).await
     }
 }

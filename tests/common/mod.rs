@@ -2,6 +2,7 @@
 //! servers (hyper) in the test process, and a real HTTP client.
 #![allow(dead_code)]
 
+pub mod cache_kit;
 pub mod raw;
 
 use std::convert::Infallible;

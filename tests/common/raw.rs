@@ -279,3 +279,17 @@ pub async fn exchange(port: u16, request: &[u8], want: usize, quiet: Duration) -
         rest: buf[used..].to_vec(),
     }
 }
+
+/// A connection whose request has been answered (at least its first bytes: the gateway has
+/// certainly accepted and counted it), left open for the caller.
+pub async fn answered_connection(port: u16, request: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("answered within 5 s")
+        .unwrap();
+    assert!(n > 0, "the gateway closed instead of answering");
+    s
+}

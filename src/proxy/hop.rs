@@ -1,0 +1,65 @@
+//! Hop-by-hop headers (RFC 9110 §7.6.1): the ones that describe one connection, not the
+//! request or response, and never cross the gateway.
+use http::header;
+
+/// Request headers that describe one hop, not the request (RFC 9110 §7.6.1). Connection and
+/// Upgrade stay on upgrade requests: WebSocket needs them.
+const HOP_BY_HOP: &[header::HeaderName] = &[
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+static KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: header::HeaderName = header::HeaderName::from_static("proxy-connection");
+
+/// The hop-by-hop headers present in `headers`; empty (no allocation) in the common case.
+/// One pass over the names present, compared by value (standard names compare as enums),
+/// rather than a hash lookup per candidate. `keep_connection` leaves Connection itself in
+/// place (the headers it names still go): on responses Pingora rewrites it anyway.
+pub(super) fn hop_by_hop(
+    headers: &http::HeaderMap,
+    upgrade: bool,
+    keep_connection: bool,
+) -> Vec<header::HeaderName> {
+    let mut out = Vec::new();
+    for name in headers.keys() {
+        let hop = if name == header::CONNECTION {
+            // Headers named in Connection are hop-by-hop too. Bytes, not text: a value with
+            // one odd byte must not hide the names beside it.
+            for v in headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(|v| v.as_bytes())
+            {
+                // The usual value names no header: skip the token walk.
+                if v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close") {
+                    continue;
+                }
+                for t in v.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    let skip = t.is_empty()
+                        || t.eq_ignore_ascii_case(b"close")
+                        || t.eq_ignore_ascii_case(b"keep-alive")
+                        || t.eq_ignore_ascii_case(b"upgrade");
+                    if skip {
+                        continue;
+                    }
+                    if let Ok(n) = header::HeaderName::from_bytes(t) {
+                        out.push(n);
+                    }
+                }
+            }
+            !upgrade && !keep_connection
+        } else {
+            *name == KEEP_ALIVE
+                || *name == PROXY_CONNECTION
+                || (!upgrade && HOP_BY_HOP.contains(name))
+        };
+        if hop {
+            out.push(name.clone());
+        }
+    }
+    out
+}
