@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod access_log;
 pub mod admin;
 pub mod cache;
 pub mod compress;

@@ -98,6 +98,21 @@ fn init_logging() {
     }
 }
 
+/// Set from `[server] log_format = "json"` once the config is read.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// One JSON object per line on stderr, for log shippers that parse JSON.
+fn json_log(r: &log::Record) {
+    use std::io::Write;
+    let line = serde_json::json!({
+        "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        "level": r.level().as_str(),
+        "target": r.target(),
+        "message": r.args().to_string(),
+    });
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// Drops the one line Pingora logs at ERROR, unconditionally, when a client goes away while
 /// a cache hit is sent to it ("Fail to serve cache: Downstream ..."): a client leaving is
 /// routine (the proxy path keeps such lines at debug), and a load of them would drown the log.
@@ -115,6 +130,12 @@ impl log::Log for Quiet {
                 log::debug!(target: "gatehouse::cache", "client left during a hit: {line}");
                 return;
             }
+        }
+        if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+            if self.0.matches(r) {
+                json_log(r);
+            }
+            return;
         }
         self.0.log(r)
     }
@@ -142,6 +163,7 @@ fn load_or_report(path: &Path) -> Option<config::Config> {
 
 fn serve(cfg: &config::Config, upgrade: bool, with_demo: bool) -> ExitCode {
     start_memory_release();
+    JSON_LOGS.store(cfg.server.log_json, std::sync::atomic::Ordering::Relaxed);
     let (mut srv, _live) = match server::build(cfg, upgrade) {
         Ok(s) => s,
         Err(e) => {

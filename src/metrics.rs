@@ -30,6 +30,9 @@ pub struct Families {
     pub cache: IntCounterVec,
     pub reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub plugin_refusals: IntCounterVec,
+    pub plugin_duration: HistogramVec,
+    pub access_log_dropped: IntCounter,
 }
 
 /// Seconds: from 1 ms to 30 s, as a gateway's requests spread.
@@ -54,10 +57,27 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     g
 }
 
+/// Seconds per plugin call: from 5 µs (a header rewrite) to 2.5 s (an auth subrequest).
+const PLUGIN_BUCKETS: &[f64] = &[
+    0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
+];
+
 #[allow(clippy::expect_used)]
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    histogram_in(r, name, help, labels, BUCKETS)
+}
+
+#[allow(clippy::expect_used)]
+fn histogram_in(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
     let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
         labels,
     )
     .expect("valid metric");
@@ -142,6 +162,26 @@ pub static METRICS: LazyLock<Families> = LazyLock::new(|| {
             "Always 1; the version in a label",
             &["version"],
         ),
+        plugin_refusals: counter(
+            &r,
+            "gatehouse_plugin_refusals_total",
+            "Requests a plugin ended itself (auth refusals, rate-limit 429s, size limits...)",
+            &["plugin", "kind", "status"],
+        ),
+        plugin_duration: histogram_in(
+            &r,
+            "gatehouse_plugin_duration_seconds",
+            "Time spent in one plugin instance per call of a phase, awaits included",
+            &["plugin", "kind", "phase"],
+            PLUGIN_BUCKETS,
+        ),
+        access_log_dropped: counter(
+            &r,
+            "gatehouse_access_log_dropped_total",
+            "Access log lines dropped because the writer was behind",
+            &[],
+        )
+        .with_label_values(&[] as &[&str]),
         registry: r,
     };
     f.build_info
@@ -244,6 +284,51 @@ pub fn record_request(
         session.body_bytes_sent(),
         ctx.plugins.cache_status,
     );
+}
+
+/// Statuses plugins answer with, resolved once per instance: the refusal path then costs an
+/// atomic add, like the rest.
+const REFUSALS: [u16; 9] = [400, 401, 403, 405, 411, 413, 429, 502, 503];
+
+/// A plugin instance's handles: a duration histogram per phase it acts in, refusal counters.
+pub fn plugin_meter(
+    name: &str,
+    kind: &'static str,
+    phases: gatehouse_plugins::Phases,
+) -> gatehouse_plugins::Meter {
+    use gatehouse_plugins::Phases;
+    let m = &*METRICS;
+    let mut duration: [Option<Histogram>; 6] = Default::default();
+    for (i, (slot, phase)) in duration.iter_mut().zip(Phases::NAMES).enumerate() {
+        if phases.contains(Phases::bit(i)) {
+            *slot = Some(m.plugin_duration.with_label_values(&[name, kind, phase]));
+        }
+    }
+    let refuses = phases.contains(Phases::REQUEST) || phases.contains(Phases::REQUEST_BODY);
+    let refusals = if refuses {
+        REFUSALS
+            .iter()
+            .map(|s| {
+                let c = m
+                    .plugin_refusals
+                    .with_label_values(&[name, kind, s.to_string().as_str()]);
+                (*s, c)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let owner = name.to_string();
+    gatehouse_plugins::Meter {
+        duration,
+        refusals,
+        other: Some(Box::new(move |s: u16| {
+            METRICS
+                .plugin_refusals
+                .with_label_values(&[owner.as_str(), kind, s.to_string().as_str()])
+                .inc()
+        })),
+    }
 }
 
 pub fn connections(gateway: &str) -> IntGauge {

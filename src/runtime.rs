@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use gatehouse_plugins::{Chain, Plugin};
+use gatehouse_plugins::{Chain, Instance};
 use ipnet::IpNet;
 
 use crate::config::{Config, ForwardedHeaders, Route};
@@ -62,13 +62,28 @@ pub struct Runtime {
     pub client: crate::front::ClientLimits,
     /// Bearer token for the admin listener's purge endpoint; `None`: purge is off.
     pub admin_token: Option<Arc<str>>,
+    /// `admin_auth = "all"`: the admin reads need the token too.
+    pub admin_auth_all: bool,
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 impl Runtime {
     /// Builds a snapshot; pools whose definition did not change since `previous` are kept, with
     /// their health, ejections and breaker state.
     pub fn build(cfg: &Config, previous: Option<&Runtime>) -> Result<Runtime, String> {
-        let plugins: Vec<Arc<dyn Plugin>> = cfg.plugins.iter().map(|p| p.config.build()).collect();
+        let plugins: Vec<Instance> = cfg
+            .plugins
+            .iter()
+            .map(|p| {
+                let plugin = p.config.build();
+                let meter = crate::metrics::plugin_meter(&p.name, plugin.kind(), plugin.phases());
+                Instance {
+                    name: p.name.as_str().into(),
+                    plugin,
+                    meter: Arc::new(meter),
+                }
+            })
+            .collect();
         let pick = |ids: &[usize]| ids.iter().map(|&i| plugins[i].clone()).collect::<Vec<_>>();
         let global = pick(&cfg.server.plugins);
 
@@ -172,6 +187,30 @@ impl Runtime {
             },
             client: cfg.server.client,
             admin_token: cfg.server.admin_token.clone(),
+            admin_auth_all: cfg.server.admin_auth_all,
+            access_log: access_log(cfg, previous)?,
         })
     }
+}
+
+/// The access log writer: the previous snapshot's when the settings did not change (one
+/// writer, one open file, across reloads), else a new one.
+fn access_log(
+    cfg: &Config,
+    previous: Option<&Runtime>,
+) -> Result<Option<Arc<crate::access_log::AccessLog>>, String> {
+    let Some(s) = &cfg.server.access_log else {
+        return Ok(None);
+    };
+    if let Some(a) = previous.and_then(|p| p.access_log.as_ref()) {
+        if a.settings == *s {
+            return Ok(Some(a.clone()));
+        }
+    }
+    crate::access_log::AccessLog::start(s.clone())
+        .map(|a| Some(Arc::new(a)))
+        .map_err(|e| {
+            let path = s.path.as_deref().unwrap_or(std::path::Path::new("-"));
+            format!("access_log {}: {e}", path.display())
+        })
 }

@@ -218,6 +218,22 @@ impl Reloader {
     }
 }
 
+/// SIGUSR1 reopens the access log (logrotate's `postrotate`, as nginx's USR1).
+async fn reopen_logs_on_usr1() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot watch SIGUSR1, log reopening disabled: {e}");
+            return;
+        }
+    };
+    while usr1.recv().await.is_some() {
+        crate::access_log::REOPEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        log::info!("SIGUSR1: reopening the access log");
+    }
+}
+
 #[async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -231,6 +247,7 @@ impl BackgroundService for Reloader {
             .flat_map(|(_, a, _)| a.iter().copied())
             .collect();
         tokio::spawn(crate::systemd::ready_when_listening(addrs));
+        tokio::spawn(reopen_logs_on_usr1());
         let Some(mut requests) = self.requests.lock().ok().and_then(|mut r| r.take()) else {
             log::error!("reload service started twice");
             return;

@@ -196,9 +196,23 @@ impl Phases {
     pub const LOGGING: Phases = Phases(1 << 4);
     pub const REQUEST_BODY: Phases = Phases(1 << 5);
     pub const ALL: Phases = Phases(0x3f);
+    /// Each phase's metric label, in bit order.
+    pub const NAMES: [&'static str; 6] = [
+        "request",
+        "upstream_request",
+        "response",
+        "response_body",
+        "logging",
+        "request_body",
+    ];
 
     pub const fn union(self, other: Phases) -> Phases {
         Phases(self.0 | other.0)
+    }
+
+    /// The phase of bit `i` (the order of [`Phases::NAMES`]).
+    pub const fn bit(i: usize) -> Phases {
+        Phases(1 << i)
     }
 
     pub const fn contains(self, other: Phases) -> bool {
@@ -283,17 +297,82 @@ pub trait Plugin: Send + Sync + 'static {
 /// as in Envoy's filter chains.
 #[derive(Default, Clone)]
 pub struct Chain {
-    request: Box<[Arc<dyn Plugin>]>,
-    request_body: Box<[Arc<dyn Plugin>]>,
-    upstream_request: Box<[Arc<dyn Plugin>]>,
-    response: Box<[Arc<dyn Plugin>]>,
-    response_body: Box<[Arc<dyn Plugin>]>,
-    logging: Box<[Arc<dyn Plugin>]>,
+    request: Box<[Instance]>,
+    request_body: Box<[Instance]>,
+    upstream_request: Box<[Instance]>,
+    response: Box<[Instance]>,
+    response_body: Box<[Instance]>,
+    logging: Box<[Instance]>,
+}
+
+/// A plugin as a chain holds it: the plugin and its metric handles.
+#[derive(Clone)]
+pub struct Instance {
+    /// The instance's name in the config (`[plugins.NAME]`).
+    pub name: Arc<str>,
+    pub plugin: Arc<dyn Plugin>,
+    pub meter: Arc<Meter>,
+}
+
+impl Instance {
+    /// An instance whose calls are not measured (tests, tools).
+    pub fn unmetered(name: &str, plugin: Arc<dyn Plugin>) -> Instance {
+        Instance {
+            name: name.into(),
+            plugin,
+            meter: Arc::default(),
+        }
+    }
+}
+
+/// One plugin instance's metric handles, resolved when the config is loaded, so that timing
+/// a call or counting a refusal is an atomic add, never a label lookup on the request path.
+#[derive(Default)]
+pub struct Meter {
+    /// Seconds per call, one histogram per phase (indexed as [`Phases::NAMES`]); `None` for
+    /// phases the plugin does not act in, and in tests.
+    pub duration: [Option<prometheus::Histogram>; 6],
+    /// Refusals for the statuses plugins answer with, resolved at load.
+    pub refusals: Vec<(u16, prometheus::IntCounter)>,
+    /// Any other status: looked up when it happens (rare by construction).
+    pub other: Option<Box<dyn Fn(u16) + Send + Sync>>,
+}
+
+impl Meter {
+    fn time(&self, phase: usize, since: Option<std::time::Instant>) {
+        if let (Some(h), Some(t)) = (&self.duration[phase], since) {
+            h.observe(t.elapsed().as_secs_f64());
+        }
+    }
+
+    fn start(&self, phase: usize) -> Option<std::time::Instant> {
+        self.duration[phase]
+            .as_ref()
+            .map(|_| std::time::Instant::now())
+    }
+
+    /// The plugin ended the request with `status` (a reply, or an error carrying a status).
+    pub fn refused(&self, status: u16) {
+        match self.refusals.iter().find(|(s, _)| *s == status) {
+            Some((_, c)) => c.inc(),
+            None => {
+                if let Some(f) = &self.other {
+                    f(status)
+                }
+            }
+        }
+    }
+
+    fn refused_by(&self, e: &Error) {
+        if let pingora_error::ErrorType::HTTPStatus(s) = e.etype() {
+            self.refused(*s);
+        }
+    }
 }
 
 impl std::fmt::Debug for Chain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kinds = |v: &[Arc<dyn Plugin>]| v.iter().map(|p| p.kind()).collect::<Vec<_>>();
+        let kinds = |v: &[Instance]| v.iter().map(|p| p.plugin.kind()).collect::<Vec<_>>();
         f.debug_struct("Chain")
             .field("request", &kinds(&self.request))
             .field("upstream_request", &kinds(&self.upstream_request))
@@ -304,11 +383,11 @@ impl std::fmt::Debug for Chain {
 
 impl Chain {
     /// Builds the per-phase lists from plugins in request order.
-    pub fn new(plugins: &[Arc<dyn Plugin>]) -> Chain {
-        let pick = |phase: Phases, reverse: bool| -> Box<[Arc<dyn Plugin>]> {
+    pub fn new(plugins: &[Instance]) -> Chain {
+        let pick = |phase: Phases, reverse: bool| -> Box<[Instance]> {
             let mut v: Vec<_> = plugins
                 .iter()
-                .filter(|p| p.phases().contains(phase))
+                .filter(|p| p.plugin.phases().contains(phase))
                 .cloned()
                 .collect();
             if reverse {
@@ -333,7 +412,7 @@ impl Chain {
             .request
             .iter()
             .chain(self.upstream_request.iter())
-            .flat_map(|p| p.credential_headers());
+            .flat_map(|p| p.plugin.credential_headers());
         for h in all {
             if !seen.contains(&h) {
                 seen.push(h);
@@ -351,10 +430,33 @@ impl Chain {
             && self.logging.is_empty()
     }
 
+    /// The instances each phase calls, in the order it calls them (for `explain`).
+    pub fn phases(&self) -> [(&'static str, &[Instance]); 6] {
+        [
+            ("request", &self.request),
+            ("request_body", &self.request_body),
+            ("upstream_request", &self.upstream_request),
+            ("response", &self.response),
+            ("response_body", &self.response_body),
+            ("logging", &self.logging),
+        ]
+    }
+
     pub async fn request(&self, s: &mut Session, cx: &mut PluginCtx) -> Result<Decision> {
         for p in self.request.iter() {
-            if let Decision::Respond(r) = p.request(s, cx).await? {
-                return Ok(Decision::Respond(r));
+            let t = p.meter.start(0);
+            let d = p.plugin.request(s, cx).await;
+            p.meter.time(0, t);
+            match d {
+                Ok(Decision::Continue) => {}
+                Ok(Decision::Respond(r)) => {
+                    p.meter.refused(r.status.as_u16());
+                    return Ok(Decision::Respond(r));
+                }
+                Err(e) => {
+                    p.meter.refused_by(&e);
+                    return Err(e);
+                }
             }
         }
         Ok(Decision::Continue)
@@ -373,7 +475,13 @@ impl Chain {
     ) -> Result<()> {
         cx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
         for p in self.request_body.iter() {
-            p.request_body(s, body, eos, cx).await?;
+            let t = p.meter.start(5);
+            let r = p.plugin.request_body(s, body, eos, cx).await;
+            p.meter.time(5, t);
+            if let Err(e) = r {
+                p.meter.refused_by(&e);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -385,7 +493,10 @@ impl Chain {
         cx: &mut PluginCtx,
     ) -> Result<()> {
         for p in self.upstream_request.iter() {
-            p.upstream_request(s, req, cx).await?;
+            let t = p.meter.start(1);
+            let r = p.plugin.upstream_request(s, req, cx).await;
+            p.meter.time(1, t);
+            r?;
         }
         Ok(())
     }
@@ -397,7 +508,10 @@ impl Chain {
         cx: &mut PluginCtx,
     ) -> Result<()> {
         for p in self.response.iter() {
-            p.response(s, resp, cx).await?;
+            let t = p.meter.start(2);
+            let r = p.plugin.response(s, resp, cx).await;
+            p.meter.time(2, t);
+            r?;
         }
         Ok(())
     }
@@ -414,14 +528,19 @@ impl Chain {
         cx: &mut PluginCtx,
     ) -> Result<()> {
         for p in self.response_body.iter() {
-            p.response_body(s, body, eos, cx)?;
+            let t = p.meter.start(3);
+            let r = p.plugin.response_body(s, body, eos, cx);
+            p.meter.time(3, t);
+            r?;
         }
         Ok(())
     }
 
     pub async fn logging(&self, s: &mut Session, e: Option<&Error>, cx: &mut PluginCtx) {
         for p in self.logging.iter() {
-            p.logging(s, e, cx).await;
+            let t = p.meter.start(4);
+            p.plugin.logging(s, e, cx).await;
+            p.meter.time(4, t);
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `[server]` settings of the admin listener: its bearer token, from the file or inline.
+//! `[server]` settings of the admin listener (its bearer token, from the file or inline, and
+//! what it guards) and of the logs.
 use std::path::Path;
 
 use super::build::{relative_to, Loader};
@@ -46,4 +47,94 @@ pub(super) fn admin_token(
         return None;
     }
     Some(token.into())
+}
+
+/// `admin_auth`: `"mutations"` (the default: purge and reload need the token) or `"all"`
+/// (every endpoint but the page shell and /healthz does), which needs a token.
+pub(super) fn admin_auth_all(ld: &mut Loader, f: &ServerFile, has_token: bool) -> bool {
+    let Some(a) = &f.admin_auth else {
+        return false;
+    };
+    match a.get_ref().as_str() {
+        "mutations" => false,
+        "all" => {
+            if !has_token && f.admin_token.is_none() && f.admin_token_file.is_none() {
+                ld.err(
+                    a.span(),
+                    "[server]",
+                    "`admin_auth = \"all\"` needs `admin_token` or `admin_token_file`",
+                );
+            }
+            true
+        }
+        other => {
+            ld.err(
+                a.span(),
+                "[server]",
+                format!("`admin_auth` is \"mutations\" or \"all\", not \"{other}\""),
+            );
+            false
+        }
+    }
+}
+
+/// `access_log = { path, format }`: `path = "-"` is stdout; the format is `json` (default)
+/// or nginx's `combined` with Gatehouse's fields after it.
+pub(super) fn access_log(
+    ld: &mut Loader,
+    f: &ServerFile,
+    config: &Path,
+) -> Option<crate::access_log::Settings> {
+    use crate::access_log::{Format, Settings};
+    let a = f.access_log.as_ref()?;
+    let format = match a.get_ref().format.as_ref() {
+        None => Format::Json,
+        Some(s) => match s.get_ref().as_str() {
+            "json" => Format::Json,
+            "combined" => Format::Combined,
+            other => {
+                ld.err(
+                    s.span(),
+                    "[server]",
+                    format!("access_log format is \"json\" or \"combined\", not \"{other}\""),
+                );
+                Format::Json
+            }
+        },
+    };
+    let p = &a.get_ref().path;
+    let path = (p.as_os_str() != "-").then(|| relative_to(config, p));
+    if let Some(file) = &path {
+        let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir.is_some_and(|d| !d.is_dir()) {
+            ld.err(
+                a.span(),
+                "[server]",
+                format!(
+                    "access_log: the folder of {} does not exist",
+                    file.display()
+                ),
+            );
+        }
+    }
+    Some(Settings { path, format })
+}
+
+/// `log_format`: `"text"` (default) or `"json"`.
+pub(super) fn log_json(ld: &mut Loader, f: &ServerFile) -> bool {
+    let Some(v) = &f.log_format else {
+        return false;
+    };
+    match v.get_ref().as_str() {
+        "text" => false,
+        "json" => true,
+        other => {
+            ld.err(
+                v.span(),
+                "[server]",
+                format!("`log_format` is \"text\" or \"json\", not \"{other}\""),
+            );
+            false
+        }
+    }
 }

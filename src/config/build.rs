@@ -414,6 +414,9 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         Some(s) => usize::try_from(s.get_ref().0).unwrap_or(usize::MAX),
     };
     let admin_token = super::admin::admin_token(&mut ld, &server_file, path);
+    let admin_auth_all = super::admin::admin_auth_all(&mut ld, &server_file, admin_token.is_some());
+    let access_log = super::admin::access_log(&mut ld, &server_file, path);
+    let log_json = super::admin::log_json(&mut ld, &server_file);
 
     if !ld.errors.is_empty() {
         ld.errors.sort_by_key(|e| (e.line, e.col));
@@ -447,6 +450,9 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             client,
             cache_size,
             admin_token,
+            admin_auth_all,
+            access_log,
+            log_json,
         },
         upstreams,
         plugins,

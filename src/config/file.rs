@@ -39,6 +39,16 @@ pub struct ServerFile {
     pub cache_size: Option<Spanned<Size>>,
     pub admin_token: Option<Spanned<String>>,
     pub admin_token_file: Option<Spanned<PathBuf>>,
+    pub admin_auth: Option<Spanned<String>>,
+    pub access_log: Option<Spanned<AccessLogFile>>,
+    pub log_format: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogFile {
+    pub path: PathBuf,
+    pub format: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +217,8 @@ pub struct RouteFile {
     #[serde(rename = "static")]
     pub static_files: Option<Spanned<StaticFile>>,
     pub cache: Option<Spanned<CacheFile>>,
+    #[serde(default = "yes")]
+    pub access_log: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -57,6 +57,11 @@ pub struct Server {
     pub cache_size: usize,
     /// Bearer token for the admin listener's mutating endpoints (purge); `None`: they are off.
     pub admin_token: Option<std::sync::Arc<str>>,
+    /// `admin_auth = "all"`: reads (status, metrics, config) need the token too.
+    pub admin_auth_all: bool,
+    pub access_log: Option<crate::access_log::Settings>,
+    /// `log_format = "json"`: error and info logs as JSON lines.
+    pub log_json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,6 +274,8 @@ pub struct Route {
     pub plugins: Vec<usize>,
     pub compression: Option<std::sync::Arc<offload::Compression>>,
     pub cache: Option<std::sync::Arc<offload::CacheRoute>>,
+    /// `access_log = false`: this route's requests are not written to the access log.
+    pub access_log: bool,
 }
 
 /// Where a route's requests go.

@@ -253,6 +253,7 @@ pub(super) fn route(
             mirror,
             rewrite,
             preserve_host: r.preserve_host,
+            access_log: r.access_log,
             plugins,
             compression,
             cache,

@@ -48,6 +48,8 @@ pub struct RequestCtx {
     pub start: Option<std::time::Instant>,
     /// When the current try's request went upstream.
     pub upstream_sent: Option<std::time::Instant>,
+    /// From sending the last try upstream to its response head (the access log's).
+    pub upstream_time: Option<std::time::Duration>,
     /// The request could not use the cache (a body, no Host, a very long URL).
     pub cache_bypass: bool,
     /// The client said `no-store`: hits are served, nothing is stored.

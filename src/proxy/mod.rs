@@ -25,6 +25,7 @@ pub mod ctx;
 mod errors;
 pub mod forwarded;
 mod hop;
+mod logging;
 pub mod mirror;
 mod path;
 pub mod rewrite;
@@ -410,7 +411,9 @@ impl ProxyHttp for GatewayProxy {
         };
         let pool = &rt.pools[up];
         if let Some(t) = ctx.upstream_sent.take() {
-            pool.upstream_time.observe(t.elapsed().as_secs_f64());
+            let took = t.elapsed();
+            pool.upstream_time.observe(took.as_secs_f64());
+            ctx.upstream_time = Some(took);
         }
         pool.report(idx, !pool.is_failure_status(status));
         if let (Some(b), Some(probe), false) = (&pool.breaker, ctx.probe, ctx.recorded) {
@@ -628,8 +631,13 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if let Some(gw) = ctx.rt.as_ref().and_then(|rt| rt.gateways.get(self.index)) {
-            crate::metrics::record_request(gw, session, ctx);
+        if let Some(rt) = ctx.rt.as_ref() {
+            if let Some(gw) = rt.gateways.get(self.index) {
+                crate::metrics::record_request(gw, session, ctx);
+                if let Some(log) = &rt.access_log {
+                    logging::access(log, rt, gw, session, ctx);
+                }
+            }
         }
         if let (Some(rt), Some(up), true, false) =
             (ctx.rt.as_ref(), ctx.upstream, ctx.admitted, ctx.recorded)

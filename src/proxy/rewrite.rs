@@ -66,6 +66,7 @@ mod tests {
             plugins: vec![],
             compression: None,
             cache: None,
+            access_log: true,
         }
     }
 

@@ -1,0 +1,376 @@
+//! The access log: one line per request, JSON or nginx's combined format, to a file or stdout.
+//!
+//! A request formats its line (one `String`) and hands it to a bounded channel; one writer
+//! thread per log drains the channel in batches into a buffered file and flushes when the
+//! channel runs dry. A full channel drops the line and counts it
+//! (`gatehouse_access_log_dropped_total`): a slow disk never holds a request. SIGUSR1 bumps
+//! [`REOPEN`], and each writer reopens its file before its next write (logrotate's
+//! `postrotate`). A reload that keeps the same `access_log` keeps the same writer; one that
+//! changes it starts a new writer, and the old one ends when its last request is done.
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, SystemTime};
+
+/// Bumped on SIGUSR1: writers reopen their file when they see a new value.
+pub static REOPEN: AtomicU64 = AtomicU64::new(0);
+
+/// Lines waiting for the writer; beyond this they are dropped (about 8 MiB of lines).
+const QUEUE: usize = 32 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Combined,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// `None`: stdout.
+    pub path: Option<PathBuf>,
+    pub format: Format,
+}
+
+/// What one request's line says; borrowed from the request, formatted on its thread.
+pub struct Entry<'a> {
+    pub time: SystemTime,
+    pub request_id: &'a str,
+    pub client_ip: Option<std::net::IpAddr>,
+    pub method: &'a str,
+    pub host: &'a str,
+    /// Path and query, as routed (canonical).
+    pub target: &'a str,
+    pub protocol: &'a str,
+    pub status: u16,
+    pub request_bytes: usize,
+    pub response_bytes: usize,
+    pub duration: Duration,
+    pub upstream_time: Option<Duration>,
+    pub gateway: &'a str,
+    pub route: Option<&'a str>,
+    pub upstream: Option<&'a str>,
+    pub peer: Option<std::net::SocketAddr>,
+    pub cache: Option<&'a str>,
+    pub user_agent: &'a str,
+    pub referer: &'a str,
+    pub consumer: Option<&'a str>,
+    pub trace_id: Option<&'a str>,
+}
+
+pub struct AccessLog {
+    pub settings: Settings,
+    tx: SyncSender<String>,
+}
+
+impl AccessLog {
+    /// Opens the file now (so a path that cannot be written fails the start or the reload)
+    /// and starts the writer thread.
+    pub fn start(settings: Settings) -> std::io::Result<AccessLog> {
+        let out = open(&settings.path)?;
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let path = settings.path.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_loop(rx, path, out))?;
+        Ok(AccessLog { settings, tx })
+    }
+
+    pub fn log(&self, e: &Entry) {
+        let line = match self.settings.format {
+            Format::Json => json_line(e),
+            Format::Combined => combined_line(e),
+        };
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                crate::metrics::METRICS.access_log_dropped.inc();
+            }
+        }
+    }
+}
+
+fn open(path: &Option<PathBuf>) -> std::io::Result<Box<dyn std::io::Write + Send>> {
+    Ok(match path {
+        None => Box::new(std::io::stdout()),
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?,
+        ),
+    })
+}
+
+/// Drains the channel: every line waiting is written before one flush, so a busy log makes
+/// few, large writes, and a quiet one is on disk within a write of its last line.
+fn write_loop(rx: Receiver<String>, path: Option<PathBuf>, out: Box<dyn std::io::Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut seen = REOPEN.load(Ordering::Relaxed);
+    loop {
+        let first = match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(l) => Some(l),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let now = REOPEN.load(Ordering::Relaxed);
+        if now != seen && path.is_some() {
+            seen = now;
+            let _ = out.flush();
+            match open(&path) {
+                Ok(f) => out = std::io::BufWriter::with_capacity(64 * 1024, f),
+                Err(e) => log::error!("access log: cannot reopen {path:?}: {e}"),
+            }
+        }
+        let Some(first) = first else { continue };
+        let mut failed = out.write_all(first.as_bytes()).is_err();
+        for line in rx.try_iter().take(4096) {
+            failed |= out.write_all(line.as_bytes()).is_err();
+        }
+        if failed || out.flush().is_err() {
+            // A full disk: say it once per batch, keep serving.
+            log::error!("access log: write to {path:?} failed");
+        }
+    }
+    let _ = out.flush();
+}
+
+fn json_line(e: &Entry) -> String {
+    let mut s = String::with_capacity(448);
+    s.push_str("{\"time\":\"");
+    let _ = write!(s, "{}", humantime::format_rfc3339_millis(e.time));
+    s.push_str("\",\"request_id\":");
+    json_str(&mut s, e.request_id);
+    s.push_str(",\"client_ip\":");
+    match e.client_ip {
+        Some(ip) => {
+            let _ = write!(s, "\"{ip}\"");
+        }
+        None => s.push_str("null"),
+    }
+    s.push_str(",\"method\":");
+    json_str(&mut s, e.method);
+    s.push_str(",\"host\":");
+    json_str(&mut s, e.host);
+    s.push_str(",\"path\":");
+    json_str(&mut s, e.target);
+    s.push_str(",\"protocol\":");
+    json_str(&mut s, e.protocol);
+    let _ = write!(
+        s,
+        ",\"status\":{},\"request_bytes\":{},\"response_bytes\":{},\"duration_ms\":{:.3}",
+        e.status,
+        e.request_bytes,
+        e.response_bytes,
+        e.duration.as_secs_f64() * 1e3
+    );
+    s.push_str(",\"upstream_ms\":");
+    match e.upstream_time {
+        Some(t) => {
+            let _ = write!(s, "{:.3}", t.as_secs_f64() * 1e3);
+        }
+        None => s.push_str("null"),
+    }
+    s.push_str(",\"gateway\":");
+    json_str(&mut s, e.gateway);
+    for (k, v) in [
+        ("route", e.route),
+        ("upstream", e.upstream),
+        ("cache", e.cache),
+    ] {
+        let _ = write!(s, ",\"{k}\":");
+        json_opt(&mut s, v);
+    }
+    s.push_str(",\"peer\":");
+    match e.peer {
+        Some(p) => {
+            let _ = write!(s, "\"{p}\"");
+        }
+        None => s.push_str("null"),
+    }
+    s.push_str(",\"user_agent\":");
+    json_opt(&mut s, Some(e.user_agent).filter(|v| !v.is_empty()));
+    s.push_str(",\"referer\":");
+    json_opt(&mut s, Some(e.referer).filter(|v| !v.is_empty()));
+    s.push_str(",\"consumer\":");
+    json_opt(&mut s, e.consumer);
+    s.push_str(",\"trace_id\":");
+    json_opt(&mut s, e.trace_id);
+    s.push_str("}\n");
+    s
+}
+
+fn json_opt(s: &mut String, v: Option<&str>) {
+    match v {
+        Some(v) => json_str(s, v),
+        None => s.push_str("null"),
+    }
+}
+
+/// Appends `v` as a JSON string. Client values (paths, user agents) are untrusted: every
+/// control character is escaped, so a line can never be split or forged.
+fn json_str(s: &mut String, v: &str) {
+    s.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => s.push_str("\\\""),
+            '\\' => s.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(s, "\\u{:04x}", c as u32);
+            }
+            c => s.push(c),
+        }
+    }
+    s.push('"');
+}
+
+/// nginx's `combined` format, then the fields it lacks as `key=value`:
+/// `ip - user [time] "request" status bytes "referer" "agent" rid=.. rt=.. urt=.. ...`.
+fn combined_line(e: &Entry) -> String {
+    let mut s = String::with_capacity(384);
+    match e.client_ip {
+        Some(ip) => {
+            let _ = write!(s, "{ip}");
+        }
+        None => s.push('-'),
+    }
+    s.push_str(" - ");
+    nginx_escaped(&mut s, e.consumer.unwrap_or("-"));
+    s.push_str(" [");
+    clf_time(&mut s, e.time);
+    s.push_str("] \"");
+    nginx_escaped(&mut s, e.method);
+    s.push(' ');
+    nginx_escaped(&mut s, e.target);
+    s.push(' ');
+    s.push_str(e.protocol);
+    let _ = write!(s, "\" {} {} \"", e.status, e.response_bytes);
+    nginx_escaped(&mut s, if e.referer.is_empty() { "-" } else { e.referer });
+    s.push_str("\" \"");
+    nginx_escaped(
+        &mut s,
+        if e.user_agent.is_empty() {
+            "-"
+        } else {
+            e.user_agent
+        },
+    );
+    let _ = write!(
+        s,
+        "\" rid={} host=",
+        if e.request_id.is_empty() {
+            "-"
+        } else {
+            e.request_id
+        }
+    );
+    nginx_escaped(&mut s, if e.host.is_empty() { "-" } else { e.host });
+    let _ = write!(s, " rt={:.3} urt=", e.duration.as_secs_f64());
+    match e.upstream_time {
+        Some(t) => {
+            let _ = write!(s, "{:.3}", t.as_secs_f64());
+        }
+        None => s.push('-'),
+    }
+    let _ = write!(
+        s,
+        " gw={} route={} up={} peer=",
+        e.gateway,
+        e.route.unwrap_or("-"),
+        e.upstream.unwrap_or("-")
+    );
+    match e.peer {
+        Some(p) => {
+            let _ = write!(s, "{p}");
+        }
+        None => s.push('-'),
+    }
+    let _ = writeln!(
+        s,
+        " cache={} req_bytes={} trace={}",
+        e.cache.unwrap_or("-"),
+        e.request_bytes,
+        e.trace_id.unwrap_or("-")
+    );
+    s
+}
+
+/// As nginx escapes variables in its logs: `"`, `\`, controls and non-ASCII bytes as `\xHH`.
+fn nginx_escaped(s: &mut String, v: &str) {
+    for b in v.bytes() {
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            let _ = write!(s, "\\x{b:02X}");
+        } else {
+            s.push(b as char);
+        }
+    }
+}
+
+/// `02/Dec/2026:12:00:00 +0000` (UTC), from httpdate's fixed-width IMF-fixdate.
+fn clf_time(s: &mut String, t: SystemTime) {
+    // "Wed, 02 Dec 2026 12:00:00 GMT": day 5..7, month 8..11, year 12..16, time 17..25.
+    let d = httpdate::fmt_http_date(t);
+    match (d.get(5..7), d.get(8..11), d.get(12..16), d.get(17..25)) {
+        (Some(day), Some(mon), Some(year), Some(hms)) => {
+            let _ = write!(s, "{day}/{mon}/{year}:{hms} +0000");
+        }
+        _ => s.push_str(&d),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry<'a>() -> Entry<'a> {
+        Entry {
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_212_800),
+            request_id: "abc",
+            client_ip: Some("10.0.0.1".parse().unwrap_or(std::net::IpAddr::from([0; 4]))),
+            method: "GET",
+            host: "api.example.com",
+            target: "/a\"b\n?x=1",
+            protocol: "HTTP/1.1",
+            status: 200,
+            request_bytes: 0,
+            response_bytes: 12,
+            duration: Duration::from_micros(1500),
+            upstream_time: Some(Duration::from_micros(900)),
+            gateway: "web",
+            route: Some("orders"),
+            upstream: Some("orders"),
+            peer: None,
+            cache: None,
+            user_agent: "curl/8 \u{1}",
+            referer: "",
+            consumer: Some("alice"),
+            trace_id: None,
+        }
+    }
+
+    #[test]
+    fn json_lines_are_one_line_of_valid_json() {
+        let l = json_line(&entry());
+        assert!(l.ends_with('\n') && l.matches('\n').count() == 1, "{l}");
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+        assert_eq!(v["path"], "/a\"b\n?x=1");
+        assert_eq!(v["user_agent"], "curl/8 \u{1}");
+        assert_eq!(v["consumer"], "alice");
+        assert_eq!(v["referer"], serde_json::Value::Null);
+        assert_eq!(v["duration_ms"], 1.5);
+        assert_eq!(v["time"], "2026-12-02T12:00:00.000Z");
+    }
+
+    #[test]
+    fn combined_lines_escape_like_nginx() {
+        let l = combined_line(&entry());
+        assert!(
+            l.starts_with(
+                "10.0.0.1 - alice [02/Dec/2026:12:00:00 +0000] \"GET /a\\x22b\\x0A?x=1 HTTP/1.1\" 200 12 \"-\" \"curl/8 \\x01\" rid=abc"
+            ),
+            "{l}"
+        );
+        assert_eq!(l.matches('\n').count(), 1);
+    }
+}
