@@ -1,7 +1,11 @@
-//! The admin listener (`[server] admin`): `/healthz` for load balancers and systemd, `/status`
-//! with each upstream's peers (active health, passive ejection, in-flight requests) and circuit
-//! breaker state, and `POST /cache/purge` (by URL or tag) behind the admin token. Keep it on
-//! loopback or a management network: reads need no token.
+//! The admin listener (`[server] admin`): the status page at `/`, `/healthz` and `/readyz` for
+//! load balancers and systemd, `/status` (version, config digest, last reload, gateways and
+//! routes, each upstream's peers with active health, passive ejection, in-flight requests and
+//! circuit breaker state), `/metrics`, `/config` (secrets redacted), and the mutating
+//! `POST /cache/purge` and `POST /reload` behind the admin token. Reads need the token too
+//! with `admin_auth = "all"`; otherwise keep the listener on loopback or a management network.
+mod redact;
+
 use std::net::SocketAddr;
 
 use async_trait::async_trait;
@@ -18,7 +22,16 @@ pub struct Admin {
     reloads: crate::server::Reloads,
 }
 
+/// When the process started, for `uptime_seconds`.
+static STARTED: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
+/// The status page: one self-contained file (inline CSS and JS) that reads /status and
+/// /metrics from this listener.
+const PAGE: &str = include_str!("admin/status.html");
+
 pub fn service(addr: SocketAddr, live: Live, reloads: crate::server::Reloads) -> Service<Admin> {
+    std::sync::LazyLock::force(&STARTED);
     let mut svc = Service::new("admin".to_string(), Admin { live, reloads });
     svc.add_tcp(&addr.to_string());
     svc.threads = Some(1);
@@ -56,7 +69,19 @@ impl Admin {
         let gateways: Vec<Value> = rt
             .gateways
             .iter()
-            .map(|g| json!({ "name": &*g.name, "routes": g.routes.len() }))
+            .map(|g| {
+                let routes: Vec<Value> = g
+                    .routes
+                    .iter()
+                    .map(|r| json!({ "name": r.name, "target": rt.describe_target(&r.target) }))
+                    .collect();
+                json!({
+                    "name": &*g.name,
+                    "listen": g.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "tls": g.tls,
+                    "routes": routes,
+                })
+            })
             .collect();
         use pingora_cache::eviction::EvictionManager;
         let ev = &*crate::cache::EVICTION;
@@ -77,6 +102,9 @@ impl Admin {
             }
         });
         json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": STARTED.elapsed().as_secs(),
+            "config": { "path": rt.config_path.display().to_string(), "sha256": &*rt.config_sha256 },
             "gateways": gateways,
             "upstreams": upstreams,
             "cache": cache,
@@ -109,6 +137,18 @@ fn authorized(session: &ServerSession, token: &str) -> bool {
             (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
         })
         .is_some_and(|got| bool::from(got.trim_ascii().ct_eq(token.as_bytes())))
+}
+
+fn unauthorized() -> Response<Vec<u8>> {
+    let mut r = json_error(
+        StatusCode::UNAUTHORIZED,
+        "a valid admin bearer token is required",
+    );
+    r.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer"),
+    );
+    r
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response<Vec<u8>> {
@@ -144,6 +184,16 @@ impl Admin {
         )
     }
 
+    /// With `admin_auth = "all"`, the token check of the reads: `None` when the request may
+    /// go on, else the 401.
+    fn refuse_read(&self, session: &ServerSession) -> Option<Response<Vec<u8>>> {
+        let rt = self.live.load();
+        match rt.admin_token.as_deref() {
+            Some(token) if rt.admin_auth_all && !authorized(session, token) => Some(unauthorized()),
+            _ => None,
+        }
+    }
+
     /// The token and method checks of the mutating endpoints: `None` when the request may go
     /// on, else the refusal.
     fn refuse(&self, session: &ServerSession, what: &str) -> Option<Response<Vec<u8>>> {
@@ -155,15 +205,7 @@ impl Admin {
             ));
         };
         if !authorized(session, token) {
-            let mut r = json_error(
-                StatusCode::UNAUTHORIZED,
-                "a valid admin bearer token is required",
-            );
-            r.headers_mut().insert(
-                http::header::WWW_AUTHENTICATE,
-                http::HeaderValue::from_static("Bearer"),
-            );
-            return Some(r);
+            return Some(unauthorized());
         }
         if session.req_header().method != http::Method::POST {
             let mut r = json_error(StatusCode::METHOD_NOT_ALLOWED, &format!("{what} with POST"));
@@ -284,7 +326,34 @@ fn purge_key(u: &str, opts: crate::proxy::canonical::Options) -> Option<String> 
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        match session.req_header().uri.path() {
+        let path = session.req_header().uri.path();
+        // The page shell holds no data (it asks for a token when its reads get 401), and
+        // liveness must answer whoever probes it.
+        let open = matches!(path, "/" | "/healthz" | "/cache/purge" | "/reload");
+        if !open {
+            if let Some(r) = self.refuse_read(session) {
+                return r;
+            }
+        }
+        match path {
+            "/" => {
+                let mut r = reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.into());
+                // Everything is inline: nothing else may load or run.
+                r.headers_mut().insert(
+                    http::header::CONTENT_SECURITY_POLICY,
+                    http::HeaderValue::from_static(
+                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'",
+                    ),
+                );
+                r
+            }
+            "/config" => {
+                let rt = self.live.load();
+                match redact::config_json(&rt.config_source) {
+                    Some(v) => reply(StatusCode::OK, "application/json", format!("{v}\n")),
+                    None => json_error(StatusCode::INTERNAL_SERVER_ERROR, "config not readable"),
+                }
+            }
             "/cache/purge" => self.purge(session),
             "/reload" => self.reload(session).await,
             "/metrics" => reply(
@@ -302,7 +371,7 @@ impl ServeHttp for Admin {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "application/json",
-                "{\"status\":404,\"error\":\"try /status or /healthz\"}\n".into(),
+                "{\"status\":404,\"error\":\"try /, /status, /metrics, /config, /healthz or /readyz\"}\n".into(),
             ),
         }
     }

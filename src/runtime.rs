@@ -16,6 +16,7 @@ pub type Live = Arc<ArcSwap<Runtime>>;
 
 pub struct GatewayRt {
     pub name: Arc<str>,
+    pub listen: Vec<std::net::SocketAddr>,
     pub tls: bool,
     pub forwarded: ForwardedHeaders,
     pub routes: Vec<Route>,
@@ -65,6 +66,10 @@ pub struct Runtime {
     /// `admin_auth = "all"`: the admin reads need the token too.
     pub admin_auth_all: bool,
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    /// The file this snapshot was built from: path, SHA-256, text (for /status and /config).
+    pub config_path: Arc<std::path::Path>,
+    pub config_sha256: Arc<str>,
+    pub config_source: Arc<str>,
 }
 
 impl Runtime {
@@ -129,6 +134,7 @@ impl Runtime {
                 .collect();
             gateways.push(GatewayRt {
                 name: g.name.as_str().into(),
+                listen: g.listen.clone(),
                 tls: g.tls.is_some(),
                 forwarded: g.forwarded,
                 router: Router::new(&g.routes),
@@ -189,7 +195,37 @@ impl Runtime {
             admin_token: cfg.server.admin_token.clone(),
             admin_auth_all: cfg.server.admin_auth_all,
             access_log: access_log(cfg, previous)?,
+            config_path: cfg.path.as_path().into(),
+            config_sha256: cfg.sha256.as_str().into(),
+            config_source: cfg.source.clone(),
         })
+    }
+}
+
+impl Runtime {
+    /// Where a route's requests go, for people: `upstream orders`, `split a 90%, b 10%`,
+    /// `static /srv/www`.
+    pub fn describe_target(&self, t: &crate::config::Target) -> String {
+        use crate::config::Target;
+        match t {
+            Target::Upstream(u) => format!("upstream {}", self.pools[*u].name),
+            Target::Split { arms, sticky } => {
+                let total: u32 = arms.iter().map(|(_, w)| w).sum::<u32>().max(1);
+                let arms: Vec<String> = arms
+                    .iter()
+                    .map(|(u, w)| {
+                        format!(
+                            "{} {}%",
+                            self.pools[*u].name,
+                            f64::from(*w) * 100.0 / f64::from(total)
+                        )
+                    })
+                    .collect();
+                let sticky = if sticky.is_some() { " (sticky)" } else { "" };
+                format!("split {}{sticky}", arms.join(", "))
+            }
+            Target::Static(s) => format!("static {}", s.root.display()),
+        }
     }
 }
 

@@ -424,6 +424,11 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
     }
     Ok(Config {
         path: path.to_path_buf(),
+        source: src.into(),
+        sha256: {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(src.as_bytes()))
+        },
         server: Server {
             threads,
             admin: server_file.admin.as_ref().map(|a| a.get_ref().0),

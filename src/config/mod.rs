@@ -26,6 +26,9 @@ pub mod values;
 #[derive(Debug)]
 pub struct Config {
     pub path: PathBuf,
+    /// The file's text as loaded (for `/config`) and its SHA-256 in hex (for `/status`).
+    pub source: std::sync::Arc<str>,
+    pub sha256: String,
     pub server: Server,
     pub upstreams: Vec<Upstream>,
     pub plugins: Vec<NamedPlugin>,

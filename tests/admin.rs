@@ -1,0 +1,183 @@
+//! The admin listener's reads: /status, /config (redacted), `admin_auth = "all"`, and the
+//! status page at `/` in a real headless browser.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TOKEN: &str = "admin-token-0123456789";
+
+fn config(admin: u16, port: u16, up: std::net::SocketAddr, dead: u16, auth: &str) -> String {
+    format!(
+        r#"
+[server]
+admin = "127.0.0.1:{admin}"
+admin_token = "{TOKEN}"
+admin_auth = "{auth}"
+[upstreams.app]
+peers = ["{up}"]
+health_check = {{ kind = "tcp", interval = "1s" }}
+[upstreams.flaky]
+peers = ["{up}", "127.0.0.1:{dead}"]
+health_check = {{ kind = "tcp", interval = "1s", unhealthy_after = 1 }}
+circuit_breaker = {{ failures = 5, open_for = "10s" }}
+[plugins.jwt]
+kind = "jwt_auth"
+secret = "hmac-secret-that-must-not-leak-0123456789"
+algorithms = ["HS256"]
+[gateways.web]
+listen = ["127.0.0.1:{port}"]
+[[routes]]
+name = "api"
+path = "/api"
+upstream = "app"
+plugins = ["jwt"]
+[[routes]]
+name = "canary"
+path = "/canary"
+split = [{{ upstream = "app", weight = 9 }}, {{ upstream = "flaky", weight = 1 }}]
+"#
+    )
+}
+
+async fn admin_get(admin: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut r = client().get(format!("http://127.0.0.1:{admin}{path}"));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    let resp = r.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// Waits until /status shows the dead peer as unhealthy.
+async fn until_down(admin: u16, token: Option<&str>, dead: u16) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = admin_get(admin, "/status", token).await;
+        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let down = s["upstreams"]["flaky"]["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["addr"] == format!("127.0.0.1:{dead}").as_str() && p["healthy"] == false);
+        if down {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "peer never marked down: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_redacted_config() {
+    let up = echo("u").await;
+    let (admin, port, dead) = (free_port(), free_port(), free_port());
+    let g = Gatehouse::start(&config(admin, port, up, dead, "mutations"), &[port, admin]);
+    let s = until_down(admin, None, dead).await;
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
+    assert!(s["uptime_seconds"].as_u64().is_some());
+    let file = std::fs::read(&g.config).unwrap();
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&file))
+    };
+    assert_eq!(s["config"]["sha256"], digest.as_str());
+    assert_eq!(s["config"]["path"], g.config.display().to_string().as_str());
+    let routes = &s["gateways"][0]["routes"];
+    assert_eq!(routes[0]["name"], "api");
+    assert_eq!(routes[0]["target"], "upstream app");
+    assert_eq!(routes[1]["target"], "split app 90%, flaky 10%");
+    assert_eq!(
+        s["gateways"][0]["listen"][0],
+        format!("127.0.0.1:{port}").as_str()
+    );
+
+    let (status, body) = admin_get(admin, "/config", None).await;
+    assert_eq!(status, 200);
+    assert!(
+        !body.contains("hmac-secret-that-must-not-leak-0123456789"),
+        "{body}"
+    );
+    assert!(!body.contains(TOKEN), "{body}");
+    let c: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(c["plugins"]["jwt"]["secret"], "[redacted]");
+    assert_eq!(c["routes"][1]["name"], "canary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_auth_all_guards_the_reads() {
+    let up = echo("u").await;
+    let (admin, port, dead) = (free_port(), free_port(), free_port());
+    let _g = Gatehouse::start(&config(admin, port, up, dead, "all"), &[port, admin]);
+    for path in ["/status", "/metrics", "/config", "/readyz"] {
+        let (status, _) = admin_get(admin, path, None).await;
+        assert_eq!(status, 401, "{path} without the token");
+        let (status, _) = admin_get(admin, path, Some("wrong-token-0123456789")).await;
+        assert_eq!(status, 401, "{path} with a wrong token");
+    }
+    let (status, _) = admin_get(admin, "/status", Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    // The page shell and liveness stay open: the page asks for the token itself.
+    assert_eq!(admin_get(admin, "/", None).await.0, 200);
+    assert_eq!(admin_get(admin, "/healthz", None).await.0, 200);
+    // `all` without a token is refused at check.
+    let (code, err, _, _dir) = check(
+        "[server]\nadmin = \"127.0.0.1:1\"\nadmin_auth = \"all\"\n[gateways.g]\nlisten = [\"127.0.0.1:1\"]\n",
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains(":3") && err.contains("admin_token"), "{err}");
+}
+
+/// The page in Debian's chromium, headless: it loads, fills itself from /status and
+/// /metrics, shows every upstream and the killed peer as down, and logs nothing to the
+/// console (every console message and uncaught error shows as a `CONSOLE` line on stderr).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_in_a_headless_browser() {
+    let up = echo("u").await;
+    let (admin, port, dead) = (free_port(), free_port(), free_port());
+    let _g = Gatehouse::start(&config(admin, port, up, dead, "mutations"), &[port, admin]);
+    until_down(admin, None, dead).await;
+    for _ in 0..5 {
+        client()
+            .get(format!("http://127.0.0.1:{port}/canary"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=8000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("http://127.0.0.1:{admin}/"))
+        .output()
+        .await
+        .expect("chromium (scripts/bootstrap.sh test installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        dom.contains("data-loaded=\"1\""),
+        "page not filled:\n{dom}\n{err}"
+    );
+    for u in ["app", "flaky"] {
+        assert!(
+            dom.contains(&format!("data-upstream=\"{u}\"")),
+            "{u} missing:\n{dom}"
+        );
+    }
+    let down = format!("data-peer=\"127.0.0.1:{dead}\" data-state=\"down\"");
+    let up_row = format!("data-peer=\"{up}\" data-state=\"up\"");
+    assert!(dom.contains(&down), "dead peer not shown down:\n{dom}");
+    assert!(dom.contains(&up_row), "live peer not shown up:\n{dom}");
+    assert!(dom.contains("data-route=\"canary\""), "{dom}");
+    let console: Vec<&str> = err.lines().filter(|l| l.contains("CONSOLE")).collect();
+    assert!(console.is_empty(), "console messages: {console:?}");
+}
