@@ -47,34 +47,8 @@ use crate::upstream::now_ms;
 /// `unsafe` and of the allocator's API.
 pub static CONNECTION_ENDED: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
-/// The [server] limits on clients, as the snapshot holds them (a reload applies to new
-/// connections).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientLimits {
-    pub header_timeout: Duration,
-    pub body_timeout: Duration,
-    pub keepalive_timeout: Duration,
-    pub send_timeout: Duration,
-    pub max_connections: usize,
-    pub max_requests_per_connection: u32,
-    pub max_headers: usize,
-    pub max_header_size: usize,
-}
-
-impl Default for ClientLimits {
-    fn default() -> Self {
-        ClientLimits {
-            header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(60),
-            keepalive_timeout: Duration::from_secs(60),
-            send_timeout: Duration::from_secs(60),
-            max_connections: 10_000,
-            max_requests_per_connection: 10_000,
-            max_headers: 100,
-            max_header_size: 64 * 1024,
-        }
-    }
-}
+mod limits;
+pub use limits::ClientLimits;
 
 /// Where a connection's current request head is, and whether a response write is stuck: set
 /// by the stream (first byte, blocked writes) and by the proxy (head complete), read by the
@@ -524,6 +498,8 @@ pub struct Front {
     saturated: AtomicBool,
     /// `gatehouse_connections_active{gateway}`.
     gauge: prometheus::IntGauge,
+    /// `grace_period`: how long a shutdown or upgrade drains.
+    grace: Duration,
 }
 
 /// Holds one of the gateway's connection slots.
@@ -546,8 +522,14 @@ impl Drop for Slot<'_> {
 }
 
 impl Front {
-    pub fn new(proxy: HttpProxy<GatewayProxy>, live: Live, name: Arc<str>) -> Front {
+    pub fn new(
+        proxy: HttpProxy<GatewayProxy>,
+        live: Live,
+        name: Arc<str>,
+        grace: Duration,
+    ) -> Front {
         Front {
+            grace,
             proxy: Arc::new(proxy),
             live,
             active: AtomicUsize::new(0),
@@ -683,7 +665,13 @@ impl ServerApp for Front {
         None
     }
 
+    /// Called when the listeners stop accepting (shutdown, upgrade). Pingora's cleanup drops
+    /// every connection waiting for its next request at once, and a request already on its
+    /// way on one of them fails (the client sees the connection close). So during the grace
+    /// period those connections stay: each answer says `Connection: close` (serve_h1), and
+    /// only the connections still idle a second before the process exits are dropped.
     async fn cleanup(&self) {
+        tokio::time::sleep(self.grace.saturating_sub(Duration::from_secs(1))).await;
         self.proxy.http_cleanup().await
     }
 }

@@ -58,7 +58,12 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
         let mut options = pingora::apps::HttpServerOptions::default();
         options.h2_idle_timeout = Some(cfg.server.client.keepalive_timeout);
         http.server_options = Some(options);
-        let front = Front::new(http, live.clone(), g.name.as_str().into());
+        let front = Front::new(
+            http,
+            live.clone(),
+            g.name.as_str().into(),
+            cfg.server.grace_period,
+        );
         let mut svc = Service::new(format!("gateway {}", g.name), front);
         for addr in &g.listen {
             let addr = addr.to_string();
