@@ -16,4 +16,5 @@ pub mod runtime;
 pub mod server;
 pub mod systemd;
 pub mod tls;
+pub mod trace;
 pub mod upstream;

@@ -66,6 +66,7 @@ pub struct Runtime {
     /// `admin_auth = "all"`: the admin reads need the token too.
     pub admin_auth_all: bool,
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    pub tracing: Arc<crate::trace::Tracing>,
     /// The file this snapshot was built from: path, SHA-256, text (for /status and /config).
     pub config_path: Arc<std::path::Path>,
     pub config_sha256: Arc<str>,
@@ -195,6 +196,10 @@ impl Runtime {
             admin_token: cfg.server.admin_token.clone(),
             admin_auth_all: cfg.server.admin_auth_all,
             access_log: access_log(cfg, previous)?,
+            tracing: match previous {
+                Some(p) if p.tracing.settings == cfg.server.tracing => p.tracing.clone(),
+                _ => Arc::new(crate::trace::Tracing::new(cfg.server.tracing.clone())?),
+            },
             config_path: cfg.path.as_path().into(),
             config_sha256: cfg.sha256.as_str().into(),
             config_source: cfg.source.clone(),

@@ -138,3 +138,53 @@ pub(super) fn log_json(ld: &mut Loader, f: &ServerFile) -> bool {
         }
     }
 }
+
+/// `tracing = { otlp_endpoint, sample, service_name, export_interval }`. The endpoint is the
+/// full OTLP/HTTP traces URL; plain `http://` (a collector on the machine or the network;
+/// TLS to the collector is the collector's business).
+pub(super) fn tracing(ld: &mut Loader, f: &ServerFile) -> Option<crate::trace::Settings> {
+    let t = f.tracing.as_ref()?.get_ref();
+    let e = &t.otlp_endpoint;
+    let ok = e
+        .get_ref()
+        .parse::<http::Uri>()
+        .is_ok_and(|u| u.scheme_str() == Some("http") && u.authority().is_some());
+    if !ok {
+        ld.err(
+            e.span(),
+            "[server] tracing",
+            "otlp_endpoint must be an http:// URL such as \"http://127.0.0.1:4318/v1/traces\" \
+             (https is not supported: send to a local OpenTelemetry Collector)",
+        );
+    }
+    let sample = match &t.sample {
+        None => 0.1,
+        Some(s) if (0.0..=1.0).contains(s.get_ref()) => *s.get_ref(),
+        Some(s) => {
+            ld.err(
+                s.span(),
+                "[server] tracing",
+                "sample is a share, from 0 to 1",
+            );
+            0.1
+        }
+    };
+    let export_interval = match &t.export_interval {
+        None => std::time::Duration::from_secs(5),
+        Some(d) if d.get_ref().0 >= std::time::Duration::from_millis(100) => d.get_ref().0,
+        Some(d) => {
+            ld.err(
+                d.span(),
+                "[server] tracing",
+                "export_interval is at least 100ms",
+            );
+            std::time::Duration::from_secs(5)
+        }
+    };
+    Some(crate::trace::Settings {
+        endpoint: e.get_ref().clone(),
+        sample,
+        service_name: t.service_name.clone().unwrap_or_else(|| "gatehouse".into()),
+        export_interval,
+    })
+}

@@ -417,6 +417,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
     let admin_auth_all = super::admin::admin_auth_all(&mut ld, &server_file, admin_token.is_some());
     let access_log = super::admin::access_log(&mut ld, &server_file, path);
     let log_json = super::admin::log_json(&mut ld, &server_file);
+    let tracing = super::admin::tracing(&mut ld, &server_file);
 
     if !ld.errors.is_empty() {
         ld.errors.sort_by_key(|e| (e.line, e.col));
@@ -458,6 +459,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             admin_auth_all,
             access_log,
             log_json,
+            tracing,
         },
         upstreams,
         plugins,

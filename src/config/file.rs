@@ -42,6 +42,16 @@ pub struct ServerFile {
     pub admin_auth: Option<Spanned<String>>,
     pub access_log: Option<Spanned<AccessLogFile>>,
     pub log_format: Option<Spanned<String>>,
+    pub tracing: Option<Spanned<TracingFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingFile {
+    pub otlp_endpoint: Spanned<String>,
+    pub sample: Option<Spanned<f64>>,
+    pub service_name: Option<String>,
+    pub export_interval: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Deserialize)]

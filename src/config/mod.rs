@@ -65,6 +65,8 @@ pub struct Server {
     pub access_log: Option<crate::access_log::Settings>,
     /// `log_format = "json"`: error and info logs as JSON lines.
     pub log_json: bool,
+    /// Span export; `None`: trace context still flows, nothing is exported.
+    pub tracing: Option<crate::trace::Settings>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,27 +1,65 @@
-//! The access log line of a finished request, from what the request saw: its canonical head
-//! (the host and path routing decided on, not the client's spelling), the route and peer it
-//! went to, and what the plugins learnt (consumer, request id).
+//! The end of a request: its span and its access log line, from what the request saw: its
+//! canonical head (the host and path routing decided on, not the client's spelling), the
+//! route and peer it went to, and what the plugins learnt (consumer, request id).
 use pingora_proxy::Session;
 
 use super::ctx::RequestCtx;
 use crate::access_log::{AccessLog, Entry};
 use crate::runtime::{GatewayRt, Runtime};
 
-pub(super) fn access(
+pub(super) fn finish(rt: &Runtime, gw: &GatewayRt, session: &Session, ctx: &mut RequestCtx) {
+    // A background cache refresh is the gateway's own request.
+    if session.subrequest_ctx.is_some() {
+        return;
+    }
+    let trace_id = ctx.span.as_ref().and_then(|s| {
+        use opentelemetry::trace::Span as _;
+        let c = s.span_context();
+        // Hex of the id only when someone reads it.
+        (c.is_valid() && rt.access_log.is_some()).then(|| c.trace_id().to_string())
+    });
+    if let Some(mut span) = ctx.span.take() {
+        let req = session.req_header();
+        crate::trace::finish(
+            &mut span,
+            &crate::trace::Outcome {
+                method: req.method.as_str(),
+                route: ctx.route.map(|id| &*gw.route_names[id]),
+                path: req.uri.path(),
+                host: req
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+                status: session.response_written().map_or(0, |r| r.status.as_u16()),
+                gateway: &gw.name,
+                upstream: ctx.upstream.map(|u| &*rt.pools[u].name),
+                peer: ctx.peer,
+                client_ip: ctx.plugins.client_ip,
+                request_id: ctx
+                    .plugins
+                    .request_id
+                    .as_ref()
+                    .map_or("", |v| std::str::from_utf8(v.as_bytes()).unwrap_or("")),
+            },
+        );
+    }
+    if let Some(log) = &rt.access_log {
+        if ctx.route.is_none_or(|id| gw.routes[id].access_log) {
+            access(log, rt, gw, session, ctx, trace_id.as_deref());
+        }
+    }
+}
+
+fn access(
     log: &AccessLog,
     rt: &Runtime,
     gw: &GatewayRt,
     session: &Session,
     ctx: &RequestCtx,
+    trace_id: Option<&str>,
 ) {
     let Some(start) = ctx.start else { return };
-    // A background cache refresh is the gateway's own request.
-    if session.subrequest_ctx.is_some() {
-        return;
-    }
-    if ctx.route.is_some_and(|id| !gw.routes[id].access_log) {
-        return;
-    }
     let req = session.req_header();
     let header = |name: http::HeaderName| {
         req.headers
@@ -65,6 +103,6 @@ pub(super) fn access(
         user_agent: header(http::header::USER_AGENT),
         referer: header(http::header::REFERER),
         consumer: ctx.plugins.consumer.as_deref(),
-        trace_id: None,
+        trace_id,
     });
 }

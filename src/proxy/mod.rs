@@ -247,6 +247,7 @@ impl ProxyHttp for GatewayProxy {
         }
 
         let req = session.req_header();
+        ctx.span = Some(rt.tracing.start(&req.headers, req.method.as_str()));
         // Valid hosts are ASCII: to_str does not fail on them.
         let host = canonical.host.as_ref().and_then(|h| h.to_str().ok());
         ctx.route = gw
@@ -373,6 +374,9 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         self.prepare_upstream_request(session, upstream, ctx)
             .await?;
+        if let (Some(rt), Some(span)) = (&ctx.rt, &ctx.span) {
+            rt.tracing.inject(span, upstream);
+        }
         if let Some(m) = ctx.mirror.as_mut() {
             m.set_head(upstream);
         }
@@ -631,13 +635,13 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if let Some(rt) = ctx.rt.as_ref() {
+        // Taken and put back rather than cloned, as in request_filter.
+        if let Some(rt) = ctx.rt.take() {
             if let Some(gw) = rt.gateways.get(self.index) {
                 crate::metrics::record_request(gw, session, ctx);
-                if let Some(log) = &rt.access_log {
-                    logging::access(log, rt, gw, session, ctx);
-                }
+                logging::finish(&rt, gw, session, ctx);
             }
+            ctx.rt = Some(rt);
         }
         if let (Some(rt), Some(up), true, false) =
             (ctx.rt.as_ref(), ctx.upstream, ctx.admitted, ctx.recorded)

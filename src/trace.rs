@@ -1,0 +1,208 @@
+//! W3C trace context (`traceparent`, `tracestate`) and span export over OTLP/HTTP.
+//!
+//! Every request gets a span of the gateway's: a valid incoming `traceparent` makes it the
+//! parent (same trace id, its sampled flag kept), an absent or invalid one starts a new trace
+//! (an invalid one is dropped with its `tracestate`, as the W3C spec asks). The upstream
+//! request carries the gateway's span as its parent, whatever the client sent. With
+//! `[server] tracing`, sampled spans go to the OTLP endpoint in batches from the SDK's own
+//! thread (a full queue drops spans, never blocks a request); new traces are sampled at
+//! `sample`, traces with a parent follow the parent's flag. Without it, nothing is recorded
+//! or sent, but ids still flow, and a sampled parent stays sampled downstream.
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{
+    Span as _, SpanKind, TraceContextExt, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+
+pub use opentelemetry_sdk::trace::Span;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub endpoint: String,
+    /// The share of new traces recorded and exported, 0 to 1.
+    pub sample: f64,
+    pub service_name: String,
+    /// How often the batch goes out (the SDK's scheduled delay).
+    pub export_interval: Duration,
+}
+
+pub struct Tracing {
+    pub settings: Option<Settings>,
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    propagator: TraceContextPropagator,
+}
+
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        // Only one traceparent is valid; a request with two has none (W3C §3.2.1 leaves it to
+        // the vendor: two could be a smuggling attempt, so neither is believed).
+        let mut all = self.0.get_all(key).iter();
+        let first = all.next()?;
+        if all.next().is_some() {
+            return None;
+        }
+        first.to_str().ok()
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct Upstream<'a>(&'a mut pingora_http::RequestHeader);
+
+impl Injector for Upstream<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        // The propagator writes an empty `tracestate` for a trace with no state.
+        if !value.is_empty() {
+            let _ = self.0.insert_header(key.to_string(), value);
+        }
+    }
+}
+
+impl Tracing {
+    pub fn new(settings: Option<Settings>) -> Result<Tracing, String> {
+        let mut b = SdkTracerProvider::builder();
+        match &settings {
+            Some(s) => {
+                use opentelemetry_otlp::{Protocol, WithExportConfig};
+                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_endpoint(s.endpoint.clone())
+                    .with_timeout(Duration::from_secs(10))
+                    .build()
+                    .map_err(|e| format!("tracing: {e}"))?;
+                let batch = opentelemetry_sdk::trace::BatchConfigBuilder::default()
+                    .with_scheduled_delay(s.export_interval)
+                    .with_max_queue_size(8192)
+                    .build();
+                let processor = opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
+                    .with_batch_config(batch)
+                    .build();
+                b = b
+                    .with_span_processor(processor)
+                    .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                        s.sample,
+                    ))))
+                    .with_resource(
+                        opentelemetry_sdk::Resource::builder_empty()
+                            .with_service_name(s.service_name.clone())
+                            .build(),
+                    );
+            }
+            None => b = b.with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff))),
+        }
+        let provider = b.build();
+        let tracer = provider.tracer("gatehouse");
+        Ok(Tracing {
+            settings,
+            provider,
+            tracer,
+            propagator: TraceContextPropagator::new(),
+        })
+    }
+
+    /// The request's span, child of the client's trace context when it is valid.
+    pub fn start(&self, headers: &http::HeaderMap, method: &str) -> Span {
+        let parent = self.propagator.extract(&Headers(headers));
+        self.tracer
+            .span_builder(method.to_string())
+            .with_kind(SpanKind::Server)
+            .start_with_context(&self.tracer, &parent)
+    }
+
+    /// Replaces the client's `traceparent`/`tracestate` on the upstream request with the
+    /// gateway's span (its state kept from a valid parent).
+    pub fn inject(&self, span: &Span, req: &mut pingora_http::RequestHeader) {
+        req.remove_header("traceparent");
+        req.remove_header("tracestate");
+        let cx = Context::new().with_remote_span_context(span.span_context().clone());
+        self.propagator.inject_context(&cx, &mut Upstream(req));
+    }
+
+    /// Whether spans are exported (so attributes are worth setting).
+    pub fn exporting(&self) -> bool {
+        self.settings.is_some()
+    }
+}
+
+/// What the finished request adds to its span before it ends.
+pub struct Outcome<'a> {
+    pub method: &'a str,
+    pub route: Option<&'a str>,
+    pub path: &'a str,
+    pub host: &'a str,
+    pub status: u16,
+    pub gateway: &'a str,
+    pub upstream: Option<&'a str>,
+    pub peer: Option<std::net::SocketAddr>,
+    pub client_ip: Option<std::net::IpAddr>,
+    pub request_id: &'a str,
+}
+
+/// Names and annotates a recorded span (OpenTelemetry's HTTP server conventions), then ends
+/// it; the batch processor takes it from there.
+pub fn finish(span: &mut Span, o: &Outcome) {
+    if span.is_recording() {
+        if let Some(r) = o.route {
+            span.update_name(format!("{} {r}", o.method));
+        }
+        let mut attrs = vec![
+            KeyValue::new("http.request.method", o.method.to_string()),
+            KeyValue::new("url.path", o.path.to_string()),
+            KeyValue::new("server.address", o.host.to_string()),
+            KeyValue::new("http.response.status_code", i64::from(o.status)),
+            KeyValue::new("gatehouse.gateway", o.gateway.to_string()),
+        ];
+        if let Some(r) = o.route {
+            attrs.push(KeyValue::new("http.route", r.to_string()));
+        }
+        if let Some(u) = o.upstream {
+            attrs.push(KeyValue::new("gatehouse.upstream", u.to_string()));
+        }
+        if let Some(p) = o.peer {
+            attrs.push(KeyValue::new("network.peer.address", p.ip().to_string()));
+            attrs.push(KeyValue::new("network.peer.port", i64::from(p.port())));
+        }
+        if let Some(ip) = o.client_ip {
+            attrs.push(KeyValue::new("client.address", ip.to_string()));
+        }
+        if !o.request_id.is_empty() {
+            attrs.push(KeyValue::new(
+                "gatehouse.request_id",
+                o.request_id.to_string(),
+            ));
+        }
+        span.set_attributes(attrs);
+        if o.status >= 500 || o.status == 0 {
+            span.set_status(opentelemetry::trace::Status::error(format!(
+                "status {}",
+                o.status
+            )));
+        }
+    }
+    span.end();
+}
+
+impl Drop for Tracing {
+    /// The provider's shutdown exports what is queued, a blocking HTTP call: never on the
+    /// worker thread that happens to drop the last snapshot holding it.
+    fn drop(&mut self) {
+        if self.settings.is_some() {
+            let p = self.provider.clone();
+            let _ = std::thread::Builder::new()
+                .name("trace-shutdown".into())
+                .spawn(move || {
+                    let _ = p.shutdown_with_timeout(Duration::from_secs(5));
+                });
+        }
+    }
+}
