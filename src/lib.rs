@@ -8,6 +8,7 @@ pub mod cache;
 pub mod compress;
 pub mod config;
 pub mod demo;
+pub mod explain;
 pub mod front;
 pub mod metrics;
 pub mod proxy;

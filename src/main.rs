@@ -32,6 +32,25 @@ enum Command {
         #[arg(short, long, default_value = "/etc/gatehouse/gatehouse.toml")]
         config: PathBuf,
     },
+    /// Say which route a request would take and why, where it would go, and which plugins
+    /// would run, without sending it.
+    Explain {
+        #[arg(short, long, default_value = "/etc/gatehouse/gatehouse.toml")]
+        config: PathBuf,
+        /// A request header, as curl's: -H 'Name: value' (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// The gateway, when the URL's port does not say.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// GET, POST...
+        method: String,
+        /// http://host[:port]/path?query, or /path.
+        url: String,
+    },
     /// Start built-in demo services and the gateway on the demo config, and print curl lines.
     Demo {
         /// The config to use; default: conf/gatehouse.toml, or the built-in copy of it.
@@ -211,6 +230,41 @@ fn main() -> ExitCode {
             }
             None => ExitCode::FAILURE,
         },
+        Command::Explain {
+            config,
+            headers,
+            gateway,
+            json,
+            method,
+            url,
+        } => {
+            let Some(c) = load_or_report(&config) else {
+                return ExitCode::FAILURE;
+            };
+            let req = gatehouse::explain::Request {
+                method: &method,
+                url: &url,
+                headers: &headers,
+                gateway: gateway.as_deref(),
+            };
+            match gatehouse::explain::explain(&c, &req) {
+                Ok(v) => {
+                    use std::io::Write;
+                    let text = if json {
+                        format!("{v:#}\n")
+                    } else {
+                        gatehouse::explain::human(&v)
+                    };
+                    // A closed pipe (`| head`) is the reader's choice, not an error.
+                    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("explain: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Run { config, upgrade } => match load_or_report(&config) {
             Some(c) => serve(&c, upgrade, false),
             None => ExitCode::FAILURE,
