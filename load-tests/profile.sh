@@ -10,7 +10,8 @@
 #                                    # worktree of the last release), for the cost of a change
 #
 # Fronts: bare Pingora (only forwards), bare Pingora + X-Forwarded-*/Host/timeouts, Gatehouse
-# (one route, defaults), Gatehouse with forwarded_headers = [] (the same work as bare Pingora).
+# (one route, defaults), Gatehouse with forwarded_headers = [] (the same work as bare Pingora),
+# Gatehouse with the JSON access log and the admin listener on.
 # Writes a markdown table to load-tests/results/DATE-profile.md; the callgrind files stay in
 # $KEEP when it is set (for callgrind_annotate).
 set -euo pipefail
@@ -47,6 +48,9 @@ CONF
 }
 gh_conf "" > "$work/gh.toml"
 gh_conf "forwarded_headers = []" > "$work/ghfwd.toml"
+# The defaults with the operations features on: JSON access log (its writer thread's work
+# counts too: callgrind counts every thread) and the admin listener.
+gh_conf "" | sed "s|^threads = 1|threads = 1\naccess_log = { path = \"$work/access.log\", format = \"json\" }\nadmin = \"127.0.0.1:$((FRONT + 1))\"|" > "$work/ghops.toml"
 
 cat > "$work/client.py" <<'PY'
 import http.client, sys, time
@@ -98,6 +102,7 @@ profile "bare pingora (only forwards)" "$bare" 127.0.0.1:$FRONT 127.0.0.1:$UP 1
 profile "bare pingora + X-Forwarded/Host/timeouts" "$bare" 127.0.0.1:$FRONT 127.0.0.1:$UP 1 --gateway-work
 profile "gatehouse, forwarded_headers = []" "$gh" run -c "$work/ghfwd.toml"
 profile "gatehouse (defaults: X-Forwarded-For/-Proto/-Host)" "$gh" run -c "$work/gh.toml"
+profile "gatehouse (defaults) + JSON access log + admin" "$gh" run -c "$work/ghops.toml"
 if [ -n "${BASELINE:-}" ]; then
   profile "baseline gatehouse, forwarded_headers = []" "$BASELINE" run -c "$work/ghfwd.toml"
   profile "baseline gatehouse (defaults)" "$BASELINE" run -c "$work/gh.toml"
@@ -122,7 +127,8 @@ out="load-tests/results/$(date -u +%Y%m%d-%H%M%S)-profile.md"
     echo "This build ÷ the baseline ($BASELINE):"
     echo
     for pair in "gatehouse, forwarded_headers = []|baseline gatehouse, forwarded_headers = []" \
-                "gatehouse (defaults: X-Forwarded-For/-Proto/-Host)|baseline gatehouse (defaults)"; do
+                "gatehouse (defaults: X-Forwarded-For/-Proto/-Host)|baseline gatehouse (defaults)" \
+                "gatehouse (defaults) + JSON access log + admin|baseline gatehouse (defaults)"; do
       now=$(of "${pair%%|*}"); then=$(of "${pair#*|}")
       echo "- ${pair%%|*}: $now ÷ $then = $(awk -v a="$now" -v b="$then" 'BEGIN { printf "%.3f", a / b }')"
     done

@@ -3,7 +3,7 @@
 # on this machine, in alternating rounds with the same client settings. Traffic stays on
 # loopback; every run stops by itself.
 #
-#   load-tests/run.sh [all|plain|routes|large|idle|selection|plugins|cache]   (default: all, ~9 minutes)
+#   load-tests/run.sh [all|plain|routes|large|idle|selection|plugins|cache|ops]   (default: all, ~10 minutes)
 #   ROUNDS=2 DURATION=8s CONNS="50 200" load-tests/run.sh plain
 #
 # Fronts, each with one worker: the upstream directly (the ceiling), nginx as a reverse proxy
@@ -23,14 +23,14 @@ scenario=${1:-all}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-8s}
 CONNS=${CONNS:-"50 200"}
-case "$scenario" in all|plain|routes|large|idle|selection|plugins|cache) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
+case "$scenario" in all|plain|routes|large|idle|selection|plugins|cache|ops) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
 
 . load-tests/setup.sh
 setup_kit nginx:nginx-light wrk:wrk python3:python3 openssl:openssl curl:curl
 
 UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
 GHPLUG=18310 BAREGW=18311 GHFWD=18312 NGX10=18313 GH10=18314
-NGXC=18315 GHC=18316 NGXZ=18317 GHZ=18318
+NGXC=18315 GHC=18316 NGXZ=18317 GHZ=18318 GHOPS=18319 NGXLOG=18320
 hz=$(getconf CLK_TCK)
 # CPU cycles per request from the hardware counters, where perf can read them (not in every
 # VM): unlike req/s, they barely move with what the neighbours do.
@@ -79,13 +79,14 @@ routes_toml() { # n [first] -> gatehouse routes
     printf '[[routes]]\npath = "/svc%d"\nupstream = "up"\n' "$i"
   done
 }
-gatehouse_conf() { # port routes [upstream policy lines, with a second peer]
+gatehouse_conf() { # port routes [upstream policy lines, with a second peer] [server lines]
   local peers="\"127.0.0.1:$UP\""
   [ -n "${3:-}" ] && peers="$peers, \"127.0.0.1:$UP2\""
   cat <<CONF
 [server]
 threads = 1
 upstream_keepalive_pool = 256
+${4:-}
 [upstreams.up]
 peers = [$peers]
 ${3:-}
@@ -155,6 +156,17 @@ if [ "$scenario" = all ] || [ "$scenario" = cache ]; then
   RUST_LOG=error start "$gh" run -c "$work/ghz.toml"
   printf 'wrk.headers["Accept-Encoding"] = "gzip"\n' > "$work/gzip.lua"
   trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work" "$cdir"' EXIT
+fi
+if [ "$scenario" = all ] || [ "$scenario" = ops ]; then
+  # The plain route with the operations features on: the JSON access log to a file (one line
+  # per request, written by its own thread) and the admin listener scraped every second, against
+  # the same route without them. nginx with a JSON access_log (buffered) beside its plain run.
+  ports="$ports $GHOPS $NGXLOG"
+  gatehouse_conf $GHOPS "$one_route" "" "admin = \"127.0.0.1:$((GHOPS + 100))\"
+access_log = { path = \"$work/gh-access.log\", format = \"json\" }" > "$work/ghops.toml"
+  RUST_LOG=error start "$gh" run -c "$work/ghops.toml"
+  nginx_conf "$work/ngxlog" $NGXLOG "$upstream log_format j escape=json '{\"time\":\"\$time_iso8601\",\"request_id\":\"\$request_id\",\"client_ip\":\"\$remote_addr\",\"method\":\"\$request_method\",\"host\":\"\$host\",\"path\":\"\$request_uri\",\"status\":\$status,\"request_bytes\":\$request_length,\"response_bytes\":\$bytes_sent,\"duration\":\$request_time,\"upstream_time\":\"\$upstream_response_time\",\"peer\":\"\$upstream_addr\",\"user_agent\":\"\$http_user_agent\",\"referer\":\"\$http_referer\"}'; server { listen 127.0.0.1:$NGXLOG; access_log $work/ngx-access.log j buffer=64k; location / { $NGX_PROXY proxy_buffers 64 16k; } }"
+  start nginx -p "$work/ngxlog" -c "$work/ngxlog/nginx.conf"
 fi
 if [ "$scenario" = all ] || [ "$scenario" = plugins ]; then
   # One gateway, two routes: /plain with no plugin, /secure with the issue's stack. The rate
@@ -320,6 +332,18 @@ run_cache() {
     measure gzip-100k "gatehouse gzip 6" $GHZ 50 /100k "$work/gzip.lua"
   done
 }
+run_ops() { # metrics + JSON access log + scrapes against the plain route; nginx likewise
+  ( for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:$((GHOPS + 100))/metrics" || true; sleep 1; done ) &
+  local scraper=$!
+  for r in $(seq "$ROUNDS"); do
+    measure ops nginx $NGX 50 /
+    measure ops "nginx, JSON access_log" $NGXLOG 50 /
+    measure ops "gatehouse, plain" $GH 50 /
+    measure ops "gatehouse, JSON access log + /metrics scraped" $GHOPS 50 /
+  done
+  kill "$scraper" 2>/dev/null || true
+  echo "  access log lines: gatehouse $(wc -l < "$work/gh-access.log"), nginx $(wc -l < "$work/ngx-access.log")" >&2
+}
 run_idle() { # memory per idle keep-alive connection
   local n=2000
   for front in "nginx $NGX" "bare-pingora $BARE" "gatehouse $GH"; do
@@ -351,7 +375,7 @@ PY
 }
 
 case "$scenario" in
-  all) run_plain; run_routes; run_large; run_selection; run_plugins; run_cache; run_idle ;;
+  all) run_plain; run_routes; run_large; run_selection; run_plugins; run_cache; run_ops; run_idle ;;
   *) "run_$scenario" ;;
 esac
 
@@ -410,7 +434,10 @@ pairs = [("plain", "gatehouse, forwarded_headers = []", "bare pingora", "Gatehou
          ("cache-1k", "gatehouse cache hit", "gatehouse, no cache", "Gatehouse cache hits ÷ Gatehouse uncached, 1 KB"),
          ("cache-100k", "gatehouse cache hit", "nginx proxy_cache hit", "Gatehouse cache hits ÷ nginx proxy_cache hits, 100 KB"),
          ("cache-100k", "gatehouse cache hit", "gatehouse, no cache", "Gatehouse cache hits ÷ Gatehouse uncached, 100 KB"),
-         ("gzip-100k", "gatehouse gzip 6", "nginx gzip 6", "Gatehouse gzip 6 ÷ nginx gzip 6, 100 KB JSON")]
+         ("gzip-100k", "gatehouse gzip 6", "nginx gzip 6", "Gatehouse gzip 6 ÷ nginx gzip 6, 100 KB JSON"),
+         ("ops", "gatehouse, JSON access log + /metrics scraped", "gatehouse, plain", "Gatehouse with JSON access log + scrapes ÷ without"),
+         ("ops", "nginx, JSON access_log", "nginx", "nginx with JSON access_log ÷ without"),
+         ("ops", "gatehouse, JSON access log + /metrics scraped", "nginx, JSON access_log", "Gatehouse ÷ nginx, both with JSON access logs")]
 lines = []
 for scenario, a, b, label in pairs:
     for (sc, front, c), v in groups.items():

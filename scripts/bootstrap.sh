@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Gatehouse needs, when it is missing, on Debian or Ubuntu:
 # cmake (Pingora's zlib-ng build), pkg-config and the OpenSSL headers, a C compiler, and
-# systemd-analyze (the unit file tests); with `test`, chromium (the status page test).
+# systemd-analyze (the unit file tests); with `test`, chromium (the status page test) and
+# logrotate (the logrotate snippet's test).
 # Safe to run every time: it does nothing when all is there.
 set -euo pipefail
 
@@ -12,9 +13,11 @@ command -v cc >/dev/null 2>&1 || need+=(build-essential)
 [ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 # The tests check the systemd unit with systemd-analyze (the package installs, it starts nothing).
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
-# `bootstrap.sh test`: what only the tests use, the browser the status page is checked in.
+# `bootstrap.sh test`: what only the tests use, the browser the status page is checked in and
+# logrotate (in /usr/sbin, which a user's PATH may lack).
 if [ "${1:-}" = test ]; then
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || need+=(logrotate)
 fi
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -17,8 +17,13 @@ use std::time::{Duration, SystemTime};
 /// Bumped on SIGUSR1: writers reopen their file when they see a new value.
 pub static REOPEN: AtomicU64 = AtomicU64::new(0);
 
-/// Lines waiting for the writer; beyond this they are dropped (about 8 MiB of lines).
+/// Lines waiting for the writer; beyond this many, or [`QUEUE_BYTES`], they are dropped.
 const QUEUE: usize = 32 * 1024;
+/// Bytes of lines waiting: the bound that holds whatever the lines' sizes.
+const QUEUE_BYTES: usize = 32 << 20;
+/// Longest client value written (path, user agent, referer...): a 1 MiB head must not
+/// become a 4 MiB line (escaping grows it) a flood of which fills the disk.
+const MAX_FIELD: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -62,6 +67,7 @@ pub struct Entry<'a> {
 pub struct AccessLog {
     pub settings: Settings,
     tx: SyncSender<String>,
+    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl AccessLog {
@@ -71,10 +77,16 @@ impl AccessLog {
         let out = open(&settings.path)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let path = settings.path.clone();
+        let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let q = queued.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_loop(rx, path, out))?;
-        Ok(AccessLog { settings, tx })
+            .spawn(move || write_loop(rx, path, out, q))?;
+        Ok(AccessLog {
+            settings,
+            tx,
+            queued,
+        })
     }
 
     pub fn log(&self, e: &Entry) {
@@ -82,9 +94,16 @@ impl AccessLog {
             Format::Json => json_line(e),
             Format::Combined => combined_line(e),
         };
+        let n = line.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > QUEUE_BYTES {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            crate::metrics::METRICS.access_log_dropped.inc();
+            return;
+        }
         match self.tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.queued.fetch_sub(n, Ordering::Relaxed);
                 crate::metrics::METRICS.access_log_dropped.inc();
             }
         }
@@ -105,7 +124,12 @@ fn open(path: &Option<PathBuf>) -> std::io::Result<Box<dyn std::io::Write + Send
 
 /// Drains the channel: every line waiting is written before one flush, so a busy log makes
 /// few, large writes, and a quiet one is on disk within a write of its last line.
-fn write_loop(rx: Receiver<String>, path: Option<PathBuf>, out: Box<dyn std::io::Write + Send>) {
+fn write_loop(
+    rx: Receiver<String>,
+    path: Option<PathBuf>,
+    out: Box<dyn std::io::Write + Send>,
+    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut seen = REOPEN.load(Ordering::Relaxed);
     loop {
@@ -116,18 +140,24 @@ fn write_loop(rx: Receiver<String>, path: Option<PathBuf>, out: Box<dyn std::io:
         };
         let now = REOPEN.load(Ordering::Relaxed);
         if now != seen && path.is_some() {
-            seen = now;
             let _ = out.flush();
             match open(&path) {
-                Ok(f) => out = std::io::BufWriter::with_capacity(64 * 1024, f),
+                Ok(f) => {
+                    out = std::io::BufWriter::with_capacity(64 * 1024, f);
+                    seen = now;
+                }
+                // Tried again before the next batch: the rotated file must not stay in use.
                 Err(e) => log::error!("access log: cannot reopen {path:?}: {e}"),
             }
         }
         let Some(first) = first else { continue };
+        let mut done = first.len();
         let mut failed = out.write_all(first.as_bytes()).is_err();
         for line in rx.try_iter().take(4096) {
+            done += line.len();
             failed |= out.write_all(line.as_bytes()).is_err();
         }
+        queued.fetch_sub(done, Ordering::Relaxed);
         if failed || out.flush().is_err() {
             // A full disk: say it once per batch, keep serving.
             log::error!("access log: write to {path:?} failed");
@@ -208,21 +238,43 @@ fn json_opt(s: &mut String, v: Option<&str>) {
     }
 }
 
-/// Appends `v` as a JSON string. Client values (paths, user agents) are untrusted: every
-/// control character is escaped, so a line can never be split or forged.
+/// Appends `v` as a JSON string, cut at [`MAX_FIELD`] bytes. Client values (paths, user
+/// agents) are untrusted: every control character (C0, DEL, C1 such as CSI), the Unicode line
+/// separators and the bidirectional overrides are escaped, so a line can never be split,
+/// forged, or made to read differently in a terminal.
 fn json_str(s: &mut String, v: &str) {
     s.push('"');
+    let (v, cut) = clip(v);
     for c in v.chars() {
         match c {
             '"' => s.push_str("\\\""),
             '\\' => s.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+            c if needs_escape(c) => {
                 let _ = write!(s, "\\u{:04x}", c as u32);
             }
             c => s.push(c),
         }
     }
+    if cut {
+        s.push_str("...");
+    }
     s.push('"');
+}
+
+fn needs_escape(c: char) -> bool {
+    matches!(c as u32, 0..=0x1f | 0x7f..=0x9f | 0x2028 | 0x2029 | 0x202a..=0x202e | 0x2066..=0x2069)
+}
+
+/// `v` cut at [`MAX_FIELD`] bytes (on a character boundary), and whether it was.
+fn clip(v: &str) -> (&str, bool) {
+    if v.len() <= MAX_FIELD {
+        return (v, false);
+    }
+    let mut end = MAX_FIELD;
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&v[..end], true)
 }
 
 /// nginx's `combined` format, then the fields it lacks as `key=value`:
@@ -273,13 +325,13 @@ fn combined_line(e: &Entry) -> String {
         }
         None => s.push('-'),
     }
-    let _ = write!(
-        s,
-        " gw={} route={} up={} peer=",
-        e.gateway,
-        e.route.unwrap_or("-"),
-        e.upstream.unwrap_or("-")
-    );
+    s.push_str(" gw=");
+    nginx_escaped(&mut s, e.gateway);
+    s.push_str(" route=");
+    nginx_escaped(&mut s, e.route.unwrap_or("-"));
+    s.push_str(" up=");
+    nginx_escaped(&mut s, e.upstream.unwrap_or("-"));
+    s.push_str(" peer=");
     match e.peer {
         Some(p) => {
             let _ = write!(s, "{p}");
@@ -296,8 +348,15 @@ fn combined_line(e: &Entry) -> String {
     s
 }
 
-/// As nginx escapes variables in its logs: `"`, `\`, controls and non-ASCII bytes as `\xHH`.
+/// As nginx escapes variables in its logs: `"`, `\`, controls and non-ASCII bytes as `\xHH`;
+/// cut at [`MAX_FIELD`] bytes.
 fn nginx_escaped(s: &mut String, v: &str) {
+    let (v, cut) = clip(v);
+    if cut {
+        nginx_escaped(s, v);
+        s.push_str("...");
+        return;
+    }
     for b in v.bytes() {
         if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
             let _ = write!(s, "\\x{b:02X}");
@@ -360,6 +419,18 @@ mod tests {
         assert_eq!(v["referer"], serde_json::Value::Null);
         assert_eq!(v["duration_ms"], 1.5);
         assert_eq!(v["time"], "2026-12-02T12:00:00.000Z");
+    }
+
+    #[test]
+    fn hostile_values_are_escaped_and_cut() {
+        let long = "a".repeat(100_000);
+        let mut e = entry();
+        e.user_agent = "x\u{2028}y\u{9b}z\u{202e}";
+        e.target = &long;
+        let l = json_line(&e);
+        assert!(l.contains(r"x\u2028y\u009bz\u202e"), "{l}");
+        assert!(l.len() < 6000, "{}", l.len());
+        assert!(combined_line(&e).len() < 6000);
     }
 
     #[test]

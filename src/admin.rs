@@ -139,6 +139,29 @@ fn authorized(session: &ServerSession, token: &str) -> bool {
         .is_some_and(|got| bool::from(got.trim_ascii().ct_eq(token.as_bytes())))
 }
 
+/// DNS rebinding: a web page whose name an attacker points at this listener's address would
+/// read it with the operator's browser. A request naming an IP address or localhost cannot
+/// come from such a page (its Host is the attacker's name).
+fn local_host(session: &ServerSession) -> bool {
+    let req = session.req_header();
+    let host = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()));
+    let Some(host) = host else {
+        return true; // HTTP/1.0 without Host: not a browser
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        return rest
+            .split_once(']')
+            .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    } else {
+        host.rsplit_once(':').map_or(host, |(n, _)| n)
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
 fn unauthorized() -> Response<Vec<u8>> {
     let mut r = json_error(
         StatusCode::UNAUTHORIZED,
@@ -194,9 +217,9 @@ impl Admin {
         }
     }
 
-    /// The token and method checks of the mutating endpoints: `None` when the request may go
-    /// on, else the refusal.
-    fn refuse(&self, session: &ServerSession, what: &str) -> Option<Response<Vec<u8>>> {
+    /// The token check of the endpoints that always need it: 403 when no token is set, 401
+    /// when the request does not carry it.
+    fn refuse_token(&self, session: &ServerSession, what: &str) -> Option<Response<Vec<u8>>> {
         let rt = self.live.load();
         let Some(token) = rt.admin_token.as_deref() else {
             return Some(json_error(
@@ -206,6 +229,15 @@ impl Admin {
         };
         if !authorized(session, token) {
             return Some(unauthorized());
+        }
+        None
+    }
+
+    /// The token and method checks of the mutating endpoints: `None` when the request may go
+    /// on, else the refusal.
+    fn refuse(&self, session: &ServerSession, what: &str) -> Option<Response<Vec<u8>>> {
+        if let Some(r) = self.refuse_token(session, what) {
+            return Some(r);
         }
         if session.req_header().method != http::Method::POST {
             let mut r = json_error(StatusCode::METHOD_NOT_ALLOWED, &format!("{what} with POST"));
@@ -327,9 +359,19 @@ fn purge_key(u: &str, opts: crate::proxy::canonical::Options) -> Option<String> 
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path();
+        if !local_host(session) {
+            return json_error(
+                StatusCode::MISDIRECTED_REQUEST,
+                "the admin listener answers requests to an IP address or localhost only",
+            );
+        }
         // The page shell holds no data (it asks for a token when its reads get 401), and
-        // liveness must answer whoever probes it.
-        let open = matches!(path, "/" | "/healthz" | "/cache/purge" | "/reload");
+        // probes must be answered (/readyz without the token says only its status); /config
+        // always needs the token (below).
+        let open = matches!(
+            path,
+            "/" | "/healthz" | "/readyz" | "/cache/purge" | "/reload" | "/config"
+        );
         if !open {
             if let Some(r) = self.refuse_read(session) {
                 return r;
@@ -342,12 +384,17 @@ impl ServeHttp for Admin {
                 r.headers_mut().insert(
                     http::header::CONTENT_SECURITY_POLICY,
                     http::HeaderValue::from_static(
-                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'",
+                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
                     ),
                 );
                 r
             }
             "/config" => {
+                // The whole config, redacted by key names: still not for anyone who can
+                // reach the port, whatever admin_auth says.
+                if let Some(r) = self.refuse_token(session, "/config") {
+                    return r;
+                }
                 let rt = self.live.load();
                 match redact::config_json(&rt.config_source) {
                     Some(v) => reply(StatusCode::OK, "application/json", format!("{v}\n")),
@@ -362,7 +409,14 @@ impl ServeHttp for Admin {
                 crate::metrics::render(&self.live.load()),
             ),
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-            "/readyz" => self.readyz(),
+            "/readyz" => {
+                let r = self.readyz();
+                if r.status() != StatusCode::OK && self.refuse_read(session).is_some() {
+                    // No token: the status alone, not which upstreams are pending.
+                    return reply(r.status(), "text/plain", "not ready\n".into());
+                }
+                r
+            }
             "/status" => reply(
                 StatusCode::OK,
                 "application/json",

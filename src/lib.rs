@@ -18,4 +18,5 @@ pub mod server;
 pub mod systemd;
 pub mod tls;
 pub mod trace;
+pub mod upgrade;
 pub mod upstream;

@@ -180,7 +180,30 @@ fn load_or_report(path: &Path) -> Option<config::Config> {
     }
 }
 
+/// SIGHUP, SIGUSR1 and SIGUSR2 terminate a process by default, and their listeners start
+/// with the background service, after the config is loaded and (on --upgrade) the sockets
+/// have come: logrotate's SIGUSR1 in that window would kill a starting gateway. Registering
+/// them here replaces the default action at once; the service's listeners get them later.
+fn hold_signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    {
+        rt.block_on(async {
+            for k in [
+                SignalKind::hangup(),
+                SignalKind::user_defined1(),
+                SignalKind::user_defined2(),
+            ] {
+                let _ = signal(k);
+            }
+        });
+    }
+}
+
 fn serve(cfg: &config::Config, upgrade: bool, with_demo: bool) -> ExitCode {
+    hold_signals();
     start_memory_release();
     JSON_LOGS.store(cfg.server.log_json, std::sync::atomic::Ordering::Relaxed);
     let (mut srv, _live) = match server::build(cfg, upgrade) {

@@ -96,6 +96,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
         "health checks and reload",
         Reloader {
             path: cfg.path.clone(),
+            upgrade_sock: cfg.server.upgrade_sock.clone(),
             live: live.clone(),
             listeners: listener_set(cfg),
             cert_stores,
@@ -139,6 +140,8 @@ fn listener_set(cfg: &Config) -> Vec<(String, Vec<std::net::SocketAddr>, bool)> 
 /// upgrade), leaves the running one.
 struct Reloader {
     path: PathBuf,
+    /// Pingora's, as set at start (a reload does not move it).
+    upgrade_sock: PathBuf,
     live: Live,
     listeners: Vec<(String, Vec<std::net::SocketAddr>, bool)>,
     /// Per gateway, the certificate its TLS handshakes use.
@@ -253,6 +256,10 @@ impl BackgroundService for Reloader {
             .collect();
         tokio::spawn(crate::systemd::ready_when_listening(addrs));
         tokio::spawn(reopen_logs_on_usr1());
+        tokio::spawn(crate::upgrade::on_usr2(
+            self.path.clone(),
+            self.upgrade_sock.clone(),
+        ));
         let Some(mut requests) = self.requests.lock().ok().and_then(|mut r| r.take()) else {
             log::error!("reload service started twice");
             return;

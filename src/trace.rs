@@ -37,13 +37,79 @@ pub struct Tracing {
     propagator: TraceContextPropagator,
 }
 
-struct Headers<'a>(&'a http::HeaderMap);
+/// The request's headers as the propagator reads them: `traceparent` only when it is exactly
+/// one header of the W3C form, with its sampled flag re-decided for clients the gateway does
+/// not trust.
+struct Headers<'a> {
+    map: &'a http::HeaderMap,
+    traceparent: Option<String>,
+}
+
+impl<'a> Headers<'a> {
+    /// `sample`: the share a client outside `trusted_proxies` is sampled at, whatever its
+    /// flag says (else any client could have every request recorded and exported, and its
+    /// flag would make every service behind record it too); `None` for a trusted peer.
+    fn new(map: &'a http::HeaderMap, sample: Option<f64>) -> Headers<'a> {
+        let mut all = map.get_all("traceparent").iter();
+        let one = match (all.next(), all.next()) {
+            // Two could be a smuggling attempt: neither is believed.
+            (Some(v), None) => v.to_str().ok().filter(|v| valid_traceparent(v)),
+            _ => None,
+        };
+        let traceparent = one.map(|v| match sample {
+            None => v.to_string(),
+            Some(share) => {
+                let flags = u8::from_str_radix(&v[53..55], 16).unwrap_or(0);
+                let lower = u64::from_str_radix(&v[19..35], 16).unwrap_or(u64::MAX) >> 1;
+                // As the SDK's TraceIdRatioBased: the trace id's low 63 bits under the share.
+                let sampled = lower < (share.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64;
+                format!(
+                    "{}{:02x}{}",
+                    &v[..53],
+                    (flags & !1) | u8::from(sampled),
+                    &v[55..]
+                )
+            }
+        });
+        Headers { map, traceparent }
+    }
+}
+
+/// W3C Trace Context §3.2: `VV-{32 hex}-{16 hex}-FF`, lower-case hex, ids not all zero,
+/// version `ff` invalid; version 00 exactly that long, later versions may add `-...`.
+fn valid_traceparent(v: &str) -> bool {
+    let b = v.as_bytes();
+    let hex = |r: std::ops::Range<usize>| {
+        b.get(r).is_some_and(|s| {
+            s.iter()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+        })
+    };
+    let zeros = |r: std::ops::Range<usize>| b[r].iter().all(|c| *c == b'0');
+    b.len() >= 55
+        && hex(0..2)
+        && &v[..2] != "ff"
+        && b[2] == b'-'
+        && hex(3..35)
+        && b[35] == b'-'
+        && hex(36..52)
+        && b[52] == b'-'
+        && hex(53..55)
+        && !zeros(3..35)
+        && !zeros(36..52)
+        && (if &v[..2] == "00" {
+            b.len() == 55
+        } else {
+            b.len() == 55 || b[55] == b'-'
+        })
+}
 
 impl Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        // Only one traceparent is valid; a request with two has none (W3C §3.2.1 leaves it to
-        // the vendor: two could be a smuggling attempt, so neither is believed).
-        let mut all = self.0.get_all(key).iter();
+        if key == "traceparent" {
+            return self.traceparent.as_deref();
+        }
+        let mut all = self.map.get_all(key).iter();
         let first = all.next()?;
         if all.next().is_some() {
             return None;
@@ -52,7 +118,7 @@ impl Extractor for Headers<'_> {
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
+        self.map.keys().map(|k| k.as_str()).collect()
     }
 }
 
@@ -110,9 +176,15 @@ impl Tracing {
         })
     }
 
-    /// The request's span, child of the client's trace context when it is valid.
-    pub fn start(&self, headers: &http::HeaderMap, method: &str) -> Span {
-        let parent = self.propagator.extract(&Headers(headers));
+    /// The request's span, child of the client's trace context when it is valid. `trusted`:
+    /// the peer is one of `trusted_proxies`, whose sampled flag is followed.
+    pub fn start(&self, headers: &http::HeaderMap, method: &str, trusted: bool) -> Span {
+        let sample = match (&self.settings, trusted) {
+            (_, true) => None,
+            (Some(s), false) => Some(s.sample),
+            (None, false) => Some(0.0),
+        };
+        let parent = self.propagator.extract(&Headers::new(headers, sample));
         self.tracer
             .span_builder(method.to_string())
             .with_kind(SpanKind::Server)
@@ -150,15 +222,15 @@ pub struct Outcome<'a> {
 
 /// Names and annotates a recorded span (OpenTelemetry's HTTP server conventions), then ends
 /// it; the batch processor takes it from there.
-pub fn finish(span: &mut Span, o: &Outcome) {
-    if span.is_recording() {
+pub fn finish(span: &mut Span, o: &Outcome, exporting: bool) {
+    if exporting && span.is_recording() {
         if let Some(r) = o.route {
             span.update_name(format!("{} {r}", o.method));
         }
         let mut attrs = vec![
             KeyValue::new("http.request.method", o.method.to_string()),
-            KeyValue::new("url.path", o.path.to_string()),
-            KeyValue::new("server.address", o.host.to_string()),
+            KeyValue::new("url.path", clip(o.path, 1024)),
+            KeyValue::new("server.address", clip(o.host, 256)),
             KeyValue::new("http.response.status_code", i64::from(o.status)),
             KeyValue::new("gatehouse.gateway", o.gateway.to_string()),
         ];
@@ -192,6 +264,15 @@ pub fn finish(span: &mut Span, o: &Outcome) {
     span.end();
 }
 
+/// At most `max` bytes of a client value (a span carries at most a few KiB).
+fn clip(v: &str, max: usize) -> String {
+    let mut end = v.len().min(max);
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    v[..end].to_string()
+}
+
 impl Drop for Tracing {
     /// The provider's shutdown exports what is queued, a blocking HTTP call: never on the
     /// worker thread that happens to drop the last snapshot holding it.
@@ -204,5 +285,57 @@ impl Drop for Tracing {
                     let _ = p.shutdown_with_timeout(Duration::from_secs(5));
                 });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_form() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(valid_traceparent(ok));
+        assert!(valid_traceparent(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future"
+        ));
+        for bad in [
+            "00-1-1-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn untrusted_flags_are_decided_here() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "traceparent",
+            http::HeaderValue::from_static(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        );
+        let never = Headers::new(&h, Some(0.0));
+        assert!(never
+            .traceparent
+            .as_deref()
+            .is_some_and(|v| v.ends_with("-00")));
+        let always = Headers::new(&h, Some(1.0));
+        assert!(always
+            .traceparent
+            .as_deref()
+            .is_some_and(|v| v.ends_with("-01")));
+        let trusted = Headers::new(&h, None);
+        assert!(trusted
+            .traceparent
+            .as_deref()
+            .is_some_and(|v| v.ends_with("-01")));
     }
 }

@@ -93,7 +93,9 @@ async fn status_and_redacted_config() {
         format!("127.0.0.1:{port}").as_str()
     );
 
-    let (status, body) = admin_get(admin, "/config", None).await;
+    // /config needs the token whatever admin_auth says.
+    assert_eq!(admin_get(admin, "/config", None).await.0, 401);
+    let (status, body) = admin_get(admin, "/config", Some(TOKEN)).await;
     assert_eq!(status, 200);
     assert!(
         !body.contains("hmac-secret-that-must-not-leak-0123456789"),
@@ -110,7 +112,7 @@ async fn admin_auth_all_guards_the_reads() {
     let up = echo("u").await;
     let (admin, port, dead) = (free_port(), free_port(), free_port());
     let _g = Gatehouse::start(&config(admin, port, up, dead, "all"), &[port, admin]);
-    for path in ["/status", "/metrics", "/config", "/readyz"] {
+    for path in ["/status", "/metrics", "/config"] {
         let (status, _) = admin_get(admin, path, None).await;
         assert_eq!(status, 401, "{path} without the token");
         let (status, _) = admin_get(admin, path, Some("wrong-token-0123456789")).await;
@@ -118,6 +120,24 @@ async fn admin_auth_all_guards_the_reads() {
     }
     let (status, _) = admin_get(admin, "/status", Some(TOKEN)).await;
     assert_eq!(status, 200);
+    // Probes stay open: /readyz says its status, not what is pending.
+    let (status, body) = admin_get(admin, "/readyz", None).await;
+    assert!(status == 200 || body == "not ready\n", "{status} {body}");
+    // A name that is not an IP or localhost (DNS rebinding from a web page): 421.
+    let r = client()
+        .get(format!("http://127.0.0.1:{admin}/status"))
+        .header("host", format!("evil.example:{admin}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+    let r = client()
+        .get(format!("http://localhost:{admin}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     // The page shell and liveness stay open: the page asks for the token itself.
     assert_eq!(admin_get(admin, "/", None).await.0, 200);
     assert_eq!(admin_get(admin, "/healthz", None).await.0, 200);

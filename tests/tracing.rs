@@ -112,6 +112,11 @@ upstream = "app"
         vec!["congo=t61rcWkgMzE".to_string()]
     );
 
+    // A client outside trusted_proxies does not decide sampling: here sample = 1.0 decides.
+    let unsampled = PARENT.replace("-01", "-00");
+    let v = echo_get(&url, &[("traceparent", &unsampled)]).await;
+    assert_eq!(traceparent(&v)[3], "01", "the gateway's decision");
+
     // None: a new trace starts (sampled here: sample = 1.0).
     let v = echo_get(&url, &[]).await;
     let fresh = traceparent(&v);
@@ -178,29 +183,49 @@ upstream = "app"
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert_eq!(first["trace_id"], TRACE);
-    let second: serde_json::Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+    let second: serde_json::Value = serde_json::from_str(text.lines().nth(2).unwrap()).unwrap();
     assert_eq!(second["trace_id"], fresh[1].as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_tracing_ids_still_flow_and_sampling_is_kept() {
     let up = echo("u").await;
-    let port = free_port();
+    let (port, open) = (free_port(), free_port());
+    let routes = format!(
+        "[upstreams.app]\npeers = [\"{up}\"]\n[gateways.web]\n[[routes]]\npath = \"/\"\nupstream = \"app\"\n"
+    );
+    let with_listen = |p: u16| {
+        routes.replace(
+            "[gateways.web]\n",
+            &format!("[gateways.web]\nlisten = [\"127.0.0.1:{p}\"]\n"),
+        )
+    };
+    // One gateway trusts the test's address (as a proxy in front), one does not.
     let _g = Gatehouse::start(
         &format!(
-            "[upstreams.app]\npeers = [\"{up}\"]\n[gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n\
-             [[routes]]\npath = \"/\"\nupstream = \"app\"\n"
+            "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n{}",
+            with_listen(port)
         ),
         &[port],
     );
+    let _h = Gatehouse::start(&with_listen(open), &[open]);
     let url = format!("http://127.0.0.1:{port}/x");
     let v = echo_get(&url, &[("traceparent", PARENT)]).await;
     let tp = traceparent(&v);
     assert_eq!(
         (tp[1].as_str(), tp[3].as_str()),
         (TRACE, "01"),
-        "a sampled parent stays sampled"
+        "a trusted sampled parent stays sampled"
     );
+    // From an untrusted client the flag is the gateway's call: without tracing, unsampled
+    // (the trace id is kept).
+    let v = echo_get(
+        &format!("http://127.0.0.1:{open}/x"),
+        &[("traceparent", PARENT)],
+    )
+    .await;
+    let tp = traceparent(&v);
+    assert_eq!((tp[1].as_str(), tp[3].as_str()), (TRACE, "00"));
     let unsampled = PARENT.replace("-01", "-00");
     let v = echo_get(&url, &[("traceparent", &unsampled)]).await;
     assert_eq!(traceparent(&v)[3], "00");

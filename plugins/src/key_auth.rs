@@ -87,11 +87,12 @@ pub mod indexmap_like {
 /// `sha256:HEX` → the 32 bytes.
 pub fn parse_hash(s: &str) -> Result<[u8; 32], String> {
     let hex_part = s.strip_prefix("sha256:").ok_or_else(|| {
-        format!("key hash {s:?} must be \"sha256:\" and 64 hex digits (printf %s KEY | sha256sum)")
+        // The value is not echoed: a raw key pasted here would reach logs and /status.
+        "a key hash must be \"sha256:\" and 64 hex digits (printf %s KEY | sha256sum)".to_string()
     })?;
     let mut out = [0u8; 32];
     hex::decode_to_slice(hex_part.trim(), &mut out)
-        .map_err(|_| format!("key hash {s:?} must be \"sha256:\" and 64 hex digits"))?;
+        .map_err(|_| "a key hash must be \"sha256:\" and 64 hex digits".to_string())?;
     Ok(out)
 }
 

@@ -9,25 +9,39 @@ use serde_json::Value;
 const REDACTED: &str = "[redacted]";
 
 /// Key names (lower-cased) whose values are secret, or hold secrets below them: HMAC secrets,
-/// tokens, API-key and password hashes, credential headers a transform sets.
+/// tokens, API-key and password hashes, credential headers a transform sets or a route
+/// matches on (`x-internal-key`, `apikey`).
 fn secret_key(k: &str) -> bool {
     let k = k.to_ascii_lowercase();
-    const WORDS: [&str; 9] = [
+    const WORDS: [&str; 10] = [
         "secret",
         "password",
         "passwd",
         "token",
-        "authorization",
+        "auth",
         "cookie",
         "api-key",
         "api_key",
         "credential",
+        "private",
     ];
+    // Keys that name things, not secrets: a rate limit's key, hash keys, files of keys.
+    const NAMES: [&str; 6] = [
+        "key",
+        "hash_key",
+        "keys_file",
+        "client_key",
+        "key_file",
+        "admin_auth",
+    ];
+    if NAMES.contains(&k.as_str()) {
+        return false;
+    }
     WORDS.iter().any(|w| k.contains(w))
-        // key_auth's consumer -> key hash map, basic_auth's users, private keys inline.
+        || k.ends_with("key")
+        // key_auth's consumer -> key hash map, basic_auth's users.
         || k == "keys"
         || k == "users"
-        || k == "private_key"
 }
 
 /// The TOML text as JSON, redacted. `None` when it does not parse (it always does: it is
@@ -35,7 +49,18 @@ fn secret_key(k: &str) -> bool {
 pub fn config_json(source: &str) -> Option<Value> {
     let v: toml::Value = toml::from_str(source).ok()?;
     let mut j = serde_json::to_value(v).ok()?;
-    redact(&mut j);
+    if let Value::Object(top) = &mut j {
+        for (k, x) in top.iter_mut() {
+            match (k.as_str(), x) {
+                // Tables of named things: the names are the user's (a plugin called
+                // "api-auth"), not secrets; what is inside each is judged as usual.
+                ("plugins" | "upstreams" | "gateways", Value::Object(named)) => {
+                    named.values_mut().for_each(redact)
+                }
+                (_, x) => redact(x),
+            }
+        }
+    }
     Some(j)
 }
 
@@ -71,14 +96,46 @@ fn blank(v: &mut Value) {
     }
 }
 
-/// `scheme://user:password@host...` with the password replaced; `None` when there is none.
+/// A URL with its user info and its query values replaced (`https://TOKEN@host`,
+/// `?access_token=...`); `None` when it has neither.
 fn without_url_password(s: &str) -> Option<String> {
     let (scheme, rest) = s.split_once("://")?;
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let at = rest[..authority_end].rfind('@')?;
-    let userinfo = &rest[..at];
-    let user = userinfo.split_once(':').map(|(u, _)| u)?;
-    Some(format!("{scheme}://{user}:{REDACTED}{}", &rest[at..]))
+    let (authority, tail) = rest.split_at(authority_end);
+    let host = match authority.rfind('@') {
+        Some(at) => &authority[at..],
+        None => authority,
+    };
+    let (path, query) = match tail.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (tail, None),
+    };
+    if host.len() == authority.len() && query.is_none() {
+        return None;
+    }
+    let mut out = format!("{scheme}://");
+    if host.len() != authority.len() {
+        out.push_str(REDACTED);
+    }
+    out.push_str(host);
+    out.push_str(path);
+    if let Some(q) = query {
+        let (q, frag) = q.split_once('#').map_or((q, None), |(a, b)| (a, Some(b)));
+        let pairs: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) => format!("{k}={REDACTED}"),
+                None => kv.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+        if let Some(f) = frag {
+            out.push('#');
+            out.push_str(f);
+        }
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -102,7 +159,13 @@ kind = "headers"
 request = { set = { Authorization = "Bearer xyz", "x-trace" = "1" } }
 [plugins.rl]
 kind = "rate_limit"
+key = "client_ip"
 redis = "redis://:pw0rd@127.0.0.1:6379/0"
+[plugins.api-auth]
+kind = "forward_auth"
+url = "https://ghp_abc123@auth.internal/check?access_token=tok999&x=1"
+[[routes]]
+headers = { "x-internal-key" = "hdrsecret", "x-tenant" = "acme" }
 "#;
         let j = config_json(src).unwrap_or_default();
         let text = j.to_string();
@@ -120,7 +183,14 @@ redis = "redis://:pw0rd@127.0.0.1:6379/0"
         assert_eq!(j["plugins"]["h"]["request"]["set"]["x-trace"], "1");
         assert_eq!(
             j["plugins"]["rl"]["redis"],
-            "redis://:[redacted]@127.0.0.1:6379/0"
+            "redis://[redacted]@127.0.0.1:6379/0"
+        );
+        assert_eq!(j["plugins"]["rl"]["key"], "client_ip");
+        assert_eq!(j["plugins"]["api-auth"]["kind"], "forward_auth");
+        assert_eq!(j["routes"][0]["headers"]["x-tenant"], "acme");
+        assert_eq!(
+            j["plugins"]["api-auth"]["url"],
+            "https://[redacted]@auth.internal/check?access_token=[redacted]&x=[redacted]"
         );
     }
 }

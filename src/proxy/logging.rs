@@ -42,6 +42,7 @@ pub(super) fn finish(rt: &Runtime, gw: &GatewayRt, session: &Session, ctx: &mut 
                     .as_ref()
                     .map_or("", |v| std::str::from_utf8(v.as_bytes()).unwrap_or("")),
             },
+            rt.tracing.exporting(),
         );
     }
     if let Some(log) = &rt.access_log {
@@ -61,11 +62,19 @@ fn access(
 ) {
     let Some(start) = ctx.start else { return };
     let req = session.req_header();
+    // Lossy, not empty: a byte that is not UTF-8 must not hide a scanner's user agent.
     let header = |name: http::HeaderName| {
         req.headers
             .get(name)
-            .map_or("", |v| std::str::from_utf8(v.as_bytes()).unwrap_or(""))
+            .map_or(std::borrow::Cow::Borrowed(""), |v| {
+                String::from_utf8_lossy(v.as_bytes())
+            })
     };
+    let (host, user_agent, referer) = (
+        header(http::header::HOST),
+        header(http::header::USER_AGENT),
+        header(http::header::REFERER),
+    );
     let request_id = ctx
         .plugins
         .request_id
@@ -87,7 +96,7 @@ fn access(
         request_id,
         client_ip: ctx.plugins.client_ip,
         method: req.method.as_str(),
-        host: header(http::header::HOST),
+        host: &host,
         target,
         protocol,
         status: session.response_written().map_or(0, |r| r.status.as_u16()),
@@ -100,8 +109,8 @@ fn access(
         upstream: ctx.upstream.map(|u| &*rt.pools[u].name),
         peer: ctx.peer,
         cache: ctx.plugins.cache_status,
-        user_agent: header(http::header::USER_AGENT),
-        referer: header(http::header::REFERER),
+        user_agent: &user_agent,
+        referer: &referer,
         consumer: ctx.plugins.consumer.as_deref(),
         trace_id,
     });

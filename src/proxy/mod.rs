@@ -246,8 +246,10 @@ impl ProxyHttp for GatewayProxy {
             }
         }
 
+        let trusted = forwarded::peer_ip(session)
+            .is_some_and(|ip| rt.trusted_proxies.iter().any(|n| n.contains(&ip)));
         let req = session.req_header();
-        ctx.span = Some(rt.tracing.start(&req.headers, req.method.as_str()));
+        ctx.span = Some(rt.tracing.start(&req.headers, req.method.as_str(), trusted));
         // Valid hosts are ASCII: to_str does not fail on them.
         let host = canonical.host.as_ref().and_then(|h| h.to_str().ok());
         ctx.route = gw
