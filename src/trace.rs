@@ -7,7 +7,8 @@
 //! `[server] tracing`, sampled spans go to the OTLP endpoint in batches from the SDK's own
 //! thread (a full queue drops spans, never blocks a request); new traces are sampled at
 //! `sample`, traces with a parent follow the parent's flag. Without it, nothing is recorded
-//! or sent, but ids still flow, and a sampled parent stays sampled downstream.
+//! or sent, but ids still flow, and a sampled parent stays sampled downstream. That case
+//! (the default) skips the SDK: a few random numbers and one header per request.
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -19,6 +20,59 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 
 pub use opentelemetry_sdk::trace::Span;
+
+/// A request's trace context: the SDK's span when spans are exported, else the ids alone.
+pub enum TraceCtx {
+    Light {
+        trace_id: u128,
+        span_id: u64,
+        flags: u8,
+        /// The client's `tracestate`, kept with a valid parent.
+        state: Option<http::HeaderValue>,
+    },
+    /// Boxed: the request context stays small when nothing is exported.
+    Sdk(Box<Span>),
+}
+
+impl TraceCtx {
+    /// The trace id in hex (for the access log).
+    pub fn trace_id(&self) -> Option<String> {
+        use opentelemetry::trace::Span as _;
+        match self {
+            TraceCtx::Light { trace_id, .. } => Some(format!("{trace_id:032x}")),
+            TraceCtx::Sdk(s) => {
+                let c = s.span_context();
+                c.is_valid().then(|| c.trace_id().to_string())
+            }
+        }
+    }
+}
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+
+/// The client's single, well-formed `traceparent`: trace id, parent id, flags.
+fn parent_of(map: &http::HeaderMap) -> Option<(u128, u64, u8)> {
+    let mut all = map.get_all(TRACEPARENT).iter();
+    let v = match (all.next(), all.next()) {
+        (Some(v), None) => v.to_str().ok().filter(|v| valid_traceparent(v))?,
+        _ => return None,
+    };
+    Some((
+        u128::from_str_radix(&v[3..35], 16).ok()?,
+        u64::from_str_radix(&v[36..52], 16).ok()?,
+        u8::from_str_radix(&v[53..55], 16).ok()?,
+    ))
+}
+
+fn nonzero_random() -> u64 {
+    loop {
+        let r = gatehouse_plugins::random_u64();
+        if r != 0 {
+            return r;
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -176,28 +230,75 @@ impl Tracing {
         })
     }
 
-    /// The request's span, child of the client's trace context when it is valid. `trusted`:
-    /// the peer is one of `trusted_proxies`, whose sampled flag is followed.
-    pub fn start(&self, headers: &http::HeaderMap, method: &str, trusted: bool) -> Span {
-        let sample = match (&self.settings, trusted) {
-            (_, true) => None,
-            (Some(s), false) => Some(s.sample),
-            (None, false) => Some(0.0),
+    /// The request's trace context, child of the client's when it is valid. `trusted`: the
+    /// peer is one of `trusted_proxies`, whose sampled flag is followed.
+    pub fn start(&self, headers: &http::HeaderMap, method: &str, trusted: bool) -> TraceCtx {
+        let Some(settings) = &self.settings else {
+            // Nothing records: the ids, and the flag (kept from a trusted peer, else off).
+            return match parent_of(headers) {
+                Some((trace_id, _, flags)) => {
+                    let mut states = headers.get_all(TRACESTATE).iter();
+                    let state = match (states.next(), states.next()) {
+                        (Some(v), None) => Some(v.clone()),
+                        _ => None,
+                    };
+                    TraceCtx::Light {
+                        trace_id,
+                        span_id: nonzero_random(),
+                        flags: if trusted { flags } else { flags & !1 },
+                        state,
+                    }
+                }
+                None => TraceCtx::Light {
+                    trace_id: (u128::from(nonzero_random()) << 64)
+                        | u128::from(gatehouse_plugins::random_u64()),
+                    span_id: nonzero_random(),
+                    flags: 0,
+                    state: None,
+                },
+            };
         };
+        let sample = (!trusted).then_some(settings.sample);
         let parent = self.propagator.extract(&Headers::new(headers, sample));
-        self.tracer
-            .span_builder(method.to_string())
-            .with_kind(SpanKind::Server)
-            .start_with_context(&self.tracer, &parent)
+        TraceCtx::Sdk(Box::new(
+            self.tracer
+                .span_builder(method.to_string())
+                .with_kind(SpanKind::Server)
+                .start_with_context(&self.tracer, &parent),
+        ))
     }
 
     /// Replaces the client's `traceparent`/`tracestate` on the upstream request with the
     /// gateway's span (its state kept from a valid parent).
-    pub fn inject(&self, span: &Span, req: &mut pingora_http::RequestHeader) {
-        req.remove_header("traceparent");
-        req.remove_header("tracestate");
-        let cx = Context::new().with_remote_span_context(span.span_context().clone());
-        self.propagator.inject_context(&cx, &mut Upstream(req));
+    pub fn inject(&self, t: &TraceCtx, req: &mut pingora_http::RequestHeader) {
+        req.remove_header(&TRACEPARENT);
+        req.remove_header(&TRACESTATE);
+        match t {
+            TraceCtx::Light {
+                trace_id,
+                span_id,
+                flags,
+                state,
+            } => {
+                let mut v = [0u8; 55];
+                v[..3].copy_from_slice(b"00-");
+                hex_into(&mut v[3..35], &trace_id.to_be_bytes());
+                v[35] = b'-';
+                hex_into(&mut v[36..52], &span_id.to_be_bytes());
+                v[52] = b'-';
+                hex_into(&mut v[53..55], &[*flags]);
+                if let Ok(h) = http::HeaderValue::from_bytes(&v) {
+                    let _ = req.insert_header(TRACEPARENT, h);
+                }
+                if let Some(s) = state {
+                    let _ = req.insert_header(TRACESTATE, s.clone());
+                }
+            }
+            TraceCtx::Sdk(span) => {
+                let cx = Context::new().with_remote_span_context(span.span_context().clone());
+                self.propagator.inject_context(&cx, &mut Upstream(req));
+            }
+        }
     }
 
     /// Whether spans are exported (so attributes are worth setting).
@@ -222,8 +323,10 @@ pub struct Outcome<'a> {
 
 /// Names and annotates a recorded span (OpenTelemetry's HTTP server conventions), then ends
 /// it; the batch processor takes it from there.
-pub fn finish(span: &mut Span, o: &Outcome, exporting: bool) {
-    if exporting && span.is_recording() {
+pub fn finish(t: TraceCtx, o: &Outcome) {
+    let TraceCtx::Sdk(mut span) = t else { return };
+    let span = &mut *span;
+    if span.is_recording() {
         if let Some(r) = o.route {
             span.update_name(format!("{} {r}", o.method));
         }
@@ -262,6 +365,15 @@ pub fn finish(span: &mut Span, o: &Outcome, exporting: bool) {
         }
     }
     span.end();
+}
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (o, b) in out.chunks_exact_mut(2).zip(bytes) {
+        o[0] = HEX[usize::from(b >> 4)];
+        o[1] = HEX[usize::from(b & 15)];
+    }
 }
 
 /// At most `max` bytes of a client value (a span carries at most a few KiB).

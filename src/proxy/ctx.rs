@@ -47,7 +47,7 @@ pub struct RequestCtx {
     /// When the request's head was in (early_request_filter): its duration's start.
     pub start: Option<std::time::Instant>,
     /// The gateway's span of this request (W3C trace context).
-    pub span: Option<crate::trace::Span>,
+    pub span: Option<crate::trace::TraceCtx>,
     /// When the current try's request went upstream.
     pub upstream_sent: Option<std::time::Instant>,
     /// From sending the last try upstream to its response head (the access log's).

@@ -12,16 +12,16 @@ pub(super) fn finish(rt: &Runtime, gw: &GatewayRt, session: &Session, ctx: &mut 
     if session.subrequest_ctx.is_some() {
         return;
     }
-    let trace_id = ctx.span.as_ref().and_then(|s| {
-        use opentelemetry::trace::Span as _;
-        let c = s.span_context();
-        // Hex of the id only when someone reads it.
-        (c.is_valid() && rt.access_log.is_some()).then(|| c.trace_id().to_string())
-    });
-    if let Some(mut span) = ctx.span.take() {
+    // Hex of the id only when someone reads it.
+    let trace_id = ctx
+        .span
+        .as_ref()
+        .filter(|_| rt.access_log.is_some())
+        .and_then(|t| t.trace_id());
+    if let Some(span) = ctx.span.take().filter(|_| rt.tracing.exporting()) {
         let req = session.req_header();
         crate::trace::finish(
-            &mut span,
+            span,
             &crate::trace::Outcome {
                 method: req.method.as_str(),
                 route: ctx.route.map(|id| &*gw.route_names[id]),
@@ -42,7 +42,6 @@ pub(super) fn finish(rt: &Runtime, gw: &GatewayRt, session: &Session, ctx: &mut 
                     .as_ref()
                     .map_or("", |v| std::str::from_utf8(v.as_bytes()).unwrap_or("")),
             },
-            rt.tracing.exporting(),
         );
     }
     if let Some(log) = &rt.access_log {
