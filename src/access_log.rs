@@ -251,19 +251,8 @@ fn json_line(e: &Entry) -> String {
     s
 }
 
-fn push_u64(s: &mut String, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // Digits are ASCII.
-    s.push_str(std::str::from_utf8(&buf[i..]).unwrap_or("0"));
+fn push_u64(s: &mut String, n: u64) {
+    s.push_str(itoa::Buffer::new().format(n));
 }
 
 /// Milliseconds with three decimals (microsecond resolution): `12.345`.
