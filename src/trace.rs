@@ -104,26 +104,18 @@ impl<'a> Headers<'a> {
     /// flag says (else any client could have every request recorded and exported, and its
     /// flag would make every service behind record it too); `None` for a trusted peer.
     fn new(map: &'a http::HeaderMap, sample: Option<f64>) -> Headers<'a> {
-        let mut all = map.get_all("traceparent").iter();
-        let one = match (all.next(), all.next()) {
-            // Two could be a smuggling attempt: neither is believed.
-            (Some(v), None) => v.to_str().ok().filter(|v| valid_traceparent(v)),
-            _ => None,
-        };
-        let traceparent = one.map(|v| match sample {
-            None => v.to_string(),
-            Some(share) => {
-                let flags = u8::from_str_radix(&v[53..55], 16).unwrap_or(0);
-                let lower = u64::from_str_radix(&v[19..35], 16).unwrap_or(u64::MAX) >> 1;
-                // As the SDK's TraceIdRatioBased: the trace id's low 63 bits under the share.
-                let sampled = lower < (share.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64;
-                format!(
-                    "{}{:02x}{}",
-                    &v[..53],
-                    (flags & !1) | u8::from(sampled),
-                    &v[55..]
-                )
-            }
+        // Re-written from the parsed ids (as version 00): the SDK sees only what was checked.
+        let traceparent = parent_of(map).map(|(trace_id, parent, flags)| {
+            let flags = match sample {
+                None => flags,
+                Some(share) => {
+                    // As the SDK's TraceIdRatioBased: the trace id's low 63 bits under it.
+                    let lower = (trace_id as u64) >> 1;
+                    let sampled = lower < (share.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64;
+                    (flags & !1) | u8::from(sampled)
+                }
+            };
+            format!("00-{trace_id:032x}-{parent:016x}-{flags:02x}")
         });
         Headers { map, traceparent }
     }

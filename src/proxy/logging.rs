@@ -1,11 +1,42 @@
-//! The end of a request: its span and its access log line, from what the request saw: its
+//! The end of a request: the breaker's verdict on its upstream, its span and its access log
+//! line, from what the request saw: its
 //! canonical head (the host and path routing decided on, not the client's spelling), the
 //! route and peer it went to, and what the plugins learnt (consumer, request id).
 use pingora_proxy::Session;
 
+use pingora_error::Error;
+
 use super::ctx::RequestCtx;
 use crate::access_log::{AccessLog, Entry};
 use crate::runtime::{GatewayRt, Runtime};
+
+/// The circuit breaker hears how the request it admitted went (unless a probe's verdict came
+/// with its response head); a client's fault is no verdict at all.
+pub(super) fn breaker_verdict(e: Option<&Error>, ctx: &RequestCtx) {
+    let (Some(rt), Some(up), true, false) =
+        (ctx.rt.as_ref(), ctx.upstream, ctx.admitted, ctx.recorded)
+    else {
+        return;
+    };
+    if let Some(b) = &rt.pools[up].breaker {
+        match super::errors::upstream_verdict(e, ctx.upstream_failed) {
+            Some(ok) => b.record(ok, ctx.probe),
+            None => {
+                if let Some(p) = ctx.probe {
+                    b.abandon(p);
+                }
+            }
+        }
+    }
+}
+
+/// The request id as text ("" when there is none).
+fn request_id(ctx: &RequestCtx) -> &str {
+    ctx.plugins
+        .request_id
+        .as_ref()
+        .map_or("", |v| std::str::from_utf8(v.as_bytes()).unwrap_or(""))
+}
 
 pub(super) fn finish(rt: &Runtime, gw: &GatewayRt, session: &Session, ctx: &mut RequestCtx) {
     // A background cache refresh is the gateway's own request.
@@ -36,11 +67,7 @@ pub(super) fn finish(rt: &Runtime, gw: &GatewayRt, session: &Session, ctx: &mut 
                 upstream: ctx.upstream.map(|u| &*rt.pools[u].name),
                 peer: ctx.peer,
                 client_ip: ctx.plugins.client_ip,
-                request_id: ctx
-                    .plugins
-                    .request_id
-                    .as_ref()
-                    .map_or("", |v| std::str::from_utf8(v.as_bytes()).unwrap_or("")),
+                request_id: request_id(ctx),
             },
         );
     }
@@ -74,11 +101,7 @@ fn access(
         header(http::header::USER_AGENT),
         header(http::header::REFERER),
     );
-    let request_id = ctx
-        .plugins
-        .request_id
-        .as_ref()
-        .map_or("", |v| std::str::from_utf8(v.as_bytes()).unwrap_or(""));
+    let request_id = request_id(ctx);
     let target = req
         .uri
         .path_and_query()

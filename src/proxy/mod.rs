@@ -34,7 +34,7 @@ pub mod upgrade;
 
 pub use ctx::RequestCtx;
 pub use errors::{client_error, status_for};
-use errors::{message_for, upstream_verdict, write_reply};
+use errors::{message_for, write_reply};
 
 pub struct GatewayProxy {
     /// Which gateway of the snapshot this service serves.
@@ -645,20 +645,7 @@ impl ProxyHttp for GatewayProxy {
             }
             ctx.rt = Some(rt);
         }
-        if let (Some(rt), Some(up), true, false) =
-            (ctx.rt.as_ref(), ctx.upstream, ctx.admitted, ctx.recorded)
-        {
-            if let Some(b) = &rt.pools[up].breaker {
-                match upstream_verdict(e, ctx.upstream_failed) {
-                    Some(ok) => b.record(ok, ctx.probe),
-                    None => {
-                        if let Some(p) = ctx.probe {
-                            b.abandon(p);
-                        }
-                    }
-                }
-            }
-        }
+        logging::breaker_verdict(e, ctx);
         if let RequestCtx {
             rt: Some(rt),
             route,
