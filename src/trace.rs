@@ -35,14 +35,14 @@ pub enum TraceCtx {
 }
 
 impl TraceCtx {
-    /// The trace id in hex (for the access log).
-    pub fn trace_id(&self) -> Option<String> {
+    /// The trace id (for the access log, which writes it in hex).
+    pub fn trace_id(&self) -> Option<[u8; 16]> {
         use opentelemetry::trace::Span as _;
         match self {
-            TraceCtx::Light { trace_id, .. } => Some(format!("{trace_id:032x}")),
+            TraceCtx::Light { trace_id, .. } => Some(trace_id.to_be_bytes()),
             TraceCtx::Sdk(s) => {
                 let c = s.span_context();
-                c.is_valid().then(|| c.trace_id().to_string())
+                c.is_valid().then(|| c.trace_id().to_bytes())
             }
         }
     }

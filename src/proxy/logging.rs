@@ -43,7 +43,7 @@ pub(super) fn finish(rt: &Runtime, gw: &GatewayRt, session: &Session, ctx: &mut 
     if session.subrequest_ctx.is_some() {
         return;
     }
-    // Hex of the id only when someone reads it.
+    // The id only when someone reads it.
     let trace_id = ctx
         .span
         .as_ref()
@@ -73,7 +73,7 @@ pub(super) fn finish(rt: &Runtime, gw: &GatewayRt, session: &Session, ctx: &mut 
     }
     if let Some(log) = &rt.access_log {
         if ctx.route.is_none_or(|id| gw.routes[id].access_log) {
-            access(log, rt, gw, session, ctx, trace_id.as_deref());
+            access(log, rt, gw, session, ctx, trace_id);
         }
     }
 }
@@ -84,23 +84,21 @@ fn access(
     gw: &GatewayRt,
     session: &Session,
     ctx: &RequestCtx,
-    trace_id: Option<&str>,
+    trace_id: Option<[u8; 16]>,
 ) {
     let Some(start) = ctx.start else { return };
     let req = session.req_header();
-    // Lossy, not empty: a byte that is not UTF-8 must not hide a scanner's user agent.
-    let header = |name: http::HeaderName| {
-        req.headers
-            .get(name)
-            .map_or(std::borrow::Cow::Borrowed(""), |v| {
-                String::from_utf8_lossy(v.as_bytes())
-            })
-    };
-    let (host, user_agent, referer) = (
-        header(http::header::HOST),
-        header(http::header::USER_AGENT),
-        header(http::header::REFERER),
-    );
+    // One pass over the headers: cheaper than three hashed lookups.
+    let (mut host, mut user_agent, mut referer) = (&b""[..], &b""[..], &b""[..]);
+    for (name, value) in &req.headers {
+        if *name == http::header::HOST {
+            host = value.as_bytes();
+        } else if *name == http::header::USER_AGENT {
+            user_agent = value.as_bytes();
+        } else if *name == http::header::REFERER {
+            referer = value.as_bytes();
+        }
+    }
     let request_id = request_id(ctx);
     let target = req
         .uri
@@ -118,7 +116,7 @@ fn access(
         request_id,
         client_ip: ctx.plugins.client_ip,
         method: req.method.as_str(),
-        host: &host,
+        host,
         target,
         protocol,
         status: session.response_written().map_or(0, |r| r.status.as_u16()),
@@ -131,8 +129,8 @@ fn access(
         upstream: ctx.upstream.map(|u| &*rt.pools[u].name),
         peer: ctx.peer,
         cache: ctx.plugins.cache_status,
-        user_agent: &user_agent,
-        referer: &referer,
+        user_agent,
+        referer,
         consumer: ctx.plugins.consumer.as_deref(),
         trace_id,
     });
