@@ -336,10 +336,19 @@ run_ops() { # metrics + JSON access log + scrapes against the plain route; nginx
   ( for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:$((GHOPS + 100))/metrics" || true; sleep 1; done ) &
   local scraper=$!
   for r in $(seq "$ROUNDS"); do
-    measure ops nginx $NGX 50 /
-    measure ops "nginx, JSON access_log" $NGXLOG 50 /
-    measure ops "gatehouse, plain" $GH 50 /
-    measure ops "gatehouse, JSON access log + /metrics scraped" $GHOPS 50 /
+    # Each pair back to back, its order turned every round (A B, then B A): a neighbour's
+    # load that grows or fades during a round weighs on both sides alike.
+    if [ $((r % 2)) = 1 ]; then
+      measure ops nginx $NGX 50 /
+      measure ops "nginx, JSON access_log" $NGXLOG 50 /
+      measure ops "gatehouse, plain" $GH 50 /
+      measure ops "gatehouse, JSON access log + /metrics scraped" $GHOPS 50 /
+    else
+      measure ops "gatehouse, JSON access log + /metrics scraped" $GHOPS 50 /
+      measure ops "gatehouse, plain" $GH 50 /
+      measure ops "nginx, JSON access_log" $NGXLOG 50 /
+      measure ops nginx $NGX 50 /
+    fi
   done
   kill "$scraper" 2>/dev/null || true
   echo "  access log lines: gatehouse $(wc -l < "$work/gh-access.log"), nginx $(wc -l < "$work/ngx-access.log")" >&2

@@ -271,12 +271,15 @@ fn push_u64(s: &mut Vec<u8>, n: u64) {
     s.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
-fn push_hex(s: &mut Vec<u8>, bytes: &[u8]) {
+fn push_hex(s: &mut Vec<u8>, bytes: &[u8; 16]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        s.push(HEX[usize::from(b >> 4)]);
-        s.push(HEX[usize::from(b & 15)]);
+    // On the stack first: one append instead of 32 (each checks the capacity).
+    let mut out = [0u8; 32];
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 15)];
     }
+    s.extend_from_slice(&out);
 }
 
 /// Milliseconds with three decimals (microsecond resolution): `12.345`.
@@ -295,12 +298,25 @@ fn push_millis(s: &mut Vec<u8>, d: Duration) {
 fn push_ip(s: &mut Vec<u8>, ip: std::net::IpAddr) {
     match ip {
         std::net::IpAddr::V4(v4) => {
+            // "255.255.255.255" at most, on the stack, then one append.
+            let (mut out, mut n) = ([0u8; 15], 0);
             for (i, o) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    s.push(b'.');
+                    out[n] = b'.';
+                    n += 1;
                 }
-                push_u64(s, u64::from(o));
+                if o >= 100 {
+                    out[n] = b'0' + o / 100;
+                    n += 1;
+                }
+                if o >= 10 {
+                    out[n] = b'0' + o / 10 % 10;
+                    n += 1;
+                }
+                out[n] = b'0' + o % 10;
+                n += 1;
             }
+            s.extend_from_slice(&out[..n]);
         }
         std::net::IpAddr::V6(v6) => {
             let _ = write!(s, "{v6}");
@@ -634,5 +650,22 @@ mod tests {
         let l = combined_line(&e);
         assert!(l.contains("\"sqlmap\\xFF\\xFE/1\""), "{l}");
         assert!(l.contains(&format!(" trace={}\n", "ab".repeat(16))), "{l}");
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.100.255",
+            "255.255.255.255",
+            "1.22.203.9",
+            "::1",
+            "fe80::1:2",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap_or(std::net::IpAddr::from([1; 4]));
+            let mut s = Vec::new();
+            push_ip(&mut s, ip);
+            assert_eq!(String::from_utf8_lossy(&s), ip.to_string());
+        }
     }
 }
