@@ -329,6 +329,17 @@ fn winner_json(
             "sticky": sticky.is_some(),
         }),
         Target::Static(s) => json!({ "static": s.root.display().to_string() }),
+        Target::Aggregate(a) => json!({
+            "aggregate": a.parts.iter().enumerate().map(|(i, p)| json!({
+                "part": p.name,
+                "upstream": name(&p.upstream),
+                "path": a.path_text(i),
+                "after": p.deps.iter().map(|d| a.parts[*d].name.clone()).collect::<Vec<_>>(),
+                "optional": p.optional,
+            })).collect::<Vec<_>>(),
+            "on_error": if a.fail { "fail" } else { "partial" },
+            "timeout_ms": a.timeout.as_millis() as u64,
+        }),
     };
     let upstream_path =
         crate::proxy::rewrite::upstream_path(r, path).unwrap_or_else(|| path.to_string());
@@ -383,7 +394,7 @@ fn winner_json(
         "line": r.line,
         "matched_by": why,
         "target": target,
-        "upstream_request": if matches!(r.target, Target::Static(_)) {
+        "upstream_request": if matches!(r.target, Target::Static(_) | Target::Aggregate(_)) {
             Value::Null
         } else {
             json!({ "path": upstream_target, "host": upstream_host })
@@ -460,6 +471,41 @@ pub fn human(v: &Value) -> String {
                 "split {}{}",
                 a.join(", "),
                 if t["sticky"] == true { ", sticky" } else { "" }
+            )
+        } else if let Some(parts) = t["aggregate"].as_array() {
+            let p: Vec<String> = parts
+                .iter()
+                .map(|p| {
+                    let after: Vec<String> = p["after"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(str_of)
+                        .collect();
+                    format!(
+                        "\n            {}: {} {}{}{}",
+                        str_of(&p["part"]),
+                        str_of(&p["upstream"]),
+                        str_of(&p["path"]),
+                        if after.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (after {})", after.join(", "))
+                        },
+                        if p["optional"] == true {
+                            ", optional"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+                .collect();
+            format!(
+                "aggregate of {} parts, on_error {}, timeout {} ms:{}",
+                parts.len(),
+                str_of(&t["on_error"]),
+                t["timeout_ms"],
+                p.concat()
             )
         } else {
             format!("static files under {}", str_of(&t["static"]))

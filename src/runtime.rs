@@ -230,6 +230,22 @@ impl Runtime {
                 format!("split {}{sticky}", arms.join(", "))
             }
             Target::Static(s) => format!("static {}", s.root.display()),
+            Target::Aggregate(a) => {
+                let parts: Vec<String> = a
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        format!(
+                            "{} {}{}",
+                            p.name,
+                            self.pools[p.upstream].name,
+                            a.path_text(i)
+                        )
+                    })
+                    .collect();
+                format!("aggregate {}", parts.join(", "))
+            }
         }
     }
 }

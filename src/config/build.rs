@@ -319,7 +319,9 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         );
     }
 
+    let max_parts = super::aggregate::max_parts(&mut ld, &server_file);
     let refs = Refs {
+        max_parts,
         upstreams: &upstream_names,
         plugins: &plugin_names,
         gateways: &gateway_names,

@@ -43,6 +43,7 @@ pub struct ServerFile {
     pub access_log: Option<Spanned<AccessLogFile>>,
     pub log_format: Option<Spanned<String>>,
     pub tracing: Option<Spanned<TracingFile>>,
+    pub max_aggregate_parts: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +230,7 @@ pub struct RouteFile {
     pub cache: Option<Spanned<CacheFile>>,
     #[serde(default = "yes")]
     pub access_log: bool,
+    pub aggregate: Option<Spanned<super::aggregate::AggregateFile>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use regex::Regex;
 
 mod admin;
+pub mod aggregate;
 mod build;
 pub mod file;
 pub mod offload;
@@ -294,6 +295,8 @@ pub enum Target {
     },
     /// Files under a folder, answered by the gateway itself.
     Static(std::sync::Arc<offload::StaticSite>),
+    /// Several upstream calls, answered as one JSON object by the gateway itself.
+    Aggregate(std::sync::Arc<aggregate::Aggregate>),
 }
 
 /// A shadow copy of each sampled request, sent fire-and-forget.

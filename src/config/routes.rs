@@ -12,6 +12,8 @@ use super::upstreams::parse_hash_key;
 use super::*;
 
 pub(super) struct Refs<'r> {
+    /// `[server] max_aggregate_parts`.
+    pub(super) max_parts: usize,
     pub(super) upstreams: &'r HashMap<String, Option<usize>>,
     pub(super) plugins: &'r HashMap<String, Option<usize>>,
     pub(super) gateways: &'r HashMap<String, Option<usize>>,
@@ -153,7 +155,7 @@ pub(super) fn route(
         headers.push((name, m));
     }
 
-    let target = target(ld, &r, &span, refs, ctx);
+    let target = target(ld, &r, &span, &path, refs, ctx);
     let mirror = r.mirror.as_ref().map(|m| {
         let mspan = m.span();
         let m = m.get_ref();
@@ -238,6 +240,11 @@ pub(super) fn route(
     if ld.errors.len() > errors_before {
         return None;
     }
+    // An aggregate answers reads unless told otherwise: a POST must not fan out by accident.
+    let methods = match (&target, methods) {
+        (Target::Aggregate(_), None) => Some(vec![Method::GET, Method::HEAD]),
+        (_, m) => m,
+    };
     Some((
         gateway_name,
         gateway,
@@ -402,7 +409,14 @@ fn upstream_ref(ld: &mut Loader, name: &Spanned<String>, refs: &Refs, ctx: &str)
 }
 
 /// Exactly one of `upstream` and `split`.
-fn target(ld: &mut Loader, r: &RouteFile, span: &Range<usize>, refs: &Refs, ctx: &str) -> Target {
+fn target(
+    ld: &mut Loader,
+    r: &RouteFile,
+    span: &Range<usize>,
+    path: &PathMatch,
+    refs: &Refs,
+    ctx: &str,
+) -> Target {
     // A broken upstream was reported where it is defined; the config is refused anyway, so
     // its index is never used.
     let broken = usize::MAX;
@@ -410,6 +424,13 @@ fn target(ld: &mut Loader, r: &RouteFile, span: &Range<usize>, refs: &Refs, ctx:
         if r.split.is_none() {
             ld.err(s.span(), ctx, "`sticky` only applies with `split`");
         }
+    }
+    if let Some(a) = &r.aggregate {
+        super::aggregate::exclusions(ld, r, ctx);
+        return match super::aggregate::aggregate(ld, a, path, refs, ctx) {
+            Some(a) => Target::Aggregate(std::sync::Arc::new(a)),
+            None => Target::Upstream(broken),
+        };
     }
     if let Some(st) = &r.static_files {
         if let Some(u) = &r.upstream {
@@ -478,7 +499,7 @@ fn target(ld: &mut Loader, r: &RouteFile, span: &Range<usize>, refs: &Refs, ctx:
             ld.err(
                 span.clone(),
                 ctx,
-                "a route needs a target: set `upstream`, `split` or `static`",
+                "a route needs a target: set `upstream`, `split`, `static` or `aggregate`",
             );
             Target::Upstream(broken)
         }

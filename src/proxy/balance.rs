@@ -29,7 +29,7 @@ pub fn breaker_failure(status: u16) -> bool {
 /// for routes the gateway answers itself.
 pub fn choose_upstream(target: &Target, session: &Session, ctx: &RequestCtx) -> Option<usize> {
     let up = match target {
-        Target::Static(_) => return None,
+        Target::Static(_) | Target::Aggregate(_) => return None,
         Target::Upstream(u) => *u,
         Target::Split { arms, sticky } => {
             let total: u64 = arms.iter().map(|(_, w)| u64::from(*w)).sum();

@@ -78,7 +78,7 @@ pub(super) fn message_for(e: Option<&Error>, status: u16) -> &str {
 
 /// Writes a gateway-made reply: response hooks of the request's chain first, then header and
 /// body. Errors writing mean the client is gone; there is nobody left to tell.
-pub(super) async fn write_reply(
+pub(crate) async fn write_reply(
     gw: Option<&GatewayRt>,
     session: &mut Session,
     ctx: &mut RequestCtx,

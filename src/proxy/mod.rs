@@ -33,8 +33,9 @@ mod statics;
 pub mod upgrade;
 
 pub use ctx::RequestCtx;
+use errors::message_for;
+pub(crate) use errors::write_reply;
 pub use errors::{client_error, status_for};
-use errors::{message_for, write_reply};
 
 pub struct GatewayProxy {
     /// Which gateway of the snapshot this service serves.
@@ -139,8 +140,14 @@ impl GatewayProxy {
         };
         let route = &gw.routes[id];
         let Some(up) = balance::choose_upstream(&route.target, session, ctx) else {
-            if let crate::config::Target::Static(site) = &route.target {
-                statics::serve(site, route, gw, session, ctx).await?;
+            match &route.target {
+                crate::config::Target::Static(site) => {
+                    statics::serve(site, route, gw, session, ctx).await?;
+                }
+                crate::config::Target::Aggregate(agg) => {
+                    crate::aggregate::serve(agg, rt, gw, id, session, ctx).await?;
+                }
+                _ => {}
             }
             return Ok(true);
         };

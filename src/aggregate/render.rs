@@ -1,0 +1,114 @@
+//! A part's path, filled from the client request and from the parts it depends on.
+use serde_json::Value;
+
+use super::{failure, Failure};
+use crate::config::aggregate::{Aggregate, Piece};
+
+/// The client's values that templates read.
+pub(super) struct Inputs<'a> {
+    pub(super) groups: Option<regex::Captures<'a>>,
+    pub(super) query: &'a str,
+    pub(super) headers: &'a http::HeaderMap,
+    pub(super) consumer: Option<&'a str>,
+    pub(super) claims: Option<&'a serde_json::Map<String, Value>>,
+}
+
+/// Everything a value may hold goes in percent-encoded but the unreserved characters: a
+/// value can never add a path segment, a `..`, a query parameter or a fragment.
+const VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn query_value(query: &str, name: &str) -> Option<Vec<u8>> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = k.replace('+', " ");
+        (percent_encoding::percent_decode_str(&k).decode_utf8_lossy() == name).then(|| {
+            percent_encoding::percent_decode_str(&v.replace('+', " ")).collect::<Vec<u8>>()
+        })
+    })
+}
+
+/// Part `i`'s path with this request's values in, or why it cannot be built.
+pub(super) fn render(
+    agg: &Aggregate,
+    i: usize,
+    inp: &Inputs,
+    values: &[Option<Value>],
+) -> std::result::Result<String, Failure> {
+    let missing = |what: String| failure("missing_value", 400, format!("no value for {what}"));
+    let mut out = String::new();
+    for pc in &agg.parts[i].path.0 {
+        let value: Vec<u8> = match pc {
+            Piece::Lit(l) => {
+                out.push_str(l);
+                continue;
+            }
+            Piece::Group(g) => inp
+                .groups
+                .as_ref()
+                .and_then(|c| c.name(g))
+                // The path is matched in its canonical (percent-encoded) form.
+                .map(|m| percent_encoding::percent_decode_str(m.as_str()).collect())
+                .ok_or_else(|| missing(format!("{{{g}}}")))?,
+            Piece::Query(q) => {
+                query_value(inp.query, q).ok_or_else(|| missing(format!("query parameter {q}")))?
+            }
+            Piece::Header(h) => inp
+                .headers
+                .get(h)
+                .map(|v| v.as_bytes().to_vec())
+                .ok_or_else(|| missing(format!("header {h}")))?,
+            Piece::Consumer => inp
+                .consumer
+                .map(|c| c.as_bytes().to_vec())
+                .ok_or_else(|| missing("{consumer} (no authenticated consumer)".into()))?,
+            Piece::Jwt(c) => inp
+                .claims
+                .and_then(|m| m.get(c))
+                .and_then(scalar)
+                .map(String::into_bytes)
+                .ok_or_else(|| missing(format!("claim {c}")))?,
+            Piece::Part(p, keys) => {
+                let mut v = values[*p].as_ref();
+                for k in keys {
+                    v = v.and_then(|v| match v {
+                        Value::Object(m) => m.get(k),
+                        Value::Array(a) => k.parse::<usize>().ok().and_then(|n| a.get(n)),
+                        _ => None,
+                    });
+                }
+                let what = || format!("{{{}.{}}}", agg.parts[*p].name, keys.join("."));
+                let v = v.ok_or_else(|| {
+                    failure(
+                        "missing_value",
+                        502,
+                        format!("no value for {} in its answer", what()),
+                    )
+                })?;
+                scalar(v)
+                    .ok_or_else(|| {
+                        failure(
+                            "missing_value",
+                            502,
+                            format!("{} is not a string, number or boolean", what()),
+                        )
+                    })?
+                    .into_bytes()
+            }
+        };
+        out.extend(percent_encoding::percent_encode(&value, VALUE));
+    }
+    Ok(out)
+}

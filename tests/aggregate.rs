@@ -1,0 +1,271 @@
+//! Aggregate routes from the outside: parts in parallel, dependent parts, failure policies,
+//! header forwarding, limits, and `check` on bad aggregates.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use hyper::Response;
+
+/// A JSON upstream that answers after `ms`: its name, the path and query it was asked, the
+/// headers it saw, and a Set-Cookie the client must never get.
+async fn slow(name: &'static str, ms: u64) -> std::net::SocketAddr {
+    serve(
+        move |req: hyper::Request<hyper::body::Incoming>| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let h = |n: &str| {
+                req.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let body = serde_json::json!({
+                "name": name,
+                "path": req.uri().path(),
+                "query": req.uri().query(),
+                "account": { "id": format!("{name}/7") },
+                "authorization": h("authorization"),
+                "cookie": h("cookie"),
+                "request_id": h("x-request-id"),
+                "traceparent": h("traceparent"),
+            });
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("set-cookie", "session=from-a-part")
+                .body(full(body.to_string()))
+                .unwrap()
+        },
+    )
+    .await
+}
+
+fn config(port: u16, ups: &[(&str, String)], route: &str) -> String {
+    let mut t = String::new();
+    for (name, peer) in ups {
+        t.push_str(&format!(
+            "[upstreams.{name}]\npeers = [\"{peer}\"]\nconnect_timeout = \"500ms\"\n"
+        ));
+    }
+    t.push_str(&format!(
+        "[plugins.rid]\nkind = \"request_id\"\n[gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\nplugins = [\"rid\"]\n{route}"
+    ));
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_run_in_parallel_and_a_dependent_part_gets_its_value() {
+    let (a, b, c, d) = (
+        slow("users", 300).await,
+        slow("orders", 300).await,
+        slow("products", 300).await,
+        slow("reviews", 0).await,
+    );
+    let port = free_port();
+    let toml = config(
+        port,
+        &[
+            ("users", a.to_string()),
+            ("orders", b.to_string()),
+            ("products", c.to_string()),
+            ("reviews", d.to_string()),
+        ],
+        r#"
+[[routes]]
+name = "home"
+path = "~ ^/screens/home/(?P<id>[^/]+)$"
+[routes.aggregate.parts]
+user = "users:/users/{id}"
+orders = "orders:/orders?lang={query.lang}"
+products = { upstream = "products", path = "/products" }
+reviews = { upstream = "reviews", path = "/reviews?account={user.account.id}&first={orders/account/id}" }
+"#,
+    );
+    let _g = Gatehouse::start(&toml, &[port]);
+    let t = Instant::now();
+    let (status, headers, body) = get(
+        &format!("http://127.0.0.1:{port}/screens/home/a%20b?lang=fr%26x"),
+        &[("authorization", "Bearer t0k"), ("cookie", "secret=1")],
+    )
+    .await;
+    let took = t.elapsed();
+    assert_eq!(status, 200, "{body}");
+    // Three parts of 300 ms side by side, the fourth after two of them: not 900 ms.
+    assert!(took < Duration::from_millis(600), "{took:?}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["user"]["path"], "/users/a%20b",
+        "a value is percent-encoded into its segment"
+    );
+    assert_eq!(
+        v["orders"]["query"], "lang=fr%26x",
+        "a query value cannot add a parameter"
+    );
+    assert_eq!(v["products"]["path"], "/products");
+    assert_eq!(v["reviews"]["query"], "account=users%2F7&first=orders%2F7");
+    assert!(v.get("errors").is_none());
+    // Chosen headers go to every part; others (cookie) do not; parts' cookies stay behind.
+    for p in ["user", "orders", "products", "reviews"] {
+        assert_eq!(v[p]["authorization"], "Bearer t0k");
+        assert_eq!(v[p]["cookie"], serde_json::Value::Null);
+        assert_eq!(
+            v[p]["request_id"].as_str(),
+            headers["x-request-id"].to_str().ok()
+        );
+        assert!(v[p]["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("00-")));
+    }
+    assert!(headers.get("set-cookie").is_none());
+    assert_eq!(headers["content-type"], "application/json");
+    // Only GET and HEAD unless `methods` says more.
+    let post = client()
+        .post(format!("http://127.0.0.1:{port}/screens/home/1"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        post.status() == 405 || post.status() == 404,
+        "{}",
+        post.status()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_and_partial_say_which_part_and_why() {
+    let ok = slow("users", 0).await;
+    let slowpoke = slow("orders", 3000).await;
+    let down = format!("127.0.0.1:{}", free_port());
+    let port = free_port();
+    let route = |policy: &str, path: &str| {
+        format!(
+            r#"
+[[routes]]
+path = "{path}"
+[routes.aggregate]
+on_error = "{policy}"
+partial_status = 207
+[routes.aggregate.parts]
+user = "users:/u"
+orders = {{ upstream = "orders", path = "/o", timeout = "300ms" }}
+stock = "stock:/s"
+after = "users:/after/{{stock.account.id}}"
+"#
+        )
+    };
+    let toml = config(
+        port,
+        &[
+            ("users", ok.to_string()),
+            ("orders", slowpoke.to_string()),
+            ("stock", down),
+        ],
+        &(route("partial", "/partial") + &route("fail", "/fail")),
+    );
+    let _g = Gatehouse::start(&toml, &[port]);
+
+    let t = Instant::now();
+    let (status, _, body) = get(&format!("http://127.0.0.1:{port}/partial"), &[]).await;
+    assert!(
+        t.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(status, 207, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["user"]["path"], "/u");
+    assert_eq!(v["orders"], serde_json::Value::Null);
+    assert_eq!(v["stock"], serde_json::Value::Null);
+    assert_eq!(v["after"], serde_json::Value::Null);
+    assert_eq!(v["errors"]["orders"]["error"], "timeout", "{body}");
+    assert_eq!(v["errors"]["stock"]["error"], "connect", "{body}");
+    assert_eq!(v["errors"]["after"]["error"], "skipped", "{body}");
+    assert!(v["errors"]["after"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("\"stock\""));
+    assert!(v["errors"].get("user").is_none());
+
+    let (status, _, body) = get(&format!("http://127.0.0.1:{port}/fail"), &[]).await;
+    assert!(status == 502 || status == 504, "{status} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let part = v["part"].as_str().unwrap();
+    assert!(part == "orders" || part == "stock", "{body}");
+    assert_eq!(status, if part == "orders" { 504 } else { 502 });
+    assert!(v["error"].as_str().unwrap().contains(part));
+    assert!(v["request_id"].as_str().is_some_and(|r| !r.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_bad_bodies_fail_their_part() {
+    let big = serve(|_| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(format!("\"{}\"", "x".repeat(5000))))
+            .unwrap()
+    })
+    .await;
+    let text = serve(|_| async { Response::builder().body(full("plain words")).unwrap() }).await;
+    let empty = serve(|_| async { Response::builder().body(full("")).unwrap() }).await;
+    let port = free_port();
+    let toml = config(
+        port,
+        &[
+            ("big", big.to_string()),
+            ("text", text.to_string()),
+            ("empty", empty.to_string()),
+        ],
+        r#"
+[[routes]]
+path = "/a"
+[routes.aggregate]
+max_part_bytes = "1KiB"
+[routes.aggregate.parts]
+big = "big:/"
+text = "text:/"
+words = { upstream = "text", path = "/", raw = true }
+empty = "empty:/"
+"#,
+    );
+    let _g = Gatehouse::start(&toml, &[port]);
+    let (status, _, body) = get(&format!("http://127.0.0.1:{port}/a"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["errors"]["big"]["error"], "too_large", "{body}");
+    assert_eq!(v["errors"]["text"]["error"], "invalid_json", "{body}");
+    assert_eq!(v["errors"]["empty"]["error"], "empty", "{body}");
+    assert_eq!(v["words"], "plain words");
+}
+
+#[test]
+fn check_refuses_cycles_unknown_parts_and_bad_templates() {
+    let (code, out, _, _d) = check(
+        r#"[upstreams.u]
+peers = ["127.0.0.1:9"]
+[gateways.g]
+listen = ["127.0.0.1:8080"]
+[[routes]]
+path = "/x"
+[routes.aggregate.parts]
+a = "u:/a/{b.id}"
+b = "u:/b/{c.id}"
+c = "u:/c/{a.id}"
+d = "u:/d/{nope.id}"
+e = "u:/e/{id}"
+f = "missing:/f"
+"#,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(":8:") && out.contains("cycle: a -> b -> c -> a"),
+        "{out}"
+    );
+    assert!(out.contains(":11:") && out.contains("{nope.id}"), "{out}");
+    assert!(
+        out.contains(":12:") && out.contains("named groups need a regex path"),
+        "{out}"
+    );
+    assert!(
+        out.contains(":13:") && out.contains("unknown upstream \"missing\""),
+        "{out}"
+    );
+}
