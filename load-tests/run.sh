@@ -3,7 +3,7 @@
 # on this machine, in alternating rounds with the same client settings. Traffic stays on
 # loopback; every run stops by itself.
 #
-#   load-tests/run.sh [all|plain|routes|large|idle|selection|plugins|cache|ops]   (default: all, ~10 minutes)
+#   load-tests/run.sh [all|plain|routes|large|idle|selection|plugins|cache|ops|aggregate]   (default: all, ~10 minutes)
 #   ROUNDS=2 DURATION=8s CONNS="50 200" load-tests/run.sh plain
 #
 # Fronts, each with one worker: the upstream directly (the ceiling), nginx as a reverse proxy
@@ -23,14 +23,14 @@ scenario=${1:-all}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-8s}
 CONNS=${CONNS:-"50 200"}
-case "$scenario" in all|plain|routes|large|idle|selection|plugins|cache|ops) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
+case "$scenario" in all|plain|routes|large|idle|selection|plugins|cache|ops|aggregate) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
 
 . load-tests/setup.sh
 setup_kit nginx:nginx-light wrk:wrk python3:python3 openssl:openssl curl:curl
 
 UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
 GHPLUG=18310 BAREGW=18311 GHFWD=18312 NGX10=18313 GH10=18314
-NGXC=18315 GHC=18316 NGXZ=18317 GHZ=18318 GHOPS=18319 NGXLOG=18320
+NGXC=18315 GHC=18316 NGXZ=18317 GHZ=18318 GHOPS=18319 NGXLOG=18320 GHAGG=18321
 hz=$(getconf CLK_TCK)
 # CPU cycles per request from the hardware counters, where perf can read them (not in every
 # VM): unlike req/s, they barely move with what the neighbours do.
@@ -97,7 +97,7 @@ CONF
 }
 
 upstream="upstream up { server 127.0.0.1:$UP; keepalive 256; keepalive_requests 1000000; }"
-nginx_conf "$work/up" $UP "server { listen 127.0.0.1:$UP; listen 127.0.0.1:$UP2; location = /1m { alias $work/1m.bin; } location ~ ^/(1k|100k)\$ { alias $work/\$1.json; default_type application/json; add_header Cache-Control \"max-age=3600\"; } location / { return 200 hello; } }"
+nginx_conf "$work/up" $UP "server { listen 127.0.0.1:$UP; listen 127.0.0.1:$UP2; location = /1m { alias $work/1m.bin; } location ~ ^/(1k|100k)\$ { alias $work/\$1.json; default_type application/json; add_header Cache-Control \"max-age=3600\"; } location = /users/1 { default_type application/json; return 200 '{\"data\":{\"id\":1,\"name\":\"Ada Lovelace\"}}'; } location = /orders { default_type application/json; return 200 '{\"data\":[{\"id\":101,\"product_id\":11},{\"id\":102,\"product_id\":12}]}'; } location = /products { default_type application/json; return 200 '{\"data\":[{\"id\":11,\"name\":\"Keyboard\"},{\"id\":12,\"name\":\"Mouse\"}]}'; } location / { return 200 hello; } }"
 nginx_conf "$work/ngx" $NGX "$upstream server { listen 127.0.0.1:$NGX; location / { $NGX_PROXY proxy_buffers 64 16k; } }"
 gatehouse_conf $GH "$(printf '[[routes]]\nupstream = "up"\n')" > "$work/gh.toml"
 # Gatehouse doing what bare Pingora does (forward only, Host kept): the like-for-like pair.
@@ -167,6 +167,15 @@ access_log = { path = \"$work/gh-access.log\", format = \"json\" }" > "$work/gho
   RUST_LOG=error start "$gh" run -c "$work/ghops.toml"
   nginx_conf "$work/ngxlog" $NGXLOG "$upstream log_format j escape=json '{\"time\":\"\$time_iso8601\",\"request_id\":\"\$request_id\",\"client_ip\":\"\$remote_addr\",\"method\":\"\$request_method\",\"host\":\"\$host\",\"path\":\"\$request_uri\",\"status\":\$status,\"request_bytes\":\$request_length,\"response_bytes\":\$bytes_sent,\"duration\":\$request_time,\"upstream_time\":\"\$upstream_response_time\",\"peer\":\"\$upstream_addr\",\"user_agent\":\"\$http_user_agent\",\"referer\":\"\$http_referer\"}'; server { listen 127.0.0.1:$NGXLOG; access_log $work/ngx-access.log j buffer=64k; location / { $NGX_PROXY proxy_buffers 64 16k; } }"
   start nginx -p "$work/ngxlog" -c "$work/ngxlog/nginx.conf"
+fi
+if [ "$scenario" = all ] || [ "$scenario" = aggregate ]; then
+  # A screen that needs a user, their orders (after the user: they take its id) and the
+  # products: one aggregate request, against the three proxied requests a client would
+  # otherwise send one after the other. Same gateway, same upstream.
+  ports="$ports $GHAGG"
+  gatehouse_conf $GHAGG "$(printf '[[routes]]\npath = "~ ^/screen/(?P<id>[0-9]+)$"\n[routes.aggregate.parts]\nuser = "up:/users/{id}"\norders = "up:/orders?user={user.data.id}"\nproducts = "up:/products"\n[[routes]]\nupstream = "up"\n')" > "$work/ghagg.toml"
+  RUST_LOG=error start "$gh" run -c "$work/ghagg.toml"
+  printf 'local p = {"/users/1", "/orders?user=1", "/products"}\nlocal i = 0\nrequest = function()\n  i = i %% 3 + 1\n  return wrk.format("GET", p[i])\nend\n' > "$work/three.lua"
 fi
 if [ "$scenario" = all ] || [ "$scenario" = plugins ]; then
   # One gateway, two routes: /plain with no plugin, /secure with the issue's stack. The rate
@@ -353,6 +362,17 @@ run_ops() { # metrics + JSON access log + scrapes against the plain route; nginx
   kill "$scraper" 2>/dev/null || true
   echo "  access log lines: gatehouse $(wc -l < "$work/gh-access.log"), nginx $(wc -l < "$work/ngx-access.log")" >&2
 }
+run_aggregate() { # one 3-part aggregate request against three proxied requests
+  for r in $(seq "$ROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then
+      measure aggregate "gatehouse, aggregate of 3 parts" $GHAGG 50 /screen/1
+      measure aggregate "gatehouse, 3 proxied requests" $GHAGG 50 / "$work/three.lua"
+    else
+      measure aggregate "gatehouse, 3 proxied requests" $GHAGG 50 / "$work/three.lua"
+      measure aggregate "gatehouse, aggregate of 3 parts" $GHAGG 50 /screen/1
+    fi
+  done
+}
 run_idle() { # memory per idle keep-alive connection
   local n=2000
   for front in "nginx $NGX" "bare-pingora $BARE" "gatehouse $GH"; do
@@ -384,7 +404,7 @@ PY
 }
 
 case "$scenario" in
-  all) run_plain; run_routes; run_large; run_selection; run_plugins; run_cache; run_ops; run_idle ;;
+  all) run_plain; run_routes; run_large; run_selection; run_plugins; run_cache; run_ops; run_aggregate; run_idle ;;
   *) "run_$scenario" ;;
 esac
 
@@ -464,6 +484,19 @@ for scenario, a, b, label in pairs:
             cyc_r = f", cycles/req {statistics.median(yr):.3f}" if yr else ""
             lines.append(f"- {label}, c{c}: req/s {statistics.median(rr):.3f} (rounds: {per}), "
                          f"CPU/req {cpu_r}{cyc_r}")
+# Aggregation: a screen is one aggregate request, or three proxied requests.
+agg = groups.get(("aggregate", "gatehouse, aggregate of 3 parts", "50"))
+three = groups.get(("aggregate", "gatehouse, 3 proxied requests", "50"))
+if agg and three:
+    w = {y[4]: y for y in three if not y[5]}
+    rr = [num(x[0]) / (num(w[x[4]][0]) / 3) for x in agg if not x[5] and x[4] in w and num(x[0]) and num(w[x[4]][0])]
+    if rr:
+        a_p99 = statistics.median([ms(x[2]) for x in agg if ms(x[2]) is not None])
+        t_p99 = statistics.median([ms(x[2]) for x in three if ms(x[2]) is not None])
+        lines.append(f"- Screens per second, one aggregate request ÷ three proxied requests (req/s ÷ 3), c50: "
+                     f"{statistics.median(rr):.3f} (rounds: {', '.join(f'{r:.2f}' for r in rr)}); "
+                     f"p99 of a screen: aggregate {a_p99:.2f} ms, three in a row at most {3 * t_p99:.2f} ms "
+                     f"(3 × the p99 of one, {t_p99:.2f} ms)")
 if lines:
     print("Paired ratios (median of per-round ratios):")
     print()

@@ -85,7 +85,7 @@ fn lookup<T>(
 }
 
 impl DemoApi {
-    fn data(&self, path: &str) -> Option<String> {
+    fn data(&self, path: &str, query: &str) -> Option<String> {
         let rest = |prefix: &str| {
             path.strip_prefix(prefix)
                 .filter(|r| r.is_empty() || r.starts_with('/'))
@@ -94,7 +94,26 @@ impl DemoApi {
         match self.service.split('-').next().unwrap_or("") {
             "users" => lookup(rest("/users")?, USERS, |u| u.0, user),
             "products" => lookup(rest("/products")?, PRODUCTS, |p| p.0, product),
-            "orders" => lookup(rest("/orders")?, ORDERS, |o| o.0, order),
+            "orders" => {
+                let r = rest("/orders")?;
+                // `/orders?user=1`: one user's orders.
+                let user = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("user="))
+                    .and_then(|u| u.parse::<u32>().ok());
+                match user {
+                    Some(u) if r.trim_matches('/').is_empty() => Some(format!(
+                        "[{}]",
+                        ORDERS
+                            .iter()
+                            .filter(|o| o.1 == u)
+                            .map(order)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )),
+                    _ => lookup(r, ORDERS, |o| o.0, order),
+                }
+            }
             _ => Some("null".into()),
         }
     }
@@ -114,7 +133,7 @@ impl ServeHttp for DemoApi {
         let (status, data) = if path == "/healthz" {
             (StatusCode::OK, "\"ok\"".to_string())
         } else {
-            match self.data(&path) {
+            match self.data(&path, req.uri.query().unwrap_or("")) {
                 Some(d) => (StatusCode::OK, d),
                 None => (StatusCode::NOT_FOUND, "null".to_string()),
             }
@@ -211,6 +230,9 @@ pub fn curl_lines(cfg: &Config) -> Vec<String> {
     if let Some(mobile) = cfg.gateways.get(1).and_then(|g| g.listen.first()) {
         lines.push(format!(
             "curl -si http://{mobile}/m/profile/2          # the mobile BFF: its own routes and headers"
+        ));
+        lines.push(format!(
+            "curl -s http://{mobile}/m/home/1              # aggregation: user, their orders, products in one answer"
         ));
     }
     if let Some(admin) = cfg.server.admin {

@@ -45,6 +45,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
 
     let runtime = Runtime::build(cfg, None)?;
     crate::cache::set_size(cfg.server.cache_size);
+    crate::aggregate::set_pool_size(cfg.server.upstream_keepalive_pool);
     let live: Live = Arc::new(ArcSwap::from_pointee(runtime));
     let mut cert_stores = Vec::with_capacity(cfg.gateways.len());
     for (index, g) in cfg.gateways.iter().enumerate() {
@@ -214,6 +215,7 @@ impl Reloader {
         let rt = Arc::new(rt);
         self.live.store(rt.clone());
         crate::cache::set_size(cfg.server.cache_size);
+        crate::aggregate::set_pool_size(cfg.server.upstream_keepalive_pool);
         for (g, store) in cfg.gateways.iter().zip(&self.cert_stores) {
             if let (Some(tls), Some(store)) = (&g.tls, store) {
                 store.replace(tls.pair.clone());

@@ -269,3 +269,113 @@ f = "missing:/f"
         "{out}"
     );
 }
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_values_bodies_head_and_explain() {
+    let up = slow("users", 0).await;
+    let port = free_port();
+    let toml = format!(
+        r#"
+[upstreams.users]
+peers = ["{up}"]
+[plugins.keys]
+kind = "key_auth"
+header = "x-api-key"
+keys = {{ "alice smith" = "sha256:{}" }}
+[gateways.g]
+listen = ["127.0.0.1:{port}"]
+[[routes]]
+name = "me"
+path = "/me"
+methods = ["GET", "HEAD", "POST"]
+plugins = ["keys"]
+[routes.aggregate.parts]
+profile = "users:/profiles/{{consumer}}"
+echo = {{ upstream = "users", path = "/echo", body = true }}
+"#,
+        sha256_hex("k1")
+    );
+    let _g = Gatehouse::start(&toml, &[port]);
+    let url = format!("http://127.0.0.1:{port}/me");
+    // The route's auth runs once, before any part.
+    let (status, _, _) = get(&url, &[]).await;
+    assert_eq!(status, 401);
+    let (status, _, body) = get(&url, &[("x-api-key", "k1")]).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["profile"]["path"], "/profiles/alice%20smith");
+    // HEAD: the same status and headers, no body.
+    let head = client()
+        .head(&url)
+        .header("x-api-key", "k1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.text().await.unwrap(), "");
+    // A POST's body goes to the part marked `body`, with the client's method.
+    let echo = serve(|req: hyper::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let m = req.method().to_string();
+        let b = req.into_body().collect().await.unwrap().to_bytes();
+        Response::builder()
+            .body(full(
+                serde_json::json!({"method": m, "body": String::from_utf8_lossy(&b)}).to_string(),
+            ))
+            .unwrap()
+    })
+    .await;
+    let port2 = free_port();
+    let toml2 = toml
+        .replace(&up.to_string(), &echo.to_string())
+        .replace(&port.to_string(), &port2.to_string());
+    let _g2 = Gatehouse::start(&toml2, &[port2]);
+    let r = client()
+        .post(format!("http://127.0.0.1:{port2}/me"))
+        .header("x-api-key", "k1")
+        .body("{\"a\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["echo"]["method"], "POST");
+    assert_eq!(v["echo"]["body"], "{\"a\":1}");
+    assert_eq!(v["profile"]["method"], "GET");
+    assert_eq!(v["profile"]["body"], "");
+
+    // explain names the parts, their upstreams and what they wait for.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("g.toml");
+    std::fs::write(&cfg, &toml).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["explain", "-c"])
+        .arg(&cfg)
+        .args(["GET", "http://localhost/me"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("aggregate of 2 parts"), "{text}");
+    assert!(
+        text.contains("profile: users /profiles/{consumer}"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_bounds_the_number_of_parts() {
+    let mut parts = String::new();
+    for i in 0..5 {
+        parts.push_str(&format!("p{i} = \"u:/{i}\"\n"));
+    }
+    let (code, out, _, _d) = check(&format!(
+        "[server]\nmax_aggregate_parts = 4\n[upstreams.u]\npeers = [\"127.0.0.1:9\"]\n[gateways.g]\nlisten = [\"127.0.0.1:8080\"]\n[[routes]]\npath = \"/x\"\n[routes.aggregate.parts]\n{parts}"
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("5 parts: at most 4"), "{out}");
+}

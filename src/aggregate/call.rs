@@ -16,8 +16,18 @@ use crate::runtime::Runtime;
 use crate::upstream::breaker::{Admit, Breaker};
 use crate::upstream::{Pool, Tried};
 
-/// The parts' keep-alive pool (Pingora's proxy keeps its own, which is private to it).
-static CONNECTOR: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
+/// The parts' keep-alive pool (Pingora's proxy keeps its own, which is private to it), as large
+/// as the proxy's: `[server] upstream_keepalive_pool`.
+static CONNECTOR: LazyLock<Connector> = LazyLock::new(|| {
+    let size = POOL_SIZE.get().copied().unwrap_or(256);
+    Connector::new(Some(pingora::connectors::ConnectorOptions::new(size)))
+});
+static POOL_SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Called once at start, before any request.
+pub fn set_pool_size(n: usize) {
+    let _ = POOL_SIZE.set(n);
+}
 
 /// A circuit breaker's probe is answered whatever happens to the call: recorded, or given
 /// back when the call is dropped (the whole answer failed early, or its deadline passed).

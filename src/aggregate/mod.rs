@@ -23,6 +23,7 @@ use crate::runtime::{GatewayRt, Runtime};
 mod call;
 mod render;
 
+pub use call::set_pool_size;
 use call::{call, Call};
 use render::{render, Inputs};
 
