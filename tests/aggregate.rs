@@ -379,3 +379,83 @@ fn check_bounds_the_number_of_parts() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("5 parts: at most 4"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_retries_truncated_bodies_and_open_circuits() {
+    let up = slow("orders", 0).await;
+    let down = format!("127.0.0.1:{}", free_port());
+    // Says 100 bytes, sends 10, closes: a truncated answer.
+    let cut = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"a\":12345")
+                    .await;
+            }
+        });
+        a
+    };
+    let port = free_port();
+    let secret = "a-shared-secret-that-is-long-enough-0123456789";
+    let toml = format!(
+        r#"
+[upstreams.orders]
+peers = ["{down}", "{up}"]
+retries = 1
+connect_timeout = "500ms"
+[upstreams.cut]
+peers = ["{cut}"]
+[upstreams.dead]
+peers = ["{down}"]
+circuit_breaker = {{ failures = 1, open_for = "30s" }}
+[plugins.jwt]
+kind = "jwt_auth"
+algorithms = ["HS256"]
+secret = "{secret}"
+[gateways.g]
+listen = ["127.0.0.1:{port}"]
+[[routes]]
+path = "/a"
+plugins = ["jwt"]
+[routes.aggregate.parts]
+mine = "orders:/orders?tenant={{jwt.tenant}}&n={{jwt.n}}"
+cut = "cut:/"
+dead = {{ upstream = "dead", path = "/", optional = true }}
+"#
+    );
+    let _g = Gatehouse::start(&toml, &[port]);
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({ "sub": "u1", "tenant": "acme & co", "n": 7, "exp": 4_000_000_000u64 }),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let auth = format!("Bearer {token}");
+    for round in 0..4 {
+        let (status, _, body) = get(
+            &format!("http://127.0.0.1:{port}/a"),
+            &[("authorization", &auth)],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        // Round robin over a dead peer and a live one: the part is retried on the live one.
+        assert_eq!(
+            v["mine"]["query"], "tenant=acme%20%26%20co&n=7",
+            "round {round}: {body}"
+        );
+        assert_eq!(v["errors"]["cut"]["error"], "upstream", "{body}");
+        // The first call fails and opens the circuit; the next ones are not even tried.
+        let want = if round == 0 {
+            "connect"
+        } else {
+            "circuit_open"
+        };
+        assert_eq!(v["errors"]["dead"]["error"], want, "round {round}: {body}");
+    }
+}

@@ -120,8 +120,9 @@ pub async fn serve(
             claims: ctx.plugins.claims.as_deref(),
         };
         let get = Method::GET;
+        // The client's method goes with its body only; without one (GET, HEAD) a part is a GET.
         let with_body = Call {
-            method: &method,
+            method: if body.is_some() { &method } else { &get },
             base: &base,
             body: body.as_ref(),
             client,
