@@ -459,3 +459,111 @@ dead = {{ upstream = "dead", path = "/", optional = true }}
         assert_eq!(v["errors"]["dead"]["error"], want, "round {round}: {body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_values_cannot_reshape_a_path_and_client_slowness_blames_no_upstream() {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    let counted = serve(move |req: hyper::Request<hyper::body::Incoming>| {
+        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Response::builder()
+                .body(full(
+                    serde_json::json!({ "path": req.uri().path() }).to_string(),
+                ))
+                .unwrap()
+        }
+    })
+    .await;
+    let parent = slow("parent", 250).await;
+    let port = free_port();
+    let toml = format!(
+        r#"
+[upstreams.b]
+peers = ["{counted}"]
+circuit_breaker = {{ failures = 1, open_for = "30s" }}
+[upstreams.parent]
+peers = ["{parent}"]
+[gateways.g]
+listen = ["127.0.0.1:{port}"]
+[[routes]]
+path = "/u"
+[routes.aggregate]
+on_error = "fail"
+[routes.aggregate.parts]
+user = "b:/users/{{query.id}}/orders"
+[[routes]]
+path = "/late"
+[routes.aggregate]
+timeout = "300ms"
+[routes.aggregate.parts]
+parent = "parent:/p"
+child = "b:/after/{{parent.name}}"
+[[routes]]
+path = "/direct"
+[routes.aggregate.parts]
+b = "b:/direct"
+"#
+    );
+    let _g = Gatehouse::start(&toml, &[port]);
+    let base = format!("http://127.0.0.1:{port}");
+    for q in ["id=..", "id=.", "id=", "id=a%2Fb", "id=a%5Cb", "x=1"] {
+        let (status, _, body) = get(&format!("{base}/u?{q}"), &[]).await;
+        assert_eq!(status, 400, "{q}: {body}");
+        assert!(body.contains("\"part\":\"user\""), "{body}");
+    }
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "never sent"
+    );
+    let (status, _, body) = get(&format!("{base}/u?id=a.b%20c"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("/users/a.b%20c/orders"), "{body}");
+
+    // The child starts after a 250 ms parent with 50 ms of the route's 300 left, and its
+    // upstream takes 100 ms: cut by the route's deadline, which is no verdict on `b`.
+    for _ in 0..2 {
+        let (status, _, body) = get(&format!("{base}/late"), &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"child\":{\"error\":\"timeout\""), "{body}");
+    }
+    let (status, _, body) = get(&format!("{base}/direct"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"path\":\"/direct\""),
+        "the circuit of b stays closed: {body}"
+    );
+}
+
+#[test]
+fn check_refuses_what_would_break_the_answer() {
+    let (code, out, _, _d) = check(
+        r#"[upstreams.u]
+peers = ["127.0.0.1:9"]
+[gateways.g]
+listen = ["127.0.0.1:8080"]
+[[routes]]
+path = "/x"
+[routes.aggregate]
+partial_status = 204
+forward_headers = ["content-length"]
+[routes.aggregate.parts]
+errors = "u:/e"
+maybe = { upstream = "u", path = "/m", optional = true }
+needs = "u:/n/{maybe.id}"
+"#,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(":8:") && out.contains("partial_status"),
+        "{out}"
+    );
+    assert!(
+        out.contains(":9:") && out.contains("content-length"),
+        "{out}"
+    );
+    assert!(out.contains(":11:") && out.contains("\"errors\""), "{out}");
+    assert!(out.contains(":13:") && out.contains("`optional`"), "{out}");
+}

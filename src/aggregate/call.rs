@@ -103,8 +103,10 @@ async fn exchange(
         .await;
         let status = match sent {
             Ok(st) => st,
+            // Not with a body: the peer may have acted on it before the connection closed.
             Err(e)
                 if reused
+                    && body.is_none()
                     && attempts < 3
                     && !matches!(
                         e.etype(),
@@ -156,6 +158,13 @@ pub(super) async fn call(
 ) -> std::result::Result<Bytes, Failure> {
     let pool: &Arc<Pool> = &rt.pools[part.upstream];
     let name = &pool.name;
+    if deadline <= Instant::now() {
+        return Err(failure(
+            "timeout",
+            504,
+            "not started: the route's timeout had passed",
+        ));
+    }
     let mut verdict = Verdict {
         breaker: pool.breaker.as_ref(),
         probe: None,
@@ -185,9 +194,14 @@ pub(super) async fn call(
     } else {
         &[]
     };
-    let until = part
+    // The part's own timeout, when it ends before the route's deadline: only then is running
+    // out of time the upstream's slowness. A part cut by the route's deadline may have had
+    // little time left (a slow parent part, a slow client body): no verdict on its upstream.
+    let own = part
         .timeout
-        .map_or(deadline, |t| deadline.min(Instant::now() + t));
+        .map(|t| Instant::now() + t)
+        .filter(|&u| u <= deadline);
+    let until = own.unwrap_or(deadline);
     let replayable = c.body.is_none();
     let (mut tried, mut tries) = (Tried::default(), 0);
     loop {
@@ -228,8 +242,10 @@ pub(super) async fn call(
         let left = until.saturating_duration_since(started);
         match tokio::time::timeout(left, exchange(&peer, &req, c.body, part.max_bytes)).await {
             Err(_) => {
-                pool.report(idx, false);
-                verdict.record(false);
+                if own.is_some() {
+                    pool.report(idx, false);
+                    verdict.record(false);
+                }
                 return Err(failure(
                     "timeout",
                     504,

@@ -104,6 +104,8 @@ pub async fn serve(
     let trusted =
         peer_ip.is_some_and(|ip| crate::proxy::forwarded::is_trusted(&rt.trusted_proxies, ip));
     crate::proxy::forwarded::set_headers(&mut base, gw.forwarded, peer_ip, trusted, gw.tls)?;
+    // The route's time starts when the client's part is done: a slow body is not the parts'.
+    let parts_start = Instant::now();
     base.remove_header(&header::HOST);
 
     let outcomes = {
@@ -135,7 +137,15 @@ pub async fn serve(
             client,
             client_ip: ctx.plugins.client_ip,
         };
-        run(agg, rt, &inputs, &with_body, &plain, start + agg.timeout).await
+        run(
+            agg,
+            rt,
+            &inputs,
+            &with_body,
+            &plain,
+            parts_start + agg.timeout,
+        )
+        .await
     };
     let (outcomes, cause) = outcomes;
     ctx.upstream_time = Some(start.elapsed());
@@ -207,7 +217,7 @@ async fn run(
         .await;
         let Ok(Some((i, result))) = next else { break };
         let part = &agg.parts[i];
-        let outcome = result.and_then(|body| {
+        let mut outcome = result.and_then(|body| {
             total += body.len();
             if total > agg.max_bytes {
                 return Err(failure(
@@ -239,8 +249,8 @@ async fn run(
                 Ok((body, None))
             }
         });
-        if let Ok((_, v)) = &outcome {
-            values[i] = v.clone();
+        if let Ok((_, v)) = &mut outcome {
+            values[i] = v.take();
         }
         let stop = agg.fail && !part.optional && outcome.is_err();
         done[i] = Some(outcome);

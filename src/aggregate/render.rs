@@ -14,7 +14,9 @@ pub(super) struct Inputs<'a> {
 }
 
 /// Everything a value may hold goes in percent-encoded but the unreserved characters: a
-/// value can never add a path segment, a `..`, a query parameter or a fragment.
+/// value can never add a query parameter or a fragment. In the path, [`render`] refuses what
+/// could still change it: empty values, `.`, `..`, and slashes (an upstream that decodes
+/// `%2F` would see a new segment).
 const VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
@@ -108,7 +110,52 @@ pub(super) fn render(
                     .into_bytes()
             }
         };
+        let in_path = !out.contains('?');
+        if let Some(why) = unsafe_value(&value, in_path) {
+            // A client's value (400) or a part's (502): never sent with a hole or a new segment.
+            let status = if matches!(pc, Piece::Part(..)) {
+                502
+            } else {
+                400
+            };
+            return Err(failure(
+                "bad_value",
+                status,
+                format!("value for {}: {why}", describe(agg, pc)),
+            ));
+        }
         out.extend(percent_encoding::percent_encode(&value, VALUE));
     }
     Ok(out)
+}
+
+/// Why a value may not go into a part's path (or its query), if it may not.
+fn unsafe_value(v: &[u8], in_path: bool) -> Option<&'static str> {
+    if v.is_empty() {
+        return Some("empty");
+    }
+    if !in_path {
+        return None;
+    }
+    if v == b"." || v == b".." {
+        return Some("a dot segment");
+    }
+    if v.iter()
+        .any(|&b| b == b'/' || b == b'\\' || b < 0x20 || b == 0x7f)
+    {
+        return Some("a slash or a control character in a path segment");
+    }
+    None
+}
+
+fn describe(agg: &Aggregate, pc: &Piece) -> String {
+    match pc {
+        Piece::Lit(l) => l.clone(),
+        Piece::Group(g) => format!("{{{g}}}"),
+        Piece::Query(q) => format!("{{query.{q}}}"),
+        Piece::Header(h) => format!("{{header.{h}}}"),
+        Piece::Consumer => "{consumer}".into(),
+        Piece::Jwt(c) => format!("{{jwt.{c}}}"),
+        Piece::Part(p, keys) => format!("{{{}.{}}}", agg.parts[*p].name, keys.join(".")),
+    }
 }

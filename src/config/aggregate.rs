@@ -128,10 +128,12 @@ pub enum Piece {
 }
 
 /// Part names that would read as the request's own values in a template.
-const RESERVED: [&str; 4] = ["query", "header", "jwt", "consumer"];
+const RESERVED: [&str; 5] = ["query", "header", "jwt", "consumer", "errors"];
 /// Headers of one hop or of the client's own message framing: never copied to a part.
-const NOT_FORWARDED: [&str; 9] = [
+const NOT_FORWARDED: [&str; 11] = [
     "host",
+    "content-length",
+    "expect",
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -141,6 +143,7 @@ const NOT_FORWARDED: [&str; 9] = [
     "transfer-encoding",
     "upgrade",
 ];
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_FORWARD: [&str; 3] = ["authorization", "accept-language", "x-request-id"];
 
 pub(super) fn aggregate(
@@ -230,8 +233,15 @@ pub(super) fn aggregate(
             .collect();
         deps.sort_unstable();
         deps.dedup();
-        if t.timeout.as_ref().is_some_and(|d| d.0.is_zero()) {
-            ld.err(p.span(), &pctx, "`timeout` must be more than 0");
+        if t.timeout
+            .as_ref()
+            .is_some_and(|d| d.0.is_zero() || d.0 > MAX_TIMEOUT)
+        {
+            ld.err(
+                p.span(),
+                &pctx,
+                "`timeout` must be more than 0 and at most 1h",
+            );
         }
         parts.push(Part {
             name: n.get_ref().clone(),
@@ -272,6 +282,17 @@ pub(super) fn aggregate(
                     ctx,
                     format!(
                         "part \"{}\" reads from \"{}\", which is `raw`",
+                        names[i], names[d]
+                    ),
+                );
+            }
+            if parts[d].optional && !parts[i].optional {
+                let (_, p) = entries[i];
+                ld.err(
+                    p.span(),
+                    ctx,
+                    format!(
+                        "part \"{}\" reads from \"{}\", which is `optional`: mark it `optional` too (it is skipped when that part fails)",
                         names[i], names[d]
                     ),
                 );
@@ -317,23 +338,23 @@ pub(super) fn aggregate(
         }
     };
     let partial_status = f.partial_status.as_ref().map_or(200, |s| *s.get_ref());
-    if !(200..300).contains(&partial_status) {
+    if !(200..300).contains(&partial_status) || partial_status == 204 || partial_status == 205 {
         let s = f.partial_status.as_ref().map_or(a.span(), Spanned::span);
         ld.err(
             s,
             ctx,
-            "`partial_status` must be a 2xx status (200, 206, 207...)",
+            "`partial_status` must be a 2xx status with a body (200, 206, 207...)",
         );
     }
     let timeout = f
         .timeout
         .as_ref()
         .map_or(Duration::from_secs(10), |d| d.get_ref().0);
-    if timeout.is_zero() {
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
         let s = f.timeout.as_ref().map_or(a.span(), Spanned::span);
-        ld.err(s, ctx, "`timeout` must be more than 0");
+        ld.err(s, ctx, "`timeout` must be more than 0 and at most 1h");
     }
-    let forward = match &f.forward_headers {
+    let mut forward: Vec<HeaderName> = match &f.forward_headers {
         None => DEFAULT_FORWARD
             .iter()
             .map(|h| HeaderName::from_static(h))
@@ -361,6 +382,8 @@ pub(super) fn aggregate(
             })
             .collect(),
     };
+    forward.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    forward.dedup();
     let max_bytes = f
         .max_bytes
         .as_ref()
