@@ -49,7 +49,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
     let live: Live = Arc::new(ArcSwap::from_pointee(runtime));
     let mut cert_stores = Vec::with_capacity(cfg.gateways.len());
     for (index, g) in cfg.gateways.iter().enumerate() {
-        let store = g.tls.as_ref().map(|t| CertStore::new(t.pair.clone()));
+        let store = g.tls.as_ref().map(|t| CertStore::new(t.certs.clone()));
         let proxy = GatewayProxy {
             index,
             live: live.clone(),
@@ -218,7 +218,7 @@ impl Reloader {
         crate::aggregate::set_pool_size(cfg.server.upstream_keepalive_pool);
         for (g, store) in cfg.gateways.iter().zip(&self.cert_stores) {
             if let (Some(tls), Some(store)) = (&g.tls, store) {
-                store.replace(tls.pair.clone());
+                store.replace(tls.certs.clone());
             }
         }
         health::spawn_checks(&rt.pools);

@@ -1,10 +1,11 @@
-//! A gateway's TLS certificate, reloadable: handshakes take the certificate and key from a
-//! store the reload replaces, instead of files Pingora reads once at start (a SIGHUP used to
-//! log success while the old certificate stayed). A new handshake gets the new pair; an
-//! established connection keeps the one it was made with.
+//! A gateway's TLS certificates, chosen by SNI and reloadable: handshakes take certificates
+//! and keys from a store the reload replaces, instead of files Pingora reads once at start (a
+//! SIGHUP used to log success while the old certificate stayed). A new handshake gets the new
+//! pairs; an established connection keeps the one it was made with.
 //!
 //! The pair is read and checked when the config is loaded (`check`, start and reload alike):
 //! a certificate chain and a private key that belongs to its first certificate.
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use async_trait::async_trait;
 use pingora::listeners::TlsAccept;
 use pingora::tls::ext::{ssl_add_chain_cert, ssl_use_certificate, ssl_use_private_key};
 use pingora::tls::pkey::{PKey, Private};
-use pingora::tls::ssl::SslRef;
+use pingora::tls::ssl::{NameType, SslRef};
 use pingora::tls::x509::X509;
 
 /// A certificate chain (leaf first) and its private key.
@@ -57,23 +58,140 @@ impl CertPair {
                 cert.display()
             ));
         }
+        let now = openssl::asn1::Asn1Time::days_from_now(0)
+            .map_err(|_| "cannot read the clock".to_string())?;
+        if leaf.not_after() < now {
+            return Err(format!(
+                "{}: expired on {}",
+                cert.display(),
+                leaf.not_after()
+            ));
+        }
         Ok(CertPair {
             chain,
             key: key_parsed,
         })
     }
+
+    /// The DNS names the leaf certificate is for: its SANs, else its common name.
+    pub fn dns_names(&self) -> Vec<String> {
+        let Some(leaf) = self.chain.first() else {
+            return Vec::new();
+        };
+        let sans: Vec<String> = leaf
+            .subject_alt_names()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.dnsname().map(str::to_string))
+            .collect();
+        if !sans.is_empty() {
+            return sans;
+        }
+        leaf.subject_name()
+            .entries_by_nid(pingora::tls::nid::Nid::COMMONNAME)
+            .filter_map(|e| e.data().to_string().ok())
+            .collect()
+    }
 }
 
-/// The pair handshakes use now.
-pub struct CertStore(ArcSwap<CertPair>);
+/// The pairs of one name: an RSA and an ECDSA certificate may serve it together (OpenSSL
+/// keeps one per key type and the client's signature algorithms choose).
+type Pairs = Vec<Arc<CertPair>>;
 
-impl CertStore {
-    pub fn new(pair: Arc<CertPair>) -> Arc<CertStore> {
-        Arc::new(CertStore(ArcSwap::new(pair)))
+/// A gateway's certificates by name: exact names before wildcards (`*.example.com`: one label),
+/// then the default, or none (the handshake is refused).
+#[derive(Debug, Default)]
+pub struct CertSet {
+    exact: HashMap<String, Pairs>,
+    wildcard: HashMap<String, Pairs>,
+    default: Option<Pairs>,
+    /// Each entry's pairs, by entry index, to find the default's.
+    entries: Vec<(usize, Arc<CertPair>)>,
+}
+
+fn normalize(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl CertSet {
+    /// The `tls = { cert, key }` form: one pair whatever the client asks for.
+    pub fn single(pair: Arc<CertPair>) -> CertSet {
+        CertSet {
+            default: Some(vec![pair]),
+            ..CertSet::default()
+        }
     }
 
-    pub fn replace(&self, pair: Arc<CertPair>) {
-        self.0.store(pair);
+    /// Adds `pair` (of entry `entry`) for `name`: `api.example.com` or `*.example.com`.
+    pub fn add(&mut self, name: &str, pair: Arc<CertPair>, entry: usize) -> Result<(), String> {
+        let n = normalize(name);
+        let (map, key) = match n.strip_prefix("*.") {
+            Some(rest) => (&mut self.wildcard, rest.to_string()),
+            None => (&mut self.exact, n.clone()),
+        };
+        if key.is_empty()
+            || key.contains('*')
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(format!(
+                "\"{name}\" is not a DNS name (a wildcard is `*.` before a name)"
+            ));
+        }
+        let pairs = map.entry(key).or_default();
+        let kind = pair.key.id();
+        if pairs.iter().any(|p| p.key.id() == kind) {
+            return Err(format!(
+                "two certificates with the same key type for \"{name}\""
+            ));
+        }
+        pairs.push(pair.clone());
+        if !self.entries.iter().any(|(e, _)| *e == entry) {
+            self.entries.push((entry, pair));
+        }
+        Ok(())
+    }
+
+    /// The default: entry `at`'s pairs (with the other key type's pair for the same first
+    /// name, if any); `None`: unknown and absent names are refused.
+    pub fn finish(&mut self, at: Option<usize>) {
+        self.default = at.and_then(|at| {
+            let (_, pair) = self.entries.iter().find(|(e, _)| *e == at)?;
+            let name = pair.dns_names().into_iter().next();
+            let same = name.and_then(|n| self.pick_named(&normalize(&n)).cloned());
+            Some(
+                same.filter(|p| p.iter().any(|x| Arc::ptr_eq(x, pair)))
+                    .unwrap_or_else(|| vec![pair.clone()]),
+            )
+        });
+    }
+
+    fn pick_named(&self, name: &str) -> Option<&Pairs> {
+        self.exact.get(name).or_else(|| {
+            let (_, parent) = name.split_once('.')?;
+            self.wildcard.get(parent)
+        })
+    }
+
+    /// The pairs for the name the client sent (SNI), if any is served.
+    pub fn pick(&self, sni: Option<&str>) -> Option<&[Arc<CertPair>]> {
+        sni.and_then(|n| self.pick_named(&normalize(n)))
+            .or(self.default.as_ref())
+            .map(Vec::as_slice)
+    }
+}
+
+/// The certificates handshakes use now.
+pub struct CertStore(ArcSwap<CertSet>);
+
+impl CertStore {
+    pub fn new(set: Arc<CertSet>) -> Arc<CertStore> {
+        Arc::new(CertStore(ArcSwap::new(set)))
+    }
+
+    pub fn replace(&self, set: Arc<CertSet>) {
+        self.0.store(set);
     }
 }
 
@@ -83,18 +201,26 @@ pub struct Certificates(pub Arc<CertStore>);
 #[async_trait]
 impl TlsAccept for Certificates {
     async fn certificate_callback(&self, ssl: &mut SslRef) {
-        let pair = self.0 .0.load();
-        let Some(leaf) = pair.chain.first() else {
+        let set = self.0 .0.load();
+        let sni = ssl.servername(NameType::HOST_NAME).map(str::to_string);
+        // No pair: no certificate is set and the handshake fails (`unknown_sni = "refuse"`).
+        let Some(pairs) = set.pick(sni.as_deref()) else {
+            log::debug!("TLS handshake refused: no certificate for {sni:?}");
             return;
         };
-        // A failure here fails the handshake (no certificate): nothing else to do with it.
-        let ok = ssl_use_certificate(ssl, leaf).is_ok()
-            && ssl_use_private_key(ssl, &pair.key).is_ok()
-            && pair.chain[1..]
-                .iter()
-                .all(|c| ssl_add_chain_cert(ssl, c).is_ok());
-        if !ok {
-            log::warn!("TLS handshake: the certificate could not be set");
+        for pair in pairs {
+            let Some(leaf) = pair.chain.first() else {
+                continue;
+            };
+            // Certificate, key, then its chain: the chain goes with the certificate set last.
+            let ok = ssl_use_certificate(ssl, leaf).is_ok()
+                && ssl_use_private_key(ssl, &pair.key).is_ok()
+                && pair.chain[1..]
+                    .iter()
+                    .all(|c| ssl_add_chain_cert(ssl, c).is_ok());
+            if !ok {
+                log::warn!("TLS handshake: a certificate could not be set");
+            }
         }
     }
 }

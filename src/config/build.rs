@@ -242,37 +242,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
                 );
             }
         }
-        let tls = g.tls.and_then(|t| {
-            let (cert, key) = (
-                relative_to(path, t.cert.get_ref()),
-                relative_to(path, t.key.get_ref()),
-            );
-            let mut found = true;
-            for (f, p) in [(&t.cert, &cert), (&t.key, &key)] {
-                if !p.is_file() {
-                    ld.err(
-                        f.span(),
-                        &ctx,
-                        format!("TLS file {} not found", p.display()),
-                    );
-                    found = false;
-                }
-            }
-            if !found {
-                return None;
-            }
-            // Read and checked now, so check and reload refuse a bad pair as start would.
-            match crate::tls::CertPair::load(&cert, &key) {
-                Ok(pair) => Some(Tls {
-                    h2: t.h2.unwrap_or(true),
-                    pair: std::sync::Arc::new(pair),
-                }),
-                Err(why) => {
-                    ld.err(t.cert.span(), &ctx, format!("TLS: {why}"));
-                    None
-                }
-            }
-        });
+        let tls = super::tls::gateway_tls(&mut ld, &g, path, &ctx);
         let plugins = plugin_refs(&mut ld, &g.plugins, &plugin_names, &ctx);
         let mut forwarded = ForwardedHeaders::default();
         if let Some(list) = &g.forwarded_headers {

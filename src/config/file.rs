@@ -189,6 +189,8 @@ impl<'de> Deserialize<'de> for PeerEntry {
 pub struct GatewayFile {
     pub listen: Spanned<Vec<Spanned<ListenAddr>>>,
     pub tls: Option<TlsFile>,
+    pub certs: Option<Spanned<Vec<Spanned<super::tls::CertFile>>>>,
+    pub unknown_sni: Option<Spanned<String>>,
     #[serde(default)]
     pub plugins: Vec<Spanned<String>>,
     pub forwarded_headers: Option<Vec<Spanned<String>>>,

@@ -20,6 +20,7 @@ mod build;
 pub mod file;
 pub mod offload;
 mod routes;
+mod tls;
 mod upstreams;
 pub mod values;
 
@@ -187,8 +188,8 @@ pub struct NamedPlugin {
 #[derive(Debug)]
 pub struct Tls {
     pub h2: bool,
-    /// The certificate chain and key, read and checked at load.
-    pub pair: std::sync::Arc<crate::tls::CertPair>,
+    /// The certificates by name, read and checked at load.
+    pub certs: std::sync::Arc<crate::tls::CertSet>,
 }
 
 /// Which X-Forwarded-* headers a gateway adds (`forwarded_headers`). One left out is still

@@ -1,0 +1,211 @@
+//! Certificates chosen by SNI: exact names before wildcards, a default for unknown and absent
+//! names (or a refused handshake), RSA and ECDSA for the same name, expired certificates
+//! refused by `check`.
+mod common;
+
+use common::*;
+use openssl::asn1::Asn1Time;
+use openssl::ec::{EcGroup, EcKey};
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, Private};
+use openssl::rsa::Rsa;
+use openssl::x509::extension::SubjectAlternativeName;
+use openssl::x509::{X509NameBuilder, X509};
+
+/// A self-signed certificate for `names` (RSA or ECDSA P-256), as PEM files in `dir`.
+fn cert(
+    dir: &std::path::Path,
+    file: &str,
+    names: &[&str],
+    ec: bool,
+    days: (i64, u32),
+) -> (Vec<u8>, String, String) {
+    let key: PKey<Private> = if ec {
+        PKey::from_ec_key(
+            EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap(),
+        )
+        .unwrap()
+    } else {
+        PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap()
+    };
+    let mut name = X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", names[0]).unwrap();
+    let name = name.build();
+    let mut b = X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(&name).unwrap();
+    b.set_pubkey(&key).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    b.set_not_before(&Asn1Time::from_unix(now + days.0 * 86_400 - 60).unwrap())
+        .unwrap();
+    b.set_not_after(
+        &Asn1Time::from_unix(now + days.0 * 86_400 + i64::from(days.1) * 86_400).unwrap(),
+    )
+    .unwrap();
+    let mut san = SubjectAlternativeName::new();
+    for n in names {
+        san.dns(n);
+    }
+    let san = san.build(&b.x509v3_context(None, None)).unwrap();
+    b.append_extension(san).unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    let pem = b.build().to_pem().unwrap();
+    let (c, k) = (
+        dir.join(format!("{file}.crt")),
+        dir.join(format!("{file}.key")),
+    );
+    std::fs::write(&c, &pem).unwrap();
+    std::fs::write(&k, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    (pem, c.display().to_string(), k.display().to_string())
+}
+
+/// The certificate a handshake gets for `sni` (none: no SNI sent), restricted to ECDSA or RSA
+/// signatures when `sigalgs` says so; `None` when the handshake fails.
+fn served(port: u16, sni: Option<&str>, sigalgs: Option<&str>) -> Option<X509> {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    if let Some(s) = sigalgs {
+        b.set_sigalgs_list(s).unwrap();
+    }
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut cfg = b.build().configure().unwrap();
+    cfg.set_use_server_name_indication(sni.is_some());
+    cfg.set_verify_hostname(false);
+    let s = cfg.connect(sni.unwrap_or("ignored"), tcp).ok()?;
+    s.ssl().peer_certificate()
+}
+
+fn cn(c: &X509) -> String {
+    c.subject_name()
+        .entries_by_nid(Nid::COMMONNAME)
+        .next()
+        .map(|e| e.data().to_string().unwrap())
+        .unwrap_or_default()
+}
+
+fn gateway(
+    port: u16,
+    up: std::net::SocketAddr,
+    certs: &[(String, String, &str)],
+    extra: &str,
+) -> String {
+    let mut t = format!("[upstreams.a]\npeers = [\"{up}\"]\n[gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n{extra}\n");
+    for (c, k, more) in certs {
+        t.push_str(&format!(
+            "[[gateways.web.certs]]\ncert = \"{c}\"\nkey = \"{k}\"\n{more}\n"
+        ));
+    }
+    t.push_str("[[routes]]\nupstream = \"a\"\n");
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_exact_then_wildcard_then_the_default() {
+    let up = echo("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, c1, k1) = cert(dir.path(), "api", &["api.example.com"], false, (0, 30));
+    let (_, c2, k2) = cert(dir.path(), "wild", &["*.example.com"], false, (0, 30));
+    let (_, c3, k3) = cert(dir.path(), "other", &["other.test"], false, (0, 30));
+    let (_, c4, k4) = cert(dir.path(), "api-ec", &["api.example.com"], true, (0, 30));
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &gateway(
+            port,
+            up,
+            &[
+                (c1, k1, ""),
+                (c2, k2, ""),
+                (c3, k3, "default = true"),
+                (c4, k4, ""),
+            ],
+            "",
+        ),
+        &[port],
+    );
+    let got = |sni: Option<&str>, alg: Option<&str>| served(port, sni, alg).map(|c| cn(&c));
+    assert_eq!(
+        got(Some("api.example.com"), Some("RSA+SHA256:RSA-PSS+SHA256")).as_deref(),
+        Some("api.example.com")
+    );
+    assert_eq!(
+        got(Some("API.Example.com."), Some("RSA+SHA256:RSA-PSS+SHA256")).as_deref(),
+        Some("api.example.com")
+    );
+    // The same name with an ECDSA certificate: a client that only takes ECDSA gets it.
+    let ec = served(port, Some("api.example.com"), Some("ECDSA+SHA256")).unwrap();
+    assert_eq!(ec.public_key().unwrap().id(), openssl::pkey::Id::EC);
+    let rsa = served(
+        port,
+        Some("api.example.com"),
+        Some("RSA+SHA256:RSA-PSS+SHA256"),
+    )
+    .unwrap();
+    assert_eq!(rsa.public_key().unwrap().id(), openssl::pkey::Id::RSA);
+    assert_eq!(
+        got(Some("www.example.com"), None).as_deref(),
+        Some("*.example.com")
+    );
+    // One label only: a.b.example.com is not *.example.com's.
+    assert_eq!(
+        got(Some("a.b.example.com"), None).as_deref(),
+        Some("other.test")
+    );
+    assert_eq!(
+        got(Some("unknown.org"), None).as_deref(),
+        Some("other.test")
+    );
+    assert_eq!(got(None, None).as_deref(), Some("other.test"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_sni_can_be_refused() {
+    let up = echo("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, c1, k1) = cert(dir.path(), "api", &["localhost"], false, (0, 30));
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &gateway(port, up, &[(c1, k1, "")], "unknown_sni = \"refuse\""),
+        &[port],
+    );
+    assert!(served(port, Some("localhost"), None).is_some());
+    assert!(served(port, Some("unknown.org"), None).is_none(), "refused");
+    assert!(served(port, None, None).is_none(), "no SNI: refused");
+    // And a real client on the known name.
+    let c = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let r = c
+        .get(format!("https://localhost:{port}/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn check_refuses_expired_and_conflicting_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, c1, k1) = cert(dir.path(), "old", &["old.test"], false, (-10, 5));
+    let (_, c2, k2) = cert(dir.path(), "a", &["a.test"], false, (0, 30));
+    let (_, c3, k3) = cert(dir.path(), "a2", &["a.test"], false, (0, 30));
+    let up: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let (code, out, _, _d) = check(&gateway(
+        8443,
+        up,
+        &[(c1, k1, ""), (c2, k2, ""), (c3, k3, "")],
+        "",
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("expired on"), "{out}");
+    assert!(
+        out.contains("two certificates with the same key type for \"a.test\""),
+        "{out}"
+    );
+}
