@@ -76,6 +76,8 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
                     if tls.h2 {
                         settings.enable_h2();
                     }
+                    crate::tls::apply_options(&mut settings, &tls.options)
+                        .map_err(|e| format!("gateway \"{}\": TLS: {e}", g.name))?;
                     svc.add_tls_with_settings(&addr, None, settings);
                 }
                 _ => svc.add_tcp(&addr),
@@ -129,10 +131,20 @@ fn preflight_listeners(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
-fn listener_set(cfg: &Config) -> Vec<(String, Vec<std::net::SocketAddr>, bool)> {
+/// What a listener is made with: a change needs a restart or an upgrade (certificates do not).
+type ListenerSet = Vec<(
+    String,
+    Vec<std::net::SocketAddr>,
+    Option<(bool, crate::config::TlsOptions)>,
+)>;
+
+fn listener_set(cfg: &Config) -> ListenerSet {
     cfg.gateways
         .iter()
-        .map(|g| (g.name.clone(), g.listen.clone(), g.tls.is_some()))
+        .map(|g| {
+            let tls = g.tls.as_ref().map(|t| (t.h2, t.options.clone()));
+            (g.name.clone(), g.listen.clone(), tls)
+        })
         .collect()
 }
 
@@ -144,7 +156,7 @@ struct Reloader {
     /// Pingora's, as set at start (a reload does not move it).
     upgrade_sock: PathBuf,
     live: Live,
-    listeners: Vec<(String, Vec<std::net::SocketAddr>, bool)>,
+    listeners: ListenerSet,
     /// Per gateway, the certificate its TLS handshakes use.
     cert_stores: Vec<Option<Arc<CertStore>>>,
     /// Reload requests from the admin listener (`POST /reload`), each with its answer.
@@ -206,7 +218,7 @@ impl Reloader {
         };
         if listener_set(&cfg) != self.listeners {
             let why = format!(
-                "gateways or listeners changed; restart or upgrade to apply ({})",
+                "gateways, listeners or TLS options (h2, min_version, ciphers, curves) changed; restart or upgrade to apply ({})",
                 self.path.display()
             );
             log::error!("reload refused: {why}");

@@ -224,3 +224,29 @@ impl TlsAccept for Certificates {
         }
     }
 }
+
+/// The listener's versions, ciphers and curves (checked at load; an error here is OpenSSL's).
+pub fn apply_options(
+    settings: &mut pingora::listeners::tls::TlsSettings,
+    o: &crate::config::TlsOptions,
+) -> Result<(), String> {
+    use openssl::ssl::SslVersion;
+    fn e(what: &'static str) -> impl Fn(openssl::error::ErrorStack) -> String {
+        move |err| format!("{what}: {err}")
+    }
+    if o.only_13 {
+        settings
+            .set_min_proto_version(Some(SslVersion::TLS1_3))
+            .map_err(e("min_version"))?;
+    }
+    if let Some(c) = &o.ciphers {
+        settings.set_cipher_list(c).map_err(e("ciphers"))?;
+    }
+    if let Some(c) = &o.ciphersuites {
+        settings.set_ciphersuites(c).map_err(e("ciphersuites"))?;
+    }
+    if let Some(c) = &o.curves {
+        settings.set_groups_list(c).map_err(e("curves"))?;
+    }
+    Ok(())
+}

@@ -209,3 +209,52 @@ fn check_refuses_expired_and_conflicting_certificates() {
         "{out}"
     );
 }
+
+/// A handshake limited to one protocol version: whether it succeeds.
+fn handshake_with(port: u16, version: openssl::ssl::SslVersion) -> bool {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_min_proto_version(Some(version)).unwrap();
+    b.set_max_proto_version(Some(version)).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    b.build().connect("localhost", tcp).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_version_ciphers_and_curves() {
+    use openssl::ssl::SslVersion;
+    let up = echo("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, c, k) = cert(dir.path(), "l", &["localhost"], true, (0, 30));
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &gateway(
+            port,
+            up,
+            &[(c.clone(), k.clone(), "")],
+            "tls = { min_version = \"1.3\", curves = \"X25519:P-256\" }",
+        ),
+        &[port],
+    );
+    assert!(handshake_with(port, SslVersion::TLS1_3));
+    assert!(!handshake_with(port, SslVersion::TLS1_2), "TLS 1.2 refused");
+    let port2 = free_port();
+    let _g2 = Gatehouse::start(
+        &gateway(port2, up, &[(c.clone(), k.clone(), "")], ""),
+        &[port2],
+    );
+    assert!(handshake_with(port2, SslVersion::TLS1_2), "1.2 by default");
+
+    let (code, out, _, _d) = check(&gateway(
+        8443,
+        up,
+        &[(c, k, "")],
+        "tls = { min_version = \"1.0\", ciphers = \"NOPE-CIPHER\", curves = \"P-999\" }",
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(":5:"), "{out}");
+    assert!(out.contains("min_version \"1.0\""), "{out}");
+    assert!(out.contains("ciphers \"NOPE-CIPHER\""), "{out}");
+    assert!(out.contains("curves \"P-999\""), "{out}");
+}

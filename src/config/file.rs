@@ -188,7 +188,7 @@ impl<'de> Deserialize<'de> for PeerEntry {
 #[serde(deny_unknown_fields)]
 pub struct GatewayFile {
     pub listen: Spanned<Vec<Spanned<ListenAddr>>>,
-    pub tls: Option<TlsFile>,
+    pub tls: Option<Spanned<TlsFile>>,
     pub certs: Option<Spanned<Vec<Spanned<super::tls::CertFile>>>>,
     pub unknown_sni: Option<Spanned<String>>,
     #[serde(default)]
@@ -199,10 +199,19 @@ pub struct GatewayFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFile {
-    pub cert: Spanned<PathBuf>,
-    pub key: Spanned<PathBuf>,
+    /// With `key`: the one pair for every name. Without: `certs` holds the certificates and
+    /// this table only the options.
+    pub cert: Option<Spanned<PathBuf>>,
+    pub key: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub h2: Option<bool>,
+    pub min_version: Option<Spanned<String>>,
+    /// OpenSSL cipher list for TLS 1.2.
+    pub ciphers: Option<Spanned<String>>,
+    /// TLS 1.3 cipher suites.
+    pub ciphersuites: Option<Spanned<String>>,
+    /// Key exchange groups, preferred first: "X25519:P-256".
+    pub curves: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -190,6 +190,19 @@ pub struct Tls {
     pub h2: bool,
     /// The certificates by name, read and checked at load.
     pub certs: std::sync::Arc<crate::tls::CertSet>,
+    /// Protocol versions, ciphers and curves: the listener's, set when it opens.
+    pub options: TlsOptions,
+}
+
+/// `tls = { min_version, ciphers, ciphersuites, curves }`; absent: Mozilla's intermediate
+/// profile (TLS 1.2 and 1.3, forward-secret AEAD ciphers), as Pingora sets it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// Only TLS 1.3 (`min_version = "1.3"`).
+    pub only_13: bool,
+    pub ciphers: Option<String>,
+    pub ciphersuites: Option<String>,
+    pub curves: Option<String>,
 }
 
 /// Which X-Forwarded-* headers a gateway adds (`forwarded_headers`). One left out is still

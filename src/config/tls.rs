@@ -8,8 +8,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::build::Loader;
-use super::file::GatewayFile;
-use super::Tls;
+use super::file::{GatewayFile, TlsFile};
+use super::{Tls, TlsOptions};
 use crate::tls::{CertPair, CertSet};
 
 /// One `[[gateways.NAME.certs]]` entry.
@@ -78,7 +78,17 @@ pub(super) fn gateway_tls(
             false
         }
     };
-    match (&g.tls, &g.certs) {
+    let options = g
+        .tls
+        .as_ref()
+        .map(|t| options(ld, t, ctx))
+        .unwrap_or_default();
+    let h2 = g.tls.as_ref().and_then(|t| t.get_ref().h2).unwrap_or(true);
+    let pair_of = |t: &Spanned<TlsFile>| match (&t.get_ref().cert, &t.get_ref().key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        _ => None,
+    };
+    match (g.tls.as_ref(), &g.certs) {
         (Some(t), None) => {
             if let Some(s) = &g.unknown_sni {
                 ld.err(
@@ -87,21 +97,32 @@ pub(super) fn gateway_tls(
                     "`unknown_sni` needs `[[gateways.NAME.certs]]` (one `tls` pair serves every name)",
                 );
             }
-            let pair = load_pair(ld, config, &t.cert, &t.key, ctx)?;
+            let Some((c, k)) = pair_of(t) else {
+                ld.err(
+                    t.span(),
+                    ctx,
+                    "`tls` needs `cert` and `key`, or `[[gateways.NAME.certs]]` beside it",
+                );
+                return None;
+            };
+            let pair = load_pair(ld, config, &c, &k, ctx)?;
             Some(Tls {
-                h2: t.h2.unwrap_or(true),
+                h2,
                 certs: Arc::new(CertSet::single(Arc::new(pair))),
+                options,
             })
         }
-        (Some(_), Some(c)) => {
+        (Some(t), Some(c))
+            if pair_of(t).is_some() || t.get_ref().cert.is_some() || t.get_ref().key.is_some() =>
+        {
             ld.err(
                 c.span(),
                 ctx,
-                "`tls` and `certs` exclude each other: list every pair under `certs`",
+                "`tls.cert`/`tls.key` and `certs` exclude each other: list every pair under `certs`",
             );
             None
         }
-        (None, Some(list)) => {
+        (_, Some(list)) => {
             if list.get_ref().is_empty() {
                 ld.err(list.span(), ctx, "`certs` needs at least one entry");
                 return None;
@@ -148,8 +169,9 @@ pub(super) fn gateway_tls(
             }
             set.finish(if refuse { None } else { Some(default_at) });
             Some(Tls {
-                h2: true,
+                h2,
                 certs: Arc::new(set),
+                options,
             })
         }
         (None, None) => {
@@ -158,5 +180,55 @@ pub(super) fn gateway_tls(
             }
             None
         }
+    }
+}
+
+/// The listener options, each tried on a scratch OpenSSL context so a typo is a config error
+/// (with its line), not a failed start.
+fn options(ld: &mut Loader, t: &Spanned<TlsFile>, ctx: &str) -> TlsOptions {
+    use openssl::ssl::{SslAcceptor, SslMethod};
+    let f = t.get_ref();
+    let Ok(mut scratch) = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()) else {
+        return TlsOptions::default();
+    };
+    let only_13 = match f.min_version.as_ref().map(|v| v.get_ref().as_str()) {
+        None | Some("1.2") => false,
+        Some("1.3") => true,
+        Some(other) => {
+            let span = f
+                .min_version
+                .as_ref()
+                .map(Spanned::span)
+                .unwrap_or_default();
+            ld.err(
+                span,
+                ctx,
+                format!("min_version \"{other}\": use \"1.2\" or \"1.3\""),
+            );
+            false
+        }
+    };
+    let mut check = |v: &Option<Spanned<String>>, what: &str, ok: &mut dyn FnMut(&str) -> bool| {
+        let v = v.as_ref()?;
+        if !ok(v.get_ref()) {
+            ld.err(
+                v.span(),
+                ctx,
+                format!("{what} \"{}\": OpenSSL knows none of them", v.get_ref()),
+            );
+        }
+        Some(v.get_ref().clone())
+    };
+    TlsOptions {
+        only_13,
+        ciphers: check(&f.ciphers, "ciphers", &mut |v| {
+            scratch.set_cipher_list(v).is_ok()
+        }),
+        ciphersuites: check(&f.ciphersuites, "ciphersuites", &mut |v| {
+            scratch.set_ciphersuites(v).is_ok()
+        }),
+        curves: check(&f.curves, "curves", &mut |v| {
+            scratch.set_groups_list(v).is_ok()
+        }),
     }
 }
