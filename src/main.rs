@@ -166,7 +166,12 @@ impl log::Log for Quiet {
 
 fn load_or_report(path: &Path) -> Option<config::Config> {
     match config::load(path) {
-        Ok(c) => Some(c),
+        Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("{w}");
+            }
+            Some(c)
+        }
         Err(e) => {
             eprintln!("{e}");
             let n = e.errors.len();

@@ -216,6 +216,9 @@ impl Reloader {
                 return Err(e.to_string());
             }
         };
+        for w in &cfg.warnings {
+            log::warn!("{w}");
+        }
         if listener_set(&cfg) != self.listeners {
             let why = format!(
                 "gateways, listeners or TLS options (h2, min_version, ciphers, curves) changed; restart or upgrade to apply ({})",

@@ -73,6 +73,13 @@ impl CertPair {
         })
     }
 
+    /// Whole days until the leaf certificate expires.
+    pub fn days_left(&self) -> Option<i32> {
+        let now = openssl::asn1::Asn1Time::days_from_now(0).ok()?;
+        let leaf = self.chain.first()?;
+        now.diff(leaf.not_after()).ok().map(|d| d.days)
+    }
+
     /// The DNS names the leaf certificate is for: its SANs, else its common name.
     pub fn dns_names(&self) -> Vec<String> {
         let Some(leaf) = self.chain.first() else {

@@ -258,3 +258,17 @@ async fn min_version_ciphers_and_curves() {
     assert!(out.contains("ciphers \"NOPE-CIPHER\""), "{out}");
     assert!(out.contains("curves \"P-999\""), "{out}");
 }
+
+#[test]
+fn check_warns_of_a_certificate_about_to_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, c, k) = cert(dir.path(), "soon", &["soon.test"], true, (0, 5));
+    let up: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let (code, out, _, _d) = check(&gateway(8443, up, &[(c, k, "")], ""));
+    assert_eq!(code, 0, "a warning, not an error: {out}");
+    assert!(out.contains(":7:") && out.contains("warning:"), "{out}");
+    assert!(
+        out.contains("expires in 4 days") || out.contains("expires in 5 days"),
+        "{out}"
+    );
+}

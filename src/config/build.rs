@@ -25,6 +25,7 @@ pub(super) struct Loader<'a> {
     src: &'a str,
     line_starts: Vec<usize>,
     pub(super) errors: Vec<ConfigError>,
+    pub(super) warnings: Vec<ConfigError>,
 }
 
 impl<'a> Loader<'a> {
@@ -35,7 +36,20 @@ impl<'a> Loader<'a> {
             src,
             line_starts,
             errors: Vec::new(),
+            warnings: Vec::new(),
         }
+    }
+
+    /// Something that works but will not for long (a certificate about to expire): said by
+    /// `check` and logged at start and reload, never refused.
+    pub(super) fn warn(&mut self, span: Range<usize>, context: &str, message: impl Into<String>) {
+        let (line, col) = self.position(span.start);
+        self.warnings.push(ConfigError {
+            line,
+            col,
+            context: context.to_string(),
+            message: message.into(),
+        });
     }
 
     pub(super) fn position(&self, offset: usize) -> (usize, usize) {
@@ -395,7 +409,25 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         ld.errors.sort_by_key(|e| (e.line, e.col));
         return Err(ld.errors);
     }
+    let warnings = ld
+        .warnings
+        .iter()
+        .map(|w| {
+            let place = if w.line > 0 {
+                format!(":{}:{}", w.line, w.col)
+            } else {
+                String::new()
+            };
+            let ctx = if w.context.is_empty() {
+                String::new()
+            } else {
+                format!("{}: ", w.context)
+            };
+            format!("{}{place}: warning: {ctx}{}", path.display(), w.message)
+        })
+        .collect();
     Ok(Config {
+        warnings,
         path: path.to_path_buf(),
         source: src.into(),
         sha256: {

@@ -27,6 +27,8 @@ pub mod values;
 /// A validated configuration: every reference resolved, every value typed.
 #[derive(Debug)]
 pub struct Config {
+    /// `FILE:LINE:COL: warning: ...`: what `check` says and start and reload log.
+    pub warnings: Vec<String>,
     pub path: PathBuf,
     /// The file's text as loaded (for `/config`) and its SHA-256 in hex (for `/status`).
     pub source: std::sync::Arc<str>,

@@ -46,7 +46,16 @@ fn load_pair(
         return None;
     }
     match CertPair::load(&c, &k) {
-        Ok(pair) => Some(pair),
+        Ok(pair) => {
+            if let Some(d) = pair.days_left().filter(|d| *d < 14) {
+                ld.warn(
+                    cert.span(),
+                    ctx,
+                    format!("certificate {} expires in {d} days", c.display()),
+                );
+            }
+            Some(pair)
+        }
         Err(why) => {
             ld.err(cert.span(), ctx, format!("TLS: {why}"));
             None
