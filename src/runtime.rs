@@ -18,6 +18,8 @@ pub struct GatewayRt {
     pub name: Arc<str>,
     pub listen: Vec<std::net::SocketAddr>,
     pub tls: bool,
+    /// `redirect_https`: every request gets a 308 to HTTPS (on this port, else 443).
+    pub redirect_https: Option<Option<u16>>,
     pub forwarded: ForwardedHeaders,
     pub routes: Vec<Route>,
     pub route_names: Vec<Arc<str>>,
@@ -137,6 +139,7 @@ impl Runtime {
                 name: g.name.as_str().into(),
                 listen: g.listen.clone(),
                 tls: g.tls.is_some(),
+                redirect_https: g.redirect_https,
                 forwarded: g.forwarded,
                 router: Router::new(&g.routes),
                 route_names: g

@@ -272,3 +272,51 @@ fn check_warns_of_a_certificate_about_to_expire() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_gateways_can_send_clients_to_https() {
+    let up = echo("a").await;
+    let (p1, p2) = (free_port(), free_port());
+    let _g = Gatehouse::start(
+        &format!(
+            "[upstreams.a]\npeers = [\"{up}\"]\n\
+             [gateways.http]\nlisten = [\"127.0.0.1:{p1}\"]\nredirect_https = true\n\
+             [gateways.alt]\nlisten = [\"127.0.0.1:{p2}\"]\nredirect_https = 8443\n\
+             [[routes]]\ngateway = \"http\"\nupstream = \"a\"\n[[routes]]\ngateway = \"alt\"\nupstream = \"a\"\n"
+        ),
+        &[p1, p2],
+    );
+    let r = client()
+        .get(format!("http://127.0.0.1:{p1}/a/b?x=1&y=%20"))
+        .header("host", "Shop.example.com:8080")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 308);
+    assert_eq!(
+        r.headers()["location"],
+        "https://shop.example.com/a/b?x=1&y=%20"
+    );
+    let r = client()
+        .get(format!("http://127.0.0.1:{p2}/"))
+        .header("host", "[::1]:80")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 308);
+    assert_eq!(r.headers()["location"], "https://[::1]:8443/");
+    // A spelling trick is redirected in its canonical form.
+    let r = client()
+        .get(format!("http://127.0.0.1:{p1}/x/../admin"))
+        .header("host", "shop.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["location"], "https://shop.example.com/admin");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_, c, k) = cert(dir.path(), "l", &["localhost"], true, (0, 30));
+    let (code, out, _, _d) = check(&gateway(8443, up, &[(c, k, "")], "redirect_https = true"));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("for a plain listener"), "{out}");
+}

@@ -191,6 +191,8 @@ pub struct GatewayFile {
     pub tls: Option<Spanned<TlsFile>>,
     pub certs: Option<Spanned<Vec<Spanned<super::tls::CertFile>>>>,
     pub unknown_sni: Option<Spanned<String>>,
+    /// `true` or a port number.
+    pub redirect_https: Option<Spanned<toml::Value>>,
     #[serde(default)]
     pub plugins: Vec<Spanned<String>>,
     pub forwarded_headers: Option<Vec<Spanned<String>>>,

@@ -231,6 +231,8 @@ pub struct Gateway {
     pub name: String,
     pub listen: Vec<SocketAddr>,
     pub tls: Option<Tls>,
+    /// `redirect_https = true` (443) or a port: a plain gateway that sends clients to HTTPS.
+    pub redirect_https: Option<Option<u16>>,
     pub forwarded: ForwardedHeaders,
     pub plugins: Vec<usize>,
     pub routes: Vec<Route>,

@@ -241,3 +241,34 @@ fn options(ld: &mut Loader, t: &Spanned<TlsFile>, ctx: &str) -> TlsOptions {
         }),
     }
 }
+
+/// `redirect_https = true | PORT` on a plain gateway.
+pub(super) fn redirect_https(
+    ld: &mut Loader,
+    g: &GatewayFile,
+    tls: bool,
+    ctx: &str,
+) -> Option<Option<u16>> {
+    let v = g.redirect_https.as_ref()?;
+    let out = match v.get_ref() {
+        toml::Value::Boolean(true) => Some(None),
+        toml::Value::Boolean(false) => None,
+        toml::Value::Integer(p) if (1..=65535).contains(p) => u16::try_from(*p).ok().map(Some),
+        _ => {
+            ld.err(
+                v.span(),
+                ctx,
+                "`redirect_https` is true or a port number (1 to 65535)",
+            );
+            None
+        }
+    };
+    if out.is_some() && tls {
+        ld.err(
+            v.span(),
+            ctx,
+            "`redirect_https` is for a plain listener; this gateway is TLS",
+        );
+    }
+    out
+}

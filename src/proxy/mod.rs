@@ -5,18 +5,17 @@
 //! malformed request, 500 for our own faults. Every reply the gateway writes itself, errors and
 //! plugin answers alike, goes through [`write_reply`], which runs the response hooks and puts
 //! the request id in the body.
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use gatehouse_plugins::{Decision, Reply};
+use gatehouse_plugins::Reply;
 use http::{header, StatusCode, Uri};
 use pingora::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::runtime::{Live, Runtime};
+use crate::runtime::Live;
 
 pub mod balance;
 pub mod caching;
@@ -29,6 +28,7 @@ mod logging;
 pub mod mirror;
 mod path;
 pub mod rewrite;
+mod route;
 mod statics;
 pub mod upgrade;
 
@@ -111,63 +111,6 @@ impl GatewayProxy {
         gw.chains[*id]
             .upstream_request(session, upstream, plugins)
             .await
-    }
-
-    /// request_filter's work: plugins, 404, upstream choice, mirror sampling, upgrades.
-    async fn route_request(
-        &self,
-        rt: &Arc<Runtime>,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<bool> {
-        let gw = &rt.gateways[self.index];
-        let chain = gw.chain(ctx.route);
-        // A background refresh (stale-while-revalidate) runs the chain too: auth plugins set
-        // the identity headers the upstream answers by (a refresh without them could store an
-        // anonymous answer for everyone). A rate limit counts the refresh once more.
-        if let Decision::Respond(reply) = chain.request(session, &mut ctx.plugins).await? {
-            write_reply(Some(gw), session, ctx, reply).await;
-            return Ok(true);
-        }
-        let Some(id) = ctx.route else {
-            let reply = Reply::json_error(
-                StatusCode::NOT_FOUND,
-                message_for(None, 404),
-                ctx.plugins.request_id(),
-            );
-            write_reply(Some(gw), session, ctx, reply).await;
-            return Ok(true);
-        };
-        let route = &gw.routes[id];
-        let Some(up) = balance::choose_upstream(&route.target, session, ctx) else {
-            match &route.target {
-                crate::config::Target::Static(site) => {
-                    statics::serve(site, route, gw, session, ctx).await?;
-                }
-                crate::config::Target::Aggregate(agg) => {
-                    crate::aggregate::serve(agg, rt, gw, id, session, ctx).await?;
-                }
-                _ => {}
-            }
-            return Ok(true);
-        };
-        ctx.upstream = Some(up);
-        // A WebSocket is no request to mirror (nor to hold a mirror slot for its life).
-        if let (Some(m), false) = (&route.mirror, session.is_upgrade_req()) {
-            ctx.mirror = mirror::sample(
-                m,
-                &rt.pools[m.upstream],
-                &gw.mirrors_in_flight[id],
-                &gw.mirror_strip[id],
-            );
-        }
-        if session.is_upgrade_req() && !rt.pools[up].tls() {
-            // The tunnel runs the later hooks itself, and they read the snapshot from ctx.
-            ctx.rt = Some(rt.clone());
-            self.tunnel(session, ctx, up).await?;
-            return Ok(true);
-        }
-        Ok(false)
     }
 }
 

@@ -1,0 +1,114 @@
+//! request_filter's work once the request is canonical: the HTTPS redirect, the plugin chain,
+//! 404, the target (terminal routes answer here), mirror sampling, upgrades.
+use std::sync::Arc;
+
+use gatehouse_plugins::{Decision, Reply};
+use http::{header, HeaderValue, StatusCode};
+use pingora_error::Result;
+use pingora_proxy::Session;
+
+use super::errors::{message_for, write_reply};
+use super::{balance, mirror, statics, GatewayProxy, RequestCtx};
+use crate::runtime::Runtime;
+
+impl GatewayProxy {
+    /// request_filter's work: plugins, 404, upstream choice, mirror sampling, upgrades.
+    pub(super) async fn route_request(
+        &self,
+        rt: &Arc<Runtime>,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        let gw = &rt.gateways[self.index];
+        // A plain listener that only sends clients to HTTPS: before any plugin, as nginx's
+        // `return 308` in a server block.
+        if let Some(port) = gw.redirect_https {
+            let reply = https_redirect(session.req_header(), port, ctx);
+            write_reply(Some(gw), session, ctx, reply).await;
+            return Ok(true);
+        }
+        let chain = gw.chain(ctx.route);
+        // A background refresh (stale-while-revalidate) runs the chain too: auth plugins set
+        // the identity headers the upstream answers by (a refresh without them could store an
+        // anonymous answer for everyone). A rate limit counts the refresh once more.
+        if let Decision::Respond(reply) = chain.request(session, &mut ctx.plugins).await? {
+            write_reply(Some(gw), session, ctx, reply).await;
+            return Ok(true);
+        }
+        let Some(id) = ctx.route else {
+            let reply = Reply::json_error(
+                StatusCode::NOT_FOUND,
+                message_for(None, 404),
+                ctx.plugins.request_id(),
+            );
+            write_reply(Some(gw), session, ctx, reply).await;
+            return Ok(true);
+        };
+        let route = &gw.routes[id];
+        let Some(up) = balance::choose_upstream(&route.target, session, ctx) else {
+            match &route.target {
+                crate::config::Target::Static(site) => {
+                    statics::serve(site, route, gw, session, ctx).await?;
+                }
+                crate::config::Target::Aggregate(agg) => {
+                    crate::aggregate::serve(agg, rt, gw, id, session, ctx).await?;
+                }
+                _ => {}
+            }
+            return Ok(true);
+        };
+        ctx.upstream = Some(up);
+        // A WebSocket is no request to mirror (nor to hold a mirror slot for its life).
+        if let (Some(m), false) = (&route.mirror, session.is_upgrade_req()) {
+            ctx.mirror = mirror::sample(
+                m,
+                &rt.pools[m.upstream],
+                &gw.mirrors_in_flight[id],
+                &gw.mirror_strip[id],
+            );
+        }
+        if session.is_upgrade_req() && !rt.pools[up].tls() {
+            // The tunnel runs the later hooks itself, and they read the snapshot from ctx.
+            ctx.rt = Some(rt.clone());
+            self.tunnel(session, ctx, up).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+/// 308 to the same host, path and query over HTTPS (on `port`, else 443); 400 without a Host.
+fn https_redirect(
+    req: &pingora_http::RequestHeader,
+    port: Option<u16>,
+    ctx: &mut RequestCtx,
+) -> Reply {
+    let host = req
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(|h| match h.strip_prefix('[') {
+            // [::1]:8080 -> [::1]
+            Some(v6) => v6.split_once(']').map_or(h, |(a, _)| &h[..a.len() + 2]),
+            None => h.split(':').next().unwrap_or(h),
+        })
+        .filter(|h| !h.is_empty());
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = host.and_then(|h| {
+        let port = port.map_or(String::new(), |p| format!(":{p}"));
+        let h = h.to_ascii_lowercase();
+        HeaderValue::from_str(&format!("https://{h}{port}{target}")).ok()
+    });
+    match location {
+        Some(l) => Reply {
+            status: StatusCode::PERMANENT_REDIRECT,
+            headers: vec![(header::LOCATION, l)],
+            body: bytes::Bytes::new(),
+        },
+        None => Reply::json_error(
+            StatusCode::BAD_REQUEST,
+            "no Host to redirect to",
+            ctx.plugins.request_id(),
+        ),
+    }
+}
