@@ -20,6 +20,7 @@ pub struct GatewayRt {
     pub tls: bool,
     /// `redirect_https`: every request gets a 308 to HTTPS (on this port, else 443).
     pub redirect_https: Option<Option<u16>>,
+    pub hsts: Option<http::HeaderValue>,
     pub forwarded: ForwardedHeaders,
     pub routes: Vec<Route>,
     pub route_names: Vec<Arc<str>>,
@@ -47,6 +48,13 @@ pub struct GatewayRt {
 
 impl GatewayRt {
     /// The plugin chain of a request: its route's, or the gateway's when no route matched.
+    /// The gateway's own headers on an answer, whoever made it (upstream, cache, the gateway).
+    pub fn stamp(&self, resp: &mut pingora_http::ResponseHeader) {
+        if let Some(h) = &self.hsts {
+            let _ = resp.insert_header(http::header::STRICT_TRANSPORT_SECURITY, h.clone());
+        }
+    }
+
     pub fn chain(&self, route: Option<RouteId>) -> &Chain {
         match route {
             Some(id) => &self.chains[id],
@@ -140,6 +148,7 @@ impl Runtime {
                 listen: g.listen.clone(),
                 tls: g.tls.is_some(),
                 redirect_https: g.redirect_https,
+                hsts: g.hsts.clone(),
                 forwarded: g.forwarded,
                 router: Router::new(&g.routes),
                 route_names: g

@@ -320,3 +320,39 @@ async fn plain_gateways_can_send_clients_to_https() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("for a plain listener"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hsts_is_on_every_answer_of_a_tls_gateway() {
+    let up = echo("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, c, k) = cert(dir.path(), "l", &["localhost"], true, (0, 30));
+    let port = free_port();
+    let toml = format!(
+        "[upstreams.a]\npeers = [\"{up}\"]\n[gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         tls = {{ cert = \"{c}\", key = \"{k}\" }}\nhsts = \"max-age=63072000; includeSubDomains\"\n\
+         [[routes]]\npath = \"/api\"\nupstream = \"a\"\n"
+    );
+    let _g = Gatehouse::start(&toml, &[port]);
+    let cl = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    for (path, status) in [("/api/x", 200), ("/nowhere", 404)] {
+        let r = cl
+            .get(format!("https://localhost:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+        assert_eq!(
+            r.headers()["strict-transport-security"],
+            "max-age=63072000; includeSubDomains",
+            "{path}"
+        );
+    }
+    let (code, out, _, _d) = check(&format!(
+        "[upstreams.a]\npeers = [\"{up}\"]\n[gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\nhsts = \"max-age=1\"\n[[routes]]\nupstream = \"a\"\n"
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("`hsts` is for a TLS gateway"), "{out}");
+}

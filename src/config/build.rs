@@ -282,8 +282,10 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         }
         gateway_names.insert(name.get_ref().clone(), Some(gateways.len()));
         let redirect_https = super::tls::redirect_https(&mut ld, &g, tls.is_some(), &ctx);
+        let hsts = super::tls::hsts(&mut ld, &g, tls.is_some(), &ctx);
         gateways.push(Gateway {
             redirect_https,
+            hsts,
             name: name.into_inner(),
             listen: g
                 .listen

@@ -193,6 +193,8 @@ pub struct GatewayFile {
     pub unknown_sni: Option<Spanned<String>>,
     /// `true` or a port number.
     pub redirect_https: Option<Spanned<toml::Value>>,
+    /// Strict-Transport-Security on every answer of a TLS gateway.
+    pub hsts: Option<Spanned<String>>,
     #[serde(default)]
     pub plugins: Vec<Spanned<String>>,
     pub forwarded_headers: Option<Vec<Spanned<String>>>,

@@ -233,6 +233,8 @@ pub struct Gateway {
     pub tls: Option<Tls>,
     /// `redirect_https = true` (443) or a port: a plain gateway that sends clients to HTTPS.
     pub redirect_https: Option<Option<u16>>,
+    /// `hsts = "max-age=63072000; includeSubDomains"`: sent on every answer (TLS only).
+    pub hsts: Option<http::HeaderValue>,
     pub forwarded: ForwardedHeaders,
     pub plugins: Vec<usize>,
     pub routes: Vec<Route>,

@@ -272,3 +272,38 @@ pub(super) fn redirect_https(
     }
     out
 }
+
+/// `hsts = "max-age=N[; includeSubDomains][; preload]"` on a TLS gateway.
+pub(super) fn hsts(
+    ld: &mut Loader,
+    g: &GatewayFile,
+    tls: bool,
+    ctx: &str,
+) -> Option<http::HeaderValue> {
+    let v = g.hsts.as_ref()?;
+    if !tls {
+        ld.err(
+            v.span(),
+            ctx,
+            "`hsts` is for a TLS gateway (browsers ignore it over plain HTTP)",
+        );
+        return None;
+    }
+    let max_age = v
+        .get_ref()
+        .split(';')
+        .map(str::trim)
+        .find_map(|d| d.strip_prefix("max-age="))
+        .is_some_and(|n| n.parse::<u64>().is_ok());
+    match http::HeaderValue::from_str(v.get_ref()) {
+        Ok(h) if max_age => Some(h),
+        _ => {
+            ld.err(
+                v.span(),
+                ctx,
+                "`hsts` is a Strict-Transport-Security value with max-age: \"max-age=63072000; includeSubDomains\"",
+            );
+            None
+        }
+    }
+}

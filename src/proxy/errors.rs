@@ -96,6 +96,7 @@ pub(crate) async fn write_reply(
         let _ = resp.insert_header(header::CONTENT_LENGTH, reply.body.len());
     }
     if let Some(gw) = gw {
+        gw.stamp(&mut resp);
         let chain = gw.chain(ctx.route);
         if let Err(e) = chain.response(session, &mut resp, &mut ctx.plugins).await {
             log::warn!("response plugin failed on a gateway reply: {e}");

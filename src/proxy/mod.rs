@@ -452,6 +452,9 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         let status = caching::status(session, ctx);
         ctx.plugins.cache_status = status;
+        if let Some(rt) = &ctx.rt {
+            rt.gateways[self.index].stamp(resp);
+        }
         let RequestCtx {
             rt: Some(rt),
             route: Some(id),

@@ -387,6 +387,7 @@ async fn send_file(
         resp.insert_header(header::CONTENT_RANGE, cr)
             .map_err(internal)?;
     }
+    gw.stamp(&mut resp);
     let chain = gw.chain(ctx.route);
     chain.response(session, &mut resp, &mut ctx.plugins).await?;
     ctx.replied = true;
