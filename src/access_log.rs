@@ -284,9 +284,14 @@ fn push_hex(s: &mut Vec<u8>, bytes: &[u8; 16]) {
 
 /// Milliseconds with three decimals (microsecond resolution): `12.345`.
 fn push_millis(s: &mut Vec<u8>, d: Duration) {
-    let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
-    push_u64(s, us / 1000);
-    let frac = us % 1000;
+    push_thousandths(s, d.as_micros());
+}
+
+/// `n / 1000` with three decimals.
+fn push_thousandths(s: &mut Vec<u8>, n: u128) {
+    let n = n.min(u128::from(u64::MAX)) as u64;
+    push_u64(s, n / 1000);
+    let frac = n % 1000;
     s.extend_from_slice(&[
         b'.',
         b'0' + (frac / 100) as u8,
@@ -492,15 +497,7 @@ fn or_dash(v: &[u8]) -> &[u8] {
 
 /// Seconds with three decimals, as nginx's `$request_time`: `0.012`.
 fn push_seconds(s: &mut Vec<u8>, d: Duration) {
-    let ms = d.as_millis().min(u128::from(u64::MAX)) as u64;
-    push_u64(s, ms / 1000);
-    let frac = ms % 1000;
-    s.extend_from_slice(&[
-        b'.',
-        b'0' + (frac / 100) as u8,
-        b'0' + (frac / 10 % 10) as u8,
-        b'0' + (frac % 10) as u8,
-    ]);
+    push_thousandths(s, d.as_millis());
 }
 
 /// As nginx escapes variables in its logs: `"`, `\`, controls and non-ASCII bytes as `\xHH`;

@@ -230,7 +230,6 @@ impl Reloader {
         let rt = Arc::new(rt);
         self.live.store(rt.clone());
         crate::cache::set_size(cfg.server.cache_size);
-        crate::aggregate::set_pool_size(cfg.server.upstream_keepalive_pool);
         for (g, store) in cfg.gateways.iter().zip(&self.cert_stores) {
             if let (Some(tls), Some(store)) = (&g.tls, store) {
                 store.replace(tls.certs.clone());

@@ -303,18 +303,17 @@ fn merge(
         Some(Err(f)) => Some((i, f)),
         _ => None,
     });
-    let first_failure = caused.or_else(|| {
+    // The part that stopped the others, else the first failed required part (a part skipped
+    // for another's failure only when there is nothing else to name).
+    let failed = |skips: bool| {
         order.iter().find_map(|&i| match &outcomes[i] {
-            Some(Err(f)) if !agg.parts[i].optional && f.kind != "skipped" => Some((i, f)),
+            Some(Err(f)) if !agg.parts[i].optional && (skips || f.kind != "skipped") => {
+                Some((i, f))
+            }
             _ => None,
         })
-    });
-    let first_failure = first_failure.or_else(|| {
-        order.iter().find_map(|&i| match &outcomes[i] {
-            Some(Err(f)) if !agg.parts[i].optional => Some((i, f)),
-            _ => None,
-        })
-    });
+    };
+    let first_failure = caused.or_else(|| failed(false)).or_else(|| failed(true));
     if let (true, Some((i, f))) = (agg.fail, first_failure) {
         let body = format!(
             "{{\"status\":{},\"error\":{},\"part\":{},\"request_id\":{}}}",
