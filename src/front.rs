@@ -167,6 +167,10 @@ pub struct Timed {
     /// HTTP/1: a client that leaves mid-head is let go quietly by the connection loop
     /// (Pingora would log each one as an error) instead of seeing the end of stream.
     quiet_exit: bool,
+    /// Bytes read while looking for the HTTP/2 preface (`h2c`), given back before the socket's.
+    replay: Vec<u8>,
+    /// The connection began with the HTTP/2 preface: reported as ALPN h2 so Pingora speaks h2.
+    h2c: bool,
 }
 
 impl Timed {
@@ -186,7 +190,14 @@ impl AsyncRead for Timed {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let r = if self.replay.is_empty() {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        } else {
+            let n = self.replay.len().min(buf.remaining());
+            buf.put_slice(&self.replay[..n]);
+            self.replay.drain(..n);
+            Poll::Ready(Ok(()))
+        };
         let Poll::Ready(res) = &r else {
             return r;
         };
@@ -268,6 +279,9 @@ impl Ssl for Timed {
     }
 
     fn selected_alpn_proto(&self) -> Option<ALPN> {
+        if self.h2c {
+            return Some(ALPN::H2);
+        }
         (*self.inner).selected_alpn_proto()
     }
 }
@@ -310,6 +324,31 @@ impl GetSocketDigest for Timed {
 impl Peek for Timed {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
         (*self.inner).try_peek(buf).await
+    }
+}
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the first bytes are the HTTP/2 preface or cannot be: (is h2, bytes read).
+/// Pingora's own check waits for 24 bytes, which a short HTTP/1.0 request never sends.
+/// `None`: the client left first.
+async fn sniff_preface(stream: &mut Stream) -> Option<(bool, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::with_capacity(H2_PREFACE.len());
+    let mut buf = [0u8; 24];
+    loop {
+        let want = H2_PREFACE.len() - got.len();
+        let n = stream.read(&mut buf[..want]).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if !H2_PREFACE.starts_with(&got) {
+            return Some((false, got));
+        }
+        if got.len() == H2_PREFACE.len() {
+            return Some((true, got));
+        }
     }
 }
 
@@ -500,6 +539,8 @@ pub struct Front {
     gauge: prometheus::IntGauge,
     /// `grace_period`: how long a shutdown or upgrade drains.
     grace: Duration,
+    /// `h2c = true`: plain connections that open with the HTTP/2 preface speak HTTP/2.
+    h2c: bool,
 }
 
 /// Holds one of the gateway's connection slots.
@@ -527,9 +568,11 @@ impl Front {
         live: Live,
         name: Arc<str>,
         grace: Duration,
+        h2c: bool,
     ) -> Front {
         Front {
             grace,
+            h2c,
             proxy: Arc::new(proxy),
             live,
             active: AtomicUsize::new(0),
@@ -555,14 +598,22 @@ impl Front {
     }
 
     /// Pingora's HTTP/1 keep-alive loop, with the head clock and the limits.
-    async fn serve_h1(&self, stream: Stream, shutdown: &ShutdownWatch, limits: ClientLimits) {
-        let conn_start = Instant::now();
+    async fn serve_h1(
+        &self,
+        stream: Stream,
+        replay: Vec<u8>,
+        conn_start: Instant,
+        shutdown: &ShutdownWatch,
+        limits: ClientLimits,
+    ) {
         let base = conn_start - Duration::from_millis(now_ms());
         let clock = Arc::new(HeadClock::default());
         let mut session = ServerSession::new_http1(Box::new(Timed {
             inner: stream,
             clock: clock.clone(),
             quiet_exit: true,
+            replay,
+            h2c: false,
         }));
         session.set_keepalive_reuses_remaining(Some(
             limits.max_requests_per_connection.saturating_sub(1),
@@ -635,16 +686,29 @@ impl ServerApp for Front {
     ) -> Option<Stream> {
         let limits = self.live.load().client;
         let _slot = self.admit(limits.max_connections)?;
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // HTTP/2 over TLS: Pingora runs the connection (its idle timeout is
-            // keepalive_timeout, see server.rs); a client that sends nothing at all, not even
-            // the preface, is gone after header_timeout.
+        let conn_start = Instant::now();
+        let mut stream = stream;
+        let mut h2c = false;
+        let mut replay = Vec::new();
+        if self.h2c && stream.get_ssl_digest().is_none() {
+            // A client that does not finish its first bytes in header_timeout is let go,
+            // as one that does not finish its head.
+            let sniffed = tokio::time::timeout(limits.header_timeout, sniff_preface(&mut stream));
+            (h2c, replay) = sniffed.await.ok()??;
+        }
+        if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // HTTP/2 (over TLS by ALPN, or h2c): Pingora runs the connection (its idle
+            // timeout is keepalive_timeout, see server.rs); a client that sends nothing at
+            // all, not even the preface, is gone after header_timeout.
             let clock = Arc::new(HeadClock::default());
             clock.arm();
+            clock.h2_read.fetch_add(replay.len() as u64, Relaxed);
             let stream: Stream = Box::new(Timed {
                 inner: stream,
                 clock: clock.clone(),
                 quiet_exit: false,
+                replay,
+                h2c,
             });
             // The client preface (24 bytes) and its SETTINGS frame (9 at least) are due.
             let silent = async {
@@ -658,7 +722,8 @@ impl ServerApp for Front {
                 _ = silent => None,
             };
         }
-        self.serve_h1(stream, shutdown, limits).await;
+        self.serve_h1(stream, replay, conn_start, shutdown, limits)
+            .await;
         if let Some(hook) = CONNECTION_ENDED.get() {
             hook();
         }

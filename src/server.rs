@@ -64,6 +64,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
             live.clone(),
             g.name.as_str().into(),
             cfg.server.grace_period,
+            g.h2c,
         );
         let mut svc = Service::new(format!("gateway {}", g.name), front);
         for addr in &g.listen {
@@ -136,6 +137,7 @@ type ListenerSet = Vec<(
     String,
     Vec<std::net::SocketAddr>,
     Option<(bool, crate::config::TlsOptions)>,
+    bool,
 )>;
 
 fn listener_set(cfg: &Config) -> ListenerSet {
@@ -143,7 +145,7 @@ fn listener_set(cfg: &Config) -> ListenerSet {
         .iter()
         .map(|g| {
             let tls = g.tls.as_ref().map(|t| (t.h2, t.options.clone()));
-            (g.name.clone(), g.listen.clone(), tls)
+            (g.name.clone(), g.listen.clone(), tls, g.h2c)
         })
         .collect()
 }
@@ -221,7 +223,7 @@ impl Reloader {
         }
         if listener_set(&cfg) != self.listeners {
             let why = format!(
-                "gateways, listeners or TLS options (h2, min_version, ciphers, curves) changed; restart or upgrade to apply ({})",
+                "gateways, listeners, h2c or TLS options (h2, min_version, ciphers, curves) changed; restart or upgrade to apply ({})",
                 self.path.display()
             );
             log::error!("reload refused: {why}");
@@ -268,7 +270,7 @@ impl BackgroundService for Reloader {
         let addrs = self
             .listeners
             .iter()
-            .flat_map(|(_, a, _)| a.iter().copied())
+            .flat_map(|(_, a, _, _)| a.iter().copied())
             .collect();
         tokio::spawn(crate::systemd::ready_when_listening(addrs));
         tokio::spawn(reopen_logs_on_usr1());

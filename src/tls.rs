@@ -73,6 +73,11 @@ impl CertPair {
         })
     }
 
+    /// The pair as Pingora's connector presents it (an upstream's `client_cert`).
+    pub fn cert_key(&self) -> pingora::utils::tls::CertKey {
+        pingora::utils::tls::CertKey::new(self.chain.clone(), self.key.clone())
+    }
+
     /// Whole days until the leaf certificate expires.
     pub fn days_left(&self) -> Option<i32> {
         let now = openssl::asn1::Asn1Time::days_from_now(0).ok()?;

@@ -226,7 +226,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         upstream_names.insert(name.get_ref().clone(), None);
         let span = value.span();
         if let Some(u) = ld.de::<UpstreamFile>(value, &ctx) {
-            if let Some(u) = upstream(&mut ld, name.get_ref(), u, span, &ctx) {
+            if let Some(u) = upstream(&mut ld, path, name.get_ref(), u, span, &ctx) {
                 upstream_names.insert(name.get_ref().clone(), Some(upstreams.len()));
                 upstreams.push(u);
             }
@@ -283,9 +283,11 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         gateway_names.insert(name.get_ref().clone(), Some(gateways.len()));
         let redirect_https = super::tls::redirect_https(&mut ld, &g, tls.is_some(), &ctx);
         let hsts = super::tls::hsts(&mut ld, &g, tls.is_some(), &ctx);
+        let h2c = super::tls::h2c(&mut ld, &g, tls.is_some(), &ctx);
         gateways.push(Gateway {
             redirect_https,
             hsts,
+            h2c,
             name: name.into_inner(),
             listen: g
                 .listen

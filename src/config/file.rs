@@ -82,7 +82,13 @@ pub struct UpstreamFile {
     pub hash_key: Option<Spanned<String>>,
     #[serde(default)]
     pub tls: bool,
-    pub sni: Option<String>,
+    pub sni: Option<Spanned<String>>,
+    pub ca: Option<Spanned<PathBuf>>,
+    pub verify_hostname: Option<Spanned<bool>>,
+    pub insecure_skip_verify: Option<Spanned<bool>>,
+    pub client_cert: Option<Spanned<PathBuf>>,
+    pub client_key: Option<Spanned<PathBuf>>,
+    pub http2: Option<Spanned<bool>>,
     pub connect_timeout: Option<Dur>,
     pub read_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
@@ -195,6 +201,8 @@ pub struct GatewayFile {
     pub redirect_https: Option<Spanned<toml::Value>>,
     /// Strict-Transport-Security on every answer of a TLS gateway.
     pub hsts: Option<Spanned<String>>,
+    /// HTTP/2 with prior knowledge beside HTTP/1 on a plain listener.
+    pub h2c: Option<Spanned<bool>>,
     #[serde(default)]
     pub plugins: Vec<Spanned<String>>,
     pub forwarded_headers: Option<Vec<Spanned<String>>>,

@@ -21,7 +21,9 @@ pub mod file;
 pub mod offload;
 mod routes;
 mod tls;
+mod upstream_tls;
 mod upstreams;
+pub use upstream_tls::{Loaded, UpstreamTls};
 pub mod values;
 
 /// A validated configuration: every reference resolved, every value typed.
@@ -108,6 +110,9 @@ pub struct Peer {
     /// `HOST:PORT` as written: the Host a route with `preserve_host = false` sends, and the
     /// name `resolve_every` looks up again.
     pub name: String,
+    /// The name sent as SNI and verified on its certificate: `sni`, else the peer's host
+    /// name; empty for an address under `insecure_skip_verify` (no SNI).
+    pub sni: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +174,10 @@ pub struct Upstream {
     pub hash_key: HashKey,
     pub tls: bool,
     pub sni: String,
+    /// Verification, CA and client certificate of `tls = true`.
+    pub tls_peer: UpstreamTls,
+    /// HTTP/2 to the peers: ALPN h2 over TLS, prior knowledge (h2c) over plain TCP.
+    pub http2: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
@@ -235,6 +244,9 @@ pub struct Gateway {
     pub redirect_https: Option<Option<u16>>,
     /// `hsts = "max-age=63072000; includeSubDomains"`: sent on every answer (TLS only).
     pub hsts: Option<http::HeaderValue>,
+    /// `h2c = true`: a plain listener also speaks HTTP/2 to clients that start with its
+    /// preface (prior knowledge: gRPC and other internal clients); HTTP/1 still works.
+    pub h2c: bool,
     pub forwarded: ForwardedHeaders,
     pub plugins: Vec<usize>,
     pub routes: Vec<Route>,

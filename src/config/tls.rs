@@ -307,3 +307,18 @@ pub(super) fn hsts(
         }
     }
 }
+
+/// `h2c = true` on a plain gateway (a TLS one offers h2 by ALPN: `tls.h2`).
+pub(super) fn h2c(ld: &mut Loader, g: &GatewayFile, tls: bool, ctx: &str) -> bool {
+    let Some(v) = g.h2c.as_ref() else {
+        return false;
+    };
+    if *v.get_ref() && tls {
+        ld.err(
+            v.span(),
+            ctx,
+            "`h2c` is for a plain listener; over TLS, HTTP/2 is offered by ALPN (`tls.h2`)",
+        );
+    }
+    *v.get_ref() && !tls
+}

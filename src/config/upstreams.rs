@@ -45,6 +45,7 @@ fn statuses(ld: &mut Loader, list: &[toml::Spanned<u16>], ctx: &str) -> Vec<u16>
 
 pub(super) fn upstream(
     ld: &mut Loader,
+    config: &std::path::Path,
     name: &str,
     u: UpstreamFile,
     span: Range<usize>,
@@ -99,8 +100,11 @@ pub(super) fn upstream(
             addr: p.get_ref().addr.0,
             weight: p.get_ref().weight,
             name: p.get_ref().addr.1.clone(),
+            sni: String::new(),
         });
     }
+    let (tls_peer, http2) =
+        super::upstream_tls::upstream_tls(ld, config, &u, &mut peers, span.clone(), ctx);
 
     let health_check = u.health_check.as_ref().map(|h| {
         let hspan = h.span();
@@ -245,12 +249,7 @@ pub(super) fn upstream(
         }
         d.get_ref().0
     });
-    let sni = u.sni.unwrap_or_else(|| {
-        if u.tls {
-            log::warn!("upstream \"{name}\": tls without `sni`; sending none");
-        }
-        String::new()
-    });
+    let sni = u.sni.map(|s| s.into_inner()).unwrap_or_default();
     Some(Upstream {
         name: name.to_string(),
         peers,
@@ -258,6 +257,8 @@ pub(super) fn upstream(
         hash_key,
         tls: u.tls,
         sni,
+        tls_peer,
+        http2,
         connect_timeout: u.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
         read_timeout: u.read_timeout.map_or(Duration::from_secs(60), |d| d.0),
         write_timeout: u.write_timeout.map_or(Duration::from_secs(60), |d| d.0),

@@ -63,3 +63,14 @@ pub(super) fn hop_by_hop(
     }
     out
 }
+
+/// Whether the client's TE names `trailers` (the one TE value HTTP/2 allows).
+pub(super) fn te_trailers(req: &pingora_http::RequestHeader) -> bool {
+    req.headers.get_all(header::TE).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|t| {
+            t.split(|&b| b == b';')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+        })
+    })
+}

@@ -100,6 +100,13 @@ impl GatewayProxy {
         let trusted = peer_ip.is_some_and(|ip| forwarded::is_trusted(&rt.trusted_proxies, ip));
         forwarded::set_headers(upstream, gw.forwarded, peer_ip, trusted, gw.tls)?;
 
+        // TE is hop-by-hop and Pingora drops it, but `TE: trailers` is how a gRPC client
+        // says it reads trailers, and gRPC servers refuse requests without it.
+        if up.is_some_and(|u| rt.pools[u].cfg.http2) && hop::te_trailers(session.req_header()) {
+            upstream
+                .insert_header(header::TE, "trailers")
+                .or_err(ErrorType::InternalError, "te header")?;
+        }
         if !route.preserve_host {
             if let (Some(up), Some(idx)) = (*up, *peer_idx) {
                 upstream

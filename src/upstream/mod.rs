@@ -53,6 +53,8 @@ pub struct PeerState {
     pub weight: usize,
     /// `addr` as a Host header value, made once: formatting it per request showed in profiles.
     host: http::HeaderValue,
+    /// SNI and the name verified on the peer's certificate (TLS upstreams).
+    sni: String,
     backend: Backend,
     inflight: AtomicUsize,
     failures: AtomicU32,
@@ -60,8 +62,9 @@ pub struct PeerState {
 }
 
 impl PeerState {
-    fn new(addr: SocketAddr, weight: usize, name: &str) -> PeerState {
+    fn new(addr: SocketAddr, weight: usize, name: &str, sni: &str) -> PeerState {
         PeerState {
+            sni: sni.to_string(),
             addr,
             weight,
             // A peer's name is an address or a host name and port, always a valid value; the
@@ -189,11 +192,19 @@ fn health_check(
             c
         }
         HealthKind::Http { path, host, expect } => {
+            // Pingora checks every peer with one template: `sni`, else the first peer's name.
+            let sni = cfg.peers.first().map(|p| p.sni.clone()).unwrap_or_default();
             let host = host
                 .clone()
-                .or_else(|| (!cfg.sni.is_empty()).then(|| cfg.sni.clone()))
+                .or_else(|| (!sni.is_empty()).then(|| sni.clone()))
                 .unwrap_or_else(|| "localhost".to_string());
             let mut c = HttpHealthCheck::new(&host, cfg.tls);
+            c.peer_template.sni = sni;
+            peer_tls(&mut c.peer_template, cfg);
+            if cfg.peers.iter().any(|p| p.sni != c.peer_template.sni) {
+                // Peers of different names: the chain is still verified, the name cannot be.
+                c.peer_template.options.verify_hostname = false;
+            }
             if let Ok(mut req) = pingora_http::RequestHeader::build("GET", path.as_bytes(), None) {
                 let _ = req.insert_header("host", host.as_str());
                 let _ = req.insert_header("user-agent", "gatehouse-health-check");
@@ -222,12 +233,33 @@ fn health_check(
     }
 }
 
+/// The upstream's TLS and HTTP/2 settings on a peer (requests and health checks alike).
+fn peer_tls(peer: &mut HttpPeer, cfg: &Upstream) {
+    use pingora::protocols::ALPN;
+    let t = &cfg.tls_peer;
+    if cfg.http2 {
+        // Over TLS the peer chooses (h2 first); over plain TCP there is no negotiation, so
+        // h2 is spoken at once (prior knowledge), as gRPC servers expect.
+        peer.options.alpn = if cfg.tls { ALPN::H2H1 } else { ALPN::H2 };
+        // Pingora's default of one stream per connection would open a connection per request.
+        peer.options.max_h2_streams = 100;
+    }
+    if !cfg.tls {
+        return;
+    }
+    peer.options.verify_cert = t.verify;
+    peer.options.verify_hostname = t.verify_hostname;
+    peer.options.ca = t.ca.as_ref().map(|c| c.value.clone());
+    peer.client_cert_key = t.client.as_ref().map(|c| c.value.clone());
+    peer.group_key = t.group;
+}
+
 impl Pool {
     pub fn new(cfg: &Upstream) -> Result<Pool, String> {
         let peers: Box<[PeerState]> = cfg
             .peers
             .iter()
-            .map(|p| PeerState::new(p.addr, p.weight, &p.name))
+            .map(|p| PeerState::new(p.addr, p.weight, &p.name, &p.sni))
             .collect();
         let set: BTreeSet<Backend> = peers.iter().map(|p| p.backend.clone()).collect();
         let selector = match cfg.selection {
@@ -434,12 +466,14 @@ impl Pool {
 
     /// The Pingora peer for one try on `idx`.
     pub fn peer(&self, idx: usize) -> Box<HttpPeer> {
-        let mut peer = HttpPeer::new(self.peers[idx].addr, self.cfg.tls, self.cfg.sni.clone());
+        let p = &self.peers[idx];
+        let mut peer = HttpPeer::new(p.addr, self.cfg.tls, p.sni.clone());
         let o = &mut peer.options;
         o.connection_timeout = Some(self.cfg.connect_timeout);
         o.read_timeout = Some(self.cfg.read_timeout);
         o.write_timeout = Some(self.cfg.write_timeout);
         o.idle_timeout = Some(self.cfg.idle_timeout);
+        peer_tls(&mut peer, &self.cfg);
         Box::new(peer)
     }
 
@@ -471,7 +505,7 @@ mod tests {
             .enumerate()
             .map(|(i, &w)| {
                 let name = format!("127.0.0.1:{}", 1000 + i);
-                PeerState::new(name.parse().unwrap(), w, &name)
+                PeerState::new(name.parse().unwrap(), w, &name, "")
             })
             .collect();
         // nginx's documented sequence for weights 5, 1, 1.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cache_kit;
+pub mod pki;
 pub mod raw;
 
 use std::convert::Infallible;
