@@ -77,6 +77,12 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
                     if tls.h2 {
                         settings.enable_h2();
                     }
+                    // OpenSSL refuses to resume a session made with a client certificate
+                    // unless the context names itself (`client_auth`); a gateway's name does.
+                    let sid = &g.name.as_bytes()[..g.name.len().min(32)];
+                    settings
+                        .set_session_id_context(sid)
+                        .map_err(|e| format!("gateway \"{}\": TLS: {e}", g.name))?;
                     crate::tls::apply_options(&mut settings, &tls.options)
                         .map_err(|e| format!("gateway \"{}\": TLS: {e}", g.name))?;
                     svc.add_tls_with_settings(&addr, None, settings);

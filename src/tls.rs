@@ -12,7 +12,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::listeners::TlsAccept;
-use pingora::tls::ext::{ssl_add_chain_cert, ssl_use_certificate, ssl_use_private_key};
+use pingora::tls::ext::{
+    ssl_add_chain_cert, ssl_set_verify_cert_store, ssl_use_certificate, ssl_use_private_key,
+};
 use pingora::tls::pkey::{PKey, Private};
 use pingora::tls::ssl::{NameType, SslRef};
 use pingora::tls::x509::X509;
@@ -110,10 +112,177 @@ impl CertPair {
 /// keeps one per key type and the client's signature algorithms choose).
 type Pairs = Vec<Arc<CertPair>>;
 
+/// `client_auth`: the CAs client certificates are verified against, and whether a client
+/// without one is refused at the handshake.
+pub struct ClientAuth {
+    pub required: bool,
+    store: openssl::x509::store::X509Store,
+    /// The CAs' subjects, sent in the CertificateRequest so a client picks a fitting cert.
+    names: Vec<openssl::x509::X509Name>,
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientAuth")
+            .field("required", &self.required)
+            .field("cas", &self.names.len())
+            .finish()
+    }
+}
+
+impl ClientAuth {
+    /// Reads the CA file (PEM, one or more certificates).
+    pub fn load(ca: &Path, required: bool) -> Result<ClientAuth, String> {
+        let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let cas = X509::stack_from_pem(&pem)
+            .ok()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| format!("{}: no PEM certificate in it", ca.display()))?;
+        let mut store = openssl::x509::store::X509StoreBuilder::new()
+            .map_err(|e| format!("client CA store: {e}"))?;
+        let mut names = Vec::with_capacity(cas.len());
+        for c in cas {
+            names.push(
+                openssl::x509::X509NameRef::to_owned(c.subject_name())
+                    .map_err(|e| format!("client CA: {e}"))?,
+            );
+            store
+                .add_cert(c)
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        Ok(ClientAuth {
+            required,
+            store: store.build(),
+            names,
+        })
+    }
+
+    /// Asks this handshake for a client certificate, verified against these CAs.
+    fn apply(&self, ssl: &mut SslRef) {
+        use openssl::ssl::SslVerifyMode;
+        let mut mode = SslVerifyMode::PEER;
+        if self.required {
+            mode |= SslVerifyMode::FAIL_IF_NO_PEER_CERT;
+        }
+        ssl.set_verify(mode);
+        let names = openssl::stack::Stack::<openssl::x509::X509Name>::new().map(|mut stack| {
+            for n in &self.names {
+                if let Ok(n) = openssl::x509::X509NameRef::to_owned(n) {
+                    let _ = stack.push(n);
+                }
+            }
+            stack
+        });
+        if let Ok(names) = names {
+            ssl.set_client_ca_list(names);
+        }
+        if ssl_set_verify_cert_store(ssl, &self.store).is_err() {
+            // Without the store nothing would verify: refuse every certificate instead.
+            ssl.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+            log::error!("TLS handshake: the client CA store could not be set");
+        }
+    }
+}
+
+/// What plugins and header variables see of a verified client certificate.
+pub fn client_cert(cert: &openssl::x509::X509Ref) -> gatehouse_plugins::ClientCert {
+    use std::fmt::Write;
+    let subject = rfc2253(cert.subject_name());
+    let common_name = cert
+        .subject_name()
+        .entries_by_nid(pingora::tls::nid::Nid::COMMONNAME)
+        .next()
+        .and_then(|e| e.data().to_string().ok());
+    let sans = cert
+        .subject_alt_names()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| {
+            n.dnsname()
+                .or_else(|| n.uri())
+                .or_else(|| n.email())
+                .map(str::to_string)
+                .or_else(|| match n.ipaddress()? {
+                    b if b.len() == 4 => {
+                        let a: [u8; 4] = b.try_into().ok()?;
+                        Some(std::net::Ipv4Addr::from(a).to_string())
+                    }
+                    b => {
+                        let a: [u8; 16] = b.try_into().ok()?;
+                        Some(std::net::Ipv6Addr::from(a).to_string())
+                    }
+                })
+        })
+        .map(|s| printable(&s))
+        .collect();
+    let mut fingerprint = String::with_capacity(64);
+    if let Ok(d) = cert.digest(openssl::hash::MessageDigest::sha256()) {
+        for b in d.iter() {
+            let _ = write!(fingerprint, "{b:02x}");
+        }
+    }
+    gatehouse_plugins::ClientCert {
+        subject,
+        common_name,
+        sans,
+        fingerprint,
+    }
+}
+
+/// `s` with bytes outside printable ASCII (and `\`) as `\XX`: always a header value.
+fn printable(s: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "\\{b:02X}");
+        }
+    }
+    out
+}
+
+/// A distinguished name as RFC 2253 writes it: last entry first, `,` between, specials escaped.
+fn rfc2253(name: &openssl::x509::X509NameRef) -> String {
+    use std::fmt::Write;
+    let entries: Vec<_> = name.entries().collect();
+    let mut out = String::new();
+    for (i, e) in entries.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let nid = e.object().nid();
+        match nid.short_name() {
+            Ok(sn) if nid != pingora::tls::nid::Nid::UNDEF => out.push_str(sn),
+            _ => out.push_str(&e.object().to_string()),
+        }
+        out.push('=');
+        let value = e.data().as_slice();
+        let last = value.len().saturating_sub(1);
+        for (j, &b) in value.iter().enumerate() {
+            let special = matches!(b, b',' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';')
+                || (j == 0 && (b == b'#' || b == b' '))
+                || (j == last && b == b' ');
+            if special {
+                out.push('\\');
+                out.push(b as char);
+            } else if (0x20..0x7f).contains(&b) {
+                out.push(b as char);
+            } else {
+                let _ = write!(out, "\\{b:02X}");
+            }
+        }
+    }
+    out
+}
+
 /// A gateway's certificates by name: exact names before wildcards (`*.example.com`: one label),
 /// then the default, or none (the handshake is refused).
 #[derive(Debug, Default)]
 pub struct CertSet {
+    /// Client certificates asked for (and verified) in every handshake; reloads with the set.
+    pub client_auth: Option<ClientAuth>,
     exact: HashMap<String, Pairs>,
     wildcard: HashMap<String, Pairs>,
     default: Option<Pairs>,
@@ -220,6 +389,9 @@ impl TlsAccept for Certificates {
             log::debug!("TLS handshake refused: no certificate for {sni:?}");
             return;
         };
+        if let Some(auth) = &set.client_auth {
+            auth.apply(ssl);
+        }
         for pair in pairs {
             let Some(leaf) = pair.chain.first() else {
                 continue;
@@ -235,6 +407,31 @@ impl TlsAccept for Certificates {
             }
         }
     }
+
+    /// The verified client certificate, made once per connection and kept in its TLS digest
+    /// for every request on it (`crate::tls::client_of`).
+    async fn handshake_complete_callback(
+        &self,
+        ssl: &SslRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        if ssl.verify_result() != openssl::x509::X509VerifyResult::OK {
+            return None;
+        }
+        let cert = ssl.peer_certificate()?;
+        Some(Arc::new(Arc::new(client_cert(&cert))))
+    }
+}
+
+/// The client certificate of the connection `digest` belongs to, if one was verified.
+pub fn client_of(
+    digest: Option<&pingora::protocols::Digest>,
+) -> Option<Arc<gatehouse_plugins::ClientCert>> {
+    digest?
+        .ssl_digest
+        .as_ref()?
+        .extension
+        .get::<Arc<gatehouse_plugins::ClientCert>>()
+        .cloned()
 }
 
 /// The listener's versions, ciphers and curves (checked at load; an error here is OpenSSL's).

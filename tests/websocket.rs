@@ -166,3 +166,87 @@ async fn refused_and_failed_upgrades() {
         other => panic!("expected a 502, got {other:?}"),
     }
 }
+
+/// A WebSocket echo upstream over TLS (the certificate files given).
+async fn wss_upstream(cert: &str, key: &str) -> std::net::SocketAddr {
+    use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+    b.set_certificate_chain_file(cert).unwrap();
+    b.set_private_key_file(key, SslFiletype::PEM).unwrap();
+    let acceptor = std::sync::Arc::new(b.build());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let ssl = openssl::ssl::Ssl::new(acceptor.context()).unwrap();
+                let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+                if std::pin::Pin::new(&mut tls).accept().await.is_err() {
+                    return;
+                }
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    up
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_to_a_tls_upstream_is_verified_and_tunnelled() {
+    use common::pki::{Ca, Leaf};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("ws CA");
+    let ca_file = ca.write(dir.path(), "ca");
+    let other = Ca::new("other").write(dir.path(), "other");
+    let (c, k) = ca.issue(
+        dir.path(),
+        "ws",
+        &Leaf {
+            subject: &[("CN", "localhost")],
+            dns: &["localhost"],
+            ..Leaf::default()
+        },
+    );
+    let up = wss_upstream(&c, &k).await;
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &format!(
+            "[upstreams.wss]\npeers = [\"localhost:{p}\"]\ntls = true\nca = \"{ca_file}\"\n\
+             [upstreams.wrong]\npeers = [\"localhost:{p}\"]\ntls = true\nca = \"{other}\"\n\
+             [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [[routes]]\npath = \"/wss\"\nupstream = \"wss\"\n\
+             [[routes]]\npath = \"/wrong\"\nupstream = \"wrong\"\n",
+            p = up.port()
+        ),
+        &[port],
+    );
+    for round in 0..5 {
+        let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/wss"))
+            .await
+            .expect("upgrade through the gateway to a TLS upstream");
+        assert_eq!(resp.status(), 101);
+        for i in 0..3 {
+            let text = format!("over tls {round}.{i}");
+            ws.send(Message::text(text.clone())).await.unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("echo in time")
+                .unwrap()
+                .unwrap();
+            assert_eq!(m.into_text().unwrap().as_str(), text);
+        }
+        ws.close(None).await.unwrap();
+    }
+    match tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/wrong")).await {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 502),
+        other => panic!("an upstream of another CA: {other:?}"),
+    }
+}

@@ -16,8 +16,8 @@ use serde::de::{self, Deserialize, Deserializer};
 use std::path::Path;
 
 use crate::{
-    basic_auth, cors, forward_auth, headers, ip_filter, jwt_auth, key_auth, rate_limit, request_id,
-    request_limit, Plugin,
+    basic_auth, cors, forward_auth, headers, ip_filter, jwt_auth, key_auth, mtls_auth, rate_limit,
+    request_id, request_limit, Plugin,
 };
 
 /// Every plugin kind this build knows, as written in TOML.
@@ -32,6 +32,7 @@ pub const KINDS: &[&str] = &[
     "basic_auth",
     "jwt_auth",
     "forward_auth",
+    "mtls_auth",
 ];
 
 /// The typed config of one plugin instance.
@@ -47,6 +48,7 @@ pub enum PluginConfig {
     BasicAuth(basic_auth::Config),
     JwtAuth(Box<jwt_auth::Config>),
     ForwardAuth(forward_auth::Config),
+    MtlsAuth(mtls_auth::Config),
 }
 
 impl PluginConfig {
@@ -67,6 +69,7 @@ impl PluginConfig {
             "basic_auth" => PluginConfig::BasicAuth(basic_auth::Config::deserialize(d)?),
             "jwt_auth" => PluginConfig::JwtAuth(Box::new(jwt_auth::Config::deserialize(d)?)),
             "forward_auth" => PluginConfig::ForwardAuth(forward_auth::Config::deserialize(d)?),
+            "mtls_auth" => PluginConfig::MtlsAuth(mtls_auth::Config::deserialize(d)?),
             _ => return Ok(None),
         }))
     }
@@ -85,6 +88,7 @@ impl PluginConfig {
             PluginConfig::BasicAuth(c) => c.prepare(base),
             PluginConfig::JwtAuth(c) => c.prepare(base),
             PluginConfig::ForwardAuth(c) => c.prepare(),
+            PluginConfig::MtlsAuth(c) => c.prepare(),
         }
     }
 
@@ -100,6 +104,7 @@ impl PluginConfig {
             PluginConfig::BasicAuth(_) => "basic_auth",
             PluginConfig::JwtAuth(_) => "jwt_auth",
             PluginConfig::ForwardAuth(_) => "forward_auth",
+            PluginConfig::MtlsAuth(_) => "mtls_auth",
         }
     }
 
@@ -116,6 +121,7 @@ impl PluginConfig {
             PluginConfig::BasicAuth(c) => Arc::new(basic_auth::BasicAuth::new(c.clone())),
             PluginConfig::JwtAuth(c) => Arc::new(jwt_auth::JwtAuth::new((**c).clone())),
             PluginConfig::ForwardAuth(c) => Arc::new(forward_auth::ForwardAuth::new(c.clone())),
+            PluginConfig::MtlsAuth(c) => Arc::new(mtls_auth::MtlsAuth::new(c.clone())),
         }
     }
 }

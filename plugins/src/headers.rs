@@ -7,7 +7,9 @@
 //!
 //! Values may use variables, filled per request: `${client_ip}`, `${request_id}`,
 //! `${route}`, `${gateway}`, `${consumer}` (set by key_auth, basic_auth or jwt_auth) and
-//! `${jwt.CLAIM}`. A `set` whose value comes out empty (say, no consumer) removes the header,
+//! `${jwt.CLAIM}`, and on gateways with `client_auth` the verified client certificate's
+//! `${tls.client_subject}` (RFC 2253), `${tls.client_san}` (its names, comma-separated) and
+//! `${tls.client_fingerprint}` (SHA-256, hex). A `set` whose value comes out empty (say, no consumer) removes the header,
 //! so what the client sent under that name never passes; an `add` is skipped.
 //!
 //! ```toml

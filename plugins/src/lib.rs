@@ -28,6 +28,7 @@ pub mod headers;
 pub mod ip_filter;
 pub mod jwt_auth;
 pub mod key_auth;
+pub mod mtls_auth;
 pub mod rate_limit;
 pub mod request_id;
 pub mod request_limit;
@@ -35,6 +36,7 @@ mod subrequest;
 pub mod template;
 
 pub use config::{PluginConfig, KINDS};
+pub use mtls_auth::ClientCert;
 pub use request_id::random_u64;
 
 /// What a plugin's request hook decided.
@@ -136,6 +138,8 @@ pub struct PluginCtx {
     pub consumer: Option<Arc<str>>,
     /// The verified JWT claims, for claim headers and `${jwt.NAME}` variables.
     pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
+    /// The client certificate the TLS handshake verified (gateways with `client_auth`).
+    pub client_cert: Option<Arc<ClientCert>>,
     /// Request body bytes seen so far (kept by the chain for body limits).
     pub body_bytes: u64,
     /// What the response cache did (`HIT`, `MISS`, `EXPIRED`, `STALE`, `REVALIDATED`,

@@ -16,6 +16,9 @@ pub enum Part {
     Gateway,
     Consumer,
     Claim(String),
+    ClientSubject,
+    ClientSan,
+    ClientFingerprint,
 }
 
 /// A header value: fixed (checked once at load), or text and variables rendered per request.
@@ -25,7 +28,7 @@ pub enum Template {
     Parts(Vec<Part>),
 }
 
-pub const VARIABLES: &str = "client_ip, request_id, route, gateway, consumer, jwt.CLAIM";
+pub const VARIABLES: &str = "client_ip, request_id, route, gateway, consumer, jwt.CLAIM, tls.client_subject, tls.client_san, tls.client_fingerprint";
 
 impl Template {
     pub fn parse(s: &str) -> Result<Template, String> {
@@ -47,6 +50,9 @@ impl Template {
                 "route" => Part::Route,
                 "gateway" => Part::Gateway,
                 "consumer" => Part::Consumer,
+                "tls.client_subject" => Part::ClientSubject,
+                "tls.client_san" => Part::ClientSan,
+                "tls.client_fingerprint" => Part::ClientFingerprint,
                 _ => match name.strip_prefix("jwt.") {
                     Some(c) if !c.is_empty() => Part::Claim(c.to_string()),
                     _ => {
@@ -95,6 +101,21 @@ impl Template {
                 Part::Route => out.push_str(cx.route.as_deref().unwrap_or("")),
                 Part::Gateway => out.push_str(cx.gateway.as_deref().unwrap_or("")),
                 Part::Consumer => out.push_str(cx.consumer.as_deref().unwrap_or("")),
+                Part::ClientSubject => {
+                    if let Some(c) = &cx.client_cert {
+                        out.push_str(&c.subject);
+                    }
+                }
+                Part::ClientSan => {
+                    if let Some(c) = &cx.client_cert {
+                        out.push_str(&c.sans.join(","));
+                    }
+                }
+                Part::ClientFingerprint => {
+                    if let Some(c) = &cx.client_cert {
+                        out.push_str(&c.fingerprint);
+                    }
+                }
                 Part::Claim(c) => {
                     if let Some(v) = cx.claims.as_ref().and_then(|m| m.get(c)) {
                         if let Some(h) = crate::jwt_auth::claim_value(v) {

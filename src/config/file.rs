@@ -203,6 +203,8 @@ pub struct GatewayFile {
     pub hsts: Option<Spanned<String>>,
     /// HTTP/2 with prior knowledge beside HTTP/1 on a plain listener.
     pub h2c: Option<Spanned<bool>>,
+    /// Client certificates (mTLS) on a TLS gateway.
+    pub client_auth: Option<Spanned<super::tls::ClientAuthFile>>,
     #[serde(default)]
     pub plugins: Vec<Spanned<String>>,
     pub forwarded_headers: Option<Vec<Spanned<String>>>,

@@ -24,6 +24,52 @@ pub struct CertFile {
     pub default: bool,
 }
 
+/// `client_auth = { mode = "required" | "optional", ca = "clients-ca.pem" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthFile {
+    pub mode: Spanned<String>,
+    pub ca: Spanned<PathBuf>,
+}
+
+fn client_auth(
+    ld: &mut Loader,
+    g: &GatewayFile,
+    config: &Path,
+    ctx: &str,
+) -> Option<crate::tls::ClientAuth> {
+    let a = g.client_auth.as_ref()?;
+    if g.tls.is_none() && g.certs.is_none() {
+        ld.err(
+            a.span(),
+            ctx,
+            "`client_auth` is for a TLS gateway (give it `tls` or `certs`)",
+        );
+        return None;
+    }
+    let f = a.get_ref();
+    let required = match f.mode.get_ref().as_str() {
+        "required" => true,
+        "optional" => false,
+        other => {
+            ld.err(
+                f.mode.span(),
+                ctx,
+                format!("client_auth mode \"{other}\": use \"required\" or \"optional\""),
+            );
+            return None;
+        }
+    };
+    let ca = super::build::relative_to(config, f.ca.get_ref());
+    match crate::tls::ClientAuth::load(&ca, required) {
+        Ok(auth) => Some(auth),
+        Err(why) => {
+            ld.err(f.ca.span(), ctx, format!("client_auth ca: {why}"));
+            None
+        }
+    }
+}
+
 fn load_pair(
     ld: &mut Loader,
     config: &Path,
@@ -93,6 +139,7 @@ pub(super) fn gateway_tls(
         .map(|t| options(ld, t, ctx))
         .unwrap_or_default();
     let h2 = g.tls.as_ref().and_then(|t| t.get_ref().h2).unwrap_or(true);
+    let auth = client_auth(ld, g, config, ctx);
     let pair_of = |t: &Spanned<TlsFile>| match (&t.get_ref().cert, &t.get_ref().key) {
         (Some(c), Some(k)) => Some((c.clone(), k.clone())),
         _ => None,
@@ -115,9 +162,11 @@ pub(super) fn gateway_tls(
                 return None;
             };
             let pair = load_pair(ld, config, &c, &k, ctx)?;
+            let mut set = CertSet::single(Arc::new(pair));
+            set.client_auth = auth;
             Some(Tls {
                 h2,
-                certs: Arc::new(CertSet::single(Arc::new(pair))),
+                certs: Arc::new(set),
                 options,
             })
         }
@@ -177,6 +226,7 @@ pub(super) fn gateway_tls(
                 }
             }
             set.finish(if refuse { None } else { Some(default_at) });
+            set.client_auth = auth;
             Some(Tls {
                 h2,
                 certs: Arc::new(set),

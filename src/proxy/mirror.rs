@@ -129,9 +129,7 @@ async fn send(pool: &Pool, head: &mut RequestHeader, body: Vec<Bytes>, size: usi
     head.insert_header(http::header::CONTENT_LENGTH, size)
         .ok()?;
     head.insert_header(http::header::CONNECTION, "close").ok()?;
-    let mut stream = super::upgrade::connect(pool, pool.addr(idx), head)
-        .await
-        .ok()?;
+    let mut stream = super::upgrade::connect(pool, idx, head).await.ok()?;
     for b in body {
         timeout(pool.write_timeout(), stream.write_all(&b))
             .await

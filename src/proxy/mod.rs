@@ -149,6 +149,9 @@ impl ProxyHttp for GatewayProxy {
         ctx.plugins.client_ip = forwarded::peer_ip(session)
             .and_then(|ip| forwarded::client_ip(&rt.trusted_proxies, ip, session.req_header()));
         ctx.plugins.gateway = Some(gw.name.clone());
+        if gw.tls {
+            ctx.plugins.client_cert = crate::tls::client_of(session.digest());
+        }
 
         let h1 = session.as_ref().as_http1();
         let clock = h1.and_then(|h| crate::front::Timed::clock_of(h.stream()));
@@ -358,7 +361,8 @@ impl ProxyHttp for GatewayProxy {
             return Ok(());
         }
         if upgrade {
-            // Pingora's path (TLS upstreams) opens its tunnel on any 101: it must be ours.
+            // Pingora's path would open a tunnel on any 101 (upgrades take ours; kept in case
+            // one ever reaches it): it must be the one asked for.
             upgrade::completes(resp, ctx.ws_accept.as_deref().unwrap_or(""))?;
         }
         for h in hop::hop_by_hop(&resp.headers, upgrade, true) {

@@ -67,7 +67,7 @@ impl GatewayProxy {
                 &gw.mirror_strip[id],
             );
         }
-        if session.is_upgrade_req() && !rt.pools[up].tls() {
+        if session.is_upgrade_req() {
             // The tunnel runs the later hooks itself, and they read the snapshot from ctx.
             ctx.rt = Some(rt.clone());
             self.tunnel(session, ctx, up).await?;

@@ -1,4 +1,4 @@
-//! HTTP/1.1 WebSocket upgrades to plain-HTTP upstreams, tunnelled by the gateway itself.
+//! HTTP/1.1 WebSocket upgrades, tunnelled by the gateway itself (plain and TLS upstreams).
 //!
 //! Why not Pingora's own path: in Pingora 0.9.1 an upgraded tunnel is torn down right after the
 //! `101` whenever the upstream's answer is read before the request's empty body end
@@ -6,7 +6,9 @@
 //! handshakes. No `ProxyHttp` hook runs between the request header write and that loop, so the
 //! gateway does the handshake and the byte pump here: connect, send the (rewritten) request
 //! head, read the answer head, and on `101` copy bytes both ways until either side closes or
-//! the tunnel is idle for the upstream's `read_timeout`. TLS upstreams still go through Pingora.
+//! the tunnel is idle for the upstream's `read_timeout`. The connection is Pingora's own
+//! (its transport connector), so a TLS upstream's is verified as every other request's: the
+//! same CA, SNI, verified name and client certificate, always HTTP/1.1 by ALPN.
 //!
 //! A tunnel carries whatever the two ends say to each other, past routing and plugins, so it
 //! opens only for a WebSocket handshake as RFC 6455 §4 spells it: the client's request has no
@@ -15,16 +17,17 @@
 //! whose requests the gateway would not route); and the `101` must say `Upgrade: websocket`
 //! with the `Sec-WebSocket-Accept` that key calls for. An upstream that refuses the upgrade is
 //! answered like any response, its body streamed through.
-use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
+use pingora::connectors::TransportConnector;
+use pingora::protocols::Stream;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::{balance, RequestCtx};
@@ -40,7 +43,7 @@ const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// An upstream connection with what has been read from it but not used yet.
 struct Upstream {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     read_timeout: Duration,
 }
@@ -103,7 +106,7 @@ impl Upstream {
 /// proxied as a normal one: left in place, Pingora would treat the exchange as a protocol
 /// switch and wait for the client's side of a tunnel that never comes. A WebSocket request is
 /// checked (no body, a valid key) and asks for exactly `websocket`, with no `HTTP2-Settings`,
-/// whichever path takes it (the tunnel, or Pingora's for TLS upstreams); the
+/// before it goes to the tunnel; the
 /// `Sec-WebSocket-Accept` its `101` must carry is returned.
 pub fn only_websocket(req: &mut RequestHeader) -> Result<Option<String>> {
     let Some(up) = req.headers.get(http::header::UPGRADE) else {
@@ -187,17 +190,21 @@ pub fn handshake_request(req: &mut RequestHeader) -> Result<()> {
     Ok(())
 }
 
-/// Connects to `addr` and sends the request head.
-pub async fn connect(pool: &Pool, addr: SocketAddr, req: &RequestHeader) -> Result<TcpStream> {
-    let mut stream = match timeout(pool.connect_timeout(), TcpStream::connect(addr)).await {
-        Err(_) => return Err(up_err(ErrorType::ConnectTimedout, "connect timed out")),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            return Err(up_err(ErrorType::ConnectRefused, "connection refused"))
-        }
-        Ok(Err(_)) => return Err(up_err(ErrorType::ConnectError, "connect failed")),
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
+/// Tunnels connect here: Pingora's connector without its pool (a tunnel is never reused).
+fn connector() -> &'static TransportConnector {
+    static C: OnceLock<TransportConnector> = OnceLock::new();
+    C.get_or_init(|| TransportConnector::new(None))
+}
+
+/// Connects to peer `idx` (TLS as the upstream says) and sends the request head.
+pub async fn connect(pool: &Pool, idx: usize, req: &RequestHeader) -> Result<Stream> {
+    let mut peer = pool.peer(idx);
+    // A WebSocket handshake is HTTP/1.1 (an `http2` upstream is asked for it by ALPN).
+    peer.options.alpn = pingora::protocols::ALPN::H1;
+    let mut stream = connector().new_stream(&*peer).await.map_err(|mut e| {
+        e.esource = ErrorSource::Upstream;
+        e
+    })?;
     let mut head = Vec::with_capacity(512);
     head.extend_from_slice(req.method.as_str().as_bytes());
     head.push(b' ');
@@ -278,7 +285,7 @@ pub struct Handshake {
     write_timeout: Duration,
 }
 
-pub async fn handshake(pool: &Pool, stream: TcpStream) -> Result<Handshake> {
+pub async fn handshake(pool: &Pool, stream: Stream) -> Result<Handshake> {
     let mut up = Upstream {
         stream,
         buf: BytesMut::with_capacity(4096),
@@ -367,7 +374,7 @@ async fn relay_or_pump(session: &mut Session, hs: Handshake) -> Result<()> {
         session.write_response_body(Some(early), false).await?;
     }
     let Upstream { stream, .. } = up;
-    let (mut ur, mut uw) = stream.into_split();
+    let (mut ur, mut uw) = tokio::io::split(stream);
     let mut chunk = vec![0u8; 16 * 1024];
     let mut client_open = true;
     loop {
@@ -465,13 +472,13 @@ impl super::GatewayProxy {
         let accept = ctx.ws_accept.clone().unwrap_or_default();
         balance::select_peer(&rt, up, session, ctx)?;
         let pool = &rt.pools[up];
-        let Some(addr) = ctx.peer else {
+        let Some(idx) = ctx.peer_idx else {
             return Error::e_explain(ErrorType::InternalError, "no peer for upgrade");
         };
         self.prepare_upstream_request(session, &mut req, ctx)
             .await?;
         let result = async {
-            let stream = connect(pool, addr, &req).await?;
+            let stream = connect(pool, idx, &req).await?;
             handshake(pool, stream).await
         }
         .await;

@@ -1,0 +1,224 @@
+//! Downstream mTLS: `client_auth = { mode, ca }` on a TLS gateway. Required: no certificate,
+//! or one of another CA, fails the handshake. Optional: clients without one reach the routes
+//! that do not ask for one; `mtls_auth` routes want one (and may want a given subject, SAN or
+//! fingerprint). The verified subject, SANs and fingerprint reach the upstream as headers.
+mod common;
+
+use common::pki::{Ca, Leaf};
+use common::*;
+use openssl::hash::MessageDigest;
+
+struct Pki {
+    dir: tempfile::TempDir,
+    server_ca: Vec<u8>,
+    cert: String,
+    key: String,
+    clients_ca: String,
+    clients: Ca,
+    stranger: Ca,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server CA");
+    let (cert, key) = ca.issue(
+        dir.path(),
+        "server",
+        &Leaf {
+            subject: &[("CN", "localhost")],
+            dns: &["localhost"],
+            ..Leaf::default()
+        },
+    );
+    let clients = Ca::new("clients CA");
+    let clients_ca = clients.write(dir.path(), "clients-ca");
+    Pki {
+        server_ca: ca.pem(),
+        dir,
+        cert,
+        key,
+        clients_ca,
+        clients,
+        stranger: Ca::new("clients CA"),
+    }
+}
+
+/// A client presenting a certificate `ca` signed for `subject` (and these SANs); its
+/// SHA-256 fingerprint.
+fn client_with(
+    p: &Pki,
+    ca: Option<&Ca>,
+    subject: &[(&str, &str)],
+    uri: &[&str],
+) -> (reqwest::Client, String) {
+    let mut b = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&p.server_ca).unwrap())
+        .timeout(std::time::Duration::from_secs(10));
+    let mut fp = String::new();
+    if let Some(ca) = ca {
+        let (cert, key) = ca.sign(&Leaf {
+            subject,
+            dns: &["client.internal"],
+            uri,
+            client: true,
+        });
+        fp = hex::encode(cert.digest(MessageDigest::sha256()).unwrap());
+        let id = reqwest::Identity::from_pkcs8_pem(
+            &cert.to_pem().unwrap(),
+            &key.private_key_to_pem_pkcs8().unwrap(),
+        )
+        .unwrap();
+        b = b.identity(id);
+    }
+    (b.build().unwrap(), fp)
+}
+
+fn gateway(p: &Pki, port: u16, up: std::net::SocketAddr, mode: &str) -> Gatehouse {
+    Gatehouse::start(
+        &format!(
+            "[upstreams.up]\npeers = [\"{up}\"]\n\
+             [plugins.who]\nkind = \"headers\"\n\
+             request = {{ set = {{ \"x-client-subject\" = \"${{tls.client_subject}}\", \"x-client-san\" = \"${{tls.client_san}}\", \"x-client-fingerprint\" = \"${{tls.client_fingerprint}}\", \"x-consumer\" = \"${{consumer}}\" }} }}\n\
+             [plugins.any-cert]\nkind = \"mtls_auth\"\n\
+             [plugins.billing-only]\nkind = \"mtls_auth\"\nsubjects = [\"CN=billing,O=Acme\"]\n\
+             [gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             tls = {{ cert = \"{}\", key = \"{}\" }}\n\
+             client_auth = {{ mode = \"{mode}\", ca = \"{}\" }}\n\
+             [[routes]]\npath = \"/open\"\nupstream = \"up\"\nplugins = [\"who\"]\n\
+             [[routes]]\npath = \"/any\"\nupstream = \"up\"\nplugins = [\"any-cert\", \"who\"]\n\
+             [[routes]]\npath = \"/billing\"\nupstream = \"up\"\nplugins = [\"billing-only\", \"who\"]\n",
+            p.cert, p.key, p.clients_ca
+        ),
+        &[port],
+    )
+}
+
+async fn call(
+    c: &reqwest::Client,
+    port: u16,
+    path: &str,
+) -> Result<(u16, serde_json::Value), reqwest::Error> {
+    let r = c
+        .get(format!("https://localhost:{port}{path}"))
+        .header("x-client-subject", "CN=admin")
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let text = r.text().await?;
+    Ok((
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_client_certificates_are_verified_and_reach_the_upstream() {
+    let p = pki();
+    let up = echo("up").await;
+    let port = free_port();
+    let _g = gateway(&p, port, up, "required");
+    let (alice, fp) = client_with(
+        &p,
+        Some(&p.clients),
+        &[("O", "Acme"), ("CN", "alice")],
+        &["spiffe://acme/alice"],
+    );
+    let (s, v) = call(&alice, port, "/open").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(seen(&v, "x-client-subject"), ["CN=alice,O=Acme"]);
+    assert_eq!(
+        seen(&v, "x-client-san"),
+        ["client.internal,spiffe://acme/alice"]
+    );
+    assert_eq!(seen(&v, "x-client-fingerprint"), [fp]);
+    // mtls_auth names the consumer after the certificate's CN.
+    let (s, v) = call(&alice, port, "/any").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(seen(&v, "x-consumer"), ["alice"]);
+
+    let (none, _) = client_with(&p, None, &[], &[]);
+    assert!(
+        call(&none, port, "/open").await.is_err(),
+        "no certificate: refused"
+    );
+    let (stranger, _) = client_with(&p, Some(&p.stranger), &[("CN", "alice")], &[]);
+    assert!(
+        call(&stranger, port, "/open").await.is_err(),
+        "a certificate of another CA (same CA name): refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_client_certificates_and_routes_that_require_them() {
+    let p = pki();
+    let up = echo("up").await;
+    let port = free_port();
+    let _g = gateway(&p, port, up, "optional");
+    let (none, _) = client_with(&p, None, &[], &[]);
+    let (s, v) = call(&none, port, "/open").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        seen(&v, "x-client-subject").is_empty(),
+        "the client's own X-Client-Subject never passes: {v}"
+    );
+    assert_eq!(call(&none, port, "/any").await.unwrap().0, 403);
+    assert_eq!(call(&none, port, "/billing").await.unwrap().0, 403);
+
+    let (alice, _) = client_with(&p, Some(&p.clients), &[("O", "Acme"), ("CN", "alice")], &[]);
+    assert_eq!(call(&alice, port, "/any").await.unwrap().0, 200);
+    let (s, v) = call(&alice, port, "/billing").await.unwrap();
+    assert_eq!(s, 403, "{v}");
+    let (billing, _) = client_with(
+        &p,
+        Some(&p.clients),
+        &[("O", "Acme"), ("CN", "billing")],
+        &[],
+    );
+    let (s, v) = call(&billing, port, "/billing").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(seen(&v, "x-client-subject"), ["CN=billing,O=Acme"]);
+
+    let (stranger, _) = client_with(&p, Some(&p.stranger), &[("CN", "billing")], &[]);
+    assert!(
+        call(&stranger, port, "/open").await.is_err(),
+        "a bad certificate fails the handshake in optional mode too"
+    );
+}
+
+#[test]
+fn check_refuses_client_auth_without_tls_or_ca() {
+    let p = pki();
+    let (code, out, _, _d) = check(&format!(
+        "[upstreams.up]\npeers = [\"127.0.0.1:9\"]\n\
+         [gateways.plain]\nlisten = [\"127.0.0.1:8080\"]\n\
+         client_auth = {{ mode = \"required\", ca = \"{}\" }}\n\
+         [gateways.web]\nlisten = [\"127.0.0.1:8443\"]\n\
+         tls = {{ cert = \"{}\", key = \"{}\" }}\n\
+         client_auth = {{ mode = \"sometimes\", ca = \"{}\" }}\n\
+         [gateways.web2]\nlisten = [\"127.0.0.1:8444\"]\n\
+         tls = {{ cert = \"{}\", key = \"{}\" }}\n\
+         client_auth = {{ mode = \"optional\", ca = \"{}\" }}\n\
+         [[routes]]\nupstream = \"up\"\n",
+        p.clients_ca,
+        p.cert,
+        p.key,
+        p.clients_ca,
+        p.cert,
+        p.key,
+        p.cert.replace("server.crt", "missing.pem")
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("bad.toml:5:") && out.contains("`client_auth` is for a TLS gateway"),
+        "{out}"
+    );
+    assert!(
+        out.contains("bad.toml:9:") && out.contains("mode \"sometimes\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("bad.toml:13:") && out.contains("missing.pem"),
+        "{out}"
+    );
+    let _ = &p.dir;
+}
