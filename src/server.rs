@@ -83,6 +83,8 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
                     settings
                         .set_session_id_context(sid)
                         .map_err(|e| format!("gateway \"{}\": TLS: {e}", g.name))?;
+                    crate::tls::staple_ocsp(&mut settings, store.clone())
+                        .map_err(|e| format!("gateway \"{}\": TLS: {e}", g.name))?;
                     crate::tls::apply_options(&mut settings, &tls.options)
                         .map_err(|e| format!("gateway \"{}\": TLS: {e}", g.name))?;
                     svc.add_tls_with_settings(&addr, None, settings);

@@ -23,6 +23,8 @@ use pingora::tls::x509::X509;
 pub struct CertPair {
     chain: Vec<X509>,
     key: PKey<Private>,
+    /// The OCSP response (DER) stapled for this certificate, when `ocsp` names one.
+    ocsp: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for CertPair {
@@ -72,7 +74,54 @@ impl CertPair {
         Ok(CertPair {
             chain,
             key: key_parsed,
+            ocsp: None,
         })
+    }
+
+    /// Reads the OCSP response to staple: it must be a successful one, and for this
+    /// certificate when its issuer is in the chain to tell. `Ok(Some(warning))`: kept, but
+    /// worth saying; an expired response is not stapled (clients may refuse it), only warned.
+    pub fn set_ocsp(&mut self, path: &Path) -> Result<Option<String>, String> {
+        use openssl::ocsp::{OcspCertId, OcspCertStatus, OcspResponse, OcspResponseStatus};
+        let der = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let resp = OcspResponse::from_der(&der)
+            .map_err(|_| format!("{}: not a DER OCSP response", path.display()))?;
+        if resp.status() != OcspResponseStatus::SUCCESSFUL {
+            return Err(format!(
+                "{}: the responder did not answer with a status (response status {})",
+                path.display(),
+                resp.status().as_raw()
+            ));
+        }
+        let basic = resp
+            .basic()
+            .map_err(|_| format!("{}: no basic OCSP response in it", path.display()))?;
+        let (Some(leaf), Some(issuer)) = (self.chain.first(), self.chain.get(1)) else {
+            self.ocsp = Some(der);
+            return Ok(Some(format!(
+                "{}: not checked against the certificate (its issuer is not in the chain)",
+                path.display()
+            )));
+        };
+        let id = OcspCertId::from_cert(openssl::hash::MessageDigest::sha1(), leaf, issuer)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let Some(status) = basic.find_status(&id) else {
+            return Err(format!(
+                "{}: the OCSP response is not for this certificate",
+                path.display()
+            ));
+        };
+        if status.status == OcspCertStatus::REVOKED {
+            return Err(format!("{}: the certificate is revoked", path.display()));
+        }
+        if status.check_validity(300, None).is_err() {
+            return Ok(Some(format!(
+                "{}: the OCSP response is out of date; not stapled until it is renewed (and reloaded)",
+                path.display()
+            )));
+        }
+        self.ocsp = Some(der);
+        Ok(None)
     }
 
     /// The pair as Pingora's connector presents it (an upstream's `client_cert`).
@@ -432,6 +481,34 @@ pub fn client_of(
         .extension
         .get::<Arc<gatehouse_plugins::ClientCert>>()
         .cloned()
+}
+
+/// Staples the chosen certificate's OCSP response for clients that ask (status_request).
+/// OpenSSL calls this after it has chosen among the pairs set for the name (RSA or ECDSA),
+/// so the response is the one of the certificate actually sent.
+pub fn staple_ocsp(
+    settings: &mut pingora::listeners::tls::TlsSettings,
+    store: Arc<CertStore>,
+) -> Result<(), String> {
+    settings
+        .set_status_callback(move |ssl| {
+            let set = store.0.load();
+            let sni = ssl.servername(NameType::HOST_NAME).map(str::to_string);
+            let Some(pairs) = set.pick(sni.as_deref()) else {
+                return Ok(false);
+            };
+            let sent = ssl.certificate().map(|c| c.to_owned());
+            let ocsp = pairs.iter().find_map(|p| {
+                let leaf = p.chain.first()?;
+                let is_sent = sent.as_ref().is_some_and(|s| s == leaf);
+                p.ocsp.as_ref().filter(|_| is_sent)
+            });
+            match ocsp {
+                Some(der) => ssl.set_ocsp_status(der).map(|()| true),
+                None => Ok(false),
+            }
+        })
+        .map_err(|e| format!("OCSP stapling: {e}"))
 }
 
 /// The listener's versions, ciphers and curves (checked at load; an error here is OpenSSL's).

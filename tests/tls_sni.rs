@@ -356,3 +356,143 @@ async fn hsts_is_on_every_answer_of_a_tls_gateway() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("`hsts` is for a TLS gateway"), "{out}");
 }
+
+/// The OCSP response a handshake that asks for one (status_request) gets stapled, if any.
+fn stapled(port: u16) -> Option<Vec<u8>> {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode, StatusType};
+    use std::sync::{Arc, Mutex};
+    let got = Arc::new(Mutex::new(None));
+    let seen = got.clone();
+    let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_status_callback(move |ssl| {
+        *seen.lock().unwrap() = ssl.ocsp_status().map(<[u8]>::to_vec);
+        Ok(true)
+    })
+    .unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut cfg = b.build().configure().unwrap();
+    cfg.set_status_type(StatusType::OCSP).unwrap();
+    cfg.set_verify_hostname(false);
+    let _s = cfg.connect("localhost", tcp).unwrap();
+    let out = got.lock().unwrap().clone();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ocsp_response_is_stapled() {
+    use common::pki::{Ca, Leaf};
+    let up = echo("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("OCSP test CA");
+    let ca_crt = ca.write(d, "ca");
+    let ca_key = ca.write_key(d, "ca");
+    let (leaf, key) = ca.sign(&Leaf {
+        subject: &[("CN", "localhost")],
+        dns: &["localhost"],
+        ..Leaf::default()
+    });
+    // The chain file: the certificate, then its issuer (how the response is checked).
+    let chain = d.join("chain.crt");
+    let mut pem = leaf.to_pem().unwrap();
+    pem.extend(ca.pem());
+    std::fs::write(&chain, pem).unwrap();
+    std::fs::write(d.join("leaf.crt"), leaf.to_pem().unwrap()).unwrap();
+    let key_file = d.join("leaf.key");
+    std::fs::write(&key_file, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    let serial = leaf
+        .serial_number()
+        .to_bn()
+        .unwrap()
+        .to_hex_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        d.join("index.txt"),
+        format!("V\t301231235959Z\t\t{serial}\tunknown\t/CN=localhost\n"),
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("the openssl command (bootstrap.sh test installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "ocsp",
+        "-issuer",
+        &ca_crt,
+        "-cert",
+        "leaf.crt",
+        "-no_nonce",
+        "-reqout",
+        "req.der",
+    ]);
+    openssl(&[
+        "ocsp",
+        "-index",
+        "index.txt",
+        "-rsigner",
+        &ca_crt,
+        "-rkey",
+        &ca_key,
+        "-CA",
+        &ca_crt,
+        "-reqin",
+        "req.der",
+        "-respout",
+        "resp.der",
+        "-ndays",
+        "7",
+    ]);
+    let resp = std::fs::read(d.join("resp.der")).unwrap();
+
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &format!(
+            "[upstreams.a]\npeers = [\"{up}\"]\n[gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             tls = {{ cert = \"{}\", key = \"{}\", ocsp = \"{}\" }}\n[[routes]]\nupstream = \"a\"\n",
+            chain.display(),
+            key_file.display(),
+            d.join("resp.der").display()
+        ),
+        &[port],
+    );
+    assert_eq!(
+        stapled(port),
+        Some(resp),
+        "the response, as the file has it"
+    );
+
+    // A response for another certificate is refused by check, with its line.
+    let other = Ca::new("other CA");
+    let (c2, k2) = other.issue(
+        d,
+        "other",
+        &Leaf {
+            subject: &[("CN", "localhost")],
+            dns: &["localhost"],
+            ..Leaf::default()
+        },
+    );
+    let mut pem2 = std::fs::read(&c2).unwrap();
+    pem2.extend(other.pem());
+    std::fs::write(&c2, pem2).unwrap();
+    let (code, out, _, _d) = check(&format!(
+        "[upstreams.a]\npeers = [\"{up}\"]\n[gateways.web]\nlisten = [\"127.0.0.1:8443\"]\n\
+         tls = {{ cert = \"{c2}\", key = \"{k2}\", ocsp = \"{}\" }}\n[[routes]]\nupstream = \"a\"\n",
+        d.join("resp.der").display()
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("bad.toml:5:") && out.contains("not for this certificate"),
+        "{out}"
+    );
+}

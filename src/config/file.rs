@@ -217,6 +217,8 @@ pub struct TlsFile {
     /// this table only the options.
     pub cert: Option<Spanned<PathBuf>>,
     pub key: Option<Spanned<PathBuf>>,
+    /// A DER OCSP response for `cert`, stapled to handshakes that ask for one.
+    pub ocsp: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub h2: Option<bool>,
     pub min_version: Option<Spanned<String>>,

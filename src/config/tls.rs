@@ -22,6 +22,8 @@ pub struct CertFile {
     pub names: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     pub default: bool,
+    /// A DER OCSP response for `cert`, stapled to handshakes that ask for one.
+    pub ocsp: Option<Spanned<PathBuf>>,
 }
 
 /// `client_auth = { mode = "required" | "optional", ca = "clients-ca.pem" }`.
@@ -75,6 +77,7 @@ fn load_pair(
     config: &Path,
     cert: &Spanned<PathBuf>,
     key: &Spanned<PathBuf>,
+    ocsp: Option<&Spanned<PathBuf>>,
     ctx: &str,
 ) -> Option<CertPair> {
     let (c, k) = (
@@ -92,13 +95,21 @@ fn load_pair(
         return None;
     }
     match CertPair::load(&c, &k) {
-        Ok(pair) => {
+        Ok(mut pair) => {
             if let Some(d) = pair.days_left().filter(|d| *d < 14) {
                 ld.warn(
                     cert.span(),
                     ctx,
                     format!("certificate {} expires in {d} days", c.display()),
                 );
+            }
+            if let Some(o) = ocsp {
+                let path = super::build::relative_to(config, o.get_ref());
+                match pair.set_ocsp(&path) {
+                    Ok(None) => {}
+                    Ok(Some(warning)) => ld.warn(o.span(), ctx, warning),
+                    Err(why) => ld.err(o.span(), ctx, format!("ocsp: {why}")),
+                }
             }
             Some(pair)
         }
@@ -161,7 +172,7 @@ pub(super) fn gateway_tls(
                 );
                 return None;
             };
-            let pair = load_pair(ld, config, &c, &k, ctx)?;
+            let pair = load_pair(ld, config, &c, &k, t.get_ref().ocsp.as_ref(), ctx)?;
             let mut set = CertSet::single(Arc::new(pair));
             set.client_auth = auth;
             Some(Tls {
@@ -201,7 +212,8 @@ pub(super) fn gateway_tls(
             let mut default_at = 0;
             for (i, c) in list.get_ref().iter().enumerate() {
                 let f = c.get_ref();
-                let Some(pair) = load_pair(ld, config, &f.cert, &f.key, ctx) else {
+                let Some(pair) = load_pair(ld, config, &f.cert, &f.key, f.ocsp.as_ref(), ctx)
+                else {
                     continue;
                 };
                 let names: Vec<String> = match &f.names {

@@ -87,6 +87,13 @@ impl Ca {
         self.cert.to_pem().unwrap()
     }
 
+    /// Writes the CA's key to `dir/file.key`; its path (for `openssl ocsp` to sign with).
+    pub fn write_key(&self, dir: &Path, file: &str) -> String {
+        let p = dir.join(format!("{file}.key"));
+        std::fs::write(&p, self.key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        p.display().to_string()
+    }
+
     /// Writes the CA certificate to `dir/file.crt`; its path.
     pub fn write(&self, dir: &Path, file: &str) -> String {
         let p = dir.join(format!("{file}.crt"));
