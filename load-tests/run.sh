@@ -3,7 +3,7 @@
 # on this machine, in alternating rounds with the same client settings. Traffic stays on
 # loopback; every run stops by itself.
 #
-#   load-tests/run.sh [all|plain|routes|large|idle|selection|plugins|cache|ops|aggregate]   (default: all, ~10 minutes)
+#   load-tests/run.sh [all|plain|routes|large|idle|selection|plugins|cache|ops|aggregate|tls]   (default: all, ~12 minutes)
 #   ROUNDS=2 DURATION=8s CONNS="50 200" load-tests/run.sh plain
 #
 # Fronts, each with one worker: the upstream directly (the ceiling), nginx as a reverse proxy
@@ -23,7 +23,7 @@ scenario=${1:-all}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-8s}
 CONNS=${CONNS:-"50 200"}
-case "$scenario" in all|plain|routes|large|idle|selection|plugins|cache|ops|aggregate) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
+case "$scenario" in all|plain|routes|large|idle|selection|plugins|cache|ops|aggregate|tls) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
 
 . load-tests/setup.sh
 setup_kit nginx:nginx-light wrk:wrk python3:python3 openssl:openssl curl:curl
@@ -31,6 +31,7 @@ setup_kit nginx:nginx-light wrk:wrk python3:python3 openssl:openssl curl:curl
 UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
 GHPLUG=18310 BAREGW=18311 GHFWD=18312 NGX10=18313 GH10=18314
 NGXC=18315 GHC=18316 NGXZ=18317 GHZ=18318 GHOPS=18319 NGXLOG=18320 GHAGG=18321
+NGXEC=18322 NGXRSA=18323 GHEC=18324 GHRSA=18325
 hz=$(getconf CLK_TCK)
 # CPU cycles per request from the hardware counters, where perf can read them (not in every
 # VM): unlike req/s, they barely move with what the neighbours do.
@@ -177,6 +178,29 @@ if [ "$scenario" = all ] || [ "$scenario" = aggregate ]; then
   RUST_LOG=error start "$gh" run -c "$work/ghagg.toml"
   printf 'local p = {"/users/1", "/orders?user=1", "/products"}\nlocal i = 0\nrequest = function()\n  i = i %% 3 + 1\n  return wrk.format("GET", p[i])\nend\n' > "$work/three.lua"
 fi
+if [ "$scenario" = all ] || [ "$scenario" = tls ]; then
+  # TLS termination with the same certificates (ECDSA P-256, RSA 2048) on both fronts, each
+  # proxying to the upstream over plain HTTP. nginx keeps a shared session cache as production
+  # configs do; Gatehouse has OpenSSL's (Pingora's defaults, session tickets on).
+  ports="$ports $NGXEC $NGXRSA $GHEC $GHRSA"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$work/ec.key" \
+    -out "$work/ec.crt" -days 30 -subj /CN=localhost -addext subjectAltName=DNS:localhost 2>/dev/null
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$work/rsa.key" -out "$work/rsa.crt" \
+    -days 30 -subj /CN=localhost -addext subjectAltName=DNS:localhost 2>/dev/null
+  chmod 644 "$work"/*.key
+  # TLS 1.2 and 1.3 on both (nginx 1.22's default lacks 1.3, which Gatehouse offers).
+  tls_server() { echo "server { listen 127.0.0.1:$1 ssl; ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate $work/$2.crt; ssl_certificate_key $work/$2.key; location / { $NGX_PROXY } }"; }
+  nginx_conf "$work/ngxtls" $NGXEC "$upstream ssl_session_cache shared:SSL:10m; $(tls_server $NGXEC ec) $(tls_server $NGXRSA rsa)"
+  start nginx -p "$work/ngxtls" -c "$work/ngxtls/nginx.conf"
+  for alg in ec rsa; do
+    port=$GHEC; [ $alg = rsa ] && port=$GHRSA
+    gatehouse_conf $port "$(printf 'tls = { cert = "%s", key = "%s" }\n[[routes]]\nupstream = "up"\n' "$work/$alg.crt" "$work/$alg.key")" > "$work/gh$alg.toml"
+    RUST_LOG=error start "$gh" run -c "$work/gh$alg.toml"
+  done
+  # A new connection per request: wrk resumes the TLS session of the one before (TLS 1.3
+  # with a fresh X25519 exchange, psk_dhe_ke, as OpenSSL clients do).
+  printf 'wrk.headers["Connection"] = "close"\n' > "$work/close.lua"
+fi
 if [ "$scenario" = all ] || [ "$scenario" = plugins ]; then
   # One gateway, two routes: /plain with no plugin, /secure with the issue's stack. The rate
   # limit is set high enough never to refuse: we measure its bookkeeping, not refusals.
@@ -250,7 +274,7 @@ measure() { # scenario front port conns path [wrk script]
     perf stat -x, -e cycles -p "$pid" -o "$work/perf.out" -- sleep "$DURATION" 2>/dev/null &
     pp=$!
   fi
-  out=$(wrk -t1 -c"$4" -d"$DURATION" --latency ${6:+-s "$6"} "http://127.0.0.1:$3$5" 2>&1)
+  out=$(wrk -t1 -c"$4" -d"$DURATION" --latency ${6:+-s "$6"} "${SCHEME:-http}://127.0.0.1:$3$5" 2>&1)
   c1=$(cpu_ticks "$pid")
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
@@ -271,6 +295,25 @@ measure() { # scenario front port conns path [wrk script]
   # The round ($r of the caller's loop) pairs like-for-like fronts below.
   echo "$1|$2|$4|$rps|$p50|$p99|$cpu|${r:-1}|$bad|$cyc" >> "$rows"
   echo "  $1 $2 c$4: $rps req/s, p99 $p99, $cpu µs/req, $cyc cycles/req" >&2
+}
+
+# Full TLS handshakes (no session reuse), each with one request: `openssl s_time -new`. One
+# client process, which may be what limits the rate (an ECDSA verify costs the client more
+# than the signature costs the server): the front's CPU per handshake does not depend on it.
+measure_full() { # scenario front port
+  local pid c0 c1 t0 t1 out n
+  pid=$(pid_of "$3")
+  c0=$(cpu_ticks "$pid")
+  t0=$(date +%s.%N)
+  out=$(openssl s_time -connect "127.0.0.1:$3" -new -www / -time "${DURATION%s}" 2>&1 || true)
+  t1=$(date +%s.%N)
+  c1=$(cpu_ticks "$pid")
+  n=$(awk '/connections in .* real seconds/ {print $1; exit}' <<<"$out")
+  local rate cpu
+  rate=$(awk -v n="${n:-0}" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", n / (b - a) }')
+  cpu=$(awk -v t=$((c1 - c0)) -v hz="$hz" -v n="${n:-0}" 'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "-" }')
+  echo "$1|$2|1|$rate|-|-|$cpu|${r:-1}||-" >> "$rows"
+  echo "  $1 $2: $rate handshakes/s, $cpu µs/handshake" >&2
 }
 
 run_plain() {
@@ -373,6 +416,20 @@ run_aggregate() { # one 3-part aggregate request against three proxied requests
     fi
   done
 }
+run_tls() { # keep-alive requests, resumed handshakes, full handshakes; nginx and Gatehouse
+  for r in $(seq "$ROUNDS"); do
+    for alg in ecdsa rsa; do
+      local n=$NGXEC g=$GHEC
+      [ $alg = rsa ] && n=$NGXRSA g=$GHRSA
+      # Each pair back to back, its order turned every round.
+      local order="nginx:$n gatehouse:$g"
+      [ $((r % 2)) = 0 ] && order="gatehouse:$g nginx:$n"
+      for f in $order; do SCHEME=https measure "tls-keepalive-$alg" "${f%%:*}" "${f#*:}" 50 /; done
+      for f in $order; do SCHEME=https measure "tls-resumed-$alg" "${f%%:*}" "${f#*:}" 50 / "$work/close.lua"; done
+      for f in $order; do measure_full "tls-full-$alg" "${f%%:*}" "${f#*:}"; done
+    done
+  done
+}
 run_idle() { # memory per idle keep-alive connection
   local n=2000
   for front in "nginx $NGX" "bare-pingora $BARE" "gatehouse $GH"; do
@@ -404,7 +461,7 @@ PY
 }
 
 case "$scenario" in
-  all) run_plain; run_routes; run_large; run_selection; run_plugins; run_cache; run_ops; run_aggregate; run_idle ;;
+  all) run_plain; run_routes; run_large; run_selection; run_plugins; run_cache; run_ops; run_aggregate; run_tls; run_idle ;;
   *) "run_$scenario" ;;
 esac
 
@@ -438,8 +495,9 @@ for (sc, front, c), v in groups.items():
         print(f"| {sc} | {front} | {c} | | | | {v[0][3]} | | | |")
         continue
     rps, cpu = med([x[0] for x in v]), med([x[3] for x in v])
-    p50 = statistics.median([ms(x[1]) for x in v if ms(x[1]) is not None])
-    p99 = statistics.median([ms(x[2]) for x in v if ms(x[2]) is not None])
+    lat = lambda i: [ms(x[i]) for x in v if ms(x[i]) is not None]
+    p50 = statistics.median(lat(1)) if lat(1) else float("nan")
+    p99 = statistics.median(lat(2)) if lat(2) else float("nan")
     b = base.get((sc, c), (None, None))
     r1 = f"{rps / b[0]:.2f}" if b[0] and rps else ""
     r2 = f"{cpu / b[1]:.2f}" if b[1] and cpu else ""
@@ -467,6 +525,10 @@ pairs = [("plain", "gatehouse, forwarded_headers = []", "bare pingora", "Gatehou
          ("ops", "gatehouse, JSON access log + /metrics scraped", "gatehouse, plain", "Gatehouse with JSON access log + scrapes ÷ without"),
          ("ops", "nginx, JSON access_log", "nginx", "nginx with JSON access_log ÷ without"),
          ("ops", "gatehouse, JSON access log + /metrics scraped", "nginx, JSON access_log", "Gatehouse ÷ nginx, both with JSON access logs")]
+for alg, name in (("ecdsa", "ECDSA P-256"), ("rsa", "RSA 2048")):
+    pairs += [(f"tls-keepalive-{alg}", "gatehouse", "nginx", f"Gatehouse ÷ nginx, keep-alive requests over TLS, {name}"),
+              (f"tls-resumed-{alg}", "gatehouse", "nginx", f"Gatehouse ÷ nginx, resumed handshakes (one request each), {name}"),
+              (f"tls-full-{alg}", "gatehouse", "nginx", f"Gatehouse ÷ nginx, full handshakes (one request each), {name}")]
 lines = []
 for scenario, a, b, label in pairs:
     for (sc, front, c), v in groups.items():

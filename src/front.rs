@@ -694,7 +694,15 @@ impl ServerApp for Front {
             // A client that does not finish its first bytes in header_timeout is let go,
             // as one that does not finish its head.
             let sniffed = tokio::time::timeout(limits.header_timeout, sniff_preface(&mut stream));
-            (h2c, replay) = sniffed.await.ok()??;
+            match sniffed.await {
+                Ok(Some(s)) => (h2c, replay) = s,
+                _ => {
+                    if let Some(hook) = CONNECTION_ENDED.get() {
+                        hook();
+                    }
+                    return None;
+                }
+            }
         }
         if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             // HTTP/2 (over TLS by ALPN, or h2c): Pingora runs the connection (its idle
@@ -702,7 +710,6 @@ impl ServerApp for Front {
             // all, not even the preface, is gone after header_timeout.
             let clock = Arc::new(HeadClock::default());
             clock.arm();
-            clock.h2_read.fetch_add(replay.len() as u64, Relaxed);
             let stream: Stream = Box::new(Timed {
                 inner: stream,
                 clock: clock.clone(),
@@ -712,7 +719,8 @@ impl ServerApp for Front {
             });
             // The client preface (24 bytes) and its SETTINGS frame (9 at least) are due.
             let silent = async {
-                tokio::time::sleep(limits.header_timeout).await;
+                // From the connection's start: the time spent sniffing for h2c counts.
+                tokio::time::sleep_until((conn_start + limits.header_timeout).into()).await;
                 if clock.h2_read.load(Relaxed) >= 33 {
                     std::future::pending::<()>().await;
                 }

@@ -18,6 +18,8 @@ pub struct GatewayRt {
     pub name: Arc<str>,
     pub listen: Vec<std::net::SocketAddr>,
     pub tls: bool,
+    /// `client_auth`: `Some(required)`.
+    pub client_auth: Option<bool>,
     /// `redirect_https`: every request gets a 308 to HTTPS (on this port, else 443).
     pub redirect_https: Option<Option<u16>>,
     pub hsts: Option<http::HeaderValue>,
@@ -147,6 +149,11 @@ impl Runtime {
                 name: g.name.as_str().into(),
                 listen: g.listen.clone(),
                 tls: g.tls.is_some(),
+                client_auth: g
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.certs.client_auth.as_ref())
+                    .map(|a| a.required),
                 redirect_https: g.redirect_https,
                 hsts: g.hsts.clone(),
                 forwarded: g.forwarded,

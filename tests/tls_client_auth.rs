@@ -222,3 +222,106 @@ fn check_refuses_client_auth_without_tls_or_ca() {
     );
     let _ = &p.dir;
 }
+
+/// One request over a new TLS connection made with `session` (if any): whether the session
+/// was resumed, the answer's status (None: the handshake or the request failed), and the
+/// session to offer next time.
+fn raw_request(
+    port: u16,
+    ca: &[u8],
+    session: Option<&openssl::ssl::SslSession>,
+) -> (bool, Option<u16>, Option<openssl::ssl::SslSession>) {
+    use openssl::ssl::{SslConnector, SslMethod};
+    use std::io::{Read, Write};
+    let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+    b.cert_store_mut()
+        .add_cert(openssl::x509::X509::from_pem(ca).unwrap())
+        .unwrap();
+    let connector = b.build();
+    let mut cfg = connector.configure().unwrap();
+    if let Some(s) = session {
+        // SAFETY: the session comes from a connector built the same way, to the same server
+        // (what `set_session` asks of its caller).
+        unsafe { cfg.set_session(s).unwrap() };
+    }
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let Ok(mut tls) = cfg.connect("localhost", tcp) else {
+        return (false, None, None);
+    };
+    let reused = tls.ssl().session_reused();
+    if tls
+        .write_all(b"GET /open HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return (reused, None, None);
+    }
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    let status = std::str::from_utf8(&answer)
+        .ok()
+        .and_then(|a| a.get(9..12))
+        .and_then(|c| c.parse().ok());
+    // A clean close: OpenSSL marks the session of a connection dropped without one as not
+    // resumable.
+    let _ = tls.shutdown();
+    let next = tls.ssl().session().map(|s| s.to_owned());
+    (reused, status, next)
+}
+
+/// A TLS session made under `mode = "optional"` without a certificate, resumed after a reload
+/// to `required`: no identity, so 403 (never the page); a new handshake without one fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_does_not_outlive_a_reload_to_required() {
+    let p = pki();
+    let up = echo("up").await;
+    let port = free_port();
+    let g = gateway(&p, port, up, "optional");
+    let ca = p.server_ca.clone();
+    let (reused, status, session) =
+        tokio::task::spawn_blocking(move || raw_request(port, &ca, None))
+            .await
+            .unwrap();
+    assert_eq!((reused, status), (false, Some(200)));
+    let session = session.expect("a session to resume");
+    // Resumption works while nothing changed.
+    let ca = p.server_ca.clone();
+    let s2 = session.clone();
+    let (reused, status, _) =
+        tokio::task::spawn_blocking(move || raw_request(port, &ca, Some(&s2)))
+            .await
+            .unwrap();
+    assert_eq!(status, Some(200));
+    assert!(reused, "the session is resumed");
+
+    let text = std::fs::read_to_string(&g.config).unwrap();
+    std::fs::write(
+        &g.config,
+        text.replace("mode = \"optional\"", "mode = \"required\""),
+    )
+    .unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &g.pid().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while g.log().matches("reloaded").count() < 1 {
+        assert!(std::time::Instant::now() < deadline, "{}", g.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let ca = p.server_ca.clone();
+    let (reused, status, _) =
+        tokio::task::spawn_blocking(move || raw_request(port, &ca, Some(&session)))
+            .await
+            .unwrap();
+    match (reused, status) {
+        (true, s) => assert_eq!(s, Some(403), "a resumed session has no certificate"),
+        (false, s) => assert_eq!(s, None, "a full handshake without a certificate fails"),
+    }
+    let ca = p.server_ca.clone();
+    let (_, status, _) = tokio::task::spawn_blocking(move || raw_request(port, &ca, None))
+        .await
+        .unwrap();
+    assert_eq!(status, None, "no certificate: the handshake fails");
+}

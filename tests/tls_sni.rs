@@ -471,7 +471,7 @@ async fn an_ocsp_response_is_stapled() {
         "the response, as the file has it"
     );
 
-    // A response for another certificate is refused by check, with its line.
+    // A response from another CA (for another certificate) is refused by check, with its line.
     let other = Ca::new("other CA");
     let (c2, k2) = other.issue(
         d,
@@ -492,7 +492,8 @@ async fn an_ocsp_response_is_stapled() {
     ));
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("bad.toml:5:") && out.contains("not for this certificate"),
+        out.contains("bad.toml:5:")
+            && out.contains("its signature is not the certificate issuer's"),
         "{out}"
     );
 }

@@ -334,3 +334,47 @@ async fn next(
         .await
         .expect("a frame within 10 s")
 }
+
+/// On an h2c listener, a client that sends the preface and nothing more (no SETTINGS) holds
+/// its connection no longer than header_timeout from its start; one that sends part of the
+/// preface and stops, likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_silent_clients_are_let_go_at_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo("up").await;
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &format!(
+            "[server]\nheader_timeout = \"1s\"\n[upstreams.up]\npeers = [\"{up}\"]\n\
+             [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\nh2c = true\n[[routes]]\nupstream = \"up\"\n"
+        ),
+        &[port],
+    );
+    for sent in [
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+        &b"PRI * HTTP/2"[..],
+    ] {
+        let start = std::time::Instant::now();
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(sent).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        // The gateway may send its SETTINGS first; what matters is that it hangs up.
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{sent:?}: still open after 5 s");
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+            "{sent:?}: closed after {took:?}"
+        );
+    }
+}

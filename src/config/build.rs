@@ -349,17 +349,18 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         }
     }
 
-    // Mirrors are sent over plain TCP by the gateway itself (see proxy/mirror.rs).
+    // Mirrors are sent by the gateway itself as HTTP/1.1 (see proxy/mirror.rs), over TLS
+    // when the upstream says so.
     for g in &gateways {
         for r in &g.routes {
             if let Some(u) = r.mirror.as_ref().and_then(|m| upstreams.get(m.upstream)) {
-                if u.tls {
+                if u.http2 {
                     ld.errors.push(ConfigError {
                         line: r.line,
                         col: 1,
                         context: format!("route \"{}\"", r.name),
                         message: format!(
-                            "mirror upstream \"{}\" uses tls, which mirroring does not support",
+                            "mirror upstream \"{}\" uses http2; mirrors are sent as HTTP/1.1",
                             u.name
                         ),
                     });

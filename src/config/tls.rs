@@ -182,12 +182,15 @@ pub(super) fn gateway_tls(
             })
         }
         (Some(t), Some(c))
-            if pair_of(t).is_some() || t.get_ref().cert.is_some() || t.get_ref().key.is_some() =>
+            if pair_of(t).is_some()
+                || t.get_ref().cert.is_some()
+                || t.get_ref().key.is_some()
+                || t.get_ref().ocsp.is_some() =>
         {
             ld.err(
                 c.span(),
                 ctx,
-                "`tls.cert`/`tls.key` and `certs` exclude each other: list every pair under `certs`",
+                "`tls.cert`/`tls.key`/`tls.ocsp` and `certs` exclude each other: list every pair (and its `ocsp`) under `certs`",
             );
             None
         }

@@ -172,12 +172,20 @@ pub(super) fn upstream_tls(
         (None, None) => {}
     }
     let sni = u.sni.as_ref().map(|s| s.get_ref().trim().to_string());
-    if let Some(s) = u.sni.as_ref().filter(|s| s.get_ref().trim().is_empty()) {
-        ld.err(
-            s.span(),
-            ctx,
-            "`sni` is empty: give the name the peers' certificates are for",
-        );
+    if let Some(s) = &u.sni {
+        let name = s.get_ref().trim();
+        let dns = !name.is_empty()
+            && name.parse::<IpAddr>().is_err()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !dns {
+            ld.err(
+                s.span(),
+                ctx,
+                "`sni` is the DNS name the peers' certificates are for (not an address)",
+            );
+        }
     }
     for p in peers.iter_mut() {
         p.sni = match (&sni, host_name(&p.name)) {

@@ -149,8 +149,12 @@ impl ProxyHttp for GatewayProxy {
         ctx.plugins.client_ip = forwarded::peer_ip(session)
             .and_then(|ip| forwarded::client_ip(&rt.trusted_proxies, ip, session.req_header()));
         ctx.plugins.gateway = Some(gw.name.clone());
-        if gw.tls {
+        let mut missing_cert = false;
+        if let Some(required) = gw.client_auth {
             ctx.plugins.client_cert = crate::tls::client_of(session.digest());
+            // The handshake refuses clients without one, but a session resumed from before
+            // `required` (or from a CA since removed) comes without an identity.
+            missing_cert = required && ctx.plugins.client_cert.is_none();
         }
 
         let h1 = session.as_ref().as_http1();
@@ -177,6 +181,13 @@ impl ProxyHttp for GatewayProxy {
             })
         } else {
             canonical::canonicalize(session.req_header_mut(), raw_head.as_deref(), rt.canonical)
+        };
+        let verdict = match verdict {
+            Ok(_) if missing_cert => Err(canonical::Refusal {
+                status: 403,
+                reason: "a client certificate is required",
+            }),
+            v => v,
         };
         let canonical = match verdict {
             Ok(c) => c,

@@ -9,12 +9,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+mod client;
+mod ocsp;
+
+pub use client::{client_cert, ClientAuth};
+
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::listeners::TlsAccept;
-use pingora::tls::ext::{
-    ssl_add_chain_cert, ssl_set_verify_cert_store, ssl_use_certificate, ssl_use_private_key,
-};
+use pingora::tls::ext::{ssl_add_chain_cert, ssl_use_certificate, ssl_use_private_key};
 use pingora::tls::pkey::{PKey, Private};
 use pingora::tls::ssl::{NameType, SslRef};
 use pingora::tls::x509::X509;
@@ -23,8 +26,8 @@ use pingora::tls::x509::X509;
 pub struct CertPair {
     chain: Vec<X509>,
     key: PKey<Private>,
-    /// The OCSP response (DER) stapled for this certificate, when `ocsp` names one.
-    ocsp: Option<Vec<u8>>,
+    /// The OCSP response stapled for this certificate, when `ocsp` names one.
+    ocsp: Option<ocsp::Staple>,
 }
 
 impl std::fmt::Debug for CertPair {
@@ -78,50 +81,22 @@ impl CertPair {
         })
     }
 
-    /// Reads the OCSP response to staple: it must be a successful one, and for this
-    /// certificate when its issuer is in the chain to tell. `Ok(Some(warning))`: kept, but
-    /// worth saying; an expired response is not stapled (clients may refuse it), only warned.
+    /// Reads the OCSP response to staple (see [`ocsp::read`]); `Ok(Some(warning))`: worth
+    /// saying, and then not stapled.
     pub fn set_ocsp(&mut self, path: &Path) -> Result<Option<String>, String> {
-        use openssl::ocsp::{OcspCertId, OcspCertStatus, OcspResponse, OcspResponseStatus};
-        let der = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let resp = OcspResponse::from_der(&der)
-            .map_err(|_| format!("{}: not a DER OCSP response", path.display()))?;
-        if resp.status() != OcspResponseStatus::SUCCESSFUL {
-            return Err(format!(
-                "{}: the responder did not answer with a status (response status {})",
-                path.display(),
-                resp.status().as_raw()
-            ));
-        }
-        let basic = resp
-            .basic()
-            .map_err(|_| format!("{}: no basic OCSP response in it", path.display()))?;
         let (Some(leaf), Some(issuer)) = (self.chain.first(), self.chain.get(1)) else {
-            self.ocsp = Some(der);
-            return Ok(Some(format!(
-                "{}: not checked against the certificate (its issuer is not in the chain)",
-                path.display()
-            )));
-        };
-        let id = OcspCertId::from_cert(openssl::hash::MessageDigest::sha1(), leaf, issuer)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        let Some(status) = basic.find_status(&id) else {
             return Err(format!(
-                "{}: the OCSP response is not for this certificate",
+                "{}: cannot be checked: the certificate file has no issuer after the certificate (give the chain)",
                 path.display()
             ));
         };
-        if status.status == OcspCertStatus::REVOKED {
-            return Err(format!("{}: the certificate is revoked", path.display()));
+        match ocsp::read(path, leaf, issuer)? {
+            ocsp::Read::Staple(s) => {
+                self.ocsp = Some(s);
+                Ok(None)
+            }
+            ocsp::Read::Skip(why) => Ok(Some(why)),
         }
-        if status.check_validity(300, None).is_err() {
-            return Ok(Some(format!(
-                "{}: the OCSP response is out of date; not stapled until it is renewed (and reloaded)",
-                path.display()
-            )));
-        }
-        self.ocsp = Some(der);
-        Ok(None)
     }
 
     /// The pair as Pingora's connector presents it (an upstream's `client_cert`).
@@ -160,171 +135,6 @@ impl CertPair {
 /// The pairs of one name: an RSA and an ECDSA certificate may serve it together (OpenSSL
 /// keeps one per key type and the client's signature algorithms choose).
 type Pairs = Vec<Arc<CertPair>>;
-
-/// `client_auth`: the CAs client certificates are verified against, and whether a client
-/// without one is refused at the handshake.
-pub struct ClientAuth {
-    pub required: bool,
-    store: openssl::x509::store::X509Store,
-    /// The CAs' subjects, sent in the CertificateRequest so a client picks a fitting cert.
-    names: Vec<openssl::x509::X509Name>,
-}
-
-impl std::fmt::Debug for ClientAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientAuth")
-            .field("required", &self.required)
-            .field("cas", &self.names.len())
-            .finish()
-    }
-}
-
-impl ClientAuth {
-    /// Reads the CA file (PEM, one or more certificates).
-    pub fn load(ca: &Path, required: bool) -> Result<ClientAuth, String> {
-        let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-        let cas = X509::stack_from_pem(&pem)
-            .ok()
-            .filter(|c| !c.is_empty())
-            .ok_or_else(|| format!("{}: no PEM certificate in it", ca.display()))?;
-        let mut store = openssl::x509::store::X509StoreBuilder::new()
-            .map_err(|e| format!("client CA store: {e}"))?;
-        let mut names = Vec::with_capacity(cas.len());
-        for c in cas {
-            names.push(
-                openssl::x509::X509NameRef::to_owned(c.subject_name())
-                    .map_err(|e| format!("client CA: {e}"))?,
-            );
-            store
-                .add_cert(c)
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
-        }
-        Ok(ClientAuth {
-            required,
-            store: store.build(),
-            names,
-        })
-    }
-
-    /// Asks this handshake for a client certificate, verified against these CAs.
-    fn apply(&self, ssl: &mut SslRef) {
-        use openssl::ssl::SslVerifyMode;
-        let mut mode = SslVerifyMode::PEER;
-        if self.required {
-            mode |= SslVerifyMode::FAIL_IF_NO_PEER_CERT;
-        }
-        ssl.set_verify(mode);
-        let names = openssl::stack::Stack::<openssl::x509::X509Name>::new().map(|mut stack| {
-            for n in &self.names {
-                if let Ok(n) = openssl::x509::X509NameRef::to_owned(n) {
-                    let _ = stack.push(n);
-                }
-            }
-            stack
-        });
-        if let Ok(names) = names {
-            ssl.set_client_ca_list(names);
-        }
-        if ssl_set_verify_cert_store(ssl, &self.store).is_err() {
-            // Without the store nothing would verify: refuse every certificate instead.
-            ssl.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
-            log::error!("TLS handshake: the client CA store could not be set");
-        }
-    }
-}
-
-/// What plugins and header variables see of a verified client certificate.
-pub fn client_cert(cert: &openssl::x509::X509Ref) -> gatehouse_plugins::ClientCert {
-    use std::fmt::Write;
-    let subject = rfc2253(cert.subject_name());
-    let common_name = cert
-        .subject_name()
-        .entries_by_nid(pingora::tls::nid::Nid::COMMONNAME)
-        .next()
-        .and_then(|e| e.data().to_string().ok());
-    let sans = cert
-        .subject_alt_names()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| {
-            n.dnsname()
-                .or_else(|| n.uri())
-                .or_else(|| n.email())
-                .map(str::to_string)
-                .or_else(|| match n.ipaddress()? {
-                    b if b.len() == 4 => {
-                        let a: [u8; 4] = b.try_into().ok()?;
-                        Some(std::net::Ipv4Addr::from(a).to_string())
-                    }
-                    b => {
-                        let a: [u8; 16] = b.try_into().ok()?;
-                        Some(std::net::Ipv6Addr::from(a).to_string())
-                    }
-                })
-        })
-        .map(|s| printable(&s))
-        .collect();
-    let mut fingerprint = String::with_capacity(64);
-    if let Ok(d) = cert.digest(openssl::hash::MessageDigest::sha256()) {
-        for b in d.iter() {
-            let _ = write!(fingerprint, "{b:02x}");
-        }
-    }
-    gatehouse_plugins::ClientCert {
-        subject,
-        common_name,
-        sans,
-        fingerprint,
-    }
-}
-
-/// `s` with bytes outside printable ASCII (and `\`) as `\XX`: always a header value.
-fn printable(s: &str) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..0x7f).contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "\\{b:02X}");
-        }
-    }
-    out
-}
-
-/// A distinguished name as RFC 2253 writes it: last entry first, `,` between, specials escaped.
-fn rfc2253(name: &openssl::x509::X509NameRef) -> String {
-    use std::fmt::Write;
-    let entries: Vec<_> = name.entries().collect();
-    let mut out = String::new();
-    for (i, e) in entries.iter().rev().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let nid = e.object().nid();
-        match nid.short_name() {
-            Ok(sn) if nid != pingora::tls::nid::Nid::UNDEF => out.push_str(sn),
-            _ => out.push_str(&e.object().to_string()),
-        }
-        out.push('=');
-        let value = e.data().as_slice();
-        let last = value.len().saturating_sub(1);
-        for (j, &b) in value.iter().enumerate() {
-            let special = matches!(b, b',' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';')
-                || (j == 0 && (b == b'#' || b == b' '))
-                || (j == last && b == b' ');
-            if special {
-                out.push('\\');
-                out.push(b as char);
-            } else if (0x20..0x7f).contains(&b) {
-                out.push(b as char);
-            } else {
-                let _ = write!(out, "\\{b:02X}");
-            }
-        }
-    }
-    out
-}
 
 /// A gateway's certificates by name: exact names before wildcards (`*.example.com`: one label),
 /// then the default, or none (the handshake is refused).
@@ -463,10 +273,18 @@ impl TlsAccept for Certificates {
         &self,
         ssl: &SslRef,
     ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let set = self.0 .0.load();
+        // No client_auth now (a reload removed it): no identity, whatever the session says.
+        let auth = set.client_auth.as_ref()?;
         if ssl.verify_result() != openssl::x509::X509VerifyResult::OK {
             return None;
         }
         let cert = ssl.peer_certificate()?;
+        // A resumed session skipped verification: its certificate is checked again against
+        // the CAs of now, so a reload that drops a CA drops its clients' resumed sessions too.
+        if ssl.session_reused() && !auth.verifies(&cert, ssl.peer_cert_chain()) {
+            return None;
+        }
         Some(Arc::new(Arc::new(client_cert(&cert))))
     }
 }
@@ -503,8 +321,9 @@ pub fn staple_ocsp(
                 let is_sent = sent.as_ref().is_some_and(|s| s == leaf);
                 p.ocsp.as_ref().filter(|_| is_sent)
             });
-            match ocsp {
-                Some(der) => ssl.set_ocsp_status(der).map(|()| true),
+            // A response past its nextUpdate is not stapled: a client may refuse it.
+            match ocsp.filter(|o| o.current()) {
+                Some(o) => ssl.set_ocsp_status(&o.der).map(|()| true),
                 None => Ok(false),
             }
         })
