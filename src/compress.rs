@@ -54,7 +54,15 @@ impl HttpModule for Compress {
     }
 
     async fn request_header_filter(&mut self, req: &mut RequestHeader) -> Result<()> {
-        self.accept = req.headers.get(header::ACCEPT_ENCODING).cloned();
+        // A client older than HTTP/1.1 gets the identity form, as from nginx's default
+        // `gzip_http_version 1.1`: an encoded body has no length to send it with, and without
+        // chunks it could only end with the connection.
+        let old = matches!(req.version, http::Version::HTTP_10 | http::Version::HTTP_09);
+        self.accept = if old {
+            None
+        } else {
+            req.headers.get(header::ACCEPT_ENCODING).cloned()
+        };
         self.head = req.method == http::Method::HEAD;
         Ok(())
     }

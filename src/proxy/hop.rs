@@ -74,3 +74,43 @@ pub(super) fn te_trailers(req: &pingora_http::RequestHeader) -> bool {
         })
     })
 }
+
+/// A client older than HTTP/1.1 (RFC 9112 §6.1, RFC 9110 §15.2): it reads no chunks and no
+/// interim answer. (Its request still goes upstream as HTTP/1.1, as Pingora sends every
+/// request, so the upstream connection stays open for the pool.)
+pub(super) fn old_client(req: &pingora_http::RequestHeader) -> bool {
+    matches!(req.version, http::Version::HTTP_10 | http::Version::HTTP_09)
+}
+
+/// Interim answers (100 to a request that did not expect one, 103) are not relayed to a
+/// client older than HTTP/1.1.
+pub(super) fn quiet_interim(session: &mut pingora_proxy::Session) {
+    if old_client(session.req_header()) {
+        if let pingora::protocols::http::ServerSession::H1(h1) = session.as_downstream_mut() {
+            h1.set_ignore_info_resp(true);
+        }
+    }
+}
+
+/// An old client's response framed for it: never chunked (the upstream's chunks, or the
+/// ones Pingora adds to a body of unknown length, are taken off the writer by dropping
+/// Transfer-Encoding), and a body without a length ends with the connection, so the
+/// connection says `close` and is not kept.
+pub(super) fn frame_for_old_client(
+    session: &mut pingora_proxy::Session,
+    resp: &mut pingora_http::ResponseHeader,
+) {
+    if !old_client(session.req_header()) || resp.status.is_informational() {
+        return;
+    }
+    if resp.headers.contains_key(header::TRANSFER_ENCODING) {
+        resp.remove_header(&header::TRANSFER_ENCODING);
+        // A length beside Transfer-Encoding is not the body's (RFC 9112 §6.3).
+        resp.remove_header(&header::CONTENT_LENGTH);
+    }
+    let no_body = session.req_header().method == http::Method::HEAD
+        || matches!(resp.status.as_u16(), 204 | 304);
+    if !no_body && !resp.headers.contains_key(header::CONTENT_LENGTH) {
+        session.set_keepalive(None);
+    }
+}

@@ -107,7 +107,9 @@ impl GatewayProxy {
                 .insert_header(header::TE, "trailers")
                 .or_err(ErrorType::InternalError, "te header")?;
         }
-        if !route.preserve_host {
+        // An HTTP/1.0 client may send no Host, but the request goes up as HTTP/1.1, which
+        // needs one: the peer's name then, as nginx's default `proxy_set_header Host`.
+        if !route.preserve_host || !upstream.headers.contains_key(header::HOST) {
             if let (Some(up), Some(idx)) = (*up, *peer_idx) {
                 upstream
                     .insert_header(header::HOST, rt.pools[up].host(idx))
@@ -142,6 +144,7 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.start = Some(std::time::Instant::now());
+        hop::quiet_interim(session);
         let rt = self.live.load_full();
         let Some(gw) = rt.gateways.get(self.index) else {
             return Error::e_explain(ErrorType::InternalError, "gateway missing from snapshot");
@@ -484,13 +487,17 @@ impl ProxyHttp for GatewayProxy {
             ..
         } = ctx
         else {
+            hop::frame_for_old_client(session, resp);
             return Ok(());
         };
         let gw = &rt.gateways[self.index];
         if let Some(cfg) = &gw.routes[*id].cache {
             caching::on_response(cfg, session, resp, status, gw.tls);
         }
-        gw.chains[*id].response(session, resp, plugins).await
+        gw.chains[*id].response(session, resp, plugins).await?;
+        // Last: on the head the plugins left.
+        hop::frame_for_old_client(session, resp);
+        Ok(())
     }
 
     fn response_body_filter(
