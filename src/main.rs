@@ -132,8 +132,9 @@ fn json_log(r: &log::Record) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-/// Drops the one line Pingora logs at ERROR, unconditionally, when a client goes away while
-/// a cache hit is sent to it ("Fail to serve cache: Downstream ..."): a client leaving is
+/// Drops the lines Pingora logs at ERROR, unconditionally, for what clients do: a client that
+/// goes away while a cache hit is sent to it ("Fail to serve cache: Downstream ...") and
+/// failed TLS handshakes (counted instead: `gatehouse::tls::failures`). A client leaving is
 /// routine (the proxy path keeps such lines at debug), and a load of them would drown the log.
 struct Quiet(env_logger::Logger);
 
@@ -143,6 +144,11 @@ impl log::Log for Quiet {
     }
 
     fn log(&self, r: &log::Record) {
+        if r.target().starts_with("pingora_core")
+            && gatehouse::tls::failures::client_noise(r.target(), r.level(), &r.args().to_string())
+        {
+            return;
+        }
         if r.target() == "pingora_proxy::proxy_cache" && r.level() == log::Level::Error {
             let line = r.args().to_string();
             if line.starts_with("Fail to serve cache: Downstream") {

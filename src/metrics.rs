@@ -33,6 +33,7 @@ pub struct Families {
     pub plugin_refusals: IntCounterVec,
     pub plugin_duration: HistogramVec,
     pub access_log_dropped: IntCounter,
+    pub tls_handshake_failures: IntCounterVec,
 }
 
 /// Seconds: from 1 ms to 30 s, as a gateway's requests spread.
@@ -182,6 +183,12 @@ pub static METRICS: LazyLock<Families> = LazyLock::new(|| {
             &[],
         )
         .with_label_values(&[] as &[&str]),
+        tls_handshake_failures: counter(
+            &r,
+            "gatehouse_tls_handshake_failures_total",
+            "Client TLS handshakes that failed, by reason (crate::tls::failures)",
+            &["reason"],
+        ),
         registry: r,
     };
     f.build_info
@@ -339,6 +346,14 @@ pub fn reloaded(ok: bool) {
     METRICS
         .reloads
         .with_label_values(&[if ok { "success" } else { "failure" }])
+        .inc();
+}
+
+/// `reason` is one of a fixed set (`crate::tls::failures::reason`).
+pub fn tls_handshake_failed(reason: &str) {
+    METRICS
+        .tls_handshake_failures
+        .with_label_values(&[reason])
         .inc();
 }
 

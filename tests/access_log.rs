@@ -182,14 +182,7 @@ async fn plugin_metrics_count_refusals_and_time_each_phase() {
     }
     get(&format!("{base}/api/a"), &[("x-api-key", "wrong")]).await;
     get(&format!("{base}/api/a"), &[("x-api-key", "alice-key-123")]).await;
-    let m = client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(admin).await;
     let value = |series: &str| -> f64 {
         m.lines()
             .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
@@ -258,13 +251,6 @@ async fn concurrent_requests_each_get_one_whole_line() {
     paths.sort();
     paths.dedup();
     assert_eq!(paths.len(), 800, "each request once");
-    let m = client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(admin).await;
     assert!(m.contains("gatehouse_access_log_dropped_total 0"), "{m}");
 }

@@ -189,6 +189,67 @@ async fn unknown_sni_can_be_refused() {
     assert_eq!(r.status(), 200);
 }
 
+/// The `reason` series of `gatehouse_tls_handshake_failures_total` in a scrape.
+fn failures(metrics: &str) -> std::collections::BTreeMap<String, u64> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("gatehouse_tls_handshake_failures_total{reason=\""))
+        .filter_map(|l| l.split_once("\"} "))
+        .map(|(r, n)| (r.to_string(), n.parse().unwrap()))
+        .collect()
+}
+
+/// Failed handshakes are the clients' doing: counted by reason, never an error line each
+/// (anyone could fill the journal with them); the gateway's own readiness probe not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_are_counted_not_logged() {
+    use std::io::{Read, Write};
+    let up = echo("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, c1, k1) = cert(dir.path(), "api", &["localhost"], false, (0, 30));
+    let (port, admin) = (free_port(), free_port());
+    let g = Gatehouse::start(
+        &format!(
+            "[server]\nadmin = \"127.0.0.1:{admin}\"\n{}",
+            gateway(port, up, &[(c1, k1, "")], "unknown_sni = \"refuse\"")
+        ),
+        &[port, admin],
+    );
+    // A refused name, plain HTTP on the TLS port, a client that leaves, one that does not
+    // trust the certificate.
+    assert!(served(port, Some("unknown.org"), None).is_none());
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let _ = plain.read(&mut [0; 64]);
+    drop(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    let strict = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls())
+        .unwrap()
+        .build();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert!(strict.connect("localhost", tcp).is_err());
+    let want: std::collections::BTreeMap<String, u64> = [
+        ("client_alert", 1),
+        // Ours, and the one `Gatehouse::start` made to see the port open.
+        ("client_closed", 2),
+        ("no_match", 1),
+        ("not_tls", 1),
+    ]
+    .map(|(r, n)| (r.to_string(), n))
+    .into();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while failures(&metrics_text(admin).await) != want && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // A moment more: a late count (the readiness probe's, say) would show.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(failures(&metrics_text(admin).await), want, "{}", g.log());
+    // A good handshake still works, and none of the failures wrote a line.
+    assert!(served(port, Some("localhost"), None).is_some());
+    assert!(!g.log().contains("handshake"), "{}", g.log());
+}
+
 #[test]
 fn check_refuses_expired_and_conflicting_certificates() {
     let dir = tempfile::tempdir().unwrap();

@@ -145,14 +145,7 @@ async fn twenty_reloads_under_load_drop_nothing() {
     assert!(n > 200, "the load ran: {n} requests");
     let s = admin_status(admin).await;
     assert_eq!(s["last_reload"]["result"], "success", "{s}");
-    let m = client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(admin).await;
     // 15 good, 5 bad.
     assert!(
         m.contains("gatehouse_config_reloads_total{result=\"success\"} 15"),

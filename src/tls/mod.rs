@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 mod client;
+pub mod failures;
 mod ocsp;
 
 pub use client::{client_cert, ClientAuth};

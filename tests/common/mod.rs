@@ -361,6 +361,18 @@ pub async fn admin_status(admin: u16) -> serde_json::Value {
         .expect("status json")
 }
 
+/// The admin `/metrics` text.
+pub async fn metrics_text(admin: u16) -> String {
+    client()
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .expect("admin")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// Writes `text` to `name` in `dir` and returns its path as TOML wants it.
 pub fn write_file(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
