@@ -47,6 +47,12 @@ use crate::upstream::now_ms;
 /// `unsafe` and of the allocator's API.
 pub static CONNECTION_ENDED: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
+fn connection_ended() {
+    if let Some(hook) = CONNECTION_ENDED.get() {
+        hook();
+    }
+}
+
 mod limits;
 pub use limits::ClientLimits;
 
@@ -541,6 +547,8 @@ pub struct Front {
     grace: Duration,
     /// `h2c = true`: plain connections that open with the HTTP/2 preface speak HTTP/2.
     h2c: bool,
+    /// A TLS gateway's handshakes, done here once a connection is admitted.
+    tls: Option<crate::tls::Handshaker>,
 }
 
 /// Holds one of the gateway's connection slots.
@@ -569,10 +577,12 @@ impl Front {
         name: Arc<str>,
         grace: Duration,
         h2c: bool,
+        tls: Option<crate::tls::Handshaker>,
     ) -> Front {
         Front {
             grace,
             h2c,
+            tls,
             proxy: Arc::new(proxy),
             live,
             active: AtomicUsize::new(0),
@@ -688,6 +698,20 @@ impl ServerApp for Front {
         let _slot = self.admit(limits.max_connections)?;
         let conn_start = Instant::now();
         let mut stream = stream;
+        if let Some(tls) = &self.tls {
+            // Within header_timeout of the connection's start, as the head that follows.
+            let deadline = (conn_start + limits.header_timeout).into();
+            match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+                Ok(Some(s)) => stream = s,
+                done => {
+                    if done.is_err() {
+                        tls.failed("timeout");
+                    }
+                    connection_ended();
+                    return None;
+                }
+            }
+        }
         let mut h2c = false;
         let mut replay = Vec::new();
         if self.h2c && stream.get_ssl_digest().is_none() {
@@ -697,9 +721,7 @@ impl ServerApp for Front {
             match sniffed.await {
                 Ok(Some(s)) => (h2c, replay) = s,
                 _ => {
-                    if let Some(hook) = CONNECTION_ENDED.get() {
-                        hook();
-                    }
+                    connection_ended();
                     return None;
                 }
             }
@@ -732,9 +754,7 @@ impl ServerApp for Front {
         }
         self.serve_h1(stream, replay, conn_start, shutdown, limits)
             .await;
-        if let Some(hook) = CONNECTION_ENDED.get() {
-            hook();
-        }
+        connection_ended();
         None
     }
 

@@ -133,8 +133,8 @@ fn json_log(r: &log::Record) {
 }
 
 /// Drops the lines Pingora logs at ERROR, unconditionally, for what clients do: a client that
-/// goes away while a cache hit is sent to it ("Fail to serve cache: Downstream ...") and
-/// failed TLS handshakes (counted instead: `gatehouse::tls::failures`). A client leaving is
+/// goes away while a cache hit is sent to it ("Fail to serve cache: Downstream ..."), a
+/// broken HTTP/2 preface or TLS close (`gatehouse::tls::failures`). A client leaving is
 /// routine (the proxy path keeps such lines at debug), and a load of them would drown the log.
 struct Quiet(env_logger::Logger);
 
@@ -145,7 +145,7 @@ impl log::Log for Quiet {
 
     fn log(&self, r: &log::Record) {
         if r.target().starts_with("pingora_core")
-            && gatehouse::tls::failures::client_noise(r.target(), r.level(), &r.args().to_string())
+            && gatehouse::tls::failures::client_noise(r.target(), &r.args().to_string())
         {
             return;
         }

@@ -186,8 +186,8 @@ pub static METRICS: LazyLock<Families> = LazyLock::new(|| {
         tls_handshake_failures: counter(
             &r,
             "gatehouse_tls_handshake_failures_total",
-            "Client TLS handshakes that failed, by reason (crate::tls::failures)",
-            &["reason"],
+            "Client TLS handshakes that failed, by gateway and reason (crate::tls::failures)",
+            &["gateway", "reason"],
         ),
         registry: r,
     };
@@ -349,12 +349,18 @@ pub fn reloaded(ok: bool) {
         .inc();
 }
 
-/// `reason` is one of a fixed set (`crate::tls::failures::reason`).
-pub fn tls_handshake_failed(reason: &str) {
-    METRICS
-        .tls_handshake_failures
-        .with_label_values(&[reason])
-        .inc();
+/// A gateway's `gatehouse_tls_handshake_failures_total`, one counter per reason, in the
+/// order of `crate::tls::failures::REASONS`: resolved once, so a flood of failing handshakes
+/// takes no label lookup.
+pub fn tls_handshake_failures(gateway: &str) -> Vec<IntCounter> {
+    crate::tls::failures::REASONS
+        .iter()
+        .map(|r| {
+            METRICS
+                .tls_handshake_failures
+                .with_label_values(&[gateway, r])
+        })
+        .collect()
 }
 
 /// The text exposition of every family, state gauges read from `rt` first.

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -17,7 +16,7 @@ use crate::config::{self, Config};
 use crate::front::Front;
 use crate::proxy::GatewayProxy;
 use crate::runtime::{Live, Runtime};
-use crate::tls::{CertStore, Certificates};
+use crate::tls::CertStore;
 use crate::upstream::health;
 
 /// Builds the server for `cfg`; the caller may add services (the demo does) before running it.
@@ -59,38 +58,25 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
         let mut options = pingora::apps::HttpServerOptions::default();
         options.h2_idle_timeout = Some(cfg.server.client.keepalive_timeout);
         http.server_options = Some(options);
+        let handshaker = match (&g.tls, &store) {
+            (Some(tls), Some(store)) => Some(
+                crate::tls::Handshaker::new(&g.name, store.clone(), tls.h2, &tls.options)
+                    .map_err(|e| format!("gateway \"{}\": {e}", g.name))?,
+            ),
+            _ => None,
+        };
         let front = Front::new(
             http,
             live.clone(),
             g.name.as_str().into(),
             cfg.server.grace_period,
             g.h2c,
+            handshaker,
         );
         let mut svc = Service::new(format!("gateway {}", g.name), front);
+        // TLS too: the front does the handshake once the connection is admitted.
         for addr in &g.listen {
-            let addr = addr.to_string();
-            match (&g.tls, &store) {
-                (Some(tls), Some(store)) => {
-                    let mut settings =
-                        TlsSettings::with_callbacks(Box::new(Certificates(store.clone())))
-                            .map_err(|e| format!("gateway \"{}\": TLS: {e}", g.name))?;
-                    if tls.h2 {
-                        settings.enable_h2();
-                    }
-                    // OpenSSL refuses to resume a session made with a client certificate
-                    // unless the context names itself (`client_auth`); a gateway's name does.
-                    let sid = &g.name.as_bytes()[..g.name.len().min(32)];
-                    settings
-                        .set_session_id_context(sid)
-                        .map_err(|e| format!("gateway \"{}\": TLS: {e}", g.name))?;
-                    crate::tls::staple_ocsp(&mut settings, store.clone())
-                        .map_err(|e| format!("gateway \"{}\": TLS: {e}", g.name))?;
-                    crate::tls::apply_options(&mut settings, &tls.options)
-                        .map_err(|e| format!("gateway \"{}\": TLS: {e}", g.name))?;
-                    svc.add_tls_with_settings(&addr, None, settings);
-                }
-                _ => svc.add_tcp(&addr),
-            }
+            svc.add_tcp(&addr.to_string());
         }
         server.add_service(svc);
         cert_stores.push(store);

@@ -37,14 +37,7 @@ pub fn notify(state: &str) -> bool {
 pub async fn ready_when_listening(addrs: Vec<SocketAddr>) {
     for a in &addrs {
         let mut wait = Duration::from_millis(5);
-        loop {
-            if let Ok(s) = tokio::net::TcpStream::connect(a).await {
-                // On a TLS listener this connection is a failed handshake: not a client's.
-                if let Ok(local) = s.local_addr() {
-                    crate::tls::failures::own_probe(local);
-                }
-                break;
-            }
+        while tokio::net::TcpStream::connect(a).await.is_err() {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_millis(200));
         }

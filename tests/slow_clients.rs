@@ -249,3 +249,78 @@ async fn clients_that_leave_are_not_errors() {
     let log = _g.log();
     assert!(!log.contains("ERROR"), "{log}");
 }
+
+/// A TLS gateway admits a connection before its handshake and gives the handshake
+/// `header_timeout` from the connection's start: clients that connect and send nothing, or
+/// the first bytes of a ClientHello only, hold a slot and no more than that time, and past
+/// `max_connections` the next connection is closed at once (Pingora's own TLS listener let
+/// them in beyond the limit, for 60 s each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshakes_count_against_the_limits() {
+    let up = echo("u").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::pki::Ca::new("test CA");
+    let leaf = common::pki::Leaf {
+        subject: &[("CN", "localhost")],
+        dns: &["localhost"],
+        ..Default::default()
+    };
+    let (cert, key) = ca.issue(dir.path(), "server", &leaf);
+    let (port, admin) = (free_port(), free_port());
+    let g = Gatehouse::start(
+        &format!(
+            "[server]\nadmin = \"127.0.0.1:{admin}\"\nmax_connections = 4\n\
+             header_timeout = \"2s\"\n[upstreams.u]\npeers = [\"{up}\"]\n\
+             [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             tls = {{ cert = \"{cert}\", key = \"{key}\" }}\n[[routes]]\nupstream = \"u\"\n"
+        ),
+        &[port, admin],
+    );
+    let opened = Instant::now();
+    let mut held = Vec::new();
+    for first in [&b""[..], b"", b"\x16", b"\x16\x03\x01\x02"] {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(first).await.unwrap();
+        held.push(s);
+    }
+    // Admitted in order: the fifth finds every slot taken.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut fifth = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let _ = fifth.write_all(b"\x16\x03\x01").await;
+    let n = tokio::time::timeout(Duration::from_secs(1), fifth.read(&mut [0u8; 8]))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    for mut s in held {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut [0u8; 8]))
+            .await
+            .expect("closed by header_timeout")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // Slots back: a real client is served.
+    let c = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca.pem()).unwrap())
+        .build()
+        .unwrap();
+    let r = c
+        .get(format!("https://localhost:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m = metrics_text(admin).await;
+    assert!(
+        m.contains("gatehouse_tls_handshake_failures_total{gateway=\"g\",reason=\"timeout\"} 4"),
+        "{m}"
+    );
+    let log = g.log();
+    assert!(!log.contains("ERROR"), "{log}");
+    assert!(log.contains("max_connections (4) reached"), "{log}");
+}

@@ -1,20 +1,27 @@
 //! Failed TLS handshakes, counted by reason instead of logged as errors.
 //!
-//! Pingora logs every failed downstream handshake at ERROR, one line each: a port scanner, a
-//! plain-HTTP request on the TLS port, a client that does not trust the certificate or one
-//! whose SNI is refused all write a line, so anyone could fill the journal at the cost of a
-//! TCP connection. They are the clients' doing, as nginx judges them (it logs them at info):
-//! here they become a counter, `gatehouse_tls_handshake_failures_total{reason}`, and a debug
-//! line (`RUST_LOG=gatehouse::tls=debug` shows them with the peer and OpenSSL's words).
-use std::net::SocketAddr;
-use std::sync::Mutex;
+//! A port scanner, a plain-HTTP request on the TLS port, a client that does not trust the
+//! certificate or one whose SNI is refused: a failed handshake is the client's doing, as nginx
+//! judges it (it logs them at info), and a line each would let anyone fill the journal at the
+//! cost of a TCP connection. They are counted instead,
+//! `gatehouse_tls_handshake_failures_total{gateway,reason}`, with a debug line each
+//! (`RUST_LOG=gatehouse::tls=debug` shows the peer and OpenSSL's words).
 
-/// What failed, from OpenSSL's and Pingora's words; a fixed set, so the series are bounded.
+/// The reasons, in the order of a gateway's counters; `timeout` is the gateway's own finding.
+pub const REASONS: [&str; 7] = [
+    "client_closed",
+    "not_tls",
+    "client_certificate",
+    "client_alert",
+    "no_match",
+    "timeout",
+    "other",
+];
+
+/// What failed, from OpenSSL's and Pingora's words (one of [`REASONS`]).
 pub fn reason(message: &str) -> &'static str {
     let has = |words: &[&str]| words.iter().any(|w| message.contains(w));
-    if message.starts_with("Downstream handshake timeout") {
-        "timeout"
-    } else if has(&["unexpected EOF", "Connection reset", "Broken pipe"]) {
+    if has(&["unexpected EOF", "Connection reset", "Broken pipe"]) {
         "client_closed"
     } else if has(&[
         "http request",
@@ -49,65 +56,17 @@ pub fn reason(message: &str) -> &'static str {
     }
 }
 
-/// Connections the gateway made to itself to see its listeners accept (the systemd readiness
-/// probe): they close without a handshake and are nobody's failure.
-static OWN_PROBES: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
-
-/// Marks `local`, the client side of a probe connection, as the gateway's own.
-pub fn own_probe(local: SocketAddr) {
-    if let Ok(mut p) = OWN_PROBES.lock() {
-        p.push(local);
+/// Whether the log record is noise a client makes in Pingora's code (a broken HTTP/2 preface
+/// after ALPN h2, an unclean TLS close), which Pingora logs at ERROR or WARN: then it goes
+/// to debug and the caller drops the original.
+pub fn client_noise(target: &str, message: &str) -> bool {
+    let noise = (target == "pingora_core::apps" && message.starts_with("H2 handshake error"))
+        || (target.starts_with("pingora_core::protocols::tls")
+            && message.starts_with("TLS shutdown failed"));
+    if noise {
+        log::debug!(target: "gatehouse::tls", "{message}");
     }
-}
-
-/// Whether `message` (Pingora's line) is about a probe connection: consumed, so a client that
-/// later gets the same port is counted.
-fn from_own_probe(message: &str) -> bool {
-    let Some(peer) = message
-        .strip_prefix("Downstream handshake error from ")
-        .and_then(|r| r.split(": ").next())
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-    else {
-        return false;
-    };
-    let Ok(mut p) = OWN_PROBES.lock() else {
-        return false;
-    };
-    match p.iter().position(|&a| a == peer) {
-        Some(i) => {
-            p.swap_remove(i);
-            true
-        }
-        None => false,
-    }
-}
-
-/// Whether the log record is a client's failed handshake (or a client's broken HTTP/2
-/// preface after ALPN, or its unclean TLS close): then it is counted and logged at debug, and
-/// the caller drops the original.
-pub fn client_noise(target: &str, level: log::Level, message: &str) -> bool {
-    match target {
-        "pingora_core::services::listening"
-            if level == log::Level::Error && message.starts_with("Downstream handshake") =>
-        {
-            if !from_own_probe(message) {
-                crate::metrics::tls_handshake_failed(reason(message));
-                log::debug!(target: "gatehouse::tls", "{message}");
-            }
-            true
-        }
-        "pingora_core::apps" if message.starts_with("H2 handshake error") => {
-            log::debug!(target: "gatehouse::tls", "{message}");
-            true
-        }
-        t if t.starts_with("pingora_core::protocols::tls")
-            && message.starts_with("TLS shutdown failed") =>
-        {
-            log::debug!(target: "gatehouse::tls", "{message}");
-            true
-        }
-        _ => false,
-    }
+    noise
 }
 
 #[cfg(test)]
@@ -116,9 +75,7 @@ mod tests {
 
     #[test]
     fn reasons_of_the_failures_seen() {
-        let e = |s: &str| {
-            format!("Downstream handshake error from 127.0.0.1:39412:  TLSHandshakeFailure context: TLS accept() failed: {s}")
-        };
+        let e = |s: &str| format!(" TLSHandshakeFailure context: TLS accept() failed: {s}");
         let cases = [
             ("unexpected EOF", "client_closed"),
             ("Connection reset by peer (os error 104)", "client_closed"),
@@ -134,16 +91,5 @@ mod tests {
         for (s, want) in cases {
             assert_eq!(reason(&e(s)), want, "{s}");
         }
-        assert_eq!(reason("Downstream handshake timeout"), "timeout");
-    }
-
-    #[test]
-    fn a_probe_is_not_counted_and_only_once() {
-        let a: SocketAddr = "127.0.0.1:40001".parse().unwrap();
-        own_probe(a);
-        let m = "Downstream handshake error from 127.0.0.1:40001:  TLSHandshakeFailure context: TLS accept() failed: unexpected EOF";
-        assert!(from_own_probe(m));
-        assert!(!from_own_probe(m), "the next client on that port counts");
-        assert!(!from_own_probe("Downstream handshake timeout"));
     }
 }

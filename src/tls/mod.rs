@@ -9,10 +9,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+mod accept;
 mod client;
 pub mod failures;
 mod ocsp;
 
+pub use accept::Handshaker;
 pub use client::{client_cert, ClientAuth};
 
 use arc_swap::ArcSwap;
@@ -306,7 +308,7 @@ pub fn client_of(
 /// OpenSSL calls this after it has chosen among the pairs set for the name (RSA or ECDSA),
 /// so the response is the one of the certificate actually sent.
 pub fn staple_ocsp(
-    settings: &mut pingora::listeners::tls::TlsSettings,
+    settings: &mut pingora::tls::ssl::SslAcceptorBuilder,
     store: Arc<CertStore>,
 ) -> Result<(), String> {
     settings
@@ -333,7 +335,7 @@ pub fn staple_ocsp(
 
 /// The listener's versions, ciphers and curves (checked at load; an error here is OpenSSL's).
 pub fn apply_options(
-    settings: &mut pingora::listeners::tls::TlsSettings,
+    settings: &mut pingora::tls::ssl::SslAcceptorBuilder,
     o: &crate::config::TlsOptions,
 ) -> Result<(), String> {
     use openssl::ssl::SslVersion;
