@@ -9,8 +9,9 @@
 //! - `max_connections` per gateway: past it, new connections are closed at once (said in the
 //!   log once per episode, not per connection);
 //! - `header_timeout`: the whole request head, from its first byte (from the connection's
-//!   start for its first request); a client that has not sent it in time is disconnected
-//!   quietly, before any request exists;
+//!   start for its first request, a TLS handshake included: `crate::tls::Handshaker` runs
+//!   here, after admission); a client that has not sent it in time is disconnected quietly,
+//!   before any request exists;
 //! - `keepalive_timeout` (idle between requests), `body_timeout` (between request body reads),
 //!   `send_timeout` (between writes to a client that does not read), and
 //!   `max_requests_per_connection`.
@@ -30,13 +31,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
-    UniqueIDType, ALPN,
-};
+use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::proxy::GatewayProxy;
 use crate::runtime::Live;
@@ -54,7 +51,10 @@ fn connection_ended() {
 }
 
 mod limits;
+mod stream;
 pub use limits::ClientLimits;
+use stream::sniff_preface;
+pub use stream::Timed;
 
 /// Where a connection's current request head is, and whether a response write is stuck: set
 /// by the stream (first byte, blocked writes) and by the proxy (head complete), read by the
@@ -161,199 +161,6 @@ impl HeadClock {
             self.write_blocked.store(now_ms().max(1), Relaxed);
         } else if !blocked && since != 0 {
             self.write_blocked.store(0, Relaxed);
-        }
-    }
-}
-
-/// The client stream, noting when a request head starts.
-#[derive(Debug)]
-pub struct Timed {
-    inner: Stream,
-    pub clock: Arc<HeadClock>,
-    /// HTTP/1: a client that leaves mid-head is let go quietly by the connection loop
-    /// (Pingora would log each one as an error) instead of seeing the end of stream.
-    quiet_exit: bool,
-    /// Bytes read while looking for the HTTP/2 preface (`h2c`), given back before the socket's.
-    replay: Vec<u8>,
-    /// The connection began with the HTTP/2 preface: reported as ALPN h2 so Pingora speaks h2.
-    h2c: bool,
-}
-
-impl Timed {
-    /// The head clock of the connection a session reads from, when it is one of ours.
-    pub fn clock_of(stream: &Stream) -> Option<&HeadClock> {
-        (**stream)
-            .as_any()
-            .downcast_ref::<Timed>()
-            .map(|t| &*t.clock)
-    }
-}
-
-impl AsyncRead for Timed {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = if self.replay.is_empty() {
-            Pin::new(&mut self.inner).poll_read(cx, buf)
-        } else {
-            let n = self.replay.len().min(buf.remaining());
-            buf.put_slice(&self.replay[..n]);
-            self.replay.drain(..n);
-            Poll::Ready(Ok(()))
-        };
-        let Poll::Ready(res) = &r else {
-            return r;
-        };
-        let read_some = res.is_ok() && buf.filled().len() > before;
-        if read_some && !self.quiet_exit {
-            // HTTP/2: only the byte count matters (see Front::process_new).
-            let n = (buf.filled().len() - before) as u64;
-            self.clock.h2_read.fetch_add(n, Relaxed);
-        } else if read_some {
-            self.clock.on_read(&buf.filled()[before..]);
-        } else if self.quiet_exit
-            && self.clock.waiting.load(Relaxed)
-            && self.clock.started.load(Relaxed) != 0
-        {
-            // Mid-head: the connection loop, polled right after this, ends it quietly.
-            self.clock.gone.store(true, Relaxed);
-            return Poll::Pending;
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Timed {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.clock.on_write(r.is_pending());
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_flush(cx);
-        self.clock.on_write(r.is_pending());
-        r
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.clock.on_write(r.is_pending());
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-#[async_trait]
-impl Shutdown for Timed {
-    async fn shutdown(&mut self) {
-        (*self.inner).shutdown().await
-    }
-}
-
-impl UniqueID for Timed {
-    fn id(&self) -> UniqueIDType {
-        (*self.inner).id()
-    }
-}
-
-impl Ssl for Timed {
-    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
-        (*self.inner).get_ssl()
-    }
-
-    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
-        (*self.inner).get_ssl_digest()
-    }
-
-    fn selected_alpn_proto(&self) -> Option<ALPN> {
-        if self.h2c {
-            return Some(ALPN::H2);
-        }
-        (*self.inner).selected_alpn_proto()
-    }
-}
-
-impl GetTimingDigest for Timed {
-    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
-        (*self.inner).get_timing_digest()
-    }
-
-    fn get_read_pending_time(&self) -> Duration {
-        (*self.inner).get_read_pending_time()
-    }
-
-    fn get_write_pending_time(&self) -> Duration {
-        (*self.inner).get_write_pending_time()
-    }
-}
-
-impl GetProxyDigest for Timed {
-    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
-        (*self.inner).get_proxy_digest()
-    }
-
-    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
-        (*self.inner).set_proxy_digest(digest)
-    }
-}
-
-impl GetSocketDigest for Timed {
-    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
-        (*self.inner).get_socket_digest()
-    }
-
-    fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
-        (*self.inner).set_socket_digest(digest)
-    }
-}
-
-#[async_trait]
-impl Peek for Timed {
-    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-        (*self.inner).try_peek(buf).await
-    }
-}
-
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Reads until the first bytes are the HTTP/2 preface or cannot be: (is h2, bytes read).
-/// Pingora's own check waits for 24 bytes, which a short HTTP/1.0 request never sends.
-/// `None`: the client left first.
-async fn sniff_preface(stream: &mut Stream) -> Option<(bool, Vec<u8>)> {
-    use tokio::io::AsyncReadExt;
-    let mut got = Vec::with_capacity(H2_PREFACE.len());
-    let mut buf = [0u8; 24];
-    loop {
-        let want = H2_PREFACE.len() - got.len();
-        let n = stream.read(&mut buf[..want]).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        got.extend_from_slice(&buf[..n]);
-        if !H2_PREFACE.starts_with(&got) {
-            return Some((false, got));
-        }
-        if got.len() == H2_PREFACE.len() {
-            return Some((true, got));
         }
     }
 }
