@@ -33,12 +33,29 @@ pub fn full(b: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, for a gateway the test starts (a child process binds
+/// it, so the test cannot hand it a bound socket). Taken below the kernel's ephemeral range:
+/// a port from `bind(":0")` is free only until someone else takes it, and the connections
+/// every test opens get theirs from that range, so a gateway would now and then find its port
+/// taken ("Address already in use"). Each test process walks its own sequence from a start
+/// its pid picks; a port something listens on is skipped.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (first, span) = (10_000u32, low.saturating_sub(10_000).max(1000));
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(first + (start + n) % span).expect("port");
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {low}");
 }
 
 /// A running gateway; killed when dropped.
