@@ -223,6 +223,41 @@ fn check_refuses_client_auth_without_tls_or_ca() {
     let _ = &p.dir;
 }
 
+/// A plugin that reads the client certificate on a gateway that asks for none would refuse
+/// every request (mtls_auth) or always be empty (`${tls.*}`): `check` says so where it is
+/// used, and says nothing where the gateway has `client_auth`.
+#[test]
+fn check_warns_of_certificate_readers_without_client_auth() {
+    let p = pki();
+    let (code, out, _, _d) = check(&format!(
+        "[upstreams.up]\npeers = [\"127.0.0.1:9\"]\n\
+         [plugins.who]\nkind = \"headers\"\n\
+         request = {{ set = {{ \"x-subject\" = \"${{tls.client_subject}}\" }} }}\n\
+         [plugins.cert]\nkind = \"mtls_auth\"\n\
+         [gateways.plain]\nlisten = [\"127.0.0.1:8080\"]\nplugins = [\"who\"]\n\
+         [gateways.web]\nlisten = [\"127.0.0.1:8443\"]\nplugins = [\"who\"]\n\
+         tls = {{ cert = \"{}\", key = \"{}\" }}\n\
+         client_auth = {{ mode = \"optional\", ca = \"{}\" }}\n\
+         [[routes]]\ngateway = \"plain\"\nname = \"p\"\nplugins = [\"cert\"]\nupstream = \"up\"\n\
+         [[routes]]\ngateway = \"web\"\nname = \"w\"\nplugins = [\"cert\"]\nupstream = \"up\"\n",
+        p.cert, p.key, p.clients_ca
+    ));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("bad.toml:10:") && out.contains("plugin \"who\" reads the client certificate, but this gateway has no `client_auth`: it gets empty ${tls.*} values"),
+        "{out}"
+    );
+    assert!(
+        out.contains("bad.toml:16:") && out.contains("route \"p\": plugin \"cert\" reads the client certificate, but gateway \"plain\" has no `client_auth`: it refuses every request (403)"),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("reads the client certificate").count(),
+        2,
+        "{out}"
+    );
+}
+
 /// One request over a new TLS connection made with `session` (if any): whether the session
 /// was resumed, the answer's status (None: the handshake or the request failed), and the
 /// session to offer next time.

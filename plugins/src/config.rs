@@ -108,6 +108,23 @@ impl PluginConfig {
         }
     }
 
+    /// What the plugin does where no client certificate is ever asked for (a gateway without
+    /// `client_auth`), when it reads one: said by `check` as a warning.
+    pub fn without_client_cert(&self) -> Option<&'static str> {
+        match self {
+            PluginConfig::MtlsAuth(_) => Some("refuses every request (403)"),
+            PluginConfig::Headers(c)
+                if [&c.request, &c.response]
+                    .iter()
+                    .flat_map(|o| o.set.0.iter().chain(o.add.0.iter()))
+                    .any(|(_, t)| t.reads_client_cert()) =>
+            {
+                Some("gets empty ${tls.*} values")
+            }
+            _ => None,
+        }
+    }
+
     /// Makes the plugin value that serves requests (after [`PluginConfig::prepare`]).
     pub fn build(&self) -> Arc<dyn Plugin> {
         match self {

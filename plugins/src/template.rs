@@ -80,6 +80,14 @@ impl Template {
         Ok(Template::Parts(parts))
     }
 
+    /// Whether the value reads the client's TLS certificate (`${tls.*}`).
+    pub fn reads_client_cert(&self) -> bool {
+        matches!(self, Template::Parts(p) if p.iter().any(|p| matches!(
+            p,
+            Part::ClientSubject | Part::ClientSan | Part::ClientFingerprint
+        )))
+    }
+
     /// The value for this request; `None` when it comes out empty or not a valid value.
     pub fn render(&self, cx: &mut PluginCtx) -> Option<HeaderValue> {
         let parts = match self {

@@ -237,6 +237,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
     let mut gateways = Vec::new();
     let mut gateway_names = HashMap::new();
     let mut listens: HashMap<std::net::SocketAddr, String> = HashMap::new();
+    let mut cert_readers = Vec::new();
     for (name, value) in gateway_vals {
         let ctx = format!("gateway \"{}\"", name.get_ref());
         gateway_names.insert(name.get_ref().clone(), None);
@@ -281,6 +282,8 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             }
         }
         gateway_names.insert(name.get_ref().clone(), Some(gateways.len()));
+        let asks = tls.as_ref().is_some_and(|t| t.certs.client_auth.is_some());
+        cert_readers.push((g.plugins.clone(), asks));
         let redirect_https = super::tls::redirect_https(&mut ld, &g, tls.is_some(), &ctx);
         let hsts = super::tls::hsts(&mut ld, &g, tls.is_some(), &ctx);
         let h2c = super::tls::h2c(&mut ld, &g, tls.is_some(), &ctx);
@@ -368,6 +371,15 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             }
         }
     }
+    let readers: Vec<_> = cert_readers.iter().map(|(r, a)| (&r[..], *a)).collect();
+    super::tls::client_cert_readers(
+        &mut ld,
+        &server_file.plugins,
+        &readers,
+        &plugin_names,
+        &plugins,
+        &gateways,
+    );
     if let Some(admin) = &server_file.admin {
         if let Some(g) = listens.get(&admin.get_ref().0) {
             let msg = format!(

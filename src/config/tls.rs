@@ -387,3 +387,51 @@ pub(super) fn h2c(ld: &mut Loader, g: &GatewayFile, tls: bool, ctx: &str) -> boo
     }
     *v.get_ref() && !tls
 }
+
+/// Plugins that read the client certificate (`mtls_auth`, `${tls.*}`) where the gateway asks
+/// for none: each is a warning at its reference (`[server] plugins`, the gateway's, a route's
+/// line), as nothing else would tell the user why every request gets a 403.
+pub(super) fn client_cert_readers(
+    ld: &mut Loader,
+    server_refs: &[Spanned<String>],
+    gateways: &[(&[Spanned<String>], bool)],
+    names: &std::collections::HashMap<String, Option<usize>>,
+    plugins: &[super::NamedPlugin],
+    all: &[super::Gateway],
+) {
+    for (g, (refs, asks)) in all.iter().zip(gateways) {
+        if *asks {
+            continue;
+        }
+        let ctx = format!("gateway \"{}\"", g.name);
+        for r in server_refs.iter().chain(refs.iter()) {
+            let Some(Some(i)) = names.get(r.get_ref()) else {
+                continue;
+            };
+            if let Some(what) = plugins[*i].config.without_client_cert() {
+                let msg = format!(
+                    "plugin \"{}\" reads the client certificate, but this gateway has no \
+                     `client_auth`: it {what}",
+                    r.get_ref()
+                );
+                ld.warn(r.span(), &ctx, msg);
+            }
+        }
+        for route in &g.routes {
+            for &i in &route.plugins {
+                if let Some(what) = plugins[i].config.without_client_cert() {
+                    ld.warnings.push(super::ConfigError {
+                        line: route.line,
+                        col: 1,
+                        context: format!("route \"{}\"", route.name),
+                        message: format!(
+                            "plugin \"{}\" reads the client certificate, but gateway \"{}\" \
+                             has no `client_auth`: it {what}",
+                            plugins[i].name, g.name
+                        ),
+                    });
+                }
+            }
+        }
+    }
+}
