@@ -17,6 +17,7 @@ use regex::Regex;
 mod admin;
 pub mod aggregate;
 mod build;
+mod client;
 pub mod file;
 pub mod offload;
 mod routes;
