@@ -378,3 +378,71 @@ async fn h2c_silent_clients_are_let_go_at_header_timeout() {
         );
     }
 }
+
+/// Active health checks over TLS check each peer under its own name (SNI, verified name,
+/// Host), as its requests are: a peer whose certificate is not for its name is unhealthy and
+/// gets no traffic. Before, every peer was checked under the first peer's name with the name
+/// check off, so such a peer passed its checks and failed its requests. Needs a second name
+/// for loopback: the machine's host name when it resolves to 127.0.0.1 (else skipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_verify_each_peer_under_its_own_name() {
+    use std::net::ToSocketAddrs;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim().to_string();
+    let loopback = (host.as_str(), 0)
+        .to_socket_addrs()
+        .is_ok_and(|mut a| a.all(|a| a.ip() == std::net::Ipv4Addr::LOCALHOST));
+    if host.is_empty() || host == "localhost" || !loopback {
+        eprintln!("skipped: host name {host:?} does not resolve to 127.0.0.1 only");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("upstream CA");
+    let ca_file = ca.write(d, "ca");
+    let leaf = |name: &'static str| Leaf {
+        subject: &[],
+        dns: Box::leak(Box::new([name])),
+        ..Leaf::default()
+    };
+    let (ac, ak) = ca.issue(d, "a", &leaf("localhost"));
+    let own: &'static str = Box::leak(host.clone().into_boxed_str());
+    let (bc, bk) = ca.issue(d, "b", &leaf(own));
+    let (wc, wk) = ca.issue(d, "w", &leaf("wrong.test"));
+    let a = tls_upstream(&ac, &ak, None).await.port();
+    let b = tls_upstream(&bc, &bk, None).await.port();
+    let w = tls_upstream(&wc, &wk, None).await.port();
+    let (port, admin) = (free_port(), free_port());
+    let _g = Gatehouse::start(
+        &format!(
+            "[server]\nadmin = \"127.0.0.1:{admin}\"\n\
+             [upstreams.pool]\npeers = [\"localhost:{a}\", \"{host}:{b}\", \"{host}:{w}\"]\n\
+             tls = true\nca = \"{ca_file}\"\nretries = 0\n\
+             health_check = {{ kind = \"http\", path = \"/\", interval = \"200ms\", \
+             timeout = \"500ms\", unhealthy_after = 1, healthy_after = 1 }}\n\
+             [gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n[[routes]]\nupstream = \"pool\"\n"
+        ),
+        &[port, admin],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let healthy = loop {
+        let s = admin_status(admin).await;
+        let h: Vec<_> = (0..3)
+            .map(|i| s["upstreams"]["pool"]["peers"][i]["healthy"].clone())
+            .collect();
+        if h.iter().all(|v| v.is_boolean()) && h[2] == false || std::time::Instant::now() > deadline
+        {
+            break h;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        healthy,
+        [true, true, false],
+        "a and b under their names, w not"
+    );
+    for _ in 0..6 {
+        let (status, _, body) = get(&format!("http://127.0.0.1:{port}/x"), &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}

@@ -192,45 +192,65 @@ fn health_check(
             c
         }
         HealthKind::Http { path, host, expect } => {
-            // Pingora checks every peer with one template: `sni`, else the first peer's name.
-            let sni = cfg.peers.first().map(|p| p.sni.clone()).unwrap_or_default();
-            let host = host
-                .clone()
-                .or_else(|| (!sni.is_empty()).then(|| sni.clone()))
-                .unwrap_or_else(|| "localhost".to_string());
-            let mut c = HttpHealthCheck::new(&host, cfg.tls);
-            c.peer_template.sni = sni;
-            peer_tls(&mut c.peer_template, cfg);
-            if cfg.peers.iter().any(|p| p.sni != c.peer_template.sni) {
-                // Peers of different names: the chain is still verified, the name cannot be.
-                c.peer_template.options.verify_hostname = false;
+            let check = |sni: &str| http_check(cfg, hc, sni, path, host.as_deref(), *expect);
+            let first = cfg
+                .peers
+                .first()
+                .map(|p| p.sni.as_str())
+                .unwrap_or_default();
+            if cfg.peers.iter().all(|p| p.sni == first) {
+                return Box::new(check(first));
             }
-            if let Ok(mut req) = pingora_http::RequestHeader::build("GET", path.as_bytes(), None) {
-                let _ = req.insert_header("host", host.as_str());
-                let _ = req.insert_header("user-agent", "gatehouse-health-check");
-                c.req = req;
-            }
-            let want = *expect;
-            c.validator = Some(Box::new(move |resp: &pingora_http::ResponseHeader| {
-                if resp.status.as_u16() == want {
-                    Ok(())
-                } else {
-                    pingora_error::Error::e_explain(
-                        pingora_error::ErrorType::CustomCode(
-                            "unexpected status",
-                            resp.status.as_u16(),
-                        ),
-                        "during http health check",
-                    )
-                }
-            }));
-            c.consecutive_failure = hc.unhealthy_after;
-            c.consecutive_success = hc.healthy_after;
-            c.peer_template.options.connection_timeout = Some(hc.timeout);
-            c.peer_template.options.read_timeout = Some(hc.timeout);
-            Box::new(c)
+            // Peers of different names: each is checked under its own (SNI, verified name,
+            // Host), as its requests are; Pingora's check has one template for all.
+            let checks = cfg.peers.iter().map(|p| (p.addr, check(&p.sni))).collect();
+            Box::new(health::ByPeer::new(
+                checks,
+                hc.healthy_after,
+                hc.unhealthy_after,
+            ))
         }
     }
+}
+
+/// A `GET path` check of peers named `sni` (empty: an address without `sni`), passing on
+/// status `expect`.
+fn http_check(
+    cfg: &Upstream,
+    hc: &crate::config::HealthCheck,
+    sni: &str,
+    path: &str,
+    host: Option<&str>,
+    expect: u16,
+) -> HttpHealthCheck {
+    let host = host
+        .map(str::to_string)
+        .or_else(|| (!sni.is_empty()).then(|| sni.to_string()))
+        .unwrap_or_else(|| "localhost".to_string());
+    let mut c = HttpHealthCheck::new(&host, cfg.tls);
+    c.peer_template.sni = sni.to_string();
+    peer_tls(&mut c.peer_template, cfg);
+    if let Ok(mut req) = pingora_http::RequestHeader::build("GET", path.as_bytes(), None) {
+        let _ = req.insert_header("host", host.as_str());
+        let _ = req.insert_header("user-agent", "gatehouse-health-check");
+        c.req = req;
+    }
+    let want = expect;
+    c.validator = Some(Box::new(move |resp: &pingora_http::ResponseHeader| {
+        if resp.status.as_u16() == want {
+            Ok(())
+        } else {
+            pingora_error::Error::e_explain(
+                pingora_error::ErrorType::CustomCode("unexpected status", resp.status.as_u16()),
+                "during http health check",
+            )
+        }
+    }));
+    c.consecutive_failure = hc.unhealthy_after;
+    c.consecutive_success = hc.healthy_after;
+    c.peer_template.options.connection_timeout = Some(hc.timeout);
+    c.peer_template.options.read_timeout = Some(hc.timeout);
+    c
 }
 
 /// The upstream's TLS and HTTP/2 settings on a peer (requests and health checks alike).
