@@ -513,6 +513,7 @@ impl ServerApp for Front {
                 done => {
                     if done.is_err() {
                         tls.failed("timeout");
+                        log::debug!(target: "gatehouse::tls", "handshake not done within header_timeout");
                     }
                     connection_ended();
                     return None;

@@ -144,7 +144,9 @@ impl log::Log for Quiet {
     }
 
     fn log(&self, r: &log::Record) {
-        if r.target().starts_with("pingora_core")
+        // Both kinds of noise are at WARN or above: lower records are not formatted here.
+        if r.level() <= log::Level::Warn
+            && r.target().starts_with("pingora_core")
             && gatehouse::tls::failures::client_noise(r.target(), &r.args().to_string())
         {
             return;

@@ -225,7 +225,7 @@ fn check_refuses_client_auth_without_tls_or_ca() {
 
 /// A plugin that reads the client certificate on a gateway that asks for none would refuse
 /// every request (mtls_auth) or always be empty (`${tls.*}`): `check` says so where it is
-/// used, and says nothing where the gateway has `client_auth`.
+/// used, and says nothing where the gateway has `client_auth` or only redirects to HTTPS.
 #[test]
 fn check_warns_of_certificate_readers_without_client_auth() {
     let p = pki();
@@ -239,7 +239,8 @@ fn check_warns_of_certificate_readers_without_client_auth() {
          tls = {{ cert = \"{}\", key = \"{}\" }}\n\
          client_auth = {{ mode = \"optional\", ca = \"{}\" }}\n\
          [[routes]]\ngateway = \"plain\"\nname = \"p\"\nplugins = [\"cert\"]\nupstream = \"up\"\n\
-         [[routes]]\ngateway = \"web\"\nname = \"w\"\nplugins = [\"cert\"]\nupstream = \"up\"\n",
+         [[routes]]\ngateway = \"web\"\nname = \"w\"\nplugins = [\"cert\"]\nupstream = \"up\"\n\
+         [gateways.redir]\nlisten = [\"127.0.0.1:8081\"]\nredirect_https = true\nplugins = [\"who\"]\n",
         p.cert, p.key, p.clients_ca
     ));
     assert_eq!(code, 0, "{out}");

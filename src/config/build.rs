@@ -282,7 +282,9 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             }
         }
         gateway_names.insert(name.get_ref().clone(), Some(gateways.len()));
-        let asks = tls.as_ref().is_some_and(|t| t.certs.client_auth.is_some());
+        // A client_auth that failed to load is an error already; a redirecting gateway runs
+        // no plugin.
+        let asks = g.client_auth.is_some() || g.redirect_https.is_some();
         cert_readers.push((g.plugins.clone(), asks));
         let redirect_https = super::tls::redirect_https(&mut ld, &g, tls.is_some(), &ctx);
         let hsts = super::tls::hsts(&mut ld, &g, tls.is_some(), &ctx);

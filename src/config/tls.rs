@@ -394,13 +394,13 @@ pub(super) fn h2c(ld: &mut Loader, g: &GatewayFile, tls: bool, ctx: &str) -> boo
 pub(super) fn client_cert_readers(
     ld: &mut Loader,
     server_refs: &[Spanned<String>],
-    gateways: &[(&[Spanned<String>], bool)],
+    gateways: &[(&[Spanned<String>], bool)], // (its plugin references, exempt)
     names: &std::collections::HashMap<String, Option<usize>>,
     plugins: &[super::NamedPlugin],
     all: &[super::Gateway],
 ) {
-    for (g, (refs, asks)) in all.iter().zip(gateways) {
-        if *asks {
+    for (g, (refs, exempt)) in all.iter().zip(gateways) {
+        if *exempt {
             continue;
         }
         let ctx = format!("gateway \"{}\"", g.name);

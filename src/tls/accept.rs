@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::server::handshake_with_callback;
-use pingora::protocols::{Peek, Stream};
+use pingora::protocols::{GetSocketDigest, Peek, Stream};
 use pingora::tls::ssl::{select_next_proto, AlpnError, SslAcceptor, SslAcceptorBuilder, SslMethod};
 use prometheus::IntCounter;
 
@@ -65,16 +65,19 @@ impl Handshaker {
     /// bounds the time.
     pub async fn accept(&self, stream: Stream) -> Option<Stream> {
         let Ok(mut l4) = stream.into_any().downcast::<L4Stream>() else {
-            // Listeners are plain TCP: nothing else comes here.
+            // Listeners are plain TCP (server.rs): were that to change, say so loudly rather
+            // than drop every connection without a trace.
+            log::error!("TLS gateway: a connection that is not plain TCP; closed");
             return None;
         };
         // A byte first: a connection closed before any is a health check or a port probe.
         l4.try_peek(&mut [0u8; 1]).await.ok()?;
+        let peer = l4.get_socket_digest().and_then(|d| d.peer_addr().cloned());
         match handshake_with_callback(&self.acceptor, *l4, &self.certificates).await {
             Ok(tls) => Some(Box::new(tls)),
             Err(e) => {
                 self.failed(reason(&e.to_string()));
-                log::debug!(target: "gatehouse::tls", "handshake failed: {e}");
+                log::debug!(target: "gatehouse::tls", "handshake from {peer:?} failed: {e}");
                 None
             }
         }
