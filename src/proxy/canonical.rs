@@ -30,7 +30,7 @@
 pub use super::path::canonical_path;
 use super::path::HEX_UPPER;
 
-use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, COOKIE, HOST, TRANSFER_ENCODING};
 use http::{HeaderValue, Method, Version};
 use pingora_http::RequestHeader;
 
@@ -86,6 +86,7 @@ pub fn canonicalize(
         host: fields.host.cloned(),
         upgrade: fields.upgrade,
     };
+    let cookie_crumbs = fields.cookies > 1 && req.version == Version::HTTP_2;
 
     let absolute = absolute_authority(req.raw_path())?;
     // An authority to move into Host, where the target carried it instead.
@@ -123,6 +124,9 @@ pub fn canonicalize(
             // routing and the upstream read the one authority the same way.
             if let Some(a) = authority.filter(|_| found.host.is_none()) {
                 set_host = Some(a.to_string());
+            }
+            if cookie_crumbs {
+                join_cookie_crumbs(req)?;
             }
         }
         _ => return Err(bad("unsupported HTTP version")),
@@ -186,6 +190,22 @@ pub fn canonicalize(
     req.set_raw_path(&new_target)
         .map_err(|_| bad("invalid request target"))?;
     Ok(found)
+}
+
+/// HTTP/2 may split a Cookie into one field per crumb (RFC 9113 §8.2.3, for HPACK); an
+/// HTTP/1.1 upstream, and every cookie reader here, expects one `Cookie` line, so the crumbs
+/// are joined with `; ` as the RFC says a gateway to HTTP/1.1 must.
+fn join_cookie_crumbs(req: &mut RequestHeader) -> Result<(), Refusal> {
+    let mut joined = Vec::new();
+    for crumb in req.headers.get_all(COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    let v = HeaderValue::from_bytes(&joined).map_err(|_| bad("invalid Cookie header"))?;
+    req.insert_header(COOKIE, v)
+        .map_err(|_| bad("invalid Cookie header"))
 }
 
 /// Method names are case-sensitive (RFC 9110 §9.1): `get` is not GET to the router, but
@@ -319,6 +339,7 @@ struct Fields<'a> {
     host: Option<&'a HeaderValue>,
     hosts: usize,
     upgrade: bool,
+    cookies: usize,
 }
 
 /// One pass over the header fields (cheaper than a lookup per name): the Host, and RFC 9112
@@ -328,6 +349,7 @@ fn scan_fields(req: &RequestHeader) -> Result<Fields<'_>, Refusal> {
         host: None,
         hosts: 0,
         upgrade: false,
+        cookies: 0,
     };
     let (mut cls, mut tes) = (0, 0);
     for (name, value) in req.headers.iter() {
@@ -371,6 +393,8 @@ fn scan_fields(req: &RequestHeader) -> Result<Fields<'_>, Refusal> {
             }
         } else if *name == http::header::UPGRADE {
             f.upgrade = true;
+        } else if *name == COOKIE {
+            f.cookies += 1;
         }
     }
     Ok(f)

@@ -430,6 +430,15 @@ impl ProxyHttp for GatewayProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // An HTTP/2 body of unknown length may end in an empty DATA frame with END_STREAM (curl
+        // -T -, Go's net/http). Passed on as a piece, Pingora writes it to an HTTP/1.1 upstream
+        // as a chunk of size 0, which is the last-chunk marker, and then the marker again when
+        // the body ends: the upstream reads the second one as another request, and every
+        // answer on that pooled connection goes to the wrong client after it. The end of a
+        // body is said once, by `end_of_stream`, never by an empty piece.
+        if end_of_stream && body.as_ref().is_some_and(Bytes::is_empty) {
+            *body = None;
+        }
         // A retry sends the body again from its start: hooks and mirror see each byte once
         // (a replayed body counted twice against request_limit made a retried PUT a 413).
         let len = body.as_ref().map_or(0, |b| b.len() as u64);

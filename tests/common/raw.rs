@@ -14,6 +14,11 @@ pub struct Recorded {
     /// The head as received, CRLFs included.
     pub head: String,
     pub body: Vec<u8>,
+    /// Every byte of this request as it came over the wire: head, then the body with its
+    /// chunk framing.
+    pub wire: Vec<u8>,
+    /// Which of the upstream's connections it came on, counted from 0.
+    pub conn: usize,
 }
 
 impl Recorded {
@@ -39,6 +44,11 @@ impl Recorded {
             })
             .count()
     }
+
+    /// Bytes that did not parse as a request (what a desync leaves behind).
+    pub fn is_junk(&self) -> bool {
+        self.body == b"<unparseable>"
+    }
 }
 
 #[derive(Clone, Default)]
@@ -50,66 +60,133 @@ impl Records {
     }
 }
 
+/// How the recording upstream answers.
+#[derive(Clone, Copy)]
+struct Manner {
+    /// Before each answer.
+    delay: Duration,
+    /// The body is the request target (else `ok`), so a client can tell its own answer.
+    echo_target: bool,
+    /// Bytes that are not a request get `200 junk` and the connection goes on, as a lenient
+    /// server would (else: recorded, and the connection closed).
+    answer_junk: bool,
+}
+
 /// An upstream that records every request and answers each with `200 ok`.
 pub async fn recording_upstream() -> (SocketAddr, Records) {
+    let manner = Manner {
+        delay: Duration::ZERO,
+        echo_target: false,
+        answer_junk: false,
+    };
+    recording(manner).await
+}
+
+/// A strict and slow HTTP/1.1 upstream: answers each request after `delay` with its target as
+/// the body, and bytes that are not a request with `200 junk`, going on after them. Through
+/// a shared keep-alive pool, one stray request on a connection hands every later answer on
+/// it to the wrong client.
+pub async fn strict_slow_upstream(delay: Duration) -> (SocketAddr, Records) {
+    let manner = Manner {
+        delay,
+        echo_target: true,
+        answer_junk: true,
+    };
+    recording(manner).await
+}
+
+async fn recording(manner: Manner) -> (SocketAddr, Records) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let records = Records::default();
     let rec = records.clone();
     tokio::spawn(async move {
+        let mut n = 0;
         while let Ok((s, _)) = l.accept().await {
             let rec = rec.clone();
+            let conn = n;
+            n += 1;
             tokio::spawn(async move {
-                let _ = serve_recorded(s, rec).await;
+                let _ = serve_recorded(s, rec, manner, conn).await;
             });
         }
     });
     (addr, records)
 }
 
-async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
-    let mut chunk = [0u8; 8192];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
-        .await
-        .ok()?
-        .ok()?;
-    if n == 0 {
-        return None;
-    }
-    buf.extend_from_slice(&chunk[..n]);
-    Some(())
+/// The connection's unread bytes, and what was taken of them for the current request.
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+    wire: Vec<u8>,
 }
 
-async fn line(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
-    loop {
-        if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
-            let l = buf[..i].to_vec();
-            buf.drain(..i + 2);
-            return Some(l);
+impl Conn {
+    async fn fill(&mut self) -> Option<()> {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut chunk))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
         }
-        fill(s, buf).await?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Some(())
+    }
+
+    fn take(&mut self, n: usize) -> Vec<u8> {
+        let taken: Vec<u8> = self.buf.drain(..n).collect();
+        self.wire.extend_from_slice(&taken);
+        taken
+    }
+
+    async fn line(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let mut l = self.take(i + 2);
+                l.truncate(i);
+                return Some(l);
+            }
+            self.fill().await?;
+        }
     }
 }
 
-async fn serve_recorded(mut s: TcpStream, rec: Records) -> Option<()> {
-    let mut buf = Vec::new();
+async fn serve_recorded(s: TcpStream, rec: Records, manner: Manner, conn: usize) -> Option<()> {
+    let mut c = Conn {
+        s,
+        buf: Vec::new(),
+        wire: Vec::new(),
+    };
     loop {
         let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if let Some(i) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
             }
-            fill(&mut s, &mut buf).await?;
+            c.fill().await?;
         };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let head_bytes = c.take(end);
+        let head = String::from_utf8_lossy(&head_bytes).into_owned();
         let mut headers = [httparse::EMPTY_HEADER; 128];
         let mut req = httparse::Request::new(&mut headers);
-        if !matches!(req.parse(&buf[..end]), Ok(httparse::Status::Complete(_))) {
+        if !matches!(req.parse(&head_bytes), Ok(httparse::Status::Complete(_))) {
             rec.0.lock().unwrap().push(Recorded {
                 head,
                 body: b"<unparseable>".to_vec(),
+                wire: std::mem::take(&mut c.wire),
+                conn,
             });
-            return None;
+            if !manner.answer_junk {
+                return None;
+            }
+            tokio::time::sleep(manner.delay).await;
+            c.s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\njunk")
+                .await
+                .ok()?;
+            continue;
         }
+        let target = req.path.unwrap_or("").to_string();
         let chunked = req.headers.iter().any(|h| {
             h.name.eq_ignore_ascii_case("transfer-encoding")
                 && String::from_utf8_lossy(h.value)
@@ -122,35 +199,45 @@ async fn serve_recorded(mut s: TcpStream, rec: Records) -> Option<()> {
             .find(|h| h.name.eq_ignore_ascii_case("content-length"))
             .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
             .unwrap_or(0);
-        buf.drain(..end);
         let mut body = Vec::new();
         if chunked {
             loop {
-                let l = line(&mut s, &mut buf).await?;
+                let l = c.line().await?;
                 let size_txt = String::from_utf8_lossy(&l);
                 let size_txt = size_txt.split(';').next().unwrap_or("").trim().to_string();
                 let size = usize::from_str_radix(&size_txt, 16).ok()?;
                 if size == 0 {
-                    while !line(&mut s, &mut buf).await?.is_empty() {}
+                    while !c.line().await?.is_empty() {}
                     break;
                 }
-                while buf.len() < size + 2 {
-                    fill(&mut s, &mut buf).await?;
+                while c.buf.len() < size + 2 {
+                    c.fill().await?;
                 }
-                body.extend_from_slice(&buf[..size]);
-                buf.drain(..size + 2);
+                body.extend_from_slice(&c.take(size + 2)[..size]);
             }
         } else {
-            while buf.len() < cl {
-                fill(&mut s, &mut buf).await?;
+            while c.buf.len() < cl {
+                c.fill().await?;
             }
-            body.extend_from_slice(&buf[..cl]);
-            buf.drain(..cl);
+            body = c.take(cl);
         }
-        rec.0.lock().unwrap().push(Recorded { head, body });
-        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            .await
-            .ok()?;
+        rec.0.lock().unwrap().push(Recorded {
+            head,
+            body,
+            wire: std::mem::take(&mut c.wire),
+            conn,
+        });
+        tokio::time::sleep(manner.delay).await;
+        let answer = if manner.echo_target {
+            target
+        } else {
+            "ok".to_string()
+        };
+        let out = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
+        c.s.write_all(out.as_bytes()).await.ok()?;
     }
 }
 
