@@ -9,6 +9,7 @@ mod redact;
 use std::net::SocketAddr;
 
 use async_trait::async_trait;
+use gatehouse_plugins::authority::Authority;
 use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
@@ -147,19 +148,13 @@ fn local_host(session: &ServerSession) -> bool {
     let host = req
         .headers
         .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()));
+        .map(|h| h.as_bytes())
+        .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()));
     let Some(host) = host else {
         return true; // HTTP/1.0 without Host: not a browser
     };
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        return rest
-            .split_once(']')
-            .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
-    } else {
-        host.rsplit_once(':').map_or(host, |(n, _)| n)
-    };
-    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+    // The admin listener is plain HTTP.
+    Authority::parse(host, false).is_some_and(|a| a.host() == "localhost" || a.ip().is_some())
 }
 
 fn unauthorized() -> Response<Vec<u8>> {
@@ -325,8 +320,9 @@ impl Admin {
     }
 }
 
-/// An absolute URL as the cache keys it: scheme and host lower-cased, the path made canonical
-/// the way requests are (so `/a//b` names the entry `/a/b` was stored under).
+/// An absolute URL as the cache keys it: the scheme lower-cased, the authority canonical (so
+/// `http://Shop.example.com.:80/` names what `Host: shop.example.com` stored), the path made
+/// canonical the way requests are (so `/a//b` names the entry `/a/b` was stored under).
 fn purge_key(u: &str, opts: crate::proxy::canonical::Options) -> Option<String> {
     let (scheme, rest) = u.split_once("://")?;
     let scheme = scheme.to_ascii_lowercase();
@@ -335,19 +331,14 @@ fn purge_key(u: &str, opts: crate::proxy::canonical::Options) -> Option<String> 
     }
     let split = rest.find(['/', '?']).unwrap_or(rest.len());
     let (host, pq) = rest.split_at(split);
-    if host.is_empty() || host.contains('@') {
-        return None;
-    }
+    let authority = Authority::parse(host.as_bytes(), scheme == "https")?;
     let (path, query) = match pq.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (pq, None),
     };
     let path = if path.is_empty() { "/" } else { path };
     let path = crate::proxy::canonical::canonical_path(path.as_bytes(), opts).ok()?;
-    let mut key = format!(
-        "{scheme}://{}{path}",
-        crate::proxy::caching::host_name(host)
-    );
+    let mut key = format!("{scheme}://{authority}{path}");
     if let Some(q) = query {
         key.push('?');
         key.push_str(q);

@@ -9,6 +9,8 @@ use http::{HeaderName, HeaderValue, Method};
 use pingora_http::RequestHeader;
 use serde_json::{json, Value};
 
+use gatehouse_plugins::authority::{default_port, Authority};
+
 use crate::config::{Config, Gateway, HostMatch, PathMatch, Route, Target};
 
 pub struct Request<'a> {
@@ -56,45 +58,36 @@ pub fn explain(cfg: &Config, r: &Request) -> Result<Value, String> {
         keep_encoded_slashes: cfg.server.keep_encoded_slashes,
         keep_path_parameters: cfg.server.keep_path_parameters,
     };
-    let canonical =
-        match crate::proxy::canonical::canonicalize(&mut req, Some(raw.as_bytes()), opts) {
-            Ok(c) => c,
-            Err(refusal) => {
-                return Ok(json!({
-                    "gateway": gw.name,
-                    "refused": { "status": refusal.status, "reason": refusal.reason },
-                }))
-            }
-        };
-    let host = canonical
-        .host
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string);
+    let canonical = match crate::proxy::canonical::canonicalize(
+        &mut req,
+        Some(raw.as_bytes()),
+        opts,
+        gw.tls.is_some(),
+    ) {
+        Ok(c) => c,
+        Err(refusal) => {
+            return Ok(json!({
+                "gateway": gw.name,
+                "refused": { "status": refusal.status, "reason": refusal.reason },
+            }))
+        }
+    };
+    // The authority as the gateway would decide it: the upstream's Host, and the router's
+    // host without the port.
+    let authority = canonical.authority;
+    let host = authority.as_ref().map(|a| a.as_str().to_string());
     let path = req.uri.path().to_string();
     let query = req.uri.query().map(str::to_string);
 
     let router = crate::router::Router::new(&gw.routes);
-    let winner = router.find(
-        &gw.routes,
-        host.as_deref(),
-        &path,
-        &req.method,
-        &req.headers,
-    );
-    let bare_host = host.as_deref().map(host_name);
+    let bare_host = authority.as_ref().map(|a| a.host());
+    let winner = router.find(&gw.routes, bare_host, &path, &req.method, &req.headers);
     let mut candidates = Vec::new();
     for (id, route) in gw.routes.iter().enumerate() {
         if Some(id) == winner {
             continue;
         }
-        let why = lost(
-            route,
-            bare_host.as_deref(),
-            &path,
-            &req,
-            winner.map(|w| &gw.routes[w]),
-        );
+        let why = lost(route, bare_host, &path, &req, winner.map(|w| &gw.routes[w]));
         candidates.push(json!({ "route": route.name, "line": route.line, "lost": why }));
     }
     let mut out = json!({
@@ -154,8 +147,8 @@ fn pick_gateway<'a>(
         return Ok(&cfg.gateways[0]);
     }
     let port = authority
-        .and_then(|a| a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()))
-        .unwrap_or(if tls { 443 } else { 80 });
+        .and_then(|a| Authority::parse(a.as_bytes(), tls))
+        .map_or(default_port(tls), |a| a.port_or_default(tls));
     let on_port: Vec<&Gateway> = cfg
         .gateways
         .iter()
@@ -168,16 +161,6 @@ fn pick_gateway<'a>(
             cfg.gateways.len()
         )),
     }
-}
-
-/// Lower case, without port or trailing dot, as the router compares hosts.
-fn host_name(h: &str) -> String {
-    let name = if h.starts_with('[') {
-        h.find(']').map_or(h, |i| &h[..=i])
-    } else {
-        h.rsplit_once(':').map_or(h, |(n, _)| n)
-    };
-    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
 fn host_rule(h: &HostMatch) -> String {

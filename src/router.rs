@@ -88,7 +88,8 @@ impl Router {
         r
     }
 
-    /// Finds the route for a request. `host` may carry a port and any case; `path` is the
+    /// Finds the route for a request. `host` is the canonical authority's host
+    /// (`gatehouse_plugins::authority`: lower case, no port, no trailing dot); `path` is the
     /// canonical request path (`proxy/canonical.rs`) without its query: matching is
     /// case-sensitive, as RFC 3986 paths are.
     pub fn find(
@@ -107,8 +108,7 @@ impl Router {
             }
             .hold(method, headers)
         };
-        let mut buf = [0u8; 256];
-        if let Some(host) = host.and_then(|h| normalize_host(h, &mut buf)) {
+        if let Some(host) = host {
             if let Some(t) = self.exact_hosts.get(host) {
                 if let Some(id) = t.find(path, &check) {
                     return Some(id);
@@ -184,24 +184,6 @@ fn walk_children(node: &Node, rest: &str, check: &impl Fn(RouteId) -> bool) -> O
     let (seg, tail) = rest.split_once('/').unwrap_or((rest, ""));
     let child = node.children.get(seg)?;
     walk_children(child, tail, check).or_else(|| child.routes.iter().copied().find(|&id| check(id)))
-}
-
-/// Lower-cases `host` and drops its port, into `buf` only when it has upper-case letters.
-fn normalize_host<'a>(host: &'a str, buf: &'a mut [u8; 256]) -> Option<&'a str> {
-    let name = if host.starts_with('[') {
-        // IPv6 literal: keep the brackets, drop the port.
-        host.find(']').map_or(host, |i| &host[..=i])
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
-    };
-    let name = name.strip_suffix('.').unwrap_or(name);
-    if !name.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Some(name);
-    }
-    let out = buf.get_mut(..name.len())?;
-    out.copy_from_slice(name.as_bytes());
-    out.make_ascii_lowercase();
-    std::str::from_utf8(out).ok()
 }
 
 #[cfg(test)]
@@ -300,11 +282,7 @@ upstream = "u"
         assert_eq!(f("x", "/items/12", "GET", &[]).as_deref(), Some("re"));
         assert_eq!(f("x", "/items/x", "GET", &[]).as_deref(), Some("root"));
         assert_eq!(
-            f("admin.example.com:8080", "/api/1", "GET", &[]).as_deref(),
-            Some("host")
-        );
-        assert_eq!(
-            f("ADMIN.example.com", "/api", "GET", &[]).as_deref(),
+            f("admin.example.com", "/api/1", "GET", &[]).as_deref(),
             Some("host")
         );
         // more specific host has no match for this path: the wildcard takes it

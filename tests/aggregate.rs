@@ -567,3 +567,47 @@ needs = "u:/n/{maybe.id}"
     assert!(out.contains(":11:") && out.contains("\"errors\""), "{out}");
     assert!(out.contains(":13:") && out.contains("`optional`"), "{out}");
 }
+
+/// Parts are told about the client as the proxied path tells its upstream: behind a trusted
+/// load balancer, X-Forwarded-For is the client and then the balancer, the balancer's
+/// X-Forwarded-Proto/-Host pass, and without one X-Forwarded-Host is the canonical authority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_get_the_forwarded_headers_of_the_client_request() {
+    let up = echo("part").await;
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &format!(
+            "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+             [upstreams.u]\npeers = [\"{up}\"]\n[gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [[routes]]\npath = \"/agg\"\n[routes.aggregate.parts]\np = \"u:/p\"\n"
+        ),
+        &[port],
+    );
+    let url = format!("http://127.0.0.1:{port}/agg");
+    // From the trusted balancer, which names the client and the original host and scheme.
+    let (status, _, body) = get(
+        &url,
+        &[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "shop.example.com"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let part = &v["p"];
+    assert_eq!(seen(part, "x-forwarded-for"), ["203.0.113.9, 127.0.0.1"]);
+    assert_eq!(seen(part, "x-forwarded-proto"), ["https"]);
+    assert_eq!(seen(part, "x-forwarded-host"), ["shop.example.com"]);
+    // Without the balancer's word: the request's own authority, canonical.
+    let r = client()
+        .get(&url)
+        .header("host", "Shop.Example.com.:80")
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(seen(&v["p"], "x-forwarded-host"), ["shop.example.com"]);
+    assert_eq!(seen(&v["p"], "x-forwarded-for"), ["127.0.0.1"]);
+}

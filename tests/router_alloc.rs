@@ -57,7 +57,7 @@ fn lookups_do_not_allocate() {
                 Some("x"),
                 format!("/api/v{}/svc{}/items", (n - 2) % 7, n - 2),
             ),
-            (Some("A.Tenants.Example.com:8443"), "/anything".into()),
+            (Some("a.tenants.example.com"), "/anything".into()),
             (None, "/re/123".into()),
             (None, "/nothing/here".into()),
         ];

@@ -19,6 +19,7 @@ use pingora_error::{Error, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
+pub mod authority;
 pub mod basic_auth;
 mod cache;
 pub mod config;
@@ -134,6 +135,9 @@ pub struct PluginCtx {
     pub route: Option<Arc<str>>,
     /// Name of the gateway that took the request.
     pub gateway: Option<Arc<str>>,
+    /// The request's authority in its one spelling, decided with the canonical request
+    /// (the Host header says the same); `None` only for an HTTP/1.0 request without one.
+    pub authority: Option<authority::Authority>,
     /// Who the request authenticated as (API key consumer, basic-auth user, JWT `sub`).
     pub consumer: Option<Arc<str>>,
     /// The verified JWT claims, for claim headers and `${jwt.NAME}` variables.

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::authority::Authority;
+
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::upstreams::peer::HttpPeer;
@@ -21,8 +23,10 @@ pub struct Target {
     /// `host:port`, for looking the name up again.
     authority: String,
     pub tls: bool,
-    /// Host header value and TLS server name.
+    /// The Host header: the canonical authority (`gatehouse_plugins::authority`).
     pub host: String,
+    /// The TLS server name: the host when it is a name; none for an address.
+    sni: String,
     pub path: String,
 }
 
@@ -36,43 +40,34 @@ impl Target {
         } else {
             return Err(format!("URL {url:?} must start with http:// or https://"));
         };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'?' => (&rest[..i], format!("/{}", &rest[i..])),
+            Some(i) => (&rest[..i], rest[i..].to_string()),
+            None => (rest, "/".to_string()),
         };
         if authority.is_empty() {
             return Err(format!("URL {url:?} has no host"));
         }
-        let with_port = if authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            && !authority.ends_with(']')
-        {
-            authority.to_string()
-        } else {
-            format!("{authority}:{}", if tls { 443 } else { 80 })
-        };
+        let a = Authority::parse(authority.as_bytes(), tls)
+            .ok_or_else(|| format!("URL {url:?}: {authority:?} is not a valid host[:port]"))?;
+        // `[::1]:80` and `name:443` resolve as they are.
+        let with_port = format!("{}:{}", a.host(), a.port_or_default(tls));
         let addr = with_port
             .to_socket_addrs()
             .map_err(|e| format!("URL {url:?}: cannot resolve {authority:?}: {e}"))?
             .min()
             .ok_or_else(|| format!("URL {url:?}: {authority:?} resolves to no address"))?;
-        let host = authority
-            .rsplit_once(':')
-            .filter(|(h, p)| p.parse::<u16>().is_ok() && !h.is_empty())
-            .map_or(authority, |(h, _)| h)
-            .trim_matches(|c| c == '[' || c == ']')
-            .to_string();
         Ok(Target {
             addr: Arc::new(ArcSwap::from_pointee(addr)),
-            authority: with_port.clone(),
+            authority: with_port,
             tls,
-            host: if with_port.ends_with(":80") || with_port.ends_with(":443") {
-                host
+            sni: if a.ip().is_none() {
+                a.host().to_string()
             } else {
-                authority.to_string()
+                String::new()
             },
-            path: path.to_string(),
+            host: a.as_str().to_string(),
+            path,
         })
     }
 
@@ -82,6 +77,7 @@ impl Target {
             addr: Arc::new(ArcSwap::from_pointee(addr)),
             authority: addr.to_string(),
             tls: false,
+            sni: String::new(),
             host: addr.to_string(),
             path: path.to_string(),
         }
@@ -107,8 +103,7 @@ impl Target {
     }
 
     pub fn peer(&self, timeout: Duration) -> HttpPeer {
-        let sni = self.host.split(':').next().unwrap_or("").to_string();
-        let mut p = HttpPeer::new(self.addr(), self.tls, sni);
+        let mut p = HttpPeer::new(self.addr(), self.tls, self.sni.clone());
         p.options.connection_timeout = Some(timeout);
         p.options.read_timeout = Some(timeout);
         p.options.write_timeout = Some(timeout);
@@ -216,6 +211,13 @@ mod tests {
         let t = Target::parse("https://127.0.0.1/keys").unwrap();
         assert_eq!(t.addr().port(), 443);
         assert_eq!(t.host, "127.0.0.1");
+        let t = Target::parse("http://[::1]:443/").unwrap();
+        assert_eq!((t.host.as_str(), t.addr().port()), ("[::1]:443", 443));
+        let t = Target::parse("https://LocalHost.:443").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.sni.as_str()),
+            ("localhost", "localhost")
+        );
         assert!(Target::parse("ftp://x/").is_err());
         assert!(Target::parse("http:///x").is_err());
     }

@@ -103,7 +103,17 @@ pub async fn serve(
     let peer_ip = crate::proxy::forwarded::peer_ip(session);
     let trusted =
         peer_ip.is_some_and(|ip| crate::proxy::forwarded::is_trusted(&rt.trusted_proxies, ip));
-    crate::proxy::forwarded::set_headers(&mut base, gw.forwarded, peer_ip, trusted, gw.tls)?;
+    if trusted {
+        crate::proxy::forwarded::copy_from_trusted(session.req_header(), &mut base)?;
+    }
+    crate::proxy::forwarded::set_headers(
+        &mut base,
+        gw.forwarded,
+        peer_ip,
+        trusted,
+        gw.tls,
+        ctx.plugins.authority.as_ref(),
+    )?;
     // The route's time starts when the client's part is done: a slow body is not the parts'.
     let parts_start = Instant::now();
     base.remove_header(&header::HOST);

@@ -62,13 +62,11 @@ impl Default for UpstreamTls {
     }
 }
 
-/// The host of `HOST:PORT` when it is a name, not an address.
-fn host_name(peer: &str) -> Option<&str> {
-    if peer.starts_with('[') {
-        return None;
-    }
-    let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
-    (host.parse::<IpAddr>().is_err() && !host.is_empty()).then_some(host)
+/// The host of `HOST:PORT` when it is a name, not an address (the canonical authority's, as
+/// requests spell it: lower case, no trailing dot).
+fn host_name(peer: &str) -> Option<String> {
+    let a = gatehouse_plugins::authority::Authority::parse(peer.as_bytes(), true)?;
+    a.ip().is_none().then(|| a.host().to_string())
 }
 
 fn read(
@@ -190,7 +188,7 @@ pub(super) fn upstream_tls(
     for p in peers.iter_mut() {
         p.sni = match (&sni, host_name(&p.name)) {
             (Some(s), _) => s.clone(),
-            (None, Some(h)) => h.to_ascii_lowercase(),
+            (None, Some(h)) => h,
             (None, None) => {
                 // Without a name there is nothing to verify (and Pingora sends no SNI).
                 if out.verify {
@@ -222,9 +220,12 @@ mod tests {
 
     #[test]
     fn host_names_not_addresses() {
-        assert_eq!(host_name("api.internal:443"), Some("api.internal"));
+        assert_eq!(
+            host_name("API.internal.:443").as_deref(),
+            Some("api.internal")
+        );
         assert_eq!(host_name("10.0.0.1:443"), None);
         assert_eq!(host_name("[::1]:443"), None);
-        assert_eq!(host_name("localhost:8443"), Some("localhost"));
+        assert_eq!(host_name("localhost:8443").as_deref(), Some("localhost"));
     }
 }

@@ -12,6 +12,8 @@ use pingora_cache::{
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
+use gatehouse_plugins::authority::Authority;
+
 use super::RequestCtx;
 use crate::cache::{self, policy, EVICTION, LOCK, PREDICTOR, STORE};
 use crate::config::offload::CacheRoute;
@@ -73,7 +75,7 @@ pub(super) fn enable(session: &mut Session, ctx: &mut RequestCtx, gw: usize) {
             .get(header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0");
     let long = req.uri.path_and_query().map_or(0, |p| p.as_str().len()) > MAX_URL;
-    if has_body || long || !req.headers.contains_key(header::HOST) {
+    if has_body || long || ctx.plugins.authority.is_none() {
         ctx.cache_bypass = true;
         return;
     }
@@ -90,32 +92,33 @@ pub(super) fn enable(session: &mut Session, ctx: &mut RequestCtx, gw: usize) {
     session.cache.set_max_file_size_bytes(max);
 }
 
-/// A host as routing sees it: lower case, no port, no trailing dot (`API.example.com.:443`
-/// is `api.example.com`), so a purge names it one way.
-pub fn host_name(h: &str) -> String {
-    String::from_utf8_lossy(host_part(h.as_bytes())).to_ascii_lowercase()
-}
-
-/// The URL of a request as the cache indexes it, `scheme://host/path?query`: also what a
-/// purge by URL names.
-pub(super) fn url(tls: bool, req: &RequestHeader) -> String {
-    let host = req
-        .headers
-        .get(header::HOST)
-        .map(|h| host_name(&String::from_utf8_lossy(h.as_bytes())))
-        .unwrap_or_default();
+/// The URL of a request as the cache indexes it, `scheme://authority/path?query` with the
+/// canonical authority (a port only when not the scheme's default): also what a purge by URL
+/// names.
+pub(super) fn url(tls: bool, authority: Option<&Authority>, req: &RequestHeader) -> String {
+    let host = authority.map_or("", |a| a.as_str());
     let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
     format!("{}://{host}{pq}", if tls { "https" } else { "http" })
 }
 
-static X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x-forwarded-host");
-static X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
+/// What a trusted peer may pass on to the upstream about the original request (forwarded.rs)
+/// and an upstream may build links or redirects from: each one the upstream receives is in
+/// the key. From an untrusted peer they are replaced by the gateway's own values (which the
+/// authority and scheme already key) or removed.
+static FORWARDED_KEYED: [header::HeaderName; 5] = [
+    header::HeaderName::from_static("x-forwarded-host"),
+    header::HeaderName::from_static("x-forwarded-proto"),
+    header::HeaderName::from_static("x-forwarded-port"),
+    header::HeaderName::from_static("x-forwarded-prefix"),
+    header::FORWARDED,
+];
 
 /// The key: gateway, route and upstream (routes matched by header or method, and split arms,
-/// answer the same URL differently), scheme, host (as [`host_name`] spells it), path and
-/// query, and, from a trusted peer (`forwarded`), the X-Forwarded-Host/-Proto it passes on
-/// (they reach the upstream and may shape its links; an untrusted client's are replaced, so
-/// they must not split the key either). HEAD shares the GET's entry; Vary adds variance.
+/// answer the same URL differently), scheme, the canonical authority (the Host the upstream
+/// gets: `shop:1337` and `shop` are two keys, `Shop.` and `shop:80` one), path and query,
+/// and, from a trusted peer (`forwarded`), the [`FORWARDED_KEYED`] values it passes on (they
+/// reach the upstream and may shape its links; an untrusted client's are replaced, so they
+/// must not split the key either). HEAD shares the GET's entry; Vary adds variance.
 ///
 /// Hit path: the parts are hashed here, once, with the hash pingora-cache uses (Blake2b-128),
 /// straight from the request (nothing is allocated), and the key carries that hash:
@@ -126,6 +129,7 @@ pub(super) fn key(
     route: &str,
     upstream: &str,
     tls: bool,
+    authority: Option<&Authority>,
     forwarded: bool,
     req: &RequestHeader,
 ) -> CacheKey {
@@ -139,47 +143,26 @@ pub(super) fn key(
     part(route.as_bytes());
     part(upstream.as_bytes());
     part(if tls { b"https" } else { b"http" });
-    let host = req
-        .headers
-        .get(header::HOST)
-        .map_or(&b""[..], |v| v.as_bytes());
-    let host = host_part(host);
-    let mut lower = [0u8; 64];
-    if host.len() <= lower.len() {
-        for (d, s) in lower.iter_mut().zip(host) {
-            *d = s.to_ascii_lowercase();
-        }
-        part(&lower[..host.len()]);
-    } else {
-        part(host.to_ascii_lowercase().as_slice());
-    }
+    part(authority.map_or(&b""[..], |a| a.as_str().as_bytes()));
     part(
         req.uri
             .path_and_query()
             .map_or(b"/", |p| p.as_str().as_bytes()),
     );
-    for name in [&X_FORWARDED_HOST, &X_FORWARDED_PROTO] {
-        let v = req.headers.get(name).filter(|_| forwarded);
-        part(v.map_or(&b""[..], |v| v.as_bytes()));
+    for name in &FORWARDED_KEYED {
+        // Each field line as it goes upstream, in order.
+        let mut n = 0u64;
+        if forwarded {
+            for v in req.headers.get_all(name) {
+                part(v.as_bytes());
+                n += 1;
+            }
+        }
+        part(&n.to_le_bytes());
     }
     let mut key = CacheKey::new(Vec::new(), String::new());
     key.set_primary_bin_override(h.finalize().into());
     key
-}
-
-/// The host name of a Host value: no port, no trailing dot (case is the caller's).
-fn host_part(h: &[u8]) -> &[u8] {
-    let h = h.trim_ascii();
-    let name = match h.iter().rposition(|&b| b == b':') {
-        // An IPv6 literal's colons are inside brackets.
-        Some(i) if !h[i..].contains(&b']') => &h[..i],
-        _ => h,
-    };
-    let mut end = name.len();
-    while end > 0 && name[end - 1] == b'.' {
-        end -= 1;
-    }
-    &name[..end]
 }
 
 /// cache_key_callback: [`key`] for the request's gateway, route and upstream.
@@ -194,6 +177,7 @@ pub(super) fn key_for(ctx: &RequestCtx, gw: usize, session: &Session) -> Option<
         route,
         pool,
         g.tls,
+        ctx.plugins.authority.as_ref(),
         trusted,
         session.req_header(),
     ))
@@ -268,7 +252,7 @@ pub(super) fn decide(
         no_store: ctx.cache_no_store,
         set_by_gateway: &g.cache_set_upstream[id],
         revalidated: ctx.cache_revalidated.take(),
-        url: url(g.tls, req),
+        url: url(g.tls, ctx.plugins.authority.as_ref(), req),
     };
     policy::decide(cfg, &asked, resp, SystemTime::now())
 }
@@ -302,6 +286,7 @@ pub(super) fn on_response(
     resp: &mut ResponseHeader,
     status: Option<&'static str>,
     tls: bool,
+    authority: Option<&Authority>,
 ) {
     if let (Some(h), Some(s)) = (&cfg.status_header, status) {
         let _ = resp.insert_header(h.clone(), s);
@@ -315,14 +300,19 @@ pub(super) fn on_response(
         Method::POST | Method::PUT | Method::DELETE | Method::PATCH
     );
     if unsafe_method && (200..400).contains(&resp.status.as_u16()) {
-        invalidate(tls, req, resp);
+        invalidate(tls, authority, req, resp);
     }
 }
 
 /// A successful unsafe request makes stored answers for its URI, and for the
 /// Location/Content-Location it names on the same host, stale (here: gone).
-fn invalidate(tls: bool, req: &RequestHeader, resp: &ResponseHeader) {
-    let target = url(tls, req);
+fn invalidate(
+    tls: bool,
+    authority: Option<&Authority>,
+    req: &RequestHeader,
+    resp: &ResponseHeader,
+) {
+    let target = url(tls, authority, req);
     STORE.purge_url(&target);
     // The authority part, `scheme://host`, that other URLs must share.
     let origin_len = target

@@ -29,6 +29,7 @@
 
 pub use super::path::canonical_path;
 use super::path::HEX_UPPER;
+use gatehouse_plugins::authority::{self, Authority};
 
 use http::header::{CONTENT_LENGTH, COOKIE, HOST, TRANSFER_ENCODING};
 use http::{HeaderValue, Method, Version};
@@ -64,43 +65,43 @@ pub struct Options {
 /// What the caller needs of a canonical request, found on the way.
 #[derive(Debug, Default)]
 pub struct Canonical {
-    /// The request's Host (for HTTP/2 and absolute-form targets, the authority moved there).
-    pub host: Option<HeaderValue>,
+    /// The request's authority, in its one spelling (see `gatehouse_plugins::authority`);
+    /// the Host header says the same from here on. `None` only for an HTTP/1.0 request
+    /// without one.
+    pub authority: Option<Authority>,
     /// The request has an `Upgrade` header.
     pub upgrade: bool,
 }
 
 /// Makes `req` canonical in place, or says why it cannot be. `raw_head` is the HTTP/1 head as
-/// received (None for HTTP/2, whose framing is the h2 codec's).
+/// received (None for HTTP/2, whose framing is the h2 codec's); `tls` says which port an
+/// authority without one means.
 pub fn canonicalize(
     req: &mut RequestHeader,
     raw_head: Option<&[u8]>,
     opts: Options,
+    tls: bool,
 ) -> Result<Canonical, Refusal> {
     if let Some(head) = raw_head {
         check_line_endings(head)?;
     }
     check_method(&req.method)?;
     let fields = scan_fields(req)?;
-    let mut found = Canonical {
-        host: fields.host.cloned(),
-        upgrade: fields.upgrade,
-    };
+    let host = fields.host.cloned();
+    let (hosts, upgrade) = (fields.hosts, fields.upgrade);
     let cookie_crumbs = fields.cookies > 1 && req.version == Version::HTTP_2;
 
     let absolute = absolute_authority(req.raw_path())?;
-    // An authority to move into Host, where the target carried it instead.
-    let mut set_host: Option<String> = None;
-    match req.version {
+    let authority = match req.version {
         Version::HTTP_11 | Version::HTTP_10 => {
-            if fields.hosts > 1 {
+            if hosts > 1 {
                 return Err(bad("more than one Host header"));
             }
-            match (found.host.as_ref(), absolute.as_deref()) {
+            match (host.as_ref(), absolute.as_deref()) {
                 (None, _) if req.version == Version::HTTP_11 => {
                     return Err(bad("HTTP/1.1 request without a Host header"))
                 }
-                (Some(h), _) if !valid_host(h.as_bytes()) => {
+                (Some(h), _) if !authority::valid(h.as_bytes()) => {
                     return Err(bad("invalid Host header"))
                 }
                 (Some(h), Some(a)) if !h.as_bytes().eq_ignore_ascii_case(a.as_bytes()) => {
@@ -108,29 +109,38 @@ pub fn canonicalize(
                         "Host header differs from the request target's authority",
                     ))
                 }
-                _ => {}
+                (Some(h), _) => Authority::from_header(h, tls),
+                (None, Some(a)) => Authority::parse(a.as_bytes(), tls),
+                (None, None) => None,
             }
         }
         Version::HTTP_2 => {
-            // Pingora refuses a Host that differs from :authority before this runs.
-            let authority = req.uri.authority().map(|a| a.as_str());
-            let host = authority
-                .map(str::as_bytes)
-                .or(found.host.as_ref().map(|h| h.as_bytes()));
-            if !host.is_some_and(valid_host) {
+            // Pingora refuses a Host that differs from :authority before this runs (byte for
+            // byte: a difference in letter case too).
+            let a = match (req.uri.authority(), host.as_ref()) {
+                (Some(a), _) => Authority::parse(a.as_str().as_bytes(), tls),
+                (None, Some(h)) => Authority::from_header(h, tls),
+                (None, None) => None,
+            };
+            if a.is_none() {
                 return Err(bad("request without a valid authority"));
-            }
-            // The request goes on as HTTP/1 would carry it: origin-form with its Host, so
-            // routing and the upstream read the one authority the same way.
-            if let Some(a) = authority.filter(|_| found.host.is_none()) {
-                set_host = Some(a.to_string());
             }
             if cookie_crumbs {
                 join_cookie_crumbs(req)?;
             }
+            a
         }
         _ => return Err(bad("unsupported HTTP version")),
+    };
+    // From here on the Host header is the canonical authority: the request goes on as HTTP/1
+    // carries it (origin-form with its Host) and nothing after this reads another spelling.
+    if let Some(a) = &authority {
+        if host.as_ref() != Some(a.header_value()) {
+            req.insert_header(HOST, a.header_value().clone())
+                .map_err(|_| bad("invalid request target"))?;
+        }
     }
+    let found = Canonical { authority, upgrade };
 
     let target = req.raw_path();
     let (path, query) = match &absolute {
@@ -177,15 +187,6 @@ pub fn canonicalize(
                 ]);
             }
         }
-    }
-    if let Some(a) = absolute.filter(|_| found.host.is_none()) {
-        set_host = Some(a);
-    }
-    if let Some(a) = set_host {
-        let v = HeaderValue::from_str(&a).map_err(|_| bad("invalid request target"))?;
-        req.insert_header(HOST, v.clone())
-            .map_err(|_| bad("invalid request target"))?;
-        found.host = Some(v);
     }
     req.set_raw_path(&new_target)
         .map_err(|_| bad("invalid request target"))?;
@@ -240,10 +241,10 @@ fn absolute_authority(target: &[u8]) -> Result<Option<String>, Refusal> {
         .position(|b| matches!(b, b'/' | b'?' | b'#'))
         .unwrap_or(rest.len());
     let authority = &rest[..end];
-    if !valid_host(authority) {
+    if !authority::valid(authority) {
         return Err(bad("invalid authority in the request target"));
     }
-    // valid_host admits ASCII only.
+    // authority::valid admits ASCII only.
     Ok(Some(String::from_utf8_lossy(authority).into_owned()))
 }
 
@@ -263,56 +264,6 @@ fn split_query(target: &[u8]) -> (&[u8], Option<&[u8]>) {
         Some(i) => (&target[..i], Some(&target[i + 1..])),
         None => (target, None),
     }
-}
-
-/// `host [ ":" port ]` as RFC 3986 §3.2.2 spells it: a reg-name (unreserved, sub-delims and
-/// escapes) or a bracketed IPv6 literal, and an optional decimal port. No userinfo, no path,
-/// no whitespace: anything else in a Host would let two parties read it two ways.
-pub fn valid_host(h: &[u8]) -> bool {
-    if h.is_empty() || h.len() > 255 {
-        return false;
-    }
-    if h[0] == b'[' {
-        let Some(close) = h.iter().position(|&b| b == b']') else {
-            return false;
-        };
-        let inner = &h[1..close];
-        let literal_ok = !inner.is_empty()
-            && inner
-                .iter()
-                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
-        return literal_ok
-            && match &h[close + 1..] {
-                [] => true,
-                [b':', port @ ..] => valid_port(port),
-                _ => false,
-            };
-    }
-    // Labels of letters, digits, `-` and `_`, none empty (one trailing dot is allowed), then
-    // an optional port. Anything else (`a;b`, `.example.com`, `a..b`) would be read one way
-    // by the router and another by an upstream. The byte check has no early exit, so it
-    // compiles to vector instructions; the structure is checked after.
-    let (name, port) = match memchr::memrchr(b':', h) {
-        Some(i) => (&h[..i], Some(&h[i + 1..])),
-        None => (h, None),
-    };
-    let bytes_ok = name.iter().fold(true, |ok, &b| {
-        ok & (b.is_ascii_alphanumeric() | (b == b'-') | (b == b'_') | (b == b'.'))
-    });
-    let name = name.strip_suffix(b".").unwrap_or(name);
-    bytes_ok
-        && !name.is_empty()
-        && name[0] != b'.'
-        && name[name.len() - 1] != b'.'
-        && !name.windows(2).any(|w| w == b"..")
-        && port.is_none_or(valid_port)
-}
-
-/// RFC 3986 allows an empty port (`host:`), which means the scheme's.
-fn valid_port(p: &[u8]) -> bool {
-    p.len() <= 5
-        && p.iter().all(u8::is_ascii_digit)
-        && p.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')) <= 65535
 }
 
 /// Refuses a head in which a line ends in a bare LF (RFC 9112 §2.2 lets a recipient accept
@@ -418,7 +369,7 @@ mod tests {
             "A-1.Example.COM",
             "a:",
         ] {
-            assert!(valid_host(h.as_bytes()), "{h}");
+            assert!(authority::valid(h.as_bytes()), "{h}");
         }
         for h in [
             "",
@@ -441,7 +392,7 @@ mod tests {
             "a~b",
             "a!b",
         ] {
-            assert!(!valid_host(h.as_bytes()), "{h}");
+            assert!(!authority::valid(h.as_bytes()), "{h}");
         }
     }
 
@@ -454,9 +405,25 @@ mod tests {
     }
 
     fn decide(r: &mut RequestHeader) -> Result<(), &'static str> {
-        canonicalize(r, None, Options::default())
+        canonicalize(r, None, Options::default(), false)
             .map(|_| ())
             .map_err(|e| e.reason)
+    }
+
+    /// Host leaves in its one spelling, and the authority says the same.
+    #[test]
+    fn host_is_canonical() {
+        for (host, tls, want) in [
+            ("Shop.Example.com.:80", false, "shop.example.com"),
+            ("shop.example.com:1337", false, "shop.example.com:1337"),
+            ("shop.example.com:443", true, "shop.example.com"),
+            ("shop.example.com:443", false, "shop.example.com:443"),
+        ] {
+            let mut r = req("GET", "/", &[("host", host)]);
+            let c = canonicalize(&mut r, None, Options::default(), tls).unwrap();
+            assert_eq!(r.headers.get(HOST).unwrap(), want, "{host}");
+            assert_eq!(c.authority.unwrap().as_str(), want, "{host}");
+        }
     }
 
     #[test]
@@ -465,7 +432,7 @@ mod tests {
         r.set_version(Version::HTTP_10);
         decide(&mut r).unwrap();
         assert_eq!(r.raw_path(), b"/a/b?x=1");
-        assert_eq!(r.headers.get(HOST).unwrap(), "Internal.Example.com");
+        assert_eq!(r.headers.get(HOST).unwrap(), "internal.example.com");
 
         let mut r = req(
             "GET",
@@ -501,7 +468,12 @@ mod tests {
         let signed = [("host", "a"), ("content-length", "+2")];
         assert!(decide(&mut req("POST", "/", &signed)).is_err());
         let gzip = [("host", "a"), ("transfer-encoding", "gzip, chunked")];
-        let e = canonicalize(&mut req("POST", "/", &gzip), None, Options::default());
+        let e = canonicalize(
+            &mut req("POST", "/", &gzip),
+            None,
+            Options::default(),
+            false,
+        );
         assert_eq!(e.unwrap_err().status, 501);
         let chunked = [("host", "a"), ("transfer-encoding", "Chunked")];
         assert!(decide(&mut req("POST", "/", &chunked)).is_ok());
@@ -548,9 +520,9 @@ mod tests {
     fn bare_lf_in_the_head_is_refused() {
         let mut r = req("GET", "/", &[("host", "a")]);
         let head = b"GET / HTTP/1.1\r\nHost: a\r\n\n";
-        assert!(canonicalize(&mut r, Some(head), Options::default()).is_err());
+        assert!(canonicalize(&mut r, Some(head), Options::default(), false).is_err());
         let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
-        assert!(canonicalize(&mut r, Some(head), Options::default()).is_ok());
+        assert!(canonicalize(&mut r, Some(head), Options::default(), false).is_ok());
     }
 
     #[test]

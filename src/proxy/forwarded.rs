@@ -14,6 +14,8 @@ use http::HeaderValue;
 use ipnet::IpNet;
 use pingora_http::RequestHeader;
 
+use gatehouse_plugins::authority::Authority;
+
 use crate::config::ForwardedHeaders;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -108,7 +110,31 @@ fn push_ip(buf: &mut String, ip: IpAddr) {
     }
 }
 
-/// Sets X-Forwarded-For/-Proto/-Host on the request to the upstream, those `which` allows.
+/// The headers a trusted proxy passes on about the original request, copied from the
+/// client's request onto `to` (a request the gateway builds itself, as an aggregate's parts):
+/// [`set_headers`] then treats them as on the proxied path (the client first in
+/// X-Forwarded-For, then the proxy).
+pub fn copy_from_trusted(
+    from: &RequestHeader,
+    to: &mut RequestHeader,
+) -> pingora_error::Result<()> {
+    use pingora_error::{ErrorType::InternalError, OrErr};
+    let names = [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST]
+        .into_iter()
+        .cloned()
+        .chain(PROXY_ONLY.iter().map(|n| HeaderName::from_static(n)));
+    for name in names {
+        to.remove_header(&name);
+        for v in from.headers.get_all(&name) {
+            to.append_header(name.clone(), v.clone())
+                .or_err(InternalError, "forwarded header")?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets X-Forwarded-For/-Proto/-Host on the request to the upstream, those `which` allows;
+/// X-Forwarded-Host is the request's canonical `authority`.
 /// One not allowed is removed unless the peer is trusted: the upstream never gets a client's
 /// own value for a header it may believe came from the gateway.
 pub fn set_headers(
@@ -117,6 +143,7 @@ pub fn set_headers(
     peer: Option<IpAddr>,
     peer_trusted: bool,
     tls: bool,
+    authority: Option<&Authority>,
 ) -> pingora_error::Result<()> {
     use pingora_error::{ErrorType::InternalError, OrErr};
     let off = [
@@ -162,14 +189,9 @@ pub fn set_headers(
             .or_err(InternalError, "x-forwarded-proto")?;
     }
     if which.host && !(peer_trusted && req.headers.contains_key(&X_FORWARDED_HOST)) {
-        let host = req
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .or_else(|| req.headers.get(http::header::HOST).cloned());
-        match host {
-            Some(h) => req
-                .insert_header(XFH_CASED, h)
+        match authority {
+            Some(a) => req
+                .insert_header(XFH_CASED, a.header_value().clone())
                 .or_err(InternalError, "x-forwarded-host")?,
             None => {
                 req.remove_header(&X_FORWARDED_HOST);
@@ -181,6 +203,10 @@ pub fn set_headers(
 
 #[cfg(test)]
 mod tests {
+    fn a_example() -> gatehouse_plugins::authority::Authority {
+        gatehouse_plugins::authority::Authority::parse(b"a.example", false).unwrap()
+    }
+
     #[test]
     fn push_ip_matches_display() {
         for ip in [
@@ -262,6 +288,7 @@ mod tests {
             Some("192.0.2.1".parse().unwrap()),
             false,
             false,
+            Some(&a_example()),
         )
         .unwrap();
         assert_eq!(r.headers.get("x-forwarded-for").unwrap(), "192.0.2.1");
@@ -281,6 +308,7 @@ mod tests {
             Some("10.0.0.1".parse().unwrap()),
             true,
             false,
+            Some(&a_example()),
         )
         .unwrap();
         assert!(trusted.headers.get("forwarded").is_some(), "a proxy's pass");
@@ -292,6 +320,7 @@ mod tests {
             Some("10.0.0.1".parse().unwrap()),
             true,
             true,
+            Some(&a_example()),
         )
         .unwrap();
         assert_eq!(
@@ -322,6 +351,7 @@ mod tests {
             Some("192.0.2.1".parse().unwrap()),
             false,
             false,
+            Some(&a_example()),
         )
         .unwrap();
         for h in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
@@ -338,6 +368,7 @@ mod tests {
             Some("192.0.2.1".parse().unwrap()),
             false,
             false,
+            Some(&a_example()),
         )
         .unwrap();
         assert_eq!(r.headers.get("x-forwarded-for").unwrap(), "192.0.2.1");
@@ -346,7 +377,15 @@ mod tests {
 
         // A trusted proxy's values pass untouched.
         let mut r = spoofed();
-        set_headers(&mut r, none, Some("10.0.0.1".parse().unwrap()), true, false).unwrap();
+        set_headers(
+            &mut r,
+            none,
+            Some("10.0.0.1".parse().unwrap()),
+            true,
+            false,
+            Some(&a_example()),
+        )
+        .unwrap();
         assert_eq!(r.headers.get("x-forwarded-for").unwrap(), "6.6.6.6");
         assert_eq!(r.headers.get("x-forwarded-host").unwrap(), "evil.example");
     }

@@ -98,7 +98,8 @@ impl GatewayProxy {
         // X-Forwarded-Host is the client's Host, so it is set before a route replaces Host.
         let peer_ip = forwarded::peer_ip(session);
         let trusted = peer_ip.is_some_and(|ip| forwarded::is_trusted(&rt.trusted_proxies, ip));
-        forwarded::set_headers(upstream, gw.forwarded, peer_ip, trusted, gw.tls)?;
+        let authority = plugins.authority.as_ref();
+        forwarded::set_headers(upstream, gw.forwarded, peer_ip, trusted, gw.tls, authority)?;
 
         // TE is hop-by-hop and Pingora drops it, but `TE: trailers` is how a gRPC client
         // says it reads trailers, and gRPC servers refuse requests without it.
@@ -183,7 +184,12 @@ impl ProxyHttp for GatewayProxy {
                 reason: "request header too large",
             })
         } else {
-            canonical::canonicalize(session.req_header_mut(), raw_head.as_deref(), rt.canonical)
+            canonical::canonicalize(
+                session.req_header_mut(),
+                raw_head.as_deref(),
+                rt.canonical,
+                gw.tls,
+            )
         };
         let verdict = match verdict {
             Ok(_) if missing_cert => Err(canonical::Refusal {
@@ -224,11 +230,11 @@ impl ProxyHttp for GatewayProxy {
             .is_some_and(|ip| rt.trusted_proxies.iter().any(|n| n.contains(&ip)));
         let req = session.req_header();
         ctx.span = Some(rt.tracing.start(&req.headers, req.method.as_str(), trusted));
-        // Valid hosts are ASCII: to_str does not fail on them.
-        let host = canonical.host.as_ref().and_then(|h| h.to_str().ok());
+        let host = canonical.authority.as_ref().map(|a| a.host());
         ctx.route = gw
             .router
             .find(&gw.routes, host, req.uri.path(), &req.method, &req.headers);
+        ctx.plugins.authority = canonical.authority;
         if let Some(id) = ctx.route {
             ctx.plugins.route = Some(gw.route_names[id].clone());
             if let Some(c) = &gw.routes[id].compression {
@@ -501,7 +507,14 @@ impl ProxyHttp for GatewayProxy {
         };
         let gw = &rt.gateways[self.index];
         if let Some(cfg) = &gw.routes[*id].cache {
-            caching::on_response(cfg, session, resp, status, gw.tls);
+            caching::on_response(
+                cfg,
+                session,
+                resp,
+                status,
+                gw.tls,
+                plugins.authority.as_ref(),
+            );
         }
         gw.chains[*id].response(session, resp, plugins).await?;
         // Last: on the head the plugins left.

@@ -2,6 +2,7 @@
 //! 404, the target (terminal routes answer here), mirror sampling, upgrades.
 use std::sync::Arc;
 
+use gatehouse_plugins::authority::default_port;
 use gatehouse_plugins::{Decision, Reply};
 use http::{header, HeaderValue, StatusCode};
 use pingora_error::Result;
@@ -83,21 +84,12 @@ fn https_redirect(
     port: Option<u16>,
     ctx: &mut RequestCtx,
 ) -> Reply {
-    let host = req
-        .headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(|h| match h.strip_prefix('[') {
-            // [::1]:8080 -> [::1]
-            Some(v6) => v6.split_once(']').map_or(h, |(a, _)| &h[..a.len() + 2]),
-            None => h.split(':').next().unwrap_or(h),
-        })
-        .filter(|h| !h.is_empty());
     let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    let location = host.and_then(|h| {
-        let port = port.map_or(String::new(), |p| format!(":{p}"));
-        let h = h.to_ascii_lowercase();
-        HeaderValue::from_str(&format!("https://{h}{port}{target}")).ok()
+    let location = ctx.plugins.authority.as_ref().and_then(|a| {
+        let port = port
+            .filter(|&p| p != default_port(true))
+            .map_or(String::new(), |p| format!(":{p}"));
+        HeaderValue::from_str(&format!("https://{}{port}{target}", a.host())).ok()
     });
     match location {
         Some(l) => Reply {

@@ -334,7 +334,29 @@ fn parse_answers(buf: &[u8]) -> (Vec<Answer>, usize) {
 /// Writes `request` on a new connection and reads every answer: until the gateway closes,
 /// or nothing more came for `quiet` after `want` whole answers, or 5 s in all.
 pub async fn exchange(port: u16, request: &[u8], want: usize, quiet: Duration) -> Exchange {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    exchange_on(s, request, want, quiet).await
+}
+
+/// As [`exchange`], from the loopback address `from` (127.0.0.2 is another client than
+/// 127.0.0.1: trusted as a proxy or not).
+pub async fn exchange_from(
+    from: std::net::Ipv4Addr,
+    port: u16,
+    request: &[u8],
+    want: usize,
+    quiet: Duration,
+) -> Exchange {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::from((from, 0))).unwrap();
+    let s = sock
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap();
+    exchange_on(s, request, want, quiet).await
+}
+
+async fn exchange_on(mut s: TcpStream, request: &[u8], want: usize, quiet: Duration) -> Exchange {
     s.write_all(request).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut buf = Vec::new();
