@@ -31,13 +31,15 @@ pub struct GatewayRt {
     /// Per route, the headers a mirror copy goes without: credentials, and what the route's
     /// auth plugins read or set.
     pub mirror_strip: Vec<Arc<[http::HeaderName]>>,
-    /// Per route, the headers that make a request authenticated for the response cache:
-    /// Authorization, and what the route's auth plugins read or set (Cookie only when one
-    /// reads a credential from it).
-    pub cache_credentials: Vec<Arc<[http::HeaderName]>>,
-    /// Per route, those of them the gateway sets on the upstream request (not the client's
-    /// Authorization or Cookie): a `Vary` on one cannot be matched against the client's.
-    pub cache_set_upstream: Vec<Arc<[http::HeaderName]>>,
+    /// Per route, the headers that carry a credential: Authorization, Proxy-Authorization and
+    /// what the route's auth plugins read or set (Cookie only when one reads a credential from
+    /// it). A request with one that no plugin verified is `Identity::Unchecked`.
+    pub credentials: Vec<Arc<[http::HeaderName]>>,
+    /// Per route, the request headers the gateway may set, change or remove on the way
+    /// upstream (forwarded headers, trace context, Host when not preserved, and what the
+    /// plugins' upstream hooks say they write; `None` when a plugin does not say): an answer
+    /// whose `Vary` names one cannot be matched by the client's values, and is not stored.
+    pub vary_refused: Vec<Option<Arc<[http::HeaderName]>>>,
     /// One chain per route: global, gateway, route plugins.
     pub chains: Vec<Chain>,
     /// Global and gateway plugins: for requests no route matches.
@@ -46,6 +48,35 @@ pub struct GatewayRt {
     pub metrics: Vec<crate::metrics::RouteMetrics>,
     pub unmatched: crate::metrics::RouteMetrics,
     pub router: Router,
+}
+
+/// What the gateway may write on a route's upstream request besides the client's own
+/// headers: see `GatewayRt::vary_refused`.
+fn gateway_writes(chain: &Chain, route: &Route) -> Option<Arc<[http::HeaderName]>> {
+    use http::header::{HeaderName, FORWARDED, HOST, TE};
+    let mut names: Vec<HeaderName> = [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-real-ip",
+        "traceparent",
+        "tracestate",
+    ]
+    .into_iter()
+    .map(HeaderName::from_static)
+    .collect();
+    names.extend([FORWARDED, TE]);
+    if !route.preserve_host {
+        names.push(HOST);
+    }
+    for h in chain.upstream_headers()? {
+        if !names.contains(&h) {
+            names.push(h);
+        }
+    }
+    Some(Arc::from(names))
 }
 
 impl GatewayRt {
@@ -130,7 +161,7 @@ impl Runtime {
                     Arc::from(h)
                 })
                 .collect();
-            let cache_credentials: Vec<Arc<[http::HeaderName]>> = chains
+            let credentials: Vec<Arc<[http::HeaderName]>> = chains
                 .iter()
                 .map(|c| {
                     let mut h = vec![
@@ -165,20 +196,12 @@ impl Runtime {
                     .collect(),
                 mirrors_in_flight: g.routes.iter().map(|_| Arc::default()).collect(),
                 mirror_strip,
-                cache_set_upstream: cache_credentials
+                vary_refused: chains
                     .iter()
-                    .map(|c| {
-                        c.iter()
-                            .filter(|h| {
-                                **h != http::header::AUTHORIZATION
-                                    && **h != http::header::PROXY_AUTHORIZATION
-                                    && **h != http::header::COOKIE
-                            })
-                            .cloned()
-                            .collect()
-                    })
+                    .zip(&g.routes)
+                    .map(|(c, r)| gateway_writes(c, r))
                     .collect(),
-                cache_credentials,
+                credentials,
                 routes: g.routes.clone(),
                 chains,
                 default_chain: Chain::new(&base),

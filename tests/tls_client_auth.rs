@@ -361,3 +361,64 @@ async fn a_resumed_session_does_not_outlive_a_reload_to_required() {
         .unwrap();
     assert_eq!(status, None, "no certificate: the handshake fails");
 }
+
+/// Alice's page, fetched with her client certificate through `mtls_auth`, is hers: Bob's
+/// certificate gets his own, unless the origin says the page is public. The certificate is
+/// the credential; no header names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_for_a_client_certificate_is_not_served_to_another() {
+    let p = pki();
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let up = serve(move |req: hyper::Request<hyper::body::Incoming>| {
+        let n = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        async move {
+            let cc = if req.uri().path().ends_with("/public") {
+                "public, max-age=60"
+            } else {
+                "max-age=60"
+            };
+            hyper::Response::builder()
+                .header("cache-control", cc)
+                .body(full(format!("answer {n}")))
+                .unwrap()
+        }
+    })
+    .await;
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &format!(
+            "[upstreams.up]\npeers = [\"{up}\"]\n\
+             [plugins.any-cert]\nkind = \"mtls_auth\"\n\
+             [gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             tls = {{ cert = \"{}\", key = \"{}\" }}\n\
+             client_auth = {{ mode = \"optional\", ca = \"{}\" }}\n\
+             [[routes]]\npath = \"/me\"\nupstream = \"up\"\nplugins = [\"any-cert\"]\n\
+             cache = {{ ttl = \"60s\" }}\n",
+            p.cert, p.key, p.clients_ca
+        ),
+        &[port],
+    );
+    let (alice, _) = client_with(&p, Some(&p.clients), &[("CN", "alice")], &[]);
+    let (bob, _) = client_with(&p, Some(&p.clients), &[("CN", "bob")], &[]);
+    let get = |c: reqwest::Client, path: &'static str| async move {
+        let r = c
+            .get(format!("https://localhost:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
+        let cache = r.headers()["x-cache-status"].to_str().unwrap().to_string();
+        (r.text().await.unwrap(), cache)
+    };
+    let (a, a_cache) = get(alice.clone(), "/me").await;
+    assert_eq!((a.as_str(), a_cache.as_str()), ("answer 1", "MISS"));
+    let (b, b_cache) = get(bob.clone(), "/me").await;
+    assert_eq!(
+        (b.as_str(), b_cache.as_str()),
+        ("answer 2", "MISS"),
+        "Bob got Alice's page"
+    );
+    // RFC 9111 §3.5: the origin may say an authenticated answer is for everyone.
+    let (a, _) = get(alice, "/me/public").await;
+    let (b, b_cache) = get(bob, "/me/public").await;
+    assert_eq!((b, b_cache.as_str()), (a, "HIT"));
+}

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine;
-use http::{HeaderValue, StatusCode};
+use http::{HeaderName, HeaderValue, StatusCode};
 use pingora_error::Result;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
@@ -341,7 +341,7 @@ impl Plugin for BasicAuth {
             ));
         };
         match self.verify(&user, &pass, cx.client_ip).await {
-            Check::Ok(name) => cx.consumer = Some(name),
+            Check::Ok(name) => cx.identify("basic_auth", Some(name)),
             Check::Bad => {
                 return Ok(refuse(
                     StatusCode::UNAUTHORIZED,
@@ -368,6 +368,10 @@ impl Plugin for BasicAuth {
             }
         }
         Ok(Decision::Continue)
+    }
+
+    fn upstream_headers(&self) -> Option<Vec<HeaderName>> {
+        Some(vec![http::header::AUTHORIZATION])
     }
 
     async fn upstream_request(

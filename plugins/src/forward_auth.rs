@@ -127,6 +127,10 @@ struct Granted(Vec<(HeaderName, HeaderValue)>);
 
 #[async_trait]
 impl Plugin for ForwardAuth {
+    fn upstream_headers(&self) -> Option<Vec<HeaderName>> {
+        Some(self.upstream_headers.clone())
+    }
+
     fn credential_headers(&self) -> Vec<HeaderName> {
         let mut v = self.upstream_headers.clone();
         v.extend(self.request_headers.iter().cloned());
@@ -164,6 +168,9 @@ impl Plugin for ForwardAuth {
             }
         };
         if resp.header.status.is_success() {
+            // The auth service let this request through on what it carried: its answer may
+            // be this client's alone.
+            cx.identify("forward_auth", None);
             let granted: Vec<_> = self
                 .upstream_headers
                 .iter()

@@ -153,6 +153,12 @@ impl Plugin for Headers {
         apply(&self.request, req, cx)
     }
 
+    fn upstream_headers(&self) -> Option<Vec<HeaderName>> {
+        let r = &self.request;
+        let set = r.set.0.iter().chain(&r.add.0).map(|(n, _)| n.clone());
+        Some(set.chain(r.remove.iter().map(|n| n.0.clone())).collect())
+    }
+
     async fn response(
         &self,
         _s: &mut Session,

@@ -231,6 +231,11 @@ impl Plugin for KeyAuth {
         v
     }
 
+    /// The consumer header, and the key header it hides.
+    fn upstream_headers(&self) -> Option<Vec<HeaderName>> {
+        Some(self.credential_headers())
+    }
+
     fn kind(&self) -> &'static str {
         "key_auth"
     }
@@ -266,7 +271,7 @@ impl Plugin for KeyAuth {
         };
         match self.consumer(&key) {
             Some(c) => {
-                cx.consumer = Some(c);
+                cx.identify("key_auth", Some(c));
                 Ok(Decision::Continue)
             }
             None => Ok(refuse(
@@ -284,7 +289,7 @@ impl Plugin for KeyAuth {
         req: &mut RequestHeader,
         cx: &mut PluginCtx,
     ) -> Result<()> {
-        if let Some(c) = &cx.consumer {
+        if let Some(c) = cx.consumer() {
             let v = HeaderValue::from_str(c).or_err(ErrorType::InternalError, "consumer")?;
             req.insert_header(self.consumer_header.clone(), v)
                 .or_err(ErrorType::InternalError, "consumer header")?;

@@ -138,8 +138,11 @@ pub struct PluginCtx {
     /// The request's authority in its one spelling, decided with the canonical request
     /// (the Host header says the same); `None` only for an HTTP/1.0 request without one.
     pub authority: Option<authority::Authority>,
-    /// Who the request authenticated as (API key consumer, basic-auth user, JWT `sub`).
-    pub consumer: Option<Arc<str>>,
+    /// Who the chain says the client is; set through [`PluginCtx::identify`].
+    identity: Identity,
+    /// The name the request authenticated as (API key consumer, basic-auth user, JWT `sub`,
+    /// certificate CN); set through [`PluginCtx::identify`].
+    consumer: Option<Arc<str>>,
     /// The verified JWT claims, for claim headers and `${jwt.NAME}` variables.
     pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
     /// The client certificate the TLS handshake verified (gateways with `client_auth`).
@@ -160,9 +163,28 @@ impl std::fmt::Debug for PluginCtx {
             .field("request_id", &self.request_id)
             .field("client_ip", &self.client_ip)
             .field("route", &self.route)
+            .field("identity", &self.identity)
             .field("consumer", &self.consumer)
             .finish_non_exhaustive()
     }
+}
+
+/// The chain's verdict on who the client is: one value that the response cache, the logs and
+/// templates read, whichever plugin reached it. The cache shares an answer to a request that
+/// is not [`Identity::Anonymous`] only when the answer says it may (`public`, `s-maxage`,
+/// `must-revalidate`: RFC 9111 §3.5), so an auth plugin that calls [`PluginCtx::identify`]
+/// keeps its users' answers apart without telling the cache anything else.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Identity {
+    /// No credential was checked, and none was carried.
+    #[default]
+    Anonymous,
+    /// The request carried a credential (Authorization, Proxy-Authorization, or a header or
+    /// cookie one of the route's plugins reads one from) that no plugin checked: the upstream
+    /// may still answer by it.
+    Unchecked,
+    /// Verified: by the named plugin kind, or by the TLS handshake (`client_certificate`).
+    Verified(&'static str),
 }
 
 /// A plugin instance's identity for [`PluginCtx::keep`]: two instances of one kind (two
@@ -184,6 +206,34 @@ impl PluginCtx {
             .iter()
             .filter(|(o, _)| *o == me)
             .find_map(|(_, v)| v.downcast_ref::<T>())
+    }
+
+    /// A plugin (`by`, its kind) verified who the client is: the request counts as
+    /// identified from here on, and `consumer`, when given, names it unless an earlier
+    /// plugin named it already (the first verification names the consumer).
+    pub fn identify(&mut self, by: &'static str, consumer: Option<Arc<str>>) {
+        if !matches!(self.identity, Identity::Verified(_)) {
+            self.identity = Identity::Verified(by);
+        }
+        if self.consumer.is_none() {
+            self.consumer = consumer;
+        }
+    }
+
+    /// The request carried a credential nobody checked (the core says so after the chain).
+    pub fn carried_unchecked_credential(&mut self) {
+        if self.identity == Identity::Anonymous {
+            self.identity = Identity::Unchecked;
+        }
+    }
+
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    /// Who the request authenticated as, when a plugin named someone.
+    pub fn consumer(&self) -> Option<&Arc<str>> {
+        self.consumer.as_ref()
     }
 
     /// The request id, generated on first use when no plugin set one.
@@ -294,6 +344,16 @@ pub trait Plugin: Send + Sync + 'static {
     /// a consumer or claim header): a mirror's copy of the request goes without them.
     fn credential_headers(&self) -> Vec<HeaderName> {
         Vec::new()
+    }
+
+    /// The request headers this plugin's `upstream_request` may set, change or remove. A
+    /// stored answer is matched to later requests by the client's values of the headers its
+    /// `Vary` names (the cache looks up before the upstream request exists), so an answer
+    /// that varies on a header the gateway writes is not stored. `None`, the default for a
+    /// plugin with an upstream hook: it may write any header, and no answer with `Vary` is
+    /// stored on its routes.
+    fn upstream_headers(&self) -> Option<Vec<HeaderName>> {
+        None
     }
 }
 
@@ -411,6 +471,20 @@ impl Chain {
             response_body: pick(Phases::RESPONSE_BODY, true),
             logging: pick(Phases::LOGGING, false),
         }
+    }
+
+    /// What the upstream hooks may write ([`Plugin::upstream_headers`]): `None` when one of
+    /// them does not say.
+    pub fn upstream_headers(&self) -> Option<Vec<HeaderName>> {
+        let mut all: Vec<HeaderName> = Vec::new();
+        for p in &self.upstream_request {
+            for h in p.plugin.upstream_headers()? {
+                if !all.contains(&h) {
+                    all.push(h);
+                }
+            }
+        }
+        Some(all)
     }
 
     /// Every plugin's [`Plugin::credential_headers`], in one list.

@@ -117,9 +117,7 @@ impl Plugin for MtlsAuth {
                 Vec::new(),
             ));
         }
-        if cx.consumer.is_none() {
-            cx.consumer = cert.common_name.as_deref().map(Arc::from);
-        }
+        cx.identify("mtls_auth", cert.common_name.as_deref().map(Arc::from));
         Ok(Decision::Continue)
     }
 }

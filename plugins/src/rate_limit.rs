@@ -305,7 +305,7 @@ impl RateLimit {
     fn key_hash(&self, s: &Session, cx: &PluginCtx) -> u64 {
         let key = match &self.key {
             KeyBy::ClientIp => Key::Ip(cx.client_ip.map(per_site)),
-            KeyBy::Consumer => match &cx.consumer {
+            KeyBy::Consumer => match cx.consumer() {
                 Some(c) => Key::Text(c.as_bytes()),
                 None => Key::Ip(cx.client_ip.map(per_site)),
             },

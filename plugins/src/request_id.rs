@@ -99,6 +99,10 @@ impl Plugin for RequestId {
         Ok(Decision::Continue)
     }
 
+    fn upstream_headers(&self) -> Option<Vec<HeaderName>> {
+        Some(vec![self.header.clone()])
+    }
+
     async fn upstream_request(
         &self,
         _s: &mut Session,

@@ -108,7 +108,7 @@ impl Template {
                 }
                 Part::Route => out.push_str(cx.route.as_deref().unwrap_or("")),
                 Part::Gateway => out.push_str(cx.gateway.as_deref().unwrap_or("")),
-                Part::Consumer => out.push_str(cx.consumer.as_deref().unwrap_or("")),
+                Part::Consumer => out.push_str(cx.consumer().map_or("", |c| c)),
                 Part::ClientSubject => {
                     if let Some(c) = &cx.client_cert {
                         out.push_str(&c.subject);
@@ -172,9 +172,9 @@ mod tests {
     fn renders_variables() {
         let mut cx = PluginCtx {
             client_ip: Some("10.1.2.3".parse().unwrap()),
-            consumer: Some("alice".into()),
             ..PluginCtx::default()
         };
+        cx.identify("key_auth", Some("alice".into()));
         let t = Template::parse("ip=${client_ip};who=${consumer}").unwrap();
         assert_eq!(t.render(&mut cx).unwrap(), "ip=10.1.2.3;who=alice");
         assert_eq!(

@@ -128,7 +128,7 @@ pub async fn serve(
             groups,
             query: client.uri.query().unwrap_or(""),
             headers: &client.headers,
-            consumer: ctx.plugins.consumer.as_deref(),
+            consumer: ctx.plugins.consumer().map(|c| &**c),
             claims: ctx.plugins.claims.as_deref(),
         };
         let get = Method::GET;

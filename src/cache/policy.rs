@@ -88,9 +88,12 @@ pub struct Asked<'a> {
     pub authorized: bool,
     /// The client said `no-store`: serve from the cache, store nothing.
     pub no_store: bool,
-    /// Headers the gateway's plugins set on the upstream request (consumer, claims): a
-    /// `Vary` on them cannot be matched against the client's request.
-    pub set_by_gateway: &'a [header::HeaderName],
+    /// Headers the gateway may write on the upstream request (forwarded headers, trace
+    /// context, consumer, claims, transforms): a `Vary` on one cannot be matched against the
+    /// client's request.
+    pub gateway_writes: &'a [header::HeaderName],
+    /// A plugin on the route does not say what it writes: it may be any header.
+    pub gateway_writes_any: bool,
     /// This decision refreshes a stale entry after a 304: the 304's age and Date, which the
     /// stored head (Pingora merges only some fields) does not carry.
     pub revalidated: Option<(u64, Option<SystemTime>)>,
@@ -142,10 +145,10 @@ pub fn decide(
     let vary_identity = resp.headers.get_all(header::VARY).iter().any(|v| {
         v.as_bytes().split(|&b| b == b',').any(|t| {
             let t = t.trim_ascii();
-            asked
-                .set_by_gateway
-                .iter()
-                .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
+            !t.is_empty()
+                && (asked.gateway_writes_any
+                    || (asked.gateway_writes.iter())
+                        .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes())))
         })
     });
     if vary_identity {
@@ -506,7 +509,7 @@ mod tests {
         // Vary on a header the gateway sets upstream is not stored.
         let set = [http::HeaderName::from_static("x-user-id")];
         let asked = Asked {
-            set_by_gateway: &set,
+            gateway_writes: &set,
             ..Asked::default()
         };
         let v = resp(

@@ -13,6 +13,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
 use gatehouse_plugins::authority::Authority;
+use gatehouse_plugins::Identity;
 
 use super::RequestCtx;
 use crate::cache::{self, policy, EVICTION, LOCK, PREDICTOR, STORE};
@@ -224,11 +225,10 @@ pub(super) fn only_if_cached(req: &RequestHeader) -> bool {
     asks(req).only_if_cached
 }
 
-/// response_cache_filter: the route's decision on an answer. A request carrying Authorization
-/// or a header the route's auth plugins read or set was authenticated, and its answer is
-/// shared only when the origin says so, as §3.5 asks for Authorization (Cookie counts only
-/// when a plugin reads a credential from it: as at CDNs, a cookie alone does not make an
-/// answer private).
+/// response_cache_filter: the route's decision on an answer. A request the chain identified
+/// (`PluginCtx::identity`: a plugin verified who it is, or it carried a credential nobody
+/// checked) has its answer shared only when the origin says so, as §3.5 asks for
+/// Authorization, whichever plugin identified it.
 pub(super) fn decide(
     ctx: &mut RequestCtx,
     gw: usize,
@@ -246,11 +246,10 @@ pub(super) fn decide(
         return never;
     };
     let asked = policy::Asked {
-        authorized: g.cache_credentials[id]
-            .iter()
-            .any(|h| req.headers.contains_key(h)),
+        authorized: ctx.plugins.identity() != Identity::Anonymous,
         no_store: ctx.cache_no_store,
-        set_by_gateway: &g.cache_set_upstream[id],
+        gateway_writes: g.vary_refused[id].as_deref().unwrap_or_default(),
+        gateway_writes_any: g.vary_refused[id].is_none(),
         revalidated: ctx.cache_revalidated.take(),
         url: url(g.tls, ctx.plugins.authority.as_ref(), req),
     };
@@ -343,4 +342,113 @@ pub(super) fn status(session: &Session, ctx: &RequestCtx) -> Option<&'static str
         return Some("BYPASS");
     }
     cache::status(session.cache.phase())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use gatehouse_plugins::{Decision, Plugin, PluginCtx};
+    use pingora_cache::RespCacheable;
+    use pingora_http::ResponseHeader;
+    use pingora_proxy::Session;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// An auth plugin the cache has never heard of: it verifies who the client is and tells
+    /// nobody in a header. Its users' answers must stay apart all the same.
+    struct Toy;
+
+    #[async_trait]
+    impl Plugin for Toy {
+        fn kind(&self) -> &'static str {
+            "toy"
+        }
+
+        fn phases(&self) -> gatehouse_plugins::Phases {
+            gatehouse_plugins::Phases::REQUEST
+        }
+
+        async fn request(
+            &self,
+            _s: &mut Session,
+            cx: &mut PluginCtx,
+        ) -> pingora_error::Result<Decision> {
+            cx.identify("toy", Some("alice".into()));
+            Ok(Decision::Continue)
+        }
+    }
+
+    /// A real request on a real loopback connection, read by Pingora (and the client's end).
+    async fn session() -> (Session, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        client
+            .write_all(b"GET /me HTTP/1.1\r\nHost: shop.example.com\r\n\r\n")
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let stream: pingora::protocols::Stream =
+            Box::new(pingora::protocols::l4::stream::Stream::from(server));
+        let mut s = Session::new_h1(stream);
+        assert!(s.read_request().await.unwrap());
+        (s, client)
+    }
+
+    fn answer(cache_control: &str) -> ResponseHeader {
+        let mut r = ResponseHeader::build(200, None).unwrap();
+        r.insert_header("cache-control", cache_control).unwrap();
+        r
+    }
+
+    #[tokio::test]
+    async fn an_identity_from_any_plugin_keeps_answers_private() {
+        let cfg = crate::config::load_str(
+            Path::new("t.toml"),
+            "[upstreams.u]\npeers = [\"127.0.0.1:1\"]\n[gateways.g]\nlisten = [\"127.0.0.1:1\"]\n\
+             [[routes]]\nupstream = \"u\"\ncache = { ttl = \"60s\" }\n",
+        )
+        .unwrap();
+        let rt = Arc::new(crate::runtime::Runtime::build(&cfg, None).unwrap());
+        let (mut s, _client) = session().await;
+        let stored = |ctx: &mut RequestCtx, s: &Session, cc: &str| {
+            matches!(
+                decide(ctx, 0, s.req_header(), &answer(cc)),
+                RespCacheable::Cacheable(_)
+            )
+        };
+
+        let mut anonymous = RequestCtx {
+            rt: Some(rt.clone()),
+            route: Some(0),
+            ..RequestCtx::default()
+        };
+        assert!(stored(&mut anonymous, &s, "max-age=60"));
+
+        let mut alice = RequestCtx {
+            rt: Some(rt.clone()),
+            route: Some(0),
+            ..RequestCtx::default()
+        };
+        let d = Toy.request(&mut s, &mut alice.plugins).await.unwrap();
+        assert!(matches!(d, Decision::Continue));
+        assert_eq!(alice.plugins.consumer().map(|c| &**c), Some("alice"));
+        assert!(
+            !stored(&mut alice, &s, "max-age=60"),
+            "her page, not everyone's"
+        );
+        // §3.5: the origin may say an authenticated answer is for everyone.
+        for cc in [
+            "public, max-age=60",
+            "s-maxage=60",
+            "max-age=60, must-revalidate",
+        ] {
+            assert!(stored(&mut alice, &s, cc), "{cc}");
+        }
+    }
 }

@@ -131,7 +131,7 @@ fn access(
         cache: ctx.plugins.cache_status,
         user_agent,
         referer,
-        consumer: ctx.plugins.consumer.as_deref(),
+        consumer: ctx.plugins.consumer().map(|c| &**c),
         trace_id,
     });
 }

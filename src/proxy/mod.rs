@@ -156,6 +156,10 @@ impl ProxyHttp for GatewayProxy {
         let mut missing_cert = false;
         if let Some(required) = gw.client_auth {
             ctx.plugins.client_cert = crate::tls::client_of(session.digest());
+            if ctx.plugins.client_cert.is_some() {
+                // A verified certificate is a credential, whether or not a plugin reads it.
+                ctx.plugins.identify("client_certificate", None);
+            }
             // The handshake refuses clients without one, but a session resumed from before
             // `required` (or from a CA since removed) comes without an identity.
             missing_cert = required && ctx.plugins.client_cert.is_none();

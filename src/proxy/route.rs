@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use gatehouse_plugins::authority::default_port;
-use gatehouse_plugins::{Decision, Reply};
+use gatehouse_plugins::{Decision, Identity, Reply};
 use http::{header, HeaderValue, StatusCode};
 use pingora_error::Result;
 use pingora_proxy::Session;
@@ -35,6 +35,16 @@ impl GatewayProxy {
         if let Decision::Respond(reply) = chain.request(session, &mut ctx.plugins).await? {
             write_reply(Some(gw), session, ctx, reply).await;
             return Ok(true);
+        }
+        if let (Identity::Anonymous, Some(id)) = (ctx.plugins.identity(), ctx.route) {
+            // What no plugin verified may still be what the upstream answers by.
+            let req = session.req_header();
+            if gw.credentials[id]
+                .iter()
+                .any(|h| req.headers.contains_key(h))
+            {
+                ctx.plugins.carried_unchecked_credential();
+            }
         }
         let Some(id) = ctx.route else {
             let reply = Reply::json_error(

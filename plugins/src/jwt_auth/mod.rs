@@ -576,6 +576,15 @@ impl Plugin for JwtAuth {
         "jwt_auth"
     }
 
+    /// The claim headers, and Authorization, which it may hide.
+    fn upstream_headers(&self) -> Option<Vec<HeaderName>> {
+        let mut v: Vec<HeaderName> = (self.inner.claims_to_headers.iter())
+            .map(|(_, h)| h.clone())
+            .collect();
+        v.push(http::header::AUTHORIZATION);
+        Some(v)
+    }
+
     fn credential_headers(&self) -> Vec<HeaderName> {
         let mut v: Vec<HeaderName> = self
             .inner
@@ -643,9 +652,10 @@ impl Plugin for JwtAuth {
                 chal,
             ));
         }
-        if cx.consumer.is_none() {
-            cx.consumer = claims.get("sub").and_then(Value::as_str).map(Arc::from);
-        }
+        cx.identify(
+            "jwt_auth",
+            claims.get("sub").and_then(Value::as_str).map(Arc::from),
+        );
         cx.claims = Some(claims);
         Ok(Decision::Continue)
     }
