@@ -485,11 +485,10 @@ impl Storage for Store {
         let Some(old) = shard.get(&k).cloned() else {
             return Ok(false);
         };
-        // The 304 refreshed the head of the entry that was looked up; if another fill replaced
-        // it meanwhile, that head (its length, its validator) is not this body's.
-        let same =
-            |h: http::header::HeaderName| meta.headers().get(&h) == old.meta.header.headers.get(&h);
-        if !same(http::header::ETAG) || !same(http::header::LAST_MODIFIED) {
+        // The 304 refreshed the head of the entry that was looked up (Pingora gives the new
+        // meta that entry's creation time); if another fill replaced it meanwhile, that head
+        // is not this body's. Validators may change: a 304 may carry a new ETag (§4.3.4).
+        if meta.created() != old.meta.created {
             return Ok(false);
         }
         if meta

@@ -55,6 +55,54 @@ fn date(resp: &ResponseHeader, name: header::HeaderName) -> Option<SystemTime> {
     httpdate::parse_http_date(v.to_str().ok()?).ok()
 }
 
+/// A targeted Cache-Control field (RFC 9213 §2.1): a Structured Fields dictionary whose
+/// lines join into one. It counts only when it parses and each directive has the right
+/// type: a non-negative integer for the ones with seconds, a bare `true` for the others;
+/// otherwise the cache falls back to Cache-Control, as §2.2 says. The directives are read
+/// back through pingora-cache's Cache-Control parser, so both fields mean the same.
+fn targeted(resp: &ResponseHeader, name: &header::HeaderName) -> Option<CacheControl> {
+    let mut joined = Vec::new();
+    for v in resp.headers.get_all(name) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if joined.is_empty() {
+        return None;
+    }
+    let dict = sfv::Parser::parse_dictionary(&joined).ok()?;
+    let mut cc = String::new();
+    for (key, entry) in &dict {
+        let sfv::ListEntry::Item(item) = entry else {
+            return None;
+        };
+        let seconds = matches!(
+            key.as_str(),
+            "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error"
+        );
+        if !cc.is_empty() {
+            cc.push_str(", ");
+        }
+        match (&item.bare_item, seconds) {
+            (sfv::BareItem::Integer(n), true) if *n >= 0 => {
+                cc.push_str(&format!("{key}={}", (*n as u64).min(MAX_SECS)));
+            }
+            (sfv::BareItem::Boolean(true), false) => cc.push_str(key),
+            // `private=?0`: not said.
+            (sfv::BareItem::Boolean(false), false) => {}
+            _ => return None,
+        }
+    }
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_str(&cc).ok()?,
+    );
+    // An empty dictionary says nothing: Cache-Control then.
+    CacheControl::from_headers_named("cache-control", &h)
+}
+
 /// The largest age or lifetime a cache must handle (RFC 9111 §1.2.2): larger values count as
 /// this one, so no arithmetic on times can overflow.
 const MAX_SECS: u64 = 1 << 31;
@@ -62,10 +110,16 @@ const MAX_SECS: u64 = 1 << 31;
 /// How old the response was when it reached us (§4.2.3, without the response delay, which
 /// on a gateway's own link is below the one-second resolution).
 pub fn initial_age(resp: &ResponseHeader, now: SystemTime) -> u64 {
+    // §5.1: a list is a sender's error; its first member is the value (a cache that took
+    // `Age: 7200, 0` for no age would serve a stale answer as fresh). Anything but digits
+    // (`10abc`, `-1`, `1.5`) is invalid, and ignored.
     let age_value = resp
         .headers
         .get(header::AGE)
-        .map(|v| v.as_bytes().trim_ascii())
+        .map(|v| {
+            let v = v.as_bytes();
+            v[..memchr::memchr(b',', v).unwrap_or(v.len())].trim_ascii()
+        })
         .filter(|v| !v.is_empty() && v.iter().all(u8::is_ascii_digit))
         .map_or(0, |v| {
             // Digits only: too many of them is "very old", not an error.
@@ -118,7 +172,14 @@ pub fn decide(
     if resp.status == StatusCode::PARTIAL_CONTENT || resp.status.is_informational() {
         return uncacheable(STATUS);
     }
-    let cc = CacheControl::from_resp_headers(resp);
+    // RFC 9213: a targeted field this cache obeys, when it parses, replaces Cache-Control
+    // and Expires for it (the client still gets both).
+    let targeted = route
+        .targeted_cache_control
+        .as_ref()
+        .and_then(|name| targeted(resp, name));
+    let obeys_targeted = targeted.is_some();
+    let cc = targeted.or_else(|| CacheControl::from_resp_headers(resp));
     let has = |f: fn(&CacheControl) -> bool| cc.as_ref().is_some_and(f);
     if has(CacheControl::no_store) || has(CacheControl::private) {
         return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
@@ -164,7 +225,7 @@ pub fn decide(
     let explicit = s_maxage
         .or_else(|| cc.as_ref().and_then(|c| present(c, "max-age", c.max_age())))
         .or_else(|| {
-            if !resp.headers.contains_key(header::EXPIRES) {
+            if obeys_targeted || !resp.headers.contains_key(header::EXPIRES) {
                 return None;
             }
             // An invalid Expires (or two) means "already expired" (§5.3).
@@ -172,7 +233,7 @@ pub fn decide(
             let base = date_value.unwrap_or(now);
             Some(expires.duration_since(base).map_or(0, |d| d.as_secs()))
         })
-        .or_else(|| resp.headers.contains_key(header::EXPIRES).then_some(0))
+        .or_else(|| (!obeys_targeted && resp.headers.contains_key(header::EXPIRES)).then_some(0))
         .map(|l| l.min(MAX_SECS));
     let lifetime = match explicit {
         // Explicit freshness makes any final status storable (§3) but server errors, which
@@ -284,6 +345,7 @@ mod tests {
             tag_header: http::HeaderName::from_static("surrogate-key"),
             expose_tags: false,
             status_header: None,
+            targeted_cache_control: Some(http::HeaderName::from_static("cdn-cache-control")),
         }
     }
 
@@ -407,6 +469,110 @@ mod tests {
         );
     }
 
+    /// RFC 9213: CDN-Cache-Control, when it parses, is this cache's Cache-Control and
+    /// Expires; otherwise Cache-Control is.
+    #[test]
+    fn targeted_cache_control() {
+        let r = route(0);
+        let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(600));
+        for (headers, want) in [
+            (
+                vec![
+                    ("cache-control", "no-store"),
+                    ("cdn-cache-control", "max-age=60"),
+                ],
+                Some(60),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=3600"),
+                    ("cdn-cache-control", "max-age=5"),
+                ],
+                Some(5),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=60"),
+                    ("cdn-cache-control", "no-store"),
+                ],
+                None,
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=60"),
+                    ("cdn-cache-control", "private"),
+                ],
+                None,
+            ),
+            (
+                vec![("expires", &past), ("cdn-cache-control", "max-age=30")],
+                Some(30),
+            ),
+            // Not a valid dictionary, or a directive of the wrong type: Cache-Control rules.
+            (
+                vec![
+                    ("cache-control", "no-store"),
+                    ("cdn-cache-control", "max-age=\"60\""),
+                ],
+                None,
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=10"),
+                    ("cdn-cache-control", "max-age=-1"),
+                ],
+                Some(10),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=10"),
+                    ("cdn-cache-control", "max-age=1.5"),
+                ],
+                Some(10),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=10"),
+                    ("cdn-cache-control", "max-age=60,,"),
+                ],
+                Some(10),
+            ),
+        ] {
+            assert_eq!(fresh(&r, false, &resp(200, &headers)), want, "{headers:?}");
+        }
+        // Two lines are one dictionary.
+        let two = resp(
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "public"),
+                ("cdn-cache-control", "max-age=20"),
+            ],
+        );
+        assert_eq!(fresh(&r, false, &two), Some(20));
+        // Off, or another field named: CDN-Cache-Control is nothing to this cache.
+        let mut off = route(0);
+        off.targeted_cache_control = None;
+        let both = resp(
+            200,
+            &[
+                ("cache-control", "max-age=10"),
+                ("cdn-cache-control", "max-age=60"),
+            ],
+        );
+        assert_eq!(fresh(&off, false, &both), Some(10));
+        off.targeted_cache_control = Some(http::HeaderName::from_static("gatehouse-cache-control"));
+        assert_eq!(fresh(&off, false, &both), Some(10));
+        let own = resp(
+            200,
+            &[
+                ("cache-control", "max-age=10"),
+                ("gatehouse-cache-control", "max-age=90"),
+            ],
+        );
+        assert_eq!(fresh(&off, false, &own), Some(90));
+    }
+
     #[test]
     fn age_and_dates() {
         let r = route(0);
@@ -437,6 +603,19 @@ mod tests {
             ),
             Some(-1)
         );
+        // A list counts by its first member; anything but digits is no Age at all.
+        for (age, want) in [
+            ("7200, 0", -1),
+            ("0, 7200", 60),
+            ("10abc", 60),
+            ("-10", 60),
+            ("1.5", 60),
+            ("7200;x=y", 60),
+            (" 50 ", 10),
+        ] {
+            let r2 = resp(200, &[("cache-control", "max-age=60"), ("age", age)]);
+            assert_eq!(fresh(&r, false, &r2), Some(want), "Age: {age}");
+        }
         let expires = httpdate::fmt_http_date(now + Duration::from_secs(100));
         assert_eq!(
             fresh(

@@ -272,6 +272,7 @@ pub struct CacheFile {
     #[serde(default)]
     pub expose_tags: bool,
     pub status_header: Option<Spanned<String>>,
+    pub targeted_cache_control: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

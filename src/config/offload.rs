@@ -234,6 +234,9 @@ pub struct CacheRoute {
     pub tag_header: http::HeaderName,
     pub expose_tags: bool,
     pub status_header: Option<http::HeaderName>,
+    /// The targeted Cache-Control field this cache obeys over Cache-Control (RFC 9213);
+    /// `None`: Cache-Control only.
+    pub targeted_cache_control: Option<http::HeaderName>,
 }
 
 pub(super) fn cache(ld: &mut Loader, c: &Spanned<CacheFile>, ctx: &str) -> Option<Arc<CacheRoute>> {
@@ -264,6 +267,7 @@ pub(super) fn cache(ld: &mut Loader, c: &Spanned<CacheFile>, ctx: &str) -> Optio
         }
     }
     let status_header = header(ld, &f.status_header, "x-cache-status");
+    let targeted_cache_control = header(ld, &f.targeted_cache_control, "cdn-cache-control");
     let max_size = f.max_size.as_ref().map_or(8 << 20, |s| s.get_ref().0);
     if max_size == 0 || max_size > 1 << 30 {
         if let Some(s) = &f.max_size {
@@ -298,6 +302,7 @@ pub(super) fn cache(ld: &mut Loader, c: &Spanned<CacheFile>, ctx: &str) -> Optio
         tag_header: tag_header?,
         expose_tags: f.expose_tags,
         status_header,
+        targeted_cache_control,
     }))
 }
 

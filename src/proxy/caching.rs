@@ -200,7 +200,38 @@ pub(super) fn note_revalidation(session: &Session, resp: &ResponseHeader, ctx: &
         .and_then(|d| httpdate::parse_http_date(d).ok())
         // A Date in the future is our clock's or theirs: not a reason to extend.
         .map(|d| d.min(now));
-    ctx.cache_revalidated = Some((policy::initial_age(resp, now), date));
+    ctx.cache_revalidated = Some(super::ctx::Revalidated {
+        age: policy::initial_age(resp, now),
+        date,
+        headers: resp.headers.clone(),
+    });
+}
+
+/// §4.3.4: the fields a 304 carries replace the stored ones, but for those that describe the
+/// stored body's bytes (its length and codings: the 304 has no body), `Vary` (the entry's
+/// variance stays), and what the policy sets itself (`Age`, `Date`) or never stores.
+fn merge_304(stored: &ResponseHeader, fields: &http::HeaderMap) -> ResponseHeader {
+    let kept = [
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::CONTENT_RANGE,
+        header::TRANSFER_ENCODING,
+        header::VARY,
+        header::AGE,
+        header::DATE,
+        header::SET_COOKIE,
+    ];
+    let mut merged = stored.clone();
+    for name in fields.keys() {
+        if kept.contains(name) {
+            continue;
+        }
+        merged.remove_header(name);
+        for v in fields.get_all(name) {
+            let _ = merged.append_header(name.clone(), v.clone());
+        }
+    }
+    merged
 }
 
 /// cache_hit_filter: the client's `no-cache` or `max-age` can make a fresh entry too old
@@ -250,10 +281,13 @@ pub(super) fn decide(
         no_store: ctx.cache_no_store,
         gateway_writes: g.vary_refused[id].as_deref().unwrap_or_default(),
         gateway_writes_any: g.vary_refused[id].is_none(),
-        revalidated: ctx.cache_revalidated.take(),
+        revalidated: ctx.cache_revalidated.as_ref().map(|r| (r.age, r.date)),
         url: url(g.tls, ctx.plugins.authority.as_ref(), req),
     };
-    policy::decide(cfg, &asked, resp, SystemTime::now())
+    match ctx.cache_revalidated.take() {
+        Some(r) => policy::decide(cfg, &asked, &merge_304(resp, &r.headers), SystemTime::now()),
+        None => policy::decide(cfg, &asked, resp, SystemTime::now()),
+    }
 }
 
 /// The variance of a request against a stored response's `Vary`.
@@ -294,10 +328,9 @@ pub(super) fn on_response(
         resp.remove_header(&cfg.tag_header);
     }
     let req = session.req_header();
-    let unsafe_method = matches!(
-        req.method,
-        Method::POST | Method::PUT | Method::DELETE | Method::PATCH
-    );
+    // §4.4: any method not defined as safe (M-SEARCH, PROPPATCH, a method we do not know)
+    // may change the resource.
+    let unsafe_method = !req.method.is_safe();
     if unsafe_method && (200..400).contains(&resp.status.as_u16()) {
         invalidate(tls, authority, req, resp);
     }

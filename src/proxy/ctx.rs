@@ -56,7 +56,17 @@ pub struct RequestCtx {
     pub cache_bypass: bool,
     /// The client said `no-store`: hits are served, nothing is stored.
     pub cache_no_store: bool,
-    /// An upstream 304 refreshing a stale entry: its age and Date, for the new freshness
-    /// (Pingora's merge keeps the stored Date).
-    pub cache_revalidated: Option<(u64, Option<std::time::SystemTime>)>,
+    /// An upstream 304 refreshing a stale entry: its age, Date and fields (Pingora's merge
+    /// keeps only a few of them).
+    pub cache_revalidated: Option<Revalidated>,
+}
+
+/// What a 304 said about a stale entry.
+#[derive(Debug)]
+pub struct Revalidated {
+    /// Its age (§4.2.3) and Date: the refreshed entry's freshness counts from them.
+    pub age: u64,
+    pub date: Option<std::time::SystemTime>,
+    /// Its header fields, hop-by-hop ones removed: they replace the stored ones (§4.3.4).
+    pub headers: http::HeaderMap,
 }
