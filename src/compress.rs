@@ -40,6 +40,9 @@ impl HttpModuleBuilder for Builder {
 pub struct Compress {
     pub route: Option<Arc<Compression>>,
     accept: Option<HeaderValue>,
+    /// The request's If-None-Match, on a compressing route: which form of a 304's ETag the
+    /// client holds.
+    if_none_match: Option<HeaderValue>,
     head: bool,
     encoder: Option<Box<dyn Encode + Send + Sync>>,
 }
@@ -64,6 +67,9 @@ impl HttpModule for Compress {
             req.headers.get(header::ACCEPT_ENCODING).cloned()
         };
         self.head = req.method == http::Method::HEAD;
+        if self.route.is_some() {
+            self.if_none_match = req.headers.get(header::IF_NONE_MATCH).cloned();
+        }
         Ok(())
     }
 
@@ -71,6 +77,15 @@ impl HttpModule for Compress {
         let Some(route) = self.route.as_ref() else {
             return Ok(());
         };
+        if resp.status == http::StatusCode::NOT_MODIFIED {
+            // RFC 9110 §15.4.5: a 304 carries the ETag and Vary its 200 would have. The
+            // client's 200 was encoded (and its tag weakened) when it holds the weak form.
+            add_vary(resp);
+            if holds_weak_form(self.if_none_match.as_ref(), resp) {
+                weaken_etag(resp);
+            }
+            return Ok(());
+        }
         // A 1xx is not the answer; the real head comes later through here again.
         if resp.status.is_informational() || !compressible(route, resp) {
             return Ok(());
@@ -239,6 +254,20 @@ fn add_vary(resp: &mut ResponseHeader) {
 
 /// The representation changed, so a strong validator would now lie (RFC 9110 §8.8.1); a weak
 /// one still lets clients revalidate. An ETag that is not a quoted string is dropped.
+/// Whether `if_none_match` names the weak form of the response's strong ETag.
+fn holds_weak_form(if_none_match: Option<&HeaderValue>, resp: &ResponseHeader) -> bool {
+    let (Some(inm), Some(etag)) = (if_none_match, resp.headers.get(header::ETAG)) else {
+        return false;
+    };
+    let tag = etag.as_bytes();
+    !tag.starts_with(b"W/")
+        && inm.as_bytes().split(|&b| b == b',').any(|t| {
+            t.trim_ascii()
+                .strip_prefix(b"W/")
+                .is_some_and(|weak| weak == tag)
+        })
+}
+
 fn weaken_etag(resp: &mut ResponseHeader) {
     let Some(etag) = resp.headers.get(header::ETAG) else {
         return;

@@ -149,7 +149,7 @@ pub static METRICS: LazyLock<Families> = LazyLock::new(|| {
             &r,
             "gatehouse_cache_requests_total",
             "Requests on cached routes, by what the cache did",
-            &["route", "status"],
+            &["gateway", "route", "status"],
         ),
         reloads: counter(
             &r,
@@ -224,7 +224,8 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    pub fn new(gateway: &str, route: &str) -> RouteMetrics {
+    /// The handles of a route; `cached`: it has a cache, and cache series.
+    pub fn new(gateway: &str, route: &str, cached: bool) -> RouteMetrics {
         let m = &*METRICS;
         let row = |method: &str| {
             CLASSES.map(|c| m.requests.with_label_values(&[gateway, route, method, c]))
@@ -236,10 +237,31 @@ impl RouteMetrics {
             duration: m.duration.with_label_values(&[gateway, route]),
             request_bytes: m.request_bytes.with_label_values(&[gateway, route]),
             response_bytes: m.response_bytes.with_label_values(&[gateway, route]),
-            cache: CACHE_STATUSES
-                .iter()
-                .map(|s| m.cache.with_label_values(&[route, s]))
-                .collect(),
+            cache: if cached {
+                CACHE_STATUSES
+                    .iter()
+                    .map(|s| m.cache.with_label_values(&[gateway, route, s]))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The series of a route that a reload removed: gone from `/metrics` (a handle an
+    /// in-flight request of the old snapshot still holds counts into nothing).
+    pub fn forget(gateway: &str, route: &str) {
+        let m = &*METRICS;
+        for method in METHODS.iter().chain(["OTHER"].iter()) {
+            for c in CLASSES {
+                let _ = m.requests.remove_label_values(&[gateway, route, method, c]);
+            }
+        }
+        let _ = m.duration.remove_label_values(&[gateway, route]);
+        let _ = m.request_bytes.remove_label_values(&[gateway, route]);
+        let _ = m.response_bytes.remove_label_values(&[gateway, route]);
+        for s in CACHE_STATUSES {
+            let _ = m.cache.remove_label_values(&[gateway, route, s]);
         }
     }
 
@@ -264,33 +286,15 @@ impl RouteMetrics {
         self.request_bytes.inc_by(read as u64);
         self.response_bytes.inc_by(sent as u64);
         if let Some(s) = cache {
-            if let Some(i) = CACHE_STATUSES.iter().position(|c| *c == s) {
-                self.cache[i].inc();
+            if let Some(c) = CACHE_STATUSES
+                .iter()
+                .position(|c| *c == s)
+                .and_then(|i| self.cache.get(i))
+            {
+                c.inc();
             }
         }
     }
-}
-
-/// logging: one finished request, on its route's handles (or the gateway's unmatched ones).
-/// A background refresh is the cache's own request, not a client's: not counted.
-pub fn record_request(
-    gw: &crate::runtime::GatewayRt,
-    session: &pingora_proxy::Session,
-    ctx: &crate::proxy::RequestCtx,
-) {
-    let Some(start) = ctx.start else { return };
-    if session.subrequest_ctx.is_some() {
-        return;
-    }
-    let m = ctx.route.map_or(&gw.unmatched, |id| &gw.metrics[id]);
-    m.record(
-        &session.req_header().method,
-        session.response_written().map_or(0, |r| r.status.as_u16()),
-        start.elapsed().as_secs_f64(),
-        session.body_bytes_read(),
-        session.body_bytes_sent(),
-        ctx.plugins.cache_status,
-    );
 }
 
 /// Statuses plugins answer with, resolved once per instance: the refusal path then costs an
@@ -393,7 +397,7 @@ mod tests {
 
     #[test]
     fn families_build() {
-        let r = RouteMetrics::new("g", "r");
+        let r = RouteMetrics::new("g", "r", true);
         r.record(&http::Method::GET, 204, 0.01, 3, 0, Some("HIT"));
         r.record(
             &http::Method::from_bytes(b"PURGE").unwrap(),
@@ -416,7 +420,9 @@ mod tests {
         assert!(text.contains(
             "gatehouse_requests_total{gateway=\"g\",method=\"OTHER\",route=\"r\",status=\"5xx\"} 1"
         ));
-        assert!(text.contains("gatehouse_cache_requests_total{route=\"r\",status=\"HIT\"} 1"));
+        assert!(text.contains(
+            "gatehouse_cache_requests_total{gateway=\"g\",route=\"r\",status=\"HIT\"} 1"
+        ));
         assert!(text.contains("gatehouse_build_info{version="));
     }
 }

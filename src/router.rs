@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use http::{HeaderMap, Method};
 use regex::Regex;
 
-use crate::config::{HostMatch, PathMatch, Route};
+use crate::config::{HostMatch, PathMatch, Route, ValueMatch};
 
 pub type RouteId = usize;
 
@@ -136,19 +136,30 @@ fn sort_trie(node: &mut Node, order: &impl Fn(&mut Vec<RouteId>)) {
     }
 }
 
+/// Whether a route's `methods` take `method`. HEAD is GET without the body (RFC 9110
+/// §9.3.2), and servers answer it with their GET handler: a GET route's plugins must see it
+/// too, not a less guarded route.
+pub fn method_holds(methods: &[Method], method: &Method) -> bool {
+    methods.contains(method) || (method == Method::HEAD && methods.contains(&Method::GET))
+}
+
+/// Whether a header matcher holds: any of the request's values of that header matches.
+pub fn header_holds(headers: &HeaderMap, name: &http::HeaderName, m: &ValueMatch) -> bool {
+    headers.get_all(name).iter().any(|v| m.matches(v))
+}
+
 impl Predicates<'_> {
     fn hold(&self, method: &Method, headers: &HeaderMap) -> bool {
-        if let Some(ms) = self.methods {
-            // HEAD is GET without the body (RFC 9110 §9.3.2), and servers answer it with their
-            // GET handler: a GET route's plugins must see it too, not a less guarded route.
-            let head_as_get = method == Method::HEAD && ms.contains(&Method::GET);
-            if !ms.contains(method) && !head_as_get {
-                return false;
-            }
+        if self
+            .methods
+            .as_ref()
+            .is_some_and(|ms| !method_holds(ms, method))
+        {
+            return false;
         }
         self.headers
             .iter()
-            .all(|(name, m)| headers.get_all(name).iter().any(|v| m.matches(v)))
+            .all(|(name, m)| header_holds(headers, name, m))
     }
 }
 

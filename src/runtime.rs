@@ -44,6 +44,11 @@ pub struct GatewayRt {
     pub chains: Vec<Chain>,
     /// Global and gateway plugins: for requests no route matches.
     pub default_chain: Chain,
+    /// Per route (and for requests no route matched), the query parameters the access log
+    /// redacts: `[server] access_log.redact_query` and those the plugins read credentials
+    /// from.
+    pub log_redact: Vec<Arc<[Box<str>]>>,
+    pub default_log_redact: Arc<[Box<str>]>,
     /// Per route, its metric handles; `unmatched` for requests no route matched (`route="-"`).
     pub metrics: Vec<crate::metrics::RouteMetrics>,
     pub unmatched: crate::metrics::RouteMetrics,
@@ -119,6 +124,19 @@ pub struct Runtime {
 impl Runtime {
     /// Builds a snapshot; pools whose definition did not change since `previous` are kept, with
     /// their health, ejections and breaker state.
+    /// The (gateway, route) pairs with metric series: every route, and `-` for requests no
+    /// route matched.
+    pub fn route_labels(&self) -> std::collections::HashSet<(Arc<str>, Arc<str>)> {
+        let mut out = std::collections::HashSet::new();
+        for g in self.gateways.iter() {
+            out.insert((g.name.clone(), Arc::from("-")));
+            for r in &g.route_names {
+                out.insert((g.name.clone(), r.clone()));
+            }
+        }
+        out
+    }
+
     pub fn build(cfg: &Config, previous: Option<&Runtime>) -> Result<Runtime, String> {
         let plugins: Vec<Instance> = cfg
             .plugins
@@ -161,6 +179,24 @@ impl Runtime {
                     Arc::from(h)
                 })
                 .collect();
+            let server_redact: &[String] = cfg
+                .server
+                .access_log
+                .as_ref()
+                .map_or(&[], |a| &a.redact_query);
+            let redact = |c: &Chain| -> Arc<[Box<str>]> {
+                let mut names: Vec<Box<str>> =
+                    server_redact.iter().map(|n| n.as_str().into()).collect();
+                for q in c.credential_query() {
+                    if !names.iter().any(|n| **n == *q) {
+                        names.push(q.into());
+                    }
+                }
+                Arc::from(names)
+            };
+            let default_chain = Chain::new(&base);
+            let log_redact = chains.iter().map(redact).collect();
+            let default_log_redact = redact(&default_chain);
             let credentials: Vec<Arc<[http::HeaderName]>> = chains
                 .iter()
                 .map(|c| {
@@ -204,13 +240,15 @@ impl Runtime {
                 credentials,
                 routes: g.routes.clone(),
                 chains,
-                default_chain: Chain::new(&base),
+                default_chain,
+                log_redact,
+                default_log_redact,
                 metrics: g
                     .routes
                     .iter()
-                    .map(|r| crate::metrics::RouteMetrics::new(&g.name, &r.name))
+                    .map(|r| crate::metrics::RouteMetrics::new(&g.name, &r.name, r.cache.is_some()))
                     .collect(),
-                unmatched: crate::metrics::RouteMetrics::new(&g.name, "-"),
+                unmatched: crate::metrics::RouteMetrics::new(&g.name, "-", false),
             });
         }
         let pools = cfg

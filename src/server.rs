@@ -235,7 +235,11 @@ impl Reloader {
             return Err(why);
         }
         let rt = Arc::new(rt);
-        self.live.store(rt.clone());
+        let old = self.live.swap(rt.clone());
+        // Routes the new file no longer has: their series go from /metrics.
+        for (g, r) in old.route_labels().difference(&rt.route_labels()) {
+            crate::metrics::RouteMetrics::forget(g, r);
+        }
         crate::cache::set_size(cfg.server.cache_size);
         for (g, store) in cfg.gateways.iter().zip(&self.cert_stores) {
             if let (Some(tls), Some(store)) = (&g.tls, store) {

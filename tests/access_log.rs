@@ -254,3 +254,54 @@ async fn concurrent_requests_each_get_one_whole_line() {
     let m = metrics_text(admin).await;
     assert!(m.contains("gatehouse_access_log_dropped_total 0"), "{m}");
 }
+
+/// Credentials in the query never reach the log: key_auth's parameter (found by its decoded
+/// name) and those `redact_query` lists; the other parameters are logged as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_query_parameters_are_redacted() {
+    let up = echo("app").await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let _g = Gatehouse::start(
+        &format!(
+            "[server]\naccess_log = {{ path = \"{}\", redact_query = [\"token\"] }}\n\
+             [upstreams.app]\npeers = [\"{up}\"]\n\
+             [plugins.keys]\nkind = \"key_auth\"\nquery = \"api_key\"\n\
+             keys = {{ \"alice\" = \"sha256:{}\" }}\n\
+             [gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [[routes]]\npath = \"/api\"\nupstream = \"app\"\nplugins = [\"keys\"]\n\
+             [[routes]]\npath = \"/open\"\nupstream = \"app\"\n",
+            log.display(),
+            sha256_hex("alice-key-123")
+        ),
+        &[port],
+    );
+    for target in [
+        "/api/x?api_key=alice-key-123&token=t0p-s3cret&x=1",
+        "/api/x?api%5Fkey=alice-key-123",
+        "/open/y?token=t0p-s3cret&api_key=elsewhere",
+    ] {
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}{target}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{target}");
+    }
+    let lines = lines(&log, 3).await;
+    let all = lines.join("\n");
+    assert_eq!(lines.len(), 3, "{all}");
+    assert!(!all.contains("alice-key-123"), "{all}");
+    assert!(!all.contains("t0p-s3cret"), "{all}");
+    assert!(
+        all.contains("/api/x?api_key=[redacted]&token=[redacted]&x=1"),
+        "{all}"
+    );
+    assert!(all.contains("/api/x?api%5Fkey=[redacted]"), "{all}");
+    // Not a key_auth route: its parameter is nobody's credential there.
+    assert!(
+        all.contains("/open/y?token=[redacted]&api_key=elsewhere"),
+        "{all}"
+    );
+}

@@ -34,6 +34,15 @@ async fn upstream() -> std::net::SocketAddr {
         let b = hyper::Response::builder();
         let json = "application/json";
         match req.uri().path() {
+            // As nginx does: a weak comparison, so the client's W/"v1" or "v1" both match.
+            "/json" | "/gz/json"
+                if req
+                    .headers()
+                    .get("if-none-match")
+                    .is_some_and(|v| v.to_str().unwrap().contains("\"v1\"")) =>
+            {
+                b.status(304).header("etag", "\"v1\"").body(full(""))
+            }
             "/json" | "/gz/json" => b
                 .header("content-type", json)
                 .header("etag", "\"v1\"")
@@ -271,4 +280,32 @@ compression = { algorithm = ["br"] }
         out.contains(":16:") && out.contains("unknown field `algorithm`"),
         "{out}"
     );
+}
+
+/// RFC 9110 §15.4.5: a 304 carries the ETag and Vary its 200 would have. A client that got
+/// the encoded answer (weak tag) revalidates with the weak form and gets the weak form back;
+/// one that got the identity answer gets the strong one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_304_carries_the_etag_and_vary_of_its_200() {
+    let up = upstream().await;
+    let port = free_port();
+    let _g = Gatehouse::start(&config(up, port), &[port]);
+    let (h, _) = fetch(port, reqwest::Method::GET, "/json", Some("gzip")).await;
+    assert_eq!(header(&h, "etag"), Some("W/\"v1\""));
+    for (held, want) in [("W/\"v1\"", "W/\"v1\""), ("\"v1\"", "\"v1\"")] {
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}/json"))
+            .header("accept-encoding", "gzip")
+            .header("if-none-match", held)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 304, "{held}");
+        assert_eq!(header(r.headers(), "etag"), Some(want), "{held}");
+        assert_eq!(
+            header(r.headers(), "vary"),
+            Some("Accept-Encoding"),
+            "{held}"
+        );
+    }
 }

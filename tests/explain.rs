@@ -242,3 +242,36 @@ upstream = "wild"
     assert_eq!(code, 2);
     assert!(err.contains("scheme"), "{err}");
 }
+
+/// `explain` holds the losing routes against the router's own predicates: HEAD takes a GET
+/// route, and a header given twice matches when any of its values does.
+#[test]
+fn losers_are_judged_as_the_router_judges() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("g.toml");
+    std::fs::write(
+        &config,
+        "[upstreams.u]\npeers = [\"127.0.0.1:9\"]\n[gateways.g]\nlisten = [\"127.0.0.1:8080\"]\n\
+         [[routes]]\nname = \"get\"\npath = \"/a\"\nmethods = [\"GET\"]\nupstream = \"u\"\n\
+         [[routes]]\nname = \"tagged\"\npath = \"/a\"\nheaders = { \"x-tag\" = \"b\" }\nupstream = \"u\"\n\
+         [[routes]]\nname = \"first\"\npath = \"/a\"\npriority = 10\nupstream = \"u\"\n",
+    )
+    .unwrap();
+    let v = json(
+        &config,
+        &["-H", "x-tag: a", "-H", "x-tag: b", "HEAD", "http://h/a"],
+    );
+    assert_eq!(v["route"]["name"], "first", "{v}");
+    let lost = |name: &str| -> String {
+        v["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["route"] == name)
+            .map(|c| c["lost"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    for name in ["get", "tagged"] {
+        assert!(lost(name).contains("wins"), "{name}: {}", lost(name));
+    }
+}

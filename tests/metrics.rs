@@ -114,11 +114,11 @@ upstream = "gone"
         3.0
     );
     assert_eq!(
-        get("gatehouse_cache_requests_total{route=\"api\",status=\"MISS\"}"),
+        get("gatehouse_cache_requests_total{gateway=\"web\",route=\"api\",status=\"MISS\"}"),
         1.0
     );
     assert_eq!(
-        get("gatehouse_cache_requests_total{route=\"api\",status=\"HIT\"}"),
+        get("gatehouse_cache_requests_total{gateway=\"web\",route=\"api\",status=\"HIT\"}"),
         2.0
     );
     // State: peers, the breaker that the dead upstream opened, the build.
@@ -227,4 +227,62 @@ upstream = "slow"
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(silent);
+}
+
+/// Cache series name their gateway (two gateways may each have a route `api`), only cached
+/// routes have them, and a reload that removes a route removes its series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_follow_the_routes_of_the_running_config() {
+    let up = echo("app").await;
+    let (a, b, admin) = (free_port(), free_port(), free_port());
+    let token = "metrics-token-0123456789abcdef";
+    let config = |with_old: bool| {
+        let mut t = format!(
+            "[server]\nadmin = \"127.0.0.1:{admin}\"\nadmin_token = \"{token}\"\n\
+             [upstreams.app]\npeers = [\"{up}\"]\n\
+             [gateways.one]\nlisten = [\"127.0.0.1:{a}\"]\n\
+             [gateways.two]\nlisten = [\"127.0.0.1:{b}\"]\n\
+             [[routes]]\ngateway = \"one\"\nname = \"api\"\npath = \"/\"\nupstream = \"app\"\n\
+             cache = {{ ttl = \"60s\" }}\n\
+             [[routes]]\ngateway = \"two\"\nname = \"api\"\npath = \"/\"\nupstream = \"app\"\n"
+        );
+        if with_old {
+            t.push_str(
+                "[[routes]]\ngateway = \"two\"\nname = \"old\"\npath = \"/old\"\nupstream = \"app\"\n",
+            );
+        }
+        t
+    };
+    let g = Gatehouse::start(&config(true), &[a, b, admin]);
+    for url in [
+        format!("http://127.0.0.1:{a}/x"),
+        format!("http://127.0.0.1:{b}/x"),
+        format!("http://127.0.0.1:{b}/old"),
+    ] {
+        assert_eq!(client().get(url).send().await.unwrap().status(), 200);
+    }
+    let m = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &m,
+            "gatehouse_cache_requests_total{gateway=\"one\",route=\"api\",status=\"MISS\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(
+        !m.contains("gatehouse_cache_requests_total{gateway=\"two\""),
+        "an uncached route has no cache series"
+    );
+    assert!(m.contains("route=\"old\""));
+    std::fs::write(&g.config, config(false)).unwrap();
+    let r = client()
+        .post(format!("http://127.0.0.1:{admin}/reload"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m = scrape(admin).await;
+    assert!(!m.contains("route=\"old\""), "{m}");
+    assert!(m.contains("gatehouse_requests_total{gateway=\"two\",method=\"GET\",route=\"api\""));
 }

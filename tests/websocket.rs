@@ -250,3 +250,134 @@ async fn websocket_to_a_tls_upstream_is_verified_and_tunnelled() {
         other => panic!("an upstream of another CA: {other:?}"),
     }
 }
+
+/// The tunnel is a proxied request like the others: the trace goes on (a client's own
+/// traceparent, from an untrusted peer, unsampled and with the gateway's span as parent),
+/// and a TLS gateway's HSTS is on the 101 and on an upstream's refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_carries_trace_context_and_hsts() {
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws = listener.local_addr().unwrap();
+    let keep = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let keep = keep.clone();
+            tokio::spawn(async move {
+                #[allow(clippy::result_large_err)]
+                let cb = |req: &tungstenite::handshake::server::Request,
+                          resp: tungstenite::handshake::server::Response| {
+                    *keep.lock().unwrap() = req
+                        .headers()
+                        .get("traceparent")
+                        .map(|v| v.to_str().unwrap().to_string());
+                    Ok(resp)
+                };
+                if let Ok(mut s) = tokio_tungstenite::accept_hdr_async(stream, cb).await {
+                    while let Some(Ok(m)) = s.next().await {
+                        if m.is_close() || s.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let refuser = serve(|_req| async {
+        hyper::Response::builder()
+            .status(403)
+            .body(full("not for you"))
+            .unwrap()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::pki::Ca::new("ws CA");
+    let (cert, key) = ca.issue(
+        dir.path(),
+        "server",
+        &common::pki::Leaf {
+            subject: &[("CN", "localhost")],
+            dns: &["localhost"],
+            ..Default::default()
+        },
+    );
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &format!(
+            "[upstreams.ws]\npeers = [\"{ws}\"]\n[upstreams.refuser]\npeers = [\"{refuser}\"]\n\
+             [gateways.web]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             tls = {{ cert = \"{cert}\", key = \"{key}\" }}\nhsts = \"max-age=600\"\n\
+             [[routes]]\npath = \"/ws\"\nupstream = \"ws\"\n\
+             [[routes]]\npath = \"/refuse\"\nupstream = \"refuser\"\n"
+        ),
+        &[port],
+    );
+    let tls = || async {
+        use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+        let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+        b.set_verify(SslVerifyMode::NONE);
+        b.set_alpn_protos(b"\x08http/1.1").unwrap();
+        let ssl = b
+            .build()
+            .configure()
+            .unwrap()
+            .into_ssl("localhost")
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut s = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+        std::pin::Pin::new(&mut s).connect().await.unwrap();
+        s
+    };
+    let request = |path: &str| {
+        let mut r = tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "wss://localhost:{port}{path}"
+        ))
+        .unwrap();
+        r.headers_mut()
+            .insert("traceparent", PARENT.parse().unwrap());
+        r
+    };
+    let (mut s, resp) = tokio_tungstenite::client_async(request("/ws"), tls().await)
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["strict-transport-security"], "max-age=600");
+    s.send(Message::text("hi")).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        Message::text("hi")
+    );
+    let up = seen
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("a traceparent upstream");
+    let parts: Vec<&str> = up.split('-').collect();
+    assert_eq!(parts.len(), 4, "{up}");
+    assert_eq!(
+        parts[1], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "the same trace"
+    );
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "the gateway's span is the parent"
+    );
+    assert_eq!(
+        parts[3], "00",
+        "an untrusted client's sampling is not believed"
+    );
+
+    match tokio_tungstenite::client_async(request("/refuse"), tls().await).await {
+        Err(tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 403);
+            assert_eq!(resp.headers()["strict-transport-security"], "max-age=600");
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+}

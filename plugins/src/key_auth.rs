@@ -181,44 +181,21 @@ impl KeyAuth {
 
 /// The value of query parameter `name`, percent-decoded.
 pub fn query_param(query: &str, name: &str) -> Option<Vec<u8>> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
-    })
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned().into_bytes())
 }
 
-fn percent_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    Some(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    out
-}
-
-/// `query` without parameter `name`.
+/// `query` without parameter `name`, the other pairs as sent. A pair is the parameter when
+/// its decoded name is (as [`query_param`] finds it): `api%5Fkey=...` is not left behind.
 fn strip_param(query: &str, name: &str) -> String {
     query
         .split('&')
-        .filter(|p| p.split_once('=').map_or(*p, |(k, _)| k) != name)
+        .filter(|p| {
+            form_urlencoded::parse(p.as_bytes())
+                .next()
+                .is_none_or(|(k, _)| k != name)
+        })
         .collect::<Vec<_>>()
         .join("&")
 }
@@ -229,6 +206,10 @@ impl Plugin for KeyAuth {
         let mut v = vec![self.consumer_header.clone()];
         v.extend(self.header.clone());
         v
+    }
+
+    fn credential_query(&self) -> Vec<String> {
+        self.query.iter().cloned().collect()
     }
 
     /// The consumer header, and the key header it hides.
@@ -334,7 +315,12 @@ mod tests {
         assert_eq!(query_param("api_key", "api_key").unwrap(), b"");
         assert!(query_param("a=1", "api_key").is_none());
         assert_eq!(strip_param("a=1&api_key=x&b=2", "api_key"), "a=1&b=2");
-        assert_eq!(percent_decode("%zz%4"), b"%zz%4");
+        assert_eq!(query_param("k=%zz%4", "k").unwrap(), b"%zz%4");
+        // A sign is no hex digit (a hand-made decoder took `%+5` for 0x05); `+` is a space.
+        assert_eq!(query_param("k=%+5", "k").unwrap(), b"% 5");
+        // The name as decoded: a spelled-out `_` is the same parameter, found and stripped.
+        assert_eq!(query_param("api%5Fkey=s", "api_key").unwrap(), b"s");
+        assert_eq!(strip_param("a=1&api%5Fkey=x&b=2", "api_key"), "a=1&b=2");
     }
 
     #[test]

@@ -346,6 +346,12 @@ pub trait Plugin: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Query parameters that carry a credential (an API key): the access log writes them as
+    /// `[redacted]`.
+    fn credential_query(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The request headers this plugin's `upstream_request` may set, change or remove. A
     /// stored answer is matched to later requests by the client's values of the headers its
     /// `Vary` names (the cache looks up before the upstream request exists), so an answer
@@ -485,6 +491,19 @@ impl Chain {
             }
         }
         Some(all)
+    }
+
+    /// Every request plugin's [`Plugin::credential_query`], in one list.
+    pub fn credential_query(&self) -> Vec<String> {
+        let mut all: Vec<String> = Vec::new();
+        for p in &self.request {
+            for q in p.plugin.credential_query() {
+                if !all.contains(&q) {
+                    all.push(q);
+                }
+            }
+        }
+        all
     }
 
     /// Every plugin's [`Plugin::credential_headers`], in one list.

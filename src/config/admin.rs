@@ -78,8 +78,8 @@ pub(super) fn admin_auth_all(ld: &mut Loader, f: &ServerFile, has_token: bool) -
     }
 }
 
-/// `access_log = { path, format }`: `path = "-"` is stdout; the format is `json` (default)
-/// or nginx's `combined` with Gatehouse's fields after it.
+/// `access_log = { path, format, redact_query }`: `path = "-"` is stdout; the format is
+/// `json` (default) or nginx's `combined` with Gatehouse's fields after it.
 pub(super) fn access_log(
     ld: &mut Loader,
     f: &ServerFile,
@@ -117,7 +117,11 @@ pub(super) fn access_log(
             );
         }
     }
-    Some(Settings { path, format })
+    Some(Settings {
+        path,
+        format,
+        redact_query: a.get_ref().redact_query.clone(),
+    })
 }
 
 /// `log_format`: `"text"` (default) or `"json"`.

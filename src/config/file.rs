@@ -60,6 +60,8 @@ pub struct TracingFile {
 pub struct AccessLogFile {
     pub path: PathBuf,
     pub format: Option<Spanned<String>>,
+    #[serde(default)]
+    pub redact_query: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

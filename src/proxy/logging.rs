@@ -104,6 +104,10 @@ fn access(
         .uri
         .path_and_query()
         .map_or_else(|| req.uri.path(), |p| p.as_str());
+    let redact = ctx
+        .route
+        .map_or(&gw.default_log_redact, |id| &gw.log_redact[id]);
+    let target = crate::access_log::redact_query(target, redact);
     let protocol = if session.as_ref().is_http2() {
         "HTTP/2.0"
     } else if req.version == http::Version::HTTP_10 {
@@ -117,7 +121,7 @@ fn access(
         client_ip: ctx.plugins.client_ip,
         method: req.method.as_str(),
         host,
-        target,
+        target: &target,
         protocol,
         status: session.response_written().map_or(0, |r| r.status.as_u16()),
         request_bytes: session.body_bytes_read(),
@@ -134,4 +138,22 @@ fn access(
         consumer: ctx.plugins.consumer().map(|c| &**c),
         trace_id,
     });
+}
+
+/// One finished request on its route's metric handles (or the gateway's unmatched ones). A
+/// background refresh is the cache's own request, not a client's: not counted.
+pub(super) fn metrics(gw: &GatewayRt, session: &Session, ctx: &RequestCtx) {
+    let Some(start) = ctx.start else { return };
+    if session.subrequest_ctx.is_some() {
+        return;
+    }
+    let m = ctx.route.map_or(&gw.unmatched, |id| &gw.metrics[id]);
+    m.record(
+        &session.req_header().method,
+        session.response_written().map_or(0, |r| r.status.as_u16()),
+        start.elapsed().as_secs_f64(),
+        session.body_bytes_read(),
+        session.body_bytes_sent(),
+        ctx.plugins.cache_status,
+    );
 }

@@ -648,7 +648,7 @@ impl ProxyHttp for GatewayProxy {
         // Taken and put back rather than cloned, as in request_filter.
         if let Some(rt) = ctx.rt.take() {
             if let Some(gw) = rt.gateways.get(self.index) {
-                crate::metrics::record_request(gw, session, ctx);
+                logging::metrics(gw, session, ctx);
                 logging::finish(&rt, gw, session, ctx);
             }
             ctx.rt = Some(rt);

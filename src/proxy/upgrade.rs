@@ -477,6 +477,12 @@ impl super::GatewayProxy {
         };
         self.prepare_upstream_request(session, &mut req, ctx)
             .await?;
+        // As upstream_request_filter does for proxied requests: the trace goes on (a client's
+        // own traceparent, when not trusted, unsampled), and the upstream's time is measured.
+        if let Some(span) = &ctx.span {
+            rt.tracing.inject(span, &mut req);
+        }
+        ctx.upstream_sent = Some(std::time::Instant::now());
         let result = async {
             let stream = connect(pool, idx, &req).await?;
             handshake(pool, stream).await
@@ -495,6 +501,9 @@ impl super::GatewayProxy {
         hs.check_switch(&accept)?;
         self.upstream_response_filter(session, &mut hs.resp, ctx)
             .await?;
+        // The gateway's own headers (HSTS) on the 101 and on an upstream's refusal alike:
+        // response_filter, which stamps proxied answers, does not run for the tunnel.
+        gw.stamp(&mut hs.resp);
         gw.chains[id]
             .response(session, &mut hs.resp, &mut ctx.plugins)
             .await?;
