@@ -105,7 +105,7 @@ impl Admin {
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": STARTED.elapsed().as_secs(),
-            "config": { "path": rt.config_path.display().to_string(), "sha256": &*rt.config_sha256 },
+            "config": { "path": rt.config_path.display().to_string(), "sha256": config_digest(&rt.config_source) },
             "gateways": gateways,
             "upstreams": upstreams,
             "cache": cache,
@@ -138,6 +138,15 @@ fn authorized(session: &ServerSession, token: &str) -> bool {
             (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
         })
         .is_some_and(|got| bool::from(got.trim_ascii().ct_eq(token.as_bytes())))
+}
+
+/// The config's digest as `/status` shows it: of the redacted config (what `/config` shows),
+/// so it tells which config runs without letting anyone check a guessed secret against it
+/// (the raw file's digest would, offline: the shipped file with one token changed).
+fn config_digest(source: &str) -> Option<String> {
+    use sha2::Digest;
+    let redacted = redact::config_json(source)?.to_string();
+    Some(hex::encode(sha2::Sha256::digest(redacted.as_bytes())))
 }
 
 /// DNS rebinding: a web page whose name an attacker points at this listener's address would
@@ -419,5 +428,25 @@ impl ServeHttp for Admin {
                 "{\"status\":404,\"error\":\"try /, /status, /metrics, /config, /healthz or /readyz\"}\n".into(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod digest {
+    use super::config_digest;
+
+    #[test]
+    fn secrets_do_not_change_the_digest_and_the_rest_does() {
+        let file = |token: &str, secret: &str, path: &str| {
+            format!(
+                "[server]\nadmin_token = \"{token}\"\n[plugins.j]\nkind = \"jwt_auth\"\n\
+                 secret = \"{secret}\"\n[[routes]]\npath = \"{path}\"\nupstream = \"u\"\n"
+            )
+        };
+        let a = config_digest(&file("token-one-0123456789", "secret-one", "/a")).unwrap();
+        let b = config_digest(&file("token-two-0123456789", "secret-two", "/a")).unwrap();
+        let c = config_digest(&file("token-one-0123456789", "secret-one", "/b")).unwrap();
+        assert_eq!(a, b, "a guessed secret cannot be checked against it");
+        assert_ne!(a, c, "it still tells configs apart");
     }
 }

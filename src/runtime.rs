@@ -117,7 +117,6 @@ pub struct Runtime {
     pub tracing: Arc<crate::trace::Tracing>,
     /// The file this snapshot was built from: path, SHA-256, text (for /status and /config).
     pub config_path: Arc<std::path::Path>,
-    pub config_sha256: Arc<str>,
     pub config_source: Arc<str>,
 }
 
@@ -281,7 +280,6 @@ impl Runtime {
                 _ => Arc::new(crate::trace::Tracing::new(cfg.server.tracing.clone())?),
             },
             config_path: cfg.path.as_path().into(),
-            config_sha256: cfg.sha256.as_str().into(),
             config_source: cfg.source.clone(),
         })
     }

@@ -67,7 +67,7 @@ fn parent_of(map: &http::HeaderMap) -> Option<(u128, u64, u8)> {
 
 fn nonzero_random() -> u64 {
     loop {
-        let r = gatehouse_plugins::random_u64();
+        let r = gatehouse_plugins::secure_u64();
         if r != 0 {
             return r;
         }
@@ -179,9 +179,25 @@ impl Injector for Upstream<'_> {
     }
 }
 
+/// The SDK's span and trace ids from the same CSPRNG as the gateway's own (the SDK's default
+/// generator is a fast PRNG whose outputs predict the next ones).
+#[derive(Debug)]
+struct SecureIds;
+
+impl opentelemetry_sdk::trace::IdGenerator for SecureIds {
+    fn new_trace_id(&self) -> opentelemetry::trace::TraceId {
+        let hi = u128::from(nonzero_random()) << 64;
+        opentelemetry::trace::TraceId::from(hi | u128::from(gatehouse_plugins::secure_u64()))
+    }
+
+    fn new_span_id(&self) -> opentelemetry::trace::SpanId {
+        opentelemetry::trace::SpanId::from(nonzero_random())
+    }
+}
+
 impl Tracing {
     pub fn new(settings: Option<Settings>) -> Result<Tracing, String> {
-        let mut b = SdkTracerProvider::builder();
+        let mut b = SdkTracerProvider::builder().with_id_generator(SecureIds);
         match &settings {
             Some(s) => {
                 use opentelemetry_otlp::{Protocol, WithExportConfig};
@@ -243,7 +259,7 @@ impl Tracing {
                 }
                 None => TraceCtx::Light {
                     trace_id: (u128::from(nonzero_random()) << 64)
-                        | u128::from(gatehouse_plugins::random_u64()),
+                        | u128::from(gatehouse_plugins::secure_u64()),
                     span_id: nonzero_random(),
                     flags: 0,
                     state: None,

@@ -102,6 +102,59 @@ fn respell(path: &str, choices: &[u8]) -> String {
     out
 }
 
+/// Why the canonical form refuses `raw` (with the default options), said independently of
+/// its code: a `;` parameter, a space, a broken escape, or an escape of a control character,
+/// a slash or a backslash.
+fn refusal(raw: &str) -> Option<&'static str> {
+    let b = raw.as_bytes();
+    if b.contains(&b';') {
+        return Some("parameter");
+    }
+    if b.contains(&b' ') {
+        return Some("space");
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let Some(v) = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            else {
+                return Some("broken escape");
+            };
+            if v < 0x20 || v == 0x7f || v == b'/' || v == b'\\' {
+                return Some("escaped control or separator");
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+#[test]
+fn the_refusal_oracle_says_what_it_should() {
+    assert_eq!(refusal("/a/b"), None);
+    assert_eq!(refusal("/a%41"), None);
+    assert_eq!(refusal("/a;b"), Some("parameter"));
+    assert_eq!(refusal("/a%2"), Some("broken escape"));
+    assert_eq!(refusal("/a%zz"), Some("broken escape"));
+    assert_eq!(refusal("/a%2f"), Some("escaped control or separator"));
+    assert_eq!(refusal("/a%5C"), Some("escaped control or separator"));
+    assert_eq!(refusal("/a%00"), Some("escaped control or separator"));
+    for (raw, refused) in [
+        ("/a%2f", true),
+        ("/a;x", true),
+        ("/a%", true),
+        ("/%7e", false),
+    ] {
+        assert_eq!(canon(raw).is_none(), refused, "{raw}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
@@ -110,10 +163,16 @@ proptest! {
         prop_assert_eq!(canon(&p), Some(p.clone()));
     }
 
+    /// Every input gets the one right verdict: refused exactly when it holds what the
+    /// canonical form refuses, and otherwise made canonical once and for all.
     #[test]
     fn canonical_is_idempotent(raw in "(/[A-Za-z0-9._~%;:@!$&'()*+,=/ -]{0,12}){1,4}") {
-        if let Some(once) = canon(&raw) {
-            prop_assert_eq!(canon(&once), Some(once.clone()), "from {}", raw);
+        match canon(&raw) {
+            Some(once) => {
+                prop_assert_eq!(refusal(&raw), None, "accepted {}", raw);
+                prop_assert_eq!(canon(&once), Some(once.clone()), "from {}", raw);
+            }
+            None => prop_assert!(refusal(&raw).is_some(), "refused {} for no reason", raw),
         }
     }
 

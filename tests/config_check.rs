@@ -290,3 +290,48 @@ fn client_limits_and_insecure_key_urls() {
     let (code, out, _, _dir) = check(&ok);
     assert_eq!(code, 0, "{out}");
 }
+
+/// The secrets Gatehouse publishes (its demo and example files) and `change-me` placeholders
+/// are warned of, each with its line; a config with its own secrets gets no warning.
+#[test]
+fn check_warns_of_published_and_placeholder_secrets() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (code, out) = check_file(&root.join("conf/gatehouse.toml"));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("gatehouse.toml:50:") && out.contains("the admin token is a published"),
+        "{out}"
+    );
+    assert!(out.contains("the JWT `secret` is a published"), "{out}");
+    let (code, out) = check_file(&root.join("conf/examples/auth.toml"));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("consumer \"partner-acme\" has a published API key"),
+        "{out}"
+    );
+    assert!(
+        out.contains("user \"ops\" has a published password"),
+        "{out}"
+    );
+
+    let own = |token: &str, secret: &str| {
+        format!(
+            "[server]\nadmin = \"127.0.0.1:9180\"\nadmin_token = \"{token}\"\n\
+             [upstreams.u]\npeers = [\"127.0.0.1:9\"]\n\
+             [plugins.j]\nkind = \"jwt_auth\"\nalgorithms = [\"HS256\"]\nsecret = \"{secret}\"\n\
+             [gateways.g]\nlisten = [\"127.0.0.1:8080\"]\n[[routes]]\nupstream = \"u\"\n"
+        )
+    };
+    let (code, out, _, _d) = check(&own(
+        "Zq3v9LrT0pW2yXk8mN4bHc",
+        "s9R2kL7qW3eT8yU1iO4pA6sDf5Gh0Jk2",
+    ));
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    let (code, out, _, _d) = check(&own(
+        "our-token-CHANGE-ME-later",
+        "please-change-this-secret-0123456789",
+    ));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("warning").count(), 2, "{out}");
+}

@@ -36,6 +36,32 @@ pub const KINDS: &[&str] = &[
 ];
 
 /// The typed config of one plugin instance.
+/// Secrets published with Gatehouse: its demo (`gatehouse demo`, conf/gatehouse.toml) and
+/// example files. A config that uses one is open to anyone who read them.
+const PUBLISHED_SECRETS: [&str; 3] = [
+    "demo-admin-token-change-me",
+    "example-admin-token-please-change-0123",
+    "gatehouse-demo-secret-change-me-0123456789",
+];
+/// API keys and a password hash of the example files (conf/examples/keys).
+const PUBLISHED_KEYS: [&str; 1] = ["example-key-change-me"];
+const PUBLISHED_PASSWORD_HASHES: [&str; 1] =
+    ["$2y$10$kPVNnWTn342zE6U0stlq2OxzvQQ2rOOonqVT1YMFD0IG/mlvylnL2"];
+
+/// A secret someone forgot to choose: one Gatehouse publishes, or a `change-me` placeholder.
+pub fn placeholder_secret(s: &str) -> bool {
+    let l = s.to_ascii_lowercase();
+    PUBLISHED_SECRETS.contains(&s)
+        || ["change-me", "changeme", "change_me", "please-change"]
+            .iter()
+            .any(|p| l.contains(p))
+}
+
+fn sha256(b: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(b).into()
+}
+
 #[derive(Debug, Clone)]
 pub enum PluginConfig {
     RequestId(request_id::Config),
@@ -72,6 +98,33 @@ impl PluginConfig {
             "mtls_auth" => PluginConfig::MtlsAuth(mtls_auth::Config::deserialize(d)?),
             _ => return Ok(None),
         }))
+    }
+
+    /// Secrets of this plugin that are placeholders or published with Gatehouse (its demo
+    /// and example files), said as a warning each: anyone who read them can use them.
+    pub fn published_secrets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match self {
+            PluginConfig::JwtAuth(c) if c.secret.as_deref().is_some_and(placeholder_secret) => {
+                out.push("the JWT `secret` is a published or placeholder value".into());
+            }
+            PluginConfig::KeyAuth(c) => {
+                for (consumer, hash) in &c.entries {
+                    if PUBLISHED_KEYS.iter().any(|k| sha256(k.as_bytes()) == *hash) {
+                        out.push(format!("consumer \"{consumer}\" has a published API key"));
+                    }
+                }
+            }
+            PluginConfig::BasicAuth(c) => {
+                for (user, hash) in &c.users {
+                    if PUBLISHED_PASSWORD_HASHES.contains(&hash.as_str()) {
+                        out.push(format!("user \"{user}\" has a published password"));
+                    }
+                }
+            }
+            _ => {}
+        }
+        out
     }
 
     /// Checks what the types alone cannot (keys present, lists not empty) and reads the files

@@ -38,7 +38,7 @@ pub mod template;
 
 pub use config::{PluginConfig, KINDS};
 pub use mtls_auth::ClientCert;
-pub use request_id::random_u64;
+pub use request_id::{random_u64, secure_u64};
 
 /// What a plugin's request hook decided.
 #[must_use]

@@ -127,8 +127,8 @@ impl Plugin for RequestId {
 }
 
 thread_local! {
-    /// Per-thread generator state: no lock and no syscall per id. Ids need to be unique, not
-    /// secret, so a seeded xorshift is enough.
+    /// Per-thread generator state for sampling and peer choice: no lock and no syscall.
+    /// Never for ids a client sees: two outputs of xorshift give away its state.
     static STATE: Cell<(u64, u64)> = Cell::new(seed());
 }
 
@@ -139,9 +139,17 @@ fn seed() -> (u64, u64) {
     (a, b)
 }
 
-/// A fast per-thread pseudo-random number (not for secrets): sampling, splits, ids.
+/// A fast per-thread pseudo-random number, predictable from its outputs: sampling, splits,
+/// peer choice. Ids use [`secure_u64`].
 pub fn random_u64() -> u64 {
     next_u64()
+}
+
+/// A random number from a CSPRNG (rand's ThreadRng: ChaCha12, per thread, reseeded from the
+/// OS): for ids that clients and upstreams see, so the ids one client observes say nothing
+/// of another's (a request id or trace id is a handle into logs and traces).
+pub fn secure_u64() -> u64 {
+    rand::RngCore::next_u64(&mut rand::thread_rng())
 }
 
 fn next_u64() -> u64 {
@@ -157,20 +165,13 @@ fn next_u64() -> u64 {
     })
 }
 
-/// A new random id: 32 lower-case hex digits (128 bits).
+/// A new random id: 32 lower-case hex digits (128 bits from the CSPRNG).
 pub fn generate() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bits = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bits);
     let mut out = [0u8; 32];
-    let (a, b) = (next_u64(), next_u64());
-    for (i, byte) in a
-        .to_be_bytes()
-        .iter()
-        .chain(b.to_be_bytes().iter())
-        .enumerate()
-    {
-        out[2 * i] = HEX[(byte >> 4) as usize];
-        out[2 * i + 1] = HEX[(byte & 0xf) as usize];
-    }
+    // 16 bytes always fit 32 digits.
+    let _ = hex::encode_to_slice(bits, &mut out);
     // Hex digits are always a valid header value.
     HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&out))
         .unwrap_or(HeaderValue::from_static("0"))
@@ -187,6 +188,26 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
+    }
+
+    /// Ids do not come from the fast generator: the ids one client sees must not give away
+    /// what the next client's will be (two xorshift outputs give away its whole state).
+    #[test]
+    fn ids_are_not_the_predictable_stream() {
+        for _ in 0..1000 {
+            let (s1, s0) = STATE.with(|st| st.get());
+            let predicted = s0.wrapping_add(s1);
+            let id = generate();
+            let first = u64::from_str_radix(&id.to_str().unwrap()[..16], 16).unwrap();
+            assert_ne!(first, predicted);
+            assert_eq!(
+                STATE.with(|st| st.get()),
+                (s1, s0),
+                "the fast state is untouched"
+            );
+        }
+        let ids: std::collections::HashSet<_> = (0..10_000).map(|_| generate()).collect();
+        assert_eq!(ids.len(), 10_000);
     }
 
     #[test]

@@ -46,6 +46,13 @@ pub(super) fn admin_token(
         );
         return None;
     }
+    if gatehouse_plugins::config::placeholder_secret(&token) {
+        ld.warn(
+            span,
+            "[server]",
+            "the admin token is a published or placeholder value: choose your own",
+        );
+    }
     Some(token.into())
 }
 

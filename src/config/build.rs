@@ -451,10 +451,6 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         warnings,
         path: path.to_path_buf(),
         source: src.into(),
-        sha256: {
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(src.as_bytes()))
-        },
         server: Server {
             threads,
             admin: server_file.admin.as_ref().map(|a| a.get_ref().0),
@@ -528,7 +524,12 @@ fn plugin_config<'a>(
     let rest: Spanned<DeValue<'a>> = Spanned::new(span.clone(), DeValue::Table(table));
     match PluginConfig::deserialize_kind(&kind, ValueDeserializer::from(rest)) {
         Ok(Some(mut c)) => match c.prepare(base) {
-            Ok(()) => Some(c),
+            Ok(()) => {
+                for w in c.published_secrets() {
+                    ld.warn(kspan.clone(), ctx, w);
+                }
+                Some(c)
+            }
             Err(e) => {
                 ld.err(kspan, ctx, e);
                 None

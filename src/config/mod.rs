@@ -33,9 +33,8 @@ pub struct Config {
     /// `FILE:LINE:COL: warning: ...`: what `check` says and start and reload log.
     pub warnings: Vec<String>,
     pub path: PathBuf,
-    /// The file's text as loaded (for `/config`) and its SHA-256 in hex (for `/status`).
+    /// The file's text as loaded (for `/config`, redacted, and the digest in `/status`).
     pub source: std::sync::Arc<str>,
-    pub sha256: String,
     pub server: Server,
     pub upstreams: Vec<Upstream>,
     pub plugins: Vec<NamedPlugin>,
