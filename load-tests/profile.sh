@@ -28,7 +28,8 @@ events { worker_connections 1024; }
 http { access_log off; keepalive_requests 1000000;
   client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
   uwsgi_temp_path $work; scgi_temp_path $work;
-  server { listen 127.0.0.1:$UP; location / { return 200 hello; } } }
+  server { listen 127.0.0.1:$UP; location / { return 200 hello; }
+    location /1k { add_header Cache-Control "max-age=3600"; return 200 "$(head -c 1024 /dev/zero | tr '\\0' x)"; } } }
 CONF
 nginx -p "$work/up" -c "$work/up/nginx.conf" & pids+=($!)
 for _ in $(seq 100); do (: </dev/tcp/127.0.0.1/$UP) 2>/dev/null && break; sleep 0.1; done
@@ -48,6 +49,8 @@ CONF
 }
 gh_conf "" > "$work/gh.toml"
 gh_conf "forwarded_headers = []" > "$work/ghfwd.toml"
+# 1 KB answers from the response cache: every measured request is a hit.
+{ gh_conf ""; echo 'cache = { ttl = "60s" }'; } > "$work/ghcache.toml"
 # The defaults with the operations features on: JSON access log (its writer thread's work
 # counts too: callgrind counts every thread) and the admin listener.
 gh_conf "" | sed "s|^threads = 1|threads = 1\naccess_log = { path = \"$work/access.log\", format = \"json\" }\nadmin = \"127.0.0.1:$((FRONT + 1))\"|" > "$work/ghops.toml"
@@ -55,11 +58,12 @@ gh_conf "" | sed "s|^threads = 1|threads = 1\naccess_log = { path = \"$work/acce
 cat > "$work/client.py" <<'PY'
 import http.client, sys, time
 port, n = int(sys.argv[1]), int(sys.argv[2])
+path = sys.argv[3] if len(sys.argv) > 3 else "/"
 deadline = time.time() + 60
 while True:  # wait for the front (valgrind starts slowly), at most a minute
     try:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        c.request("GET", "/"); c.getresponse().read(); c.close()
+        c.request("GET", path); c.getresponse().read(); c.close()
         break
     except OSError:
         if time.time() > deadline:
@@ -68,7 +72,7 @@ while True:  # wait for the front (valgrind starts slowly), at most a minute
 conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(5)]
 for i in range(n):
     c = conns[i % 5]
-    c.request("GET", "/")
+    c.request("GET", path)
     r = c.getresponse(); r.read()
     if r.status != 200:
         sys.exit(f"status {r.status}")
@@ -79,7 +83,7 @@ total() { # callgrind file -> total instructions
 }
 rows="$work/rows"
 : > "$rows"
-profile() { # label command...
+profile() { # label command... (PROFILE_PATH: the path asked, default /)
   local label=$1; shift
   local counts=()
   for n in 300 1300; do
@@ -87,7 +91,7 @@ profile() { # label command...
     valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >/dev/null 2>"$work/vg.err" &
     local vp=$!
     pids+=($vp)  # stopped by the cleanup trap too, should the client fail
-    python3 "$work/client.py" $FRONT $n
+    python3 "$work/client.py" $FRONT $n "${PROFILE_PATH:-/}"
     kill -INT $vp; wait $vp || true
     counts+=("$(total "$out")")
     if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$out" "$KEEP/$(echo "$label" | tr -c 'a-zA-Z0-9\n' '_').$n"; fi
@@ -103,9 +107,11 @@ profile "bare pingora + X-Forwarded/Host/timeouts" "$bare" 127.0.0.1:$FRONT 127.
 profile "gatehouse, forwarded_headers = []" "$gh" run -c "$work/ghfwd.toml"
 profile "gatehouse (defaults: X-Forwarded-For/-Proto/-Host)" "$gh" run -c "$work/gh.toml"
 profile "gatehouse (defaults) + JSON access log + admin" "$gh" run -c "$work/ghops.toml"
+PROFILE_PATH=/1k profile "gatehouse, 1 KB cache hits" "$gh" run -c "$work/ghcache.toml"
 if [ -n "${BASELINE:-}" ]; then
   profile "baseline gatehouse, forwarded_headers = []" "$BASELINE" run -c "$work/ghfwd.toml"
   profile "baseline gatehouse (defaults)" "$BASELINE" run -c "$work/gh.toml"
+  PROFILE_PATH=/1k profile "baseline gatehouse, 1 KB cache hits" "$BASELINE" run -c "$work/ghcache.toml"
 fi
 
 mkdir -p load-tests/results
@@ -128,7 +134,8 @@ out="load-tests/results/$(date -u +%Y%m%d-%H%M%S)-profile.md"
     echo
     for pair in "gatehouse, forwarded_headers = []|baseline gatehouse, forwarded_headers = []" \
                 "gatehouse (defaults: X-Forwarded-For/-Proto/-Host)|baseline gatehouse (defaults)" \
-                "gatehouse (defaults) + JSON access log + admin|baseline gatehouse (defaults)"; do
+                "gatehouse (defaults) + JSON access log + admin|baseline gatehouse (defaults)" \
+                "gatehouse, 1 KB cache hits|baseline gatehouse, 1 KB cache hits"; do
       now=$(of "${pair%%|*}"); then=$(of "${pair#*|}")
       echo "- ${pair%%|*}: $now ÷ $then = $(awk -v a="$now" -v b="$then" 'BEGIN { printf "%.3f", a / b }')"
     done

@@ -303,13 +303,10 @@ fn push_u64(s: &mut Vec<u8>, n: u64) {
 }
 
 fn push_hex(s: &mut Vec<u8>, bytes: &[u8; 16]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     // On the stack first: one append instead of 32 (each checks the capacity).
     let mut out = [0u8; 32];
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 15)];
-    }
+    // 16 bytes always fit 32 digits.
+    let _ = hex::encode_to_slice(bytes, &mut out);
     s.extend_from_slice(&out);
 }
 
@@ -538,15 +535,11 @@ fn nginx_escaped(s: &mut Vec<u8>, v: &[u8]) {
     if plain(v) {
         s.extend_from_slice(v);
     } else {
-        const HEX: &[u8; 16] = b"0123456789ABCDEF";
         for &b in v {
             if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
-                s.extend_from_slice(&[
-                    b'\\',
-                    b'x',
-                    HEX[usize::from(b >> 4)],
-                    HEX[usize::from(b & 15)],
-                ]);
+                // `\xHH`, nginx's escape: the digits of the `%HH` form.
+                s.extend_from_slice(b"\\x");
+                s.extend_from_slice(&percent_encoding::percent_encode_byte(b).as_bytes()[1..]);
             } else {
                 s.push(b);
             }

@@ -332,7 +332,7 @@ impl Admin {
 /// An absolute URL as the cache keys it: the scheme lower-cased, the authority canonical (so
 /// `http://Shop.example.com.:80/` names what `Host: shop.example.com` stored), the path made
 /// canonical the way requests are (so `/a//b` names the entry `/a/b` was stored under).
-fn purge_key(u: &str, opts: crate::proxy::canonical::Options) -> Option<String> {
+fn purge_key(u: &str, opts: crate::path::Options) -> Option<String> {
     let (scheme, rest) = u.split_once("://")?;
     let scheme = scheme.to_ascii_lowercase();
     if scheme != "http" && scheme != "https" {
@@ -346,7 +346,7 @@ fn purge_key(u: &str, opts: crate::proxy::canonical::Options) -> Option<String> 
         None => (pq, None),
     };
     let path = if path.is_empty() { "/" } else { path };
-    let path = crate::proxy::canonical::canonical_path(path.as_bytes(), opts).ok()?;
+    let path = crate::path::canonical_path(path.as_bytes(), opts).ok()?;
     let mut key = format!("{scheme}://{authority}{path}");
     if let Some(q) = query {
         key.push('?');

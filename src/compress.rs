@@ -19,8 +19,6 @@ use pingora::protocols::http::compression::{Algorithm, Encode};
 use pingora_error::{OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use crate::config::offload::{Coding, Compression};
-
 pub struct Builder;
 
 impl HttpModuleBuilder for Builder {
@@ -35,6 +33,84 @@ impl HttpModuleBuilder for Builder {
 }
 
 /// Per request: the route's settings (set once the route is known) and, once the response
+/// A content coding the gateway can produce, with Pingora's encoder behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    Zstd,
+    Br,
+    Gzip,
+}
+
+impl Coding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Coding::Zstd => "zstd",
+            Coding::Br => "br",
+            Coding::Gzip => "gzip",
+        }
+    }
+
+    /// Levels each encoder accepts. zstd stops at 19: above it are the "ultra" levels, whose
+    /// windows cost far more memory per response than a gateway should spend.
+    pub(crate) fn levels(self) -> std::ops::RangeInclusive<i64> {
+        match self {
+            Coding::Zstd => 1..=19,
+            Coding::Br => 1..=11,
+            Coding::Gzip => 1..=9,
+        }
+    }
+
+    /// gzip 6 is gzip's own default; br 4 and zstd 3 are what CDNs use for dynamic content
+    /// (near gzip's speed, smaller output).
+    pub(crate) fn default_level(self) -> u32 {
+        match self {
+            Coding::Zstd => 3,
+            Coding::Br => 4,
+            Coding::Gzip => 6,
+        }
+    }
+}
+
+/// A `types` entry: `text/*` (any subtype) or an exact media type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypeMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compression {
+    /// Allowed codings, the route's preference first (ties in the client's q-values go to it).
+    pub algorithms: Vec<(Coding, u32)>,
+    /// Responses whose Content-Length says they are smaller go as they are.
+    pub min_size: u64,
+    pub types: Vec<TypeMatch>,
+}
+
+impl Compression {
+    /// Whether a response of this `Content-Type` is compressed. Streams of events or records
+    /// (`text/event-stream`, `application/x-ndjson`) never are: encoders buffer, and such a
+    /// stream must reach the client piece by piece.
+    pub fn compresses(&self, content_type: &[u8]) -> bool {
+        let media = content_type
+            .split(|&b| b == b';')
+            .next()
+            .unwrap_or_default()
+            .trim_ascii();
+        if media.eq_ignore_ascii_case(b"text/event-stream")
+            || media.eq_ignore_ascii_case(b"application/x-ndjson")
+        {
+            return false;
+        }
+        self.types.iter().any(|t| match t {
+            TypeMatch::Prefix(p) => {
+                media.len() > p.len() && media[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            }
+            TypeMatch::Exact(e) => media.eq_ignore_ascii_case(e.as_bytes()),
+        })
+    }
+}
+
 /// head said so, the encoder.
 #[derive(Default)]
 pub struct Compress {

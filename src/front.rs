@@ -28,16 +28,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::runtime::Live;
+use crate::upstream::now_ms;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
-use pingora_proxy::HttpProxy;
-
-use crate::proxy::GatewayProxy;
-use crate::runtime::Live;
-use crate::upstream::now_ms;
 
 /// Called on a worker thread when one of its connections ends: the binary sets it to hand
 /// the allocator's freed memory back (see main.rs). A hook, so this crate stays free of
@@ -341,9 +338,10 @@ impl Drop for Armed {
     }
 }
 
-/// A gateway's listeners: Pingora's HTTP proxy, run under the client limits.
-pub struct Front {
-    pub proxy: Arc<HttpProxy<GatewayProxy>>,
+/// A gateway's listeners: Pingora's HTTP proxy (`A`: any HTTP app; the gateway's is
+/// `HttpProxy<proxy::GatewayProxy>`), run under the client limits.
+pub struct Front<A> {
+    pub proxy: Arc<A>,
     pub live: Live,
     pub name: Arc<str>,
     active: AtomicUsize,
@@ -359,9 +357,9 @@ pub struct Front {
 }
 
 /// Holds one of the gateway's connection slots.
-struct Slot<'a>(&'a Front);
+struct Slot<'a, A>(&'a Front<A>);
 
-impl Drop for Slot<'_> {
+impl<A> Drop for Slot<'_, A> {
     fn drop(&mut self) {
         let before = self.0.active.fetch_sub(1, Relaxed);
         self.0.gauge.dec();
@@ -377,15 +375,15 @@ impl Drop for Slot<'_> {
     }
 }
 
-impl Front {
+impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
     pub fn new(
-        proxy: HttpProxy<GatewayProxy>,
+        proxy: A,
         live: Live,
         name: Arc<str>,
         grace: Duration,
         h2c: bool,
         tls: Option<crate::tls::Handshaker>,
-    ) -> Front {
+    ) -> Front<A> {
         Front {
             grace,
             h2c,
@@ -399,7 +397,7 @@ impl Front {
         }
     }
 
-    fn admit(&self, max: usize) -> Option<Slot<'_>> {
+    fn admit(&self, max: usize) -> Option<Slot<'_, A>> {
         if self.active.fetch_add(1, Relaxed) >= max {
             self.active.fetch_sub(1, Relaxed);
             if !self.saturated.swap(true, Relaxed) {
@@ -495,7 +493,7 @@ impl Front {
 }
 
 #[async_trait]
-impl ServerApp for Front {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod explain;
 pub mod front;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod router;
 pub mod runtime;

@@ -107,7 +107,7 @@ pub struct Runtime {
     pub gateways: Arc<[GatewayRt]>,
     pub pools: Vec<Arc<Pool>>,
     pub trusted_proxies: Vec<IpNet>,
-    pub canonical: crate::proxy::canonical::Options,
+    pub canonical: crate::path::Options,
     pub client: crate::front::ClientLimits,
     /// Bearer token for the admin listener's purge endpoint; `None`: purge is off.
     pub admin_token: Option<Arc<str>>,
@@ -267,7 +267,7 @@ impl Runtime {
             gateways: gateways.into(),
             pools,
             trusted_proxies: cfg.server.trusted_proxies.clone(),
-            canonical: crate::proxy::canonical::Options {
+            canonical: crate::path::Options {
                 keep_encoded_slashes: cfg.server.keep_encoded_slashes,
                 keep_path_parameters: cfg.server.keep_path_parameters,
             },

@@ -375,13 +375,9 @@ pub fn finish(t: TraceCtx, o: &Outcome) {
     span.end();
 }
 
-/// Lower-case hex of `bytes` into `out` (twice as long).
+/// Lower-case hex of `bytes` into `out` (twice as long: the callers' slices are).
 fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (o, b) in out.chunks_exact_mut(2).zip(bytes) {
-        o[0] = HEX[usize::from(b >> 4)];
-        o[1] = HEX[usize::from(b & 15)];
-    }
+    let _ = hex::encode_to_slice(bytes, out);
 }
 
 /// At most `max` bytes of a client value (a span carries at most a few KiB).

@@ -104,23 +104,10 @@ pub fn refuse(
     Decision::Respond(r)
 }
 
-/// Quotes `s` as a JSON string; enough for error messages, which we write ourselves.
+/// Quotes `s` as a JSON string (serde_json's escaping).
 pub fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    // A &str always serialises.
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
 /// Per-request state the core shares with plugins.

@@ -32,14 +32,11 @@ fn scalar(v: &Value) -> Option<String> {
     }
 }
 
+/// The first value of query parameter `name`, decoded (names compared decoded too).
 fn query_value(query: &str, name: &str) -> Option<Vec<u8>> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = k.replace('+', " ");
-        (percent_encoding::percent_decode_str(&k).decode_utf8_lossy() == name).then(|| {
-            percent_encoding::percent_decode_str(&v.replace('+', " ")).collect::<Vec<u8>>()
-        })
-    })
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned().into_bytes())
 }
 
 /// Part `i`'s path with this request's values in, or why it cannot be built.

@@ -10,7 +10,6 @@ use pingora_cache::{CacheMeta, NoCacheReason, RespCacheable};
 use pingora_http::ResponseHeader;
 
 use super::Tags;
-use crate::config::offload::CacheRoute;
 
 /// The request carried credentials and the response did not allow sharing it (§3.5).
 pub const AUTHORIZED: &str = "authorized request";
@@ -133,6 +132,27 @@ pub fn initial_age(resp: &ResponseHeader, now: SystemTime) -> u64 {
         .and_then(|d| now.duration_since(d).ok())
         .map_or(0, |d| d.as_secs());
     apparent.max(age_value).min(MAX_SECS)
+}
+
+/// A route's response cache settings (`cache = { ... }`); freshness itself comes from the
+/// responses (RFC 9111), these are the defaults and bounds around it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheRoute {
+    /// Freshness for storable responses that carry none (`0`: only what the origin marks).
+    pub ttl: std::time::Duration,
+    /// Larger responses go through uncached.
+    pub max_size: usize,
+    /// How long concurrent misses on one key wait for the first to fill it.
+    pub lock_timeout: std::time::Duration,
+    /// Defaults when the response says nothing (RFC 5861), in seconds.
+    pub stale_while_revalidate: u32,
+    pub stale_if_error: u32,
+    pub tag_header: http::HeaderName,
+    pub expose_tags: bool,
+    pub status_header: Option<http::HeaderName>,
+    /// The targeted Cache-Control field this cache obeys over Cache-Control (RFC 9213);
+    /// `None`: Cache-Control only.
+    pub targeted_cache_control: Option<http::HeaderName>,
 }
 
 /// What the request adds to the decision.

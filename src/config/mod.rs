@@ -205,16 +205,7 @@ pub struct Tls {
     pub options: TlsOptions,
 }
 
-/// `tls = { min_version, ciphers, ciphersuites, curves }`; absent: Mozilla's intermediate
-/// profile (TLS 1.2 and 1.3, forward-secret AEAD ciphers), as Pingora sets it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsOptions {
-    /// Only TLS 1.3 (`min_version = "1.3"`).
-    pub only_13: bool,
-    pub ciphers: Option<String>,
-    pub ciphersuites: Option<String>,
-    pub curves: Option<String>,
-}
+pub use crate::tls::TlsOptions;
 
 /// Which X-Forwarded-* headers a gateway adds (`forwarded_headers`). One left out is still
 /// removed from requests of untrusted peers: off means "not sent", never "client's value".
@@ -310,8 +301,8 @@ pub struct Route {
     pub rewrite: Rewrite,
     pub preserve_host: bool,
     pub plugins: Vec<usize>,
-    pub compression: Option<std::sync::Arc<offload::Compression>>,
-    pub cache: Option<std::sync::Arc<offload::CacheRoute>>,
+    pub compression: Option<std::sync::Arc<crate::compress::Compression>>,
+    pub cache: Option<std::sync::Arc<crate::cache::policy::CacheRoute>>,
     /// `access_log = false`: this route's requests are not written to the access log.
     pub access_log: bool,
 }

@@ -329,11 +329,11 @@ fn parse_path(p: &str) -> Result<PathMatch, String> {
 
 /// The canonical form of a configured path, when it differs (`/api//v1`, `/caf%c3%a9`).
 fn not_canonical(path: &str) -> Option<String> {
-    let lenient = crate::proxy::canonical::Options {
+    let lenient = crate::path::Options {
         keep_encoded_slashes: true,
         keep_path_parameters: true,
     };
-    match crate::proxy::canonical::canonical_path(path.as_bytes(), lenient) {
+    match crate::path::canonical_path(path.as_bytes(), lenient) {
         Ok(c) if c == path => None,
         Ok(c) => Some(c.into_owned()),
         Err(r) => Some(format!("a path without {}", r.reason)),

@@ -16,8 +16,8 @@ use gatehouse_plugins::authority::Authority;
 use gatehouse_plugins::Identity;
 
 use super::RequestCtx;
+use crate::cache::policy::CacheRoute;
 use crate::cache::{self, policy, EVICTION, LOCK, PREDICTOR, STORE};
-use crate::config::offload::CacheRoute;
 
 /// The request's cache settings: its route's, when it has them.
 pub(super) fn route_cache(ctx: &RequestCtx, gw: usize) -> Option<&CacheRoute> {

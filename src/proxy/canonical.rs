@@ -27,40 +27,14 @@
 //! The canonical form replaces the request's own target, so nothing after this point can see
 //! another one.
 
-pub use super::path::canonical_path;
-use super::path::HEX_UPPER;
+pub(crate) use crate::path::bad;
+pub use crate::path::{canonical_path, Options, Refusal};
 use gatehouse_plugins::authority::{self, Authority};
+use percent_encoding::percent_encode_byte;
 
 use http::header::{CONTENT_LENGTH, COOKIE, HOST, TRANSFER_ENCODING};
 use http::{HeaderValue, Method, Version};
 use pingora_http::RequestHeader;
-
-/// Why a request is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: u16,
-    pub reason: &'static str,
-}
-
-pub(super) const fn bad(reason: &'static str) -> Refusal {
-    Refusal {
-        status: 400,
-        reason,
-    }
-}
-
-/// Server-wide choices about what a canonical request may hold.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Options {
-    /// Keep `%2F` and `%5C` encoded in paths (as data, never separators) instead of refusing
-    /// them: for APIs whose identifiers hold slashes (Envoy's `KEEP_UNCHANGED`).
-    pub keep_encoded_slashes: bool,
-    /// Keep `;` in paths instead of refusing them. Tomcat, Jetty and Spring cut `;params` off
-    /// each segment before matching (`/admin;x/users` is their `/admin/users`), while the
-    /// gateway would route it as a segment `admin;x`: on by choice only, for upstreams that
-    /// treat `;` as data.
-    pub keep_path_parameters: bool,
-}
 
 /// What the caller needs of a canonical request, found on the way.
 #[derive(Debug, Default)]
@@ -180,11 +154,7 @@ pub fn canonicalize(
             if b.is_ascii() {
                 new_target.push(b);
             } else {
-                new_target.extend_from_slice(&[
-                    b'%',
-                    HEX_UPPER[usize::from(b >> 4)],
-                    HEX_UPPER[usize::from(b & 15)],
-                ]);
+                new_target.extend_from_slice(percent_encode_byte(b).as_bytes());
             }
         }
     }

@@ -26,7 +26,6 @@ pub mod forwarded;
 mod hop;
 mod logging;
 pub mod mirror;
-mod path;
 pub mod rewrite;
 mod route;
 mod statics;

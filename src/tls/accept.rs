@@ -37,7 +37,7 @@ impl Handshaker {
         gateway: &str,
         store: Arc<CertStore>,
         h2: bool,
-        options: &crate::config::TlsOptions,
+        options: &super::TlsOptions,
     ) -> Result<Handshaker, String> {
         let mut b: SslAcceptorBuilder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())
             .map_err(|e| format!("TLS: {e}"))?;

@@ -128,12 +128,10 @@ pub fn client_cert(cert: &openssl::x509::X509Ref) -> gatehouse_plugins::ClientCe
         })
         .map(|s| printable(&s))
         .collect();
-    let mut fingerprint = String::with_capacity(64);
-    if let Ok(d) = cert.digest(openssl::hash::MessageDigest::sha256()) {
-        for b in d.iter() {
-            let _ = write!(fingerprint, "{b:02x}");
-        }
-    }
+    let fingerprint = cert
+        .digest(openssl::hash::MessageDigest::sha256())
+        .map(hex::encode)
+        .unwrap_or_default();
     gatehouse_plugins::ClientCert {
         subject,
         common_name: common_name.map(|c| printable(&c)),

@@ -25,6 +25,17 @@ use pingora::tls::pkey::{PKey, Private};
 use pingora::tls::ssl::{NameType, SslRef};
 use pingora::tls::x509::X509;
 
+/// `tls = { min_version, ciphers, ciphersuites, curves }`; absent: Mozilla's intermediate
+/// profile (TLS 1.2 and 1.3, forward-secret AEAD ciphers), as Pingora sets it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// Only TLS 1.3 (`min_version = "1.3"`).
+    pub only_13: bool,
+    pub ciphers: Option<String>,
+    pub ciphersuites: Option<String>,
+    pub curves: Option<String>,
+}
+
 /// A certificate chain (leaf first) and its private key.
 pub struct CertPair {
     chain: Vec<X509>,
@@ -336,7 +347,7 @@ pub fn staple_ocsp(
 /// The listener's versions, ciphers and curves (checked at load; an error here is OpenSSL's).
 pub fn apply_options(
     settings: &mut pingora::tls::ssl::SslAcceptorBuilder,
-    o: &crate::config::TlsOptions,
+    o: &TlsOptions,
 ) -> Result<(), String> {
     use openssl::ssl::SslVersion;
     fn e(what: &'static str) -> impl Fn(openssl::error::ErrorStack) -> String {

@@ -1,8 +1,37 @@
 //! The canonical form of a request path (RFC 3986 §6.2.2 and §5.2.4), and what refuses one:
-//! see `canonical.rs` for the rules and why.
+//! see `proxy/canonical.rs` for the rules and why. A leaf: the config reads paths in it (a
+//! route's prefix), admin purges name entries by it, and the proxy makes requests canonical
+//! with it.
 use std::borrow::Cow;
 
-use super::canonical::{bad, Options, Refusal};
+use percent_encoding::percent_encode_byte;
+
+/// Why a request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+pub(crate) const fn bad(reason: &'static str) -> Refusal {
+    Refusal {
+        status: 400,
+        reason,
+    }
+}
+
+/// Server-wide choices about what a canonical request may hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Keep `%2F` and `%5C` encoded in paths (as data, never separators) instead of refusing
+    /// them: for APIs whose identifiers hold slashes (Envoy's `KEEP_UNCHANGED`).
+    pub keep_encoded_slashes: bool,
+    /// Keep `;` in paths instead of refusing them. Tomcat, Jetty and Spring cut `;params` off
+    /// each segment before matching (`/admin;x/users` is their `/admin/users`), while the
+    /// gateway would route it as a segment `admin;x`: on by choice only, for upstreams that
+    /// treat `;` as data.
+    pub keep_path_parameters: bool,
+}
 
 const UNRESERVED: u8 = 1;
 const SUB_DELIM: u8 = 2;
@@ -31,8 +60,6 @@ fn hex(b: u8) -> Option<u8> {
         _ => None,
     }
 }
-
-pub(super) const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
 /// The canonical form of an origin-form path (no query), borrowed when it already is one.
 ///
@@ -69,11 +96,8 @@ pub fn canonical_path(path: &[u8], opts: Options) -> Result<Cow<'_, str>, Refusa
                 if class(c) == UNRESERVED {
                     decoded.push(c);
                 } else {
-                    decoded.extend_from_slice(&[
-                        b'%',
-                        HEX_UPPER[usize::from(h)],
-                        HEX_UPPER[usize::from(l)],
-                    ]);
+                    // Kept, in upper case (RFC 3986 §6.2.2.1).
+                    decoded.extend_from_slice(percent_encode_byte(c).as_bytes());
                 }
                 i += 3;
                 continue;
@@ -87,11 +111,7 @@ pub fn canonical_path(path: &[u8], opts: Options) -> Result<Cow<'_, str>, Refusa
                 return Err(bad("control character or space in the path"))
             }
             _ if plain(b) => decoded.push(b),
-            _ => decoded.extend_from_slice(&[
-                b'%',
-                HEX_UPPER[usize::from(b >> 4)],
-                HEX_UPPER[usize::from(b & 15)],
-            ]),
+            _ => decoded.extend_from_slice(percent_encode_byte(b).as_bytes()),
         }
         i += 1;
     }
