@@ -260,8 +260,13 @@ impl RouteMetrics {
         let _ = m.duration.remove_label_values(&[gateway, route]);
         let _ = m.request_bytes.remove_label_values(&[gateway, route]);
         let _ = m.response_bytes.remove_label_values(&[gateway, route]);
+        Self::forget_cache(gateway, route);
+    }
+
+    /// The cache series of a route that a reload left without a cache (or removed).
+    pub fn forget_cache(gateway: &str, route: &str) {
         for s in CACHE_STATUSES {
-            let _ = m.cache.remove_label_values(&[gateway, route, s]);
+            let _ = METRICS.cache.remove_label_values(&[gateway, route, s]);
         }
     }
 

@@ -124,13 +124,17 @@ impl Runtime {
     /// Builds a snapshot; pools whose definition did not change since `previous` are kept, with
     /// their health, ejections and breaker state.
     /// The (gateway, route) pairs with metric series: every route, and `-` for requests no
-    /// route matched.
-    pub fn route_labels(&self) -> std::collections::HashSet<(Arc<str>, Arc<str>)> {
+    /// route matched; `cached`: only those with cache series.
+    pub fn route_labels(&self, cached: bool) -> std::collections::HashSet<(Arc<str>, Arc<str>)> {
         let mut out = std::collections::HashSet::new();
         for g in self.gateways.iter() {
-            out.insert((g.name.clone(), Arc::from("-")));
-            for r in &g.route_names {
-                out.insert((g.name.clone(), r.clone()));
+            if !cached {
+                out.insert((g.name.clone(), Arc::from("-")));
+            }
+            for (r, route) in g.route_names.iter().zip(&g.routes) {
+                if !cached || route.cache.is_some() {
+                    out.insert((g.name.clone(), r.clone()));
+                }
             }
         }
         out
@@ -194,8 +198,16 @@ impl Runtime {
                 Arc::from(names)
             };
             let default_chain = Chain::new(&base);
-            let log_redact = chains.iter().map(redact).collect();
-            let default_log_redact = redact(&default_chain);
+            let log_redact: Vec<Arc<[Box<str>]>> = chains.iter().map(redact).collect();
+            // A request no route took (a 404, a refusal) may still carry a route's key:
+            // every name of the gateway is redacted there.
+            let mut every: Vec<Box<str>> = redact(&default_chain).to_vec();
+            for n in log_redact.iter().flat_map(|l| l.iter()) {
+                if !every.contains(n) {
+                    every.push(n.clone());
+                }
+            }
+            let default_log_redact: Arc<[Box<str>]> = Arc::from(every);
             let credentials: Vec<Arc<[http::HeaderName]>> = chains
                 .iter()
                 .map(|c| {

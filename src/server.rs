@@ -237,8 +237,11 @@ impl Reloader {
         let rt = Arc::new(rt);
         let old = self.live.swap(rt.clone());
         // Routes the new file no longer has: their series go from /metrics.
-        for (g, r) in old.route_labels().difference(&rt.route_labels()) {
+        for (g, r) in old.route_labels(false).difference(&rt.route_labels(false)) {
             crate::metrics::RouteMetrics::forget(g, r);
+        }
+        for (g, r) in old.route_labels(true).difference(&rt.route_labels(true)) {
+            crate::metrics::RouteMetrics::forget_cache(g, r);
         }
         crate::cache::set_size(cfg.server.cache_size);
         for (g, store) in cfg.gateways.iter().zip(&self.cert_stores) {

@@ -29,6 +29,9 @@ async fn upstream() -> (std::net::SocketAddr, Arc<AtomicU64>) {
                         .header("etag", "\"v2\"")
                         .header("x-test", "B")
                         .header("content-type", "text/plain;charset=utf-8")
+                        // Hop-by-hop: this connection's, never the stored answer's.
+                        .header("connection", "x-node")
+                        .header("x-node", "b7")
                         .body(full(""))
                         .unwrap();
                 }
@@ -117,11 +120,16 @@ async fn a_304_updates_the_stored_fields_it_carries() {
     assert_eq!(again.headers["content-type"], "text/plain;charset=utf-8");
     assert_eq!(again.headers["etag"], "\"v2\"");
     assert_eq!(again.headers["content-length"], "6");
+    assert!(
+        again.headers.get("x-node").is_none(),
+        "a hop-by-hop field stored"
+    );
     // And stored so: the next client gets a hit with the new fields and validator.
     let hit = call("GET", &url).await;
     assert_eq!((hit.cache.as_str(), hit.body.as_str()), ("HIT", "body 1"));
     assert_eq!(hit.headers["x-test"], "B");
     assert_eq!(hit.headers["etag"], "\"v2\"");
+    assert!(hit.headers.get("x-node").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

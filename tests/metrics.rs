@@ -237,13 +237,18 @@ async fn series_follow_the_routes_of_the_running_config() {
     let (a, b, admin) = (free_port(), free_port(), free_port());
     let token = "metrics-token-0123456789abcdef";
     let config = |with_old: bool| {
+        // Before the reload: gateway one's route is cached, and gateway two has `old`.
+        let cache = if with_old {
+            "cache = { ttl = \"60s\" }\n"
+        } else {
+            ""
+        };
         let mut t = format!(
             "[server]\nadmin = \"127.0.0.1:{admin}\"\nadmin_token = \"{token}\"\n\
              [upstreams.app]\npeers = [\"{up}\"]\n\
              [gateways.one]\nlisten = [\"127.0.0.1:{a}\"]\n\
              [gateways.two]\nlisten = [\"127.0.0.1:{b}\"]\n\
-             [[routes]]\ngateway = \"one\"\nname = \"api\"\npath = \"/\"\nupstream = \"app\"\n\
-             cache = {{ ttl = \"60s\" }}\n\
+             [[routes]]\ngateway = \"one\"\nname = \"api\"\npath = \"/\"\nupstream = \"app\"\n{cache}\
              [[routes]]\ngateway = \"two\"\nname = \"api\"\npath = \"/\"\nupstream = \"app\"\n"
         );
         if with_old {
@@ -284,5 +289,9 @@ async fn series_follow_the_routes_of_the_running_config() {
     assert_eq!(r.status(), 200);
     let m = scrape(admin).await;
     assert!(!m.contains("route=\"old\""), "{m}");
+    assert!(
+        !m.contains("gatehouse_cache_requests_total{"),
+        "the route has no cache any more: {m}"
+    );
     assert!(m.contains("gatehouse_requests_total{gateway=\"two\",method=\"GET\",route=\"api\""));
 }

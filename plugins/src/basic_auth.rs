@@ -341,7 +341,7 @@ impl Plugin for BasicAuth {
             ));
         };
         match self.verify(&user, &pass, cx.client_ip).await {
-            Check::Ok(name) => cx.identify("basic_auth", Some(name)),
+            Check::Ok(name) => cx.identify_consumer("basic_auth", name),
             Check::Bad => {
                 return Ok(refuse(
                     StatusCode::UNAUTHORIZED,

@@ -252,7 +252,7 @@ impl Plugin for KeyAuth {
         };
         match self.consumer(&key) {
             Some(c) => {
-                cx.identify("key_auth", Some(c));
+                cx.identify_consumer("key_auth", c);
                 Ok(Decision::Continue)
             }
             None => Ok(refuse(

@@ -197,7 +197,7 @@ impl PluginCtx {
 
     /// A plugin (`by`, its kind) verified who the client is: the request counts as
     /// identified from here on, and `consumer`, when given, names it unless an earlier
-    /// plugin named it already (the first verification names the consumer).
+    /// plugin named it already (a token's `sub`, a certificate's CN).
     pub fn identify(&mut self, by: &'static str, consumer: Option<Arc<str>>) {
         if !matches!(self.identity, Identity::Verified(_)) {
             self.identity = Identity::Verified(by);
@@ -205,6 +205,14 @@ impl PluginCtx {
         if self.consumer.is_none() {
             self.consumer = consumer;
         }
+    }
+
+    /// As [`PluginCtx::identify`], for a credential that names its consumer itself (an API
+    /// key, a password): that name is the consumer, whatever an earlier plugin said (a
+    /// client certificate's CN must not stand in for the key's owner).
+    pub fn identify_consumer(&mut self, by: &'static str, consumer: Arc<str>) {
+        self.identify(by, None);
+        self.consumer = Some(consumer);
     }
 
     /// The request carried a credential nobody checked (the core says so after the chain).
@@ -635,6 +643,26 @@ impl Chain {
 
 #[cfg(test)]
 mod tests {
+
+    /// A key or a password names its own consumer; a token's subject or a certificate's CN
+    /// only names one nobody named yet. Either way the request counts as identified.
+    #[test]
+    fn who_names_the_consumer() {
+        let mut cx = PluginCtx::default();
+        assert_eq!(cx.identity(), Identity::Anonymous);
+        cx.identify("mtls_auth", Some("alice-cn".into()));
+        cx.identify_consumer("key_auth", "bob".into());
+        assert_eq!(cx.consumer().map(|c| &**c), Some("bob"));
+        cx.identify("jwt_auth", Some("carol".into()));
+        assert_eq!(cx.consumer().map(|c| &**c), Some("bob"));
+        assert_eq!(cx.identity(), Identity::Verified("mtls_auth"));
+        let mut anon = PluginCtx::default();
+        anon.carried_unchecked_credential();
+        assert_eq!(anon.identity(), Identity::Unchecked);
+        anon.identify("jwt_auth", None);
+        assert_eq!(anon.identity(), Identity::Verified("jwt_auth"));
+    }
+
     use super::*;
 
     #[test]

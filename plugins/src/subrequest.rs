@@ -25,7 +25,8 @@ pub struct Target {
     pub tls: bool,
     /// The Host header: the canonical authority (`gatehouse_plugins::authority`).
     pub host: String,
-    /// The TLS server name: the host when it is a name; none for an address.
+    /// The TLS server name and the name the certificate is verified against: the host, an
+    /// address included (never empty: Pingora verifies nothing without one).
     sni: String,
     pub path: String,
 }
@@ -61,11 +62,13 @@ impl Target {
             addr: Arc::new(ArcSwap::from_pointee(addr)),
             authority: with_port,
             tls,
-            sni: if a.ip().is_none() {
-                a.host().to_string()
-            } else {
-                String::new()
-            },
+            // The name the certificate is checked against: an address too (an empty one
+            // would turn Pingora's verification off).
+            sni: a
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             host: a.as_str().to_string(),
             path,
         })
@@ -218,6 +221,8 @@ mod tests {
             (t.host.as_str(), t.sni.as_str()),
             ("localhost", "localhost")
         );
+        let t = Target::parse("https://10.0.0.5:8443/auth").unwrap();
+        assert_eq!(t.sni, "10.0.0.5", "an address is verified too");
         assert!(Target::parse("ftp://x/").is_err());
         assert!(Target::parse("http:///x").is_err());
     }

@@ -82,9 +82,9 @@ pub async fn serve(
             None
         };
 
-    // What every part is sent: the chosen client headers, then what the route's plugins add
-    // to an upstream request (request id, identity headers, transforms), trace context and
-    // X-Forwarded-*.
+    // What every part is sent: the chosen client headers, X-Forwarded-* (from the client
+    // request behind a trusted proxy), then what the route's plugins add to an upstream
+    // request (request id, identity headers, transforms) and trace context.
     let mut base = RequestHeader::build(Method::GET, b"/", None)?;
     {
         let client = session.req_header();
@@ -94,16 +94,12 @@ pub async fn serve(
             }
         }
     }
-    gw.chains[id]
-        .upstream_request(session, &mut base, &mut ctx.plugins)
-        .await?;
-    if let Some(span) = &ctx.span {
-        rt.tracing.inject(span, &mut base);
-    }
     let peer_ip = crate::proxy::forwarded::peer_ip(session);
     let trusted =
         peer_ip.is_some_and(|ip| crate::proxy::forwarded::is_trusted(&rt.trusted_proxies, ip));
     if trusted {
+        // The client request's, as a proxied request starts from; then X-Forwarded-*, then
+        // the plugins (as upstream_request_filter orders them).
         crate::proxy::forwarded::copy_from_trusted(session.req_header(), &mut base)?;
     }
     crate::proxy::forwarded::set_headers(
@@ -114,6 +110,12 @@ pub async fn serve(
         gw.tls,
         ctx.plugins.authority.as_ref(),
     )?;
+    gw.chains[id]
+        .upstream_request(session, &mut base, &mut ctx.plugins)
+        .await?;
+    if let Some(span) = &ctx.span {
+        rt.tracing.inject(span, &mut base);
+    }
     // The route's time starts when the client's part is done: a slow body is not the parts'.
     let parts_start = Instant::now();
     base.remove_header(&header::HOST);

@@ -55,10 +55,12 @@ fn date(resp: &ResponseHeader, name: header::HeaderName) -> Option<SystemTime> {
 }
 
 /// A targeted Cache-Control field (RFC 9213 §2.1): a Structured Fields dictionary whose
-/// lines join into one. It counts only when it parses and each directive has the right
-/// type: a non-negative integer for the ones with seconds, a bare `true` for the others;
-/// otherwise the cache falls back to Cache-Control, as §2.2 says. The directives are read
-/// back through pingora-cache's Cache-Control parser, so both fields mean the same.
+/// lines join into one. It counts only when it parses and each directive with seconds has a
+/// non-negative integer; otherwise the cache falls back to Cache-Control, as §2.2 says.
+/// Directives it does not know are skipped (§2.1 leaves room for extensions); `no-store`,
+/// `private` and `no-cache` count whatever their value (with field names, as a whole: this
+/// cache never stores a response in part). The directives are read back through
+/// pingora-cache's Cache-Control parser, so both fields mean the same.
 fn targeted(resp: &ResponseHeader, name: &header::HeaderName) -> Option<CacheControl> {
     let mut joined = Vec::new();
     for v in resp.headers.get_all(name) {
@@ -80,18 +82,26 @@ fn targeted(resp: &ResponseHeader, name: &header::HeaderName) -> Option<CacheCon
             key.as_str(),
             "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error"
         );
+        let restricts = matches!(key.as_str(), "no-store" | "private" | "no-cache");
+        let known_flag = matches!(
+            key.as_str(),
+            "public" | "must-revalidate" | "proxy-revalidate"
+        );
+        let word = match (&item.bare_item, seconds) {
+            (sfv::BareItem::Integer(n), true) if *n >= 0 => {
+                format!("{key}={}", (*n as u64).min(MAX_SECS))
+            }
+            (_, true) => return None,
+            // `private=?0`: not said.
+            (sfv::BareItem::Boolean(false), false) => continue,
+            (_, false) if restricts => key.clone(),
+            (sfv::BareItem::Boolean(true), false) if known_flag => key.clone(),
+            _ => continue,
+        };
         if !cc.is_empty() {
             cc.push_str(", ");
         }
-        match (&item.bare_item, seconds) {
-            (sfv::BareItem::Integer(n), true) if *n >= 0 => {
-                cc.push_str(&format!("{key}={}", (*n as u64).min(MAX_SECS)));
-            }
-            (sfv::BareItem::Boolean(true), false) => cc.push_str(key),
-            // `private=?0`: not said.
-            (sfv::BareItem::Boolean(false), false) => {}
-            _ => return None,
-        }
+        cc.push_str(&word);
     }
     let mut h = http::HeaderMap::new();
     h.insert(
@@ -528,13 +538,42 @@ mod tests {
                 vec![("expires", &past), ("cdn-cache-control", "max-age=30")],
                 Some(30),
             ),
-            // Not a valid dictionary, or a directive of the wrong type: Cache-Control rules.
+            // Not a valid dictionary, or seconds that are not an integer: Cache-Control rules.
             (
                 vec![
                     ("cache-control", "no-store"),
                     ("cdn-cache-control", "max-age=\"60\""),
                 ],
                 None,
+            ),
+            // An extension is skipped; a restriction counts whatever its value.
+            (
+                vec![
+                    ("cache-control", "public, max-age=600"),
+                    ("cdn-cache-control", "no-store, ext=1"),
+                ],
+                None,
+            ),
+            (
+                vec![
+                    ("cache-control", "public, max-age=600"),
+                    ("cdn-cache-control", "max-age=60, x=\"y\""),
+                ],
+                Some(60),
+            ),
+            (
+                vec![
+                    ("cache-control", "public, max-age=600"),
+                    ("cdn-cache-control", "private=\"x-user\", max-age=60"),
+                ],
+                None,
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=600"),
+                    ("cdn-cache-control", "no-cache=\"set-cookie\", max-age=60"),
+                ],
+                Some(-1),
             ),
             (
                 vec![

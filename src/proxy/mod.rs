@@ -378,7 +378,6 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let upgrade = resp.status == StatusCode::SWITCHING_PROTOCOLS;
-        caching::note_revalidation(session, resp, ctx);
         if resp.status.is_informational() && !upgrade {
             // 100 Continue, 103 Early Hints: not the answer, so no verdict on the peer yet.
             return Ok(());
@@ -391,6 +390,8 @@ impl ProxyHttp for GatewayProxy {
         for h in hop::hop_by_hop(&resp.headers, upgrade, true) {
             resp.remove_header(&h);
         }
+        // After the hop-by-hop fields are gone: a 304's fields replace stored ones.
+        caching::note_revalidation(session, resp, ctx);
         let status = resp.status.as_u16();
         ctx.upstream_failed = balance::breaker_failure(status);
         let (Some(up), Some(idx)) = (ctx.upstream, ctx.peer_idx) else {
