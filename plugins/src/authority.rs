@@ -51,19 +51,21 @@ impl Authority {
     }
 
     fn build(raw: &[u8], tls: bool, value: Option<&HeaderValue>) -> Option<Authority> {
-        if !valid(raw) {
-            return None;
-        }
-        let (host, port) = split(raw);
-        let host = host.strip_suffix(b".").unwrap_or(host);
-        let port = match port {
+        // One scan validates and finds the parts (this runs for every request).
+        let s = scan(raw)?;
+        let host = &raw[..s.host_end];
+        let host = if s.ipv6 {
+            host
+        } else {
+            host.strip_suffix(b".").unwrap_or(host)
+        };
+        let port = match s.port {
             None | Some([]) => None,
-            // valid() checked the digits and the range.
+            // scan() checked the digits and the range.
             Some(p) => Some(p.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0'))),
         }
         .filter(|&p| p != default_port(tls));
-        let canonical_host = !host.iter().any(u8::is_ascii_uppercase);
-        let same = canonical_host
+        let same = !s.upper
             && match port {
                 None => raw.len() == host.len(),
                 Some(p) => {
@@ -135,19 +137,6 @@ impl std::fmt::Display for Authority {
     }
 }
 
-/// The host and the port text (without its colon), as `raw` spells them.
-fn split(raw: &[u8]) -> (&[u8], Option<&[u8]>) {
-    if raw.first() == Some(&b'[') {
-        let close = raw.iter().position(|&b| b == b']').unwrap_or(raw.len() - 1);
-        let (host, rest) = raw.split_at(close + 1);
-        return (host, rest.strip_prefix(b":"));
-    }
-    match raw.iter().rposition(|&b| b == b':') {
-        Some(i) => (&raw[..i], Some(&raw[i + 1..])),
-        None => (raw, None),
-    }
-}
-
 /// A u16 in decimal, on the stack.
 struct Digits {
     buf: [u8; 5],
@@ -178,43 +167,70 @@ fn itoa_u16(mut n: u16) -> Digits {
 /// and an optional decimal port. No userinfo, no path, no whitespace: anything else in a Host
 /// would let two parties read it two ways.
 pub fn valid(h: &[u8]) -> bool {
+    scan(h).is_some()
+}
+
+/// What one pass over a valid authority found.
+struct Scan<'a> {
+    /// Where the host ends (the port's colon, or the end).
+    host_end: usize,
+    /// The port's digits (maybe none: `host:`).
+    port: Option<&'a [u8]>,
+    /// The host has upper-case letters.
+    upper: bool,
+    ipv6: bool,
+}
+
+fn scan(h: &[u8]) -> Option<Scan<'_>> {
     if h.is_empty() || h.len() > 255 {
-        return false;
+        return None;
     }
     if h[0] == b'[' {
-        let Some(close) = h.iter().position(|&b| b == b']') else {
-            return false;
-        };
+        let close = h.iter().position(|&b| b == b']')?;
         let inner = &h[1..close];
         let literal_ok = !inner.is_empty()
             && inner
                 .iter()
                 .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
-        return literal_ok
-            && match &h[close + 1..] {
-                [] => true,
-                [b':', port @ ..] => valid_port(port),
-                _ => false,
-            };
+        let port = match &h[close + 1..] {
+            [] => None,
+            [b':', port @ ..] if valid_port(port) => Some(port),
+            _ => return None,
+        };
+        return literal_ok.then(|| Scan {
+            host_end: close + 1,
+            port,
+            upper: inner.iter().any(u8::is_ascii_uppercase),
+            ipv6: true,
+        });
     }
     // Labels of letters, digits, `-` and `_`, none empty (one trailing dot is allowed), then
     // an optional port. Anything else (`a;b`, `.example.com`, `a..b`) would be read one way
-    // by the router and another by an upstream. The byte check has no early exit, so it
-    // compiles to vector instructions; the structure is checked after.
+    // by the router and another by an upstream. The byte checks have no early exit, so they
+    // compile to vector instructions; the structure is checked after.
     let (name, port) = match h.iter().rposition(|&b| b == b':') {
         Some(i) => (&h[..i], Some(&h[i + 1..])),
         None => (h, None),
     };
-    let bytes_ok = name.iter().fold(true, |ok, &b| {
-        ok & (b.is_ascii_alphanumeric() | (b == b'-') | (b == b'_') | (b == b'.'))
+    let (bytes_ok, upper) = name.iter().fold((true, false), |(ok, up), &b| {
+        (
+            ok & (b.is_ascii_alphanumeric() | (b == b'-') | (b == b'_') | (b == b'.')),
+            up | b.is_ascii_uppercase(),
+        )
     });
-    let name = name.strip_suffix(b".").unwrap_or(name);
-    bytes_ok
-        && !name.is_empty()
-        && name[0] != b'.'
-        && name[name.len() - 1] != b'.'
-        && !name.windows(2).any(|w| w == b"..")
-        && port.is_none_or(valid_port)
+    let bare = name.strip_suffix(b".").unwrap_or(name);
+    let ok = bytes_ok
+        && !bare.is_empty()
+        && bare[0] != b'.'
+        && bare[bare.len() - 1] != b'.'
+        && !bare.windows(2).any(|w| w == b"..")
+        && port.is_none_or(valid_port);
+    ok.then_some(Scan {
+        host_end: name.len(),
+        port,
+        upper,
+        ipv6: false,
+    })
 }
 
 /// RFC 3986 allows an empty port (`host:`), which means the scheme's.

@@ -150,16 +150,18 @@ pub(super) fn key(
             .path_and_query()
             .map_or(b"/", |p| p.as_str().as_bytes()),
     );
-    for name in &FORWARDED_KEYED {
-        // Each field line as it goes upstream, in order.
-        let mut n = 0u64;
-        if forwarded {
+    // From an untrusted peer none of them goes upstream as sent: one marker says so.
+    part(&[u8::from(forwarded)]);
+    if forwarded {
+        for name in &FORWARDED_KEYED {
+            // Each field line as it goes upstream, in order, then how many there were.
+            let mut n = 0u64;
             for v in req.headers.get_all(name) {
                 part(v.as_bytes());
                 n += 1;
             }
+            part(&n.to_le_bytes());
         }
-        part(&n.to_le_bytes());
     }
     let mut key = CacheKey::new(Vec::new(), String::new());
     key.set_primary_bin_override(h.finalize().into());
