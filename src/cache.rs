@@ -487,8 +487,12 @@ impl Storage for Store {
         };
         // The 304 refreshed the head of the entry that was looked up (Pingora gives the new
         // meta that entry's creation time); if another fill replaced it meanwhile, that head
-        // is not this body's. Validators may change: a 304 may carry a new ETag (§4.3.4).
-        if meta.created() != old.meta.created {
+        // is not this body's. And §4.3.4: a 304 whose ETag is not the stored one's updates
+        // no stored response (it validated another representation).
+        let etag = |h: &http::HeaderMap| h.get(http::header::ETAG).cloned();
+        if meta.created() != old.meta.created
+            || etag(meta.headers()) != etag(&old.meta.header.headers)
+        {
             return Ok(false);
         }
         if meta

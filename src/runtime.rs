@@ -44,6 +44,8 @@ pub struct GatewayRt {
     pub chains: Vec<Chain>,
     /// Global and gateway plugins: for requests no route matches.
     pub default_chain: Chain,
+    /// Some route of the gateway has a response cache.
+    pub caches: bool,
     /// Per route (and for requests no route matched), the query parameters the access log
     /// redacts: `[server] access_log.redact_query` and those the plugins read credentials
     /// from.
@@ -252,6 +254,7 @@ impl Runtime {
                 routes: g.routes.clone(),
                 chains,
                 default_chain,
+                caches: g.routes.iter().any(|r| r.cache.is_some()),
                 log_redact,
                 default_log_redact,
                 metrics: g

@@ -23,10 +23,16 @@ async fn upstream() -> (std::net::SocketAddr, Arc<AtomicU64>) {
             let b = hyper::Response::builder();
             if path.starts_with("/r/") {
                 if req.headers().contains_key("if-none-match") {
+                    // A 304 for another representation names another ETag.
+                    let etag = if path.contains("other") {
+                        "\"v9\""
+                    } else {
+                        "\"v1\""
+                    };
                     return b
                         .status(304)
                         .header("cache-control", "max-age=60")
-                        .header("etag", "\"v2\"")
+                        .header("etag", etag)
                         .header("x-test", "B")
                         .header("content-type", "text/plain;charset=utf-8")
                         // Hop-by-hop: this connection's, never the stored answer's.
@@ -118,7 +124,7 @@ async fn a_304_updates_the_stored_fields_it_carries() {
     assert_eq!(again.body, "body 1");
     assert_eq!(again.headers["x-test"], "B");
     assert_eq!(again.headers["content-type"], "text/plain;charset=utf-8");
-    assert_eq!(again.headers["etag"], "\"v2\"");
+    assert_eq!(again.headers["etag"], "\"v1\"");
     assert_eq!(again.headers["content-length"], "6");
     assert!(
         again.headers.get("x-node").is_none(),
@@ -128,8 +134,20 @@ async fn a_304_updates_the_stored_fields_it_carries() {
     let hit = call("GET", &url).await;
     assert_eq!((hit.cache.as_str(), hit.body.as_str()), ("HIT", "body 1"));
     assert_eq!(hit.headers["x-test"], "B");
-    assert_eq!(hit.headers["etag"], "\"v2\"");
+    assert_eq!(hit.headers["etag"], "\"v1\"");
     assert!(hit.headers.get("x-node").is_none());
+
+    // §4.3.4: a 304 naming another ETag validated another representation: the stored one
+    // is not refreshed by it, and the next request asks the origin again.
+    let other = format!("http://127.0.0.1:{port}/r/other");
+    assert_eq!(call("GET", &other).await.cache, "MISS");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_ne!(call("GET", &other).await.cache, "HIT");
+    assert_ne!(
+        call("GET", &other).await.cache,
+        "HIT",
+        "not refreshed by a foreign 304"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,4 +189,25 @@ async fn cdn_cache_control_rules_this_cache() {
     let off = format!("http://127.0.0.1:{port}/cdn/off");
     call("GET", &off).await;
     assert_eq!(call("GET", &off).await.cache, "MISS");
+}
+
+/// §4.4 on the gateway, not the route: a successful POST on an uncached route drops what a
+/// cached route of the same gateway stored for that URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsafe_method_on_another_route_invalidates() {
+    let (up, _) = upstream().await;
+    let port = free_port();
+    let _g = Gatehouse::start(
+        &format!(
+            "[upstreams.up]\npeers = [\"{up}\"]\n[gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [[routes]]\npath = \"/m\"\nmethods = [\"GET\"]\nupstream = \"up\"\ncache = {{ ttl = \"0s\" }}\n\
+             [[routes]]\npath = \"/m\"\nmethods = [\"POST\"]\nupstream = \"up\"\n"
+        ),
+        &[port],
+    );
+    let url = format!("http://127.0.0.1:{port}/m/item");
+    call("GET", &url).await;
+    assert_eq!(call("GET", &url).await.cache, "HIT");
+    assert_eq!(call("POST", &url).await.status, 200);
+    assert_eq!(call("GET", &url).await.cache, "MISS");
 }

@@ -317,11 +317,9 @@ pub(super) fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<[u8; 16]
 /// response_filter: the status header, the tags hidden, and §4.4 invalidation.
 pub(super) fn on_response(
     cfg: &CacheRoute,
-    session: &Session,
+    _session: &Session,
     resp: &mut ResponseHeader,
     status: Option<&'static str>,
-    tls: bool,
-    authority: Option<&Authority>,
 ) {
     if let (Some(h), Some(s)) = (&cfg.status_header, status) {
         let _ = resp.insert_header(h.clone(), s);
@@ -329,11 +327,19 @@ pub(super) fn on_response(
     if !cfg.expose_tags {
         resp.remove_header(&cfg.tag_header);
     }
+}
+
+/// response_filter, on every route: §4.4 invalidation. Any method not defined as safe
+/// (M-SEARCH, PROPPATCH, a method we do not know) may change the resource; a successful
+/// answer to one drops what is stored for its URL, whichever route stored it.
+pub(super) fn invalidate_after(
+    session: &Session,
+    resp: &ResponseHeader,
+    tls: bool,
+    authority: Option<&Authority>,
+) {
     let req = session.req_header();
-    // §4.4: any method not defined as safe (M-SEARCH, PROPPATCH, a method we do not know)
-    // may change the resource.
-    let unsafe_method = !req.method.is_safe();
-    if unsafe_method && (200..400).contains(&resp.status.as_u16()) {
+    if !req.method.is_safe() && (200..400).contains(&resp.status.as_u16()) {
         invalidate(tls, authority, req, resp);
     }
 }

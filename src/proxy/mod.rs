@@ -511,14 +511,13 @@ impl ProxyHttp for GatewayProxy {
         };
         let gw = &rt.gateways[self.index];
         if let Some(cfg) = &gw.routes[*id].cache {
-            caching::on_response(
-                cfg,
-                session,
-                resp,
-                status,
-                gw.tls,
-                plugins.authority.as_ref(),
-            );
+            caching::on_response(cfg, session, resp, status);
+        }
+        // On every route of a gateway that caches: a POST route beside a cached GET route
+        // changes what that one stored (the stored URLs are the gateway's, whichever route
+        // stored them). A gateway without a cache takes no purge lock for its writes.
+        if gw.caches {
+            caching::invalidate_after(session, resp, gw.tls, plugins.authority.as_ref());
         }
         gw.chains[*id].response(session, resp, plugins).await?;
         // Last: on the head the plugins left.
