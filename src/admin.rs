@@ -105,7 +105,7 @@ impl Admin {
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": STARTED.elapsed().as_secs(),
-            "config": { "path": rt.config_path.display().to_string(), "sha256": config_digest(&rt.config_source) },
+            "config": { "path": rt.config_path.display().to_string(), "sha256": rt.config_digest.get_or_init(|| config_digest(&rt.config_source)) },
             "gateways": gateways,
             "upstreams": upstreams,
             "cache": cache,

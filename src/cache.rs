@@ -34,6 +34,7 @@ use pingora_error::Result;
 use pingora_http::ResponseHeader;
 
 pub mod policy;
+mod targeted;
 
 /// Shards of the entry table: enough that two workers seldom meet on one.
 const SHARDS: usize = 32;

@@ -120,6 +120,8 @@ pub struct Runtime {
     /// The file this snapshot was built from: path, SHA-256, text (for /status and /config).
     pub config_path: Arc<std::path::Path>,
     pub config_source: Arc<str>,
+    /// The redacted config's digest for `/status`, made on first use (the page polls it).
+    pub config_digest: std::sync::OnceLock<Option<String>>,
 }
 
 impl Runtime {
@@ -296,6 +298,7 @@ impl Runtime {
             },
             config_path: cfg.path.as_path().into(),
             config_source: cfg.source.clone(),
+            config_digest: std::sync::OnceLock::new(),
         })
     }
 }

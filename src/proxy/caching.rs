@@ -317,7 +317,6 @@ pub(super) fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<[u8; 16]
 /// response_filter: the status header, the tags hidden, and §4.4 invalidation.
 pub(super) fn on_response(
     cfg: &CacheRoute,
-    _session: &Session,
     resp: &mut ResponseHeader,
     status: Option<&'static str>,
 ) {

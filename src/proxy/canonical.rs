@@ -75,15 +75,18 @@ pub fn canonicalize(
                 (None, _) if req.version == Version::HTTP_11 => {
                     return Err(bad("HTTP/1.1 request without a Host header"))
                 }
-                (Some(h), _) if !authority::valid(h.as_bytes()) => {
-                    return Err(bad("invalid Host header"))
+                // One scan validates and canonicalises (this runs for every request).
+                (Some(h), a) => {
+                    let Some(canonical) = Authority::from_header(h, tls) else {
+                        return Err(bad("invalid Host header"));
+                    };
+                    if a.is_some_and(|a| !h.as_bytes().eq_ignore_ascii_case(a.as_bytes())) {
+                        return Err(bad(
+                            "Host header differs from the request target's authority",
+                        ));
+                    }
+                    Some(canonical)
                 }
-                (Some(h), Some(a)) if !h.as_bytes().eq_ignore_ascii_case(a.as_bytes()) => {
-                    return Err(bad(
-                        "Host header differs from the request target's authority",
-                    ))
-                }
-                (Some(h), _) => Authority::from_header(h, tls),
                 (None, Some(a)) => Authority::parse(a.as_bytes(), tls),
                 (None, None) => None,
             }

@@ -511,7 +511,7 @@ impl ProxyHttp for GatewayProxy {
         };
         let gw = &rt.gateways[self.index];
         if let Some(cfg) = &gw.routes[*id].cache {
-            caching::on_response(cfg, session, resp, status);
+            caching::on_response(cfg, resp, status);
         }
         // On every route of a gateway that caches: a POST route beside a cached GET route
         // changes what that one stored (the stored URLs are the gateway's, whichever route
