@@ -62,28 +62,17 @@ fn front(up: std::net::SocketAddr, transport: Transport, extra_route: &str) -> F
 
 /// An HTTP/2 connection to the gateway.
 async fn connect(port: u16, transport: Transport) -> h2::client::SendRequest<Bytes> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
     match transport {
         Transport::Cleartext => {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
             let (send, conn) = h2::client::handshake(tcp).await.unwrap();
             tokio::spawn(conn);
             send
         }
         Transport::Tls => {
-            use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
-            let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
-            b.set_verify(SslVerifyMode::NONE);
-            b.set_alpn_protos(b"\x02h2").unwrap();
-            let ssl = b
-                .build()
-                .configure()
-                .unwrap()
-                .into_ssl("localhost")
-                .unwrap();
-            let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
-            std::pin::Pin::new(&mut tls).connect().await.unwrap();
+            let tls = common::pki::tls_connect(port, b"\x02h2").await;
             assert_eq!(tls.ssl().selected_alpn_protocol(), Some(&b"h2"[..]));
             let (send, conn) = h2::client::handshake(tls).await.unwrap();
             tokio::spawn(conn);

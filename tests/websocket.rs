@@ -313,24 +313,7 @@ async fn the_tunnel_carries_trace_context_and_hsts() {
         ),
         &[port],
     );
-    let tls = || async {
-        use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
-        let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
-        b.set_verify(SslVerifyMode::NONE);
-        b.set_alpn_protos(b"\x08http/1.1").unwrap();
-        let ssl = b
-            .build()
-            .configure()
-            .unwrap()
-            .into_ssl("localhost")
-            .unwrap();
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let mut s = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
-        std::pin::Pin::new(&mut s).connect().await.unwrap();
-        s
-    };
+    let tls = || common::pki::tls_connect(port, b"\x08http/1.1");
     let request = |path: &str| {
         let mut r = tungstenite::client::IntoClientRequest::into_client_request(format!(
             "wss://localhost:{port}{path}"

@@ -224,3 +224,27 @@ pub async fn tls_upstream(cert: &str, key: &str, clients: Option<&Ca>) -> Socket
     });
     addr
 }
+
+/// A TLS connection to the gateway on `port` as `localhost`, offering `alpn` (wire format,
+/// `b"\x02h2"`); the certificate is not checked (the tests that need that check it).
+pub async fn tls_connect(
+    port: u16,
+    alpn: &[u8],
+) -> tokio_openssl::SslStream<tokio::net::TcpStream> {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_alpn_protos(alpn).unwrap();
+    let ssl = b
+        .build()
+        .configure()
+        .unwrap()
+        .into_ssl("localhost")
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut s = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+    std::pin::Pin::new(&mut s).connect().await.unwrap();
+    s
+}
