@@ -2,7 +2,8 @@
 # Installs what building and testing Gatehouse needs, when it is missing, on Debian or Ubuntu:
 # cmake (Pingora's zlib-ng build), pkg-config and the OpenSSL headers, a C compiler, and
 # systemd-analyze (the unit file tests); with `test`, chromium (the status page test),
-# logrotate (the logrotate snippet's test) and openssl (the OCSP stapling test).
+# logrotate (the logrotate snippet's test), openssl (the OCSP stapling test) and redis-server
+# (the fleet tests).
 # Safe to run every time: it does nothing when all is there.
 set -euo pipefail
 
@@ -18,6 +19,8 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ "${1:-}" = test ]; then
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
   command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || need+=(logrotate)
+  # The fleet tests start real Redis servers, Clusters and Sentinels (redis-cli comes with it).
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
   # The OCSP stapling test signs a response with the openssl command.
   command -v openssl >/dev/null 2>&1 || need+=(openssl)
 fi

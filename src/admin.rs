@@ -102,13 +102,20 @@ impl Admin {
                 Err(e) => json!({ "at": at, "result": "failure", "errors": e }),
             }
         });
+        let stores: Vec<Value> = rt
+            .stores
+            .iter()
+            .map(|s| json!({ "name": s.name(), "kind": s.settings.target.kind(), "up": s.up() }))
+            .collect();
         json!({
             "version": env!("CARGO_PKG_VERSION"),
+            "node_name": &*rt.node_name,
             "uptime_seconds": STARTED.elapsed().as_secs(),
             "config": { "path": rt.config_path.display().to_string(), "sha256": rt.config_digest.get_or_init(|| config_digest(&rt.config_source)) },
             "gateways": gateways,
             "upstreams": upstreams,
             "cache": cache,
+            "stores": stores,
             "last_reload": last_reload,
         })
     }

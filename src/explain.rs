@@ -345,7 +345,11 @@ fn winner_json(
         .iter()
         .map(|&i| {
             let p = &cfg.plugins[i];
-            gatehouse_plugins::Instance::unmetered(&p.name, p.config.build())
+            gatehouse_plugins::Instance::unmetered(
+                &p.name,
+                p.config
+                    .build(&gatehouse_plugins::store::BuildEnv::default()),
+            )
         })
         .collect();
     let chain = gatehouse_plugins::Chain::new(&instances);

@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod stores;
 pub mod systemd;
 pub mod tls;
 pub mod trace;

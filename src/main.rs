@@ -112,7 +112,8 @@ fn init_logging() {
     .format_timestamp_millis()
     .build();
     let level = inner.filter();
-    if log::set_boxed_logger(Box::new(Quiet(inner))).is_ok() {
+    let redis_verbose = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("redis"));
+    if log::set_boxed_logger(Box::new(Quiet(inner, redis_verbose))).is_ok() {
         log::set_max_level(level);
     }
 }
@@ -136,7 +137,9 @@ fn json_log(r: &log::Record) {
 /// goes away while a cache hit is sent to it ("Fail to serve cache: Downstream ..."), a
 /// broken HTTP/2 preface or TLS close (`gatehouse::tls::failures`). A client leaving is
 /// routine (the proxy path keeps such lines at debug), and a load of them would drown the log.
-struct Quiet(env_logger::Logger);
+/// The Redis client's warnings (one per reconnect attempt) are dropped too, unless RUST_LOG
+/// names `redis`: `gatehouse::stores` says each episode once.
+struct Quiet(env_logger::Logger, bool);
 
 impl log::Log for Quiet {
     fn enabled(&self, m: &log::Metadata) -> bool {
@@ -144,6 +147,9 @@ impl log::Log for Quiet {
     }
 
     fn log(&self, r: &log::Record) {
+        if !self.1 && r.level() > log::Level::Error && r.target().starts_with("redis") {
+            return;
+        }
         // Both kinds of noise are at WARN or above: lower records are not formatted here.
         if r.level() <= log::Level::Warn
             && r.target().starts_with("pingora_core")

@@ -34,6 +34,8 @@ pub struct Families {
     pub plugin_duration: HistogramVec,
     pub access_log_dropped: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
+    pub store_errors: IntCounterVec,
+    pub rate_limit_fallbacks: IntCounterVec,
 }
 
 /// Seconds: from 1 ms to 30 s, as a gateway's requests spread.
@@ -188,6 +190,18 @@ pub static METRICS: LazyLock<Families> = LazyLock::new(|| {
             "gatehouse_tls_handshake_failures_total",
             "Client TLS handshakes that failed, by gateway and reason (crate::tls::failures)",
             &["gateway", "reason"],
+        ),
+        store_errors: counter(
+            &r,
+            "gatehouse_store_errors_total",
+            "Errors talking to a shared store ([stores.NAME]), by kind: timeout, connect, connection, reply",
+            &["store", "kind"],
+        ),
+        rate_limit_fallbacks: counter(
+            &r,
+            "gatehouse_rate_limit_fallbacks_total",
+            "Requests a rate_limit with a store decided by its on_store_error policy (store down or slow)",
+            &["plugin"],
         ),
         registry: r,
     };

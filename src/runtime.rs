@@ -108,6 +108,10 @@ impl GatewayRt {
 pub struct Runtime {
     pub gateways: Arc<[GatewayRt]>,
     pub pools: Vec<Arc<Pool>>,
+    /// `[stores.NAME]`, kept across reloads while their settings do not change.
+    pub stores: Vec<Arc<crate::stores::Store>>,
+    /// This replica's name in the fleet.
+    pub node_name: Arc<str>,
     pub trusted_proxies: Vec<IpNet>,
     pub canonical: crate::path::Options,
     pub client: crate::front::ClientLimits,
@@ -145,11 +149,43 @@ impl Runtime {
     }
 
     pub fn build(cfg: &Config, previous: Option<&Runtime>) -> Result<Runtime, String> {
+        // A store whose settings did not change keeps its connections and health.
+        let stores: Vec<Arc<crate::stores::Store>> = cfg
+            .stores
+            .iter()
+            .map(|s| {
+                previous
+                    .and_then(|p| p.stores.iter().find(|k| k.settings == *s))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(crate::stores::Store::new(s.clone())))
+            })
+            .collect();
+        let by_name: std::collections::HashMap<
+            String,
+            Arc<dyn gatehouse_plugins::store::SharedCounter>,
+        > = stores
+            .iter()
+            .map(|s| {
+                (
+                    s.settings.name.clone(),
+                    s.clone() as Arc<dyn gatehouse_plugins::store::SharedCounter>,
+                )
+            })
+            .collect();
         let plugins: Vec<Instance> = cfg
             .plugins
             .iter()
             .map(|p| {
-                let plugin = p.config.build();
+                let env = gatehouse_plugins::store::BuildEnv {
+                    name: p.name.clone(),
+                    stores: by_name.clone(),
+                    fallbacks: p.config.store().map(|_| {
+                        crate::metrics::METRICS
+                            .rate_limit_fallbacks
+                            .with_label_values(&[p.name.as_str()])
+                    }),
+                };
+                let plugin = p.config.build(&env);
                 let meter = crate::metrics::plugin_meter(&p.name, plugin.kind(), plugin.phases());
                 Instance {
                     name: p.name.as_str().into(),
@@ -283,6 +319,8 @@ impl Runtime {
         Ok(Runtime {
             gateways: gateways.into(),
             pools,
+            stores,
+            node_name: cfg.server.node_name.as_str().into(),
             trusted_proxies: cfg.server.trusted_proxies.clone(),
             canonical: crate::path::Options {
                 keep_encoded_slashes: cfg.server.keep_encoded_slashes,

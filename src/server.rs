@@ -250,6 +250,7 @@ impl Reloader {
             }
         }
         health::spawn_checks(&rt.pools);
+        crate::stores::start(&rt.stores);
         crate::systemd::notify("STATUS=reloaded");
         log::info!("reloaded {}", self.path.display());
         Ok(())
@@ -278,6 +279,7 @@ impl BackgroundService for Reloader {
         use tokio::signal::unix::{signal, SignalKind};
         // Health-check tasks live in this service's runtime, for as long as the server runs.
         health::spawn_checks(&self.live.load().pools);
+        crate::stores::start(&self.live.load().stores);
         tokio::spawn(crate::upstream::resolve::run(self.live.clone()));
         let addrs = self
             .listeners

@@ -335,3 +335,69 @@ fn check_warns_of_published_and_placeholder_secrets() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(out.matches("warning").count(), 2, "{out}");
 }
+
+#[test]
+fn stores_and_their_references_are_checked() {
+    let (code, out, _, _dir) = check(
+        r#"[server]
+node_name = "has space"
+[stores.a]
+url = "redis://127.0.0.1:6379"
+cluster = ["redis://127.0.0.1:7000"]
+[stores.b]
+url = "http://nope"
+[stores.c]
+sentinel = { master = "m", nodes = [] }
+[stores.d]
+url = "redis://127.0.0.1:6379"
+timeout = "0s"
+[plugins.rl]
+kind = "rate_limit"
+rate = "5/s"
+store = "missing"
+[plugins.conc]
+kind = "rate_limit"
+concurrency = 5
+store = "d"
+[plugins.rep]
+kind = "rate_limit"
+rate = "5/s"
+replicas = 3
+[upstreams.up]
+peers = ["127.0.0.1:1"]
+[gateways.g]
+listen = ["127.0.0.1:19999"]
+[[routes]]
+path = "/"
+upstream = "up"
+plugins = ["rl"]
+"#,
+    );
+    assert_eq!(code, 1, "{out}");
+    for (line, text) in [
+        (
+            2,
+            "[server]: `node_name` must be 1 to 64 printable characters",
+        ),
+        (
+            3,
+            "store \"a\": set only one of `url`, `cluster` and `sentinel`",
+        ),
+        (7, "store \"b\": invalid Redis URL: "),
+        (9, "store \"c\": `sentinel` needs `master`"),
+        (12, "store \"d\": `timeout` must be more than 0"),
+        (
+            16,
+            "plugin \"rl\": unknown store \"missing\" (stores: a, b, c, d)",
+        ),
+        (18, "plugin \"conc\": `store` applies to `rate` only"),
+        (22, "plugin \"rep\": `replicas` applies with a `store` only"),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(&format!(":{line}:")) && l.contains(text)),
+            "line {line}: {text}\n{out}"
+        );
+    }
+    assert!(out.contains(": 8 errors"), "{out}");
+}

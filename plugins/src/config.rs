@@ -178,15 +178,23 @@ impl PluginConfig {
         }
     }
 
+    /// The `[stores.NAME]` this plugin counts in, if any (the core checks that it exists).
+    pub fn store(&self) -> Option<&str> {
+        match self {
+            PluginConfig::RateLimit(c) => c.store.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Makes the plugin value that serves requests (after [`PluginConfig::prepare`]).
-    pub fn build(&self) -> Arc<dyn Plugin> {
+    pub fn build(&self, env: &crate::store::BuildEnv) -> Arc<dyn Plugin> {
         match self {
             PluginConfig::RequestId(c) => Arc::new(request_id::RequestId::new(c.clone())),
             PluginConfig::Headers(c) => Arc::new(headers::Headers::new(c.clone())),
             PluginConfig::IpFilter(c) => Arc::new(ip_filter::IpFilter::new(c.clone())),
             PluginConfig::RequestLimit(c) => Arc::new(request_limit::RequestLimit::new(c.clone())),
             PluginConfig::Cors(c) => Arc::new(cors::Cors::new(c.clone())),
-            PluginConfig::RateLimit(c) => Arc::new(rate_limit::RateLimit::new(c.clone())),
+            PluginConfig::RateLimit(c) => Arc::new(rate_limit::RateLimit::new(c.clone(), env)),
             PluginConfig::KeyAuth(c) => Arc::new(key_auth::KeyAuth::new(c.clone())),
             PluginConfig::BasicAuth(c) => Arc::new(basic_auth::BasicAuth::new(c.clone())),
             PluginConfig::JwtAuth(c) => Arc::new(jwt_auth::JwtAuth::new((**c).clone())),

@@ -33,6 +33,7 @@ pub mod mtls_auth;
 pub mod rate_limit;
 pub mod request_id;
 pub mod request_limit;
+pub mod store;
 mod subrequest;
 pub mod template;
 

@@ -18,7 +18,16 @@
 //!
 //! So `rate = "50/s"` with `burst = 0` paces a client at one request per 20 ms (a 3-second
 //! flood gets ~150 through), and `burst = 10` lets 10 more through at once on top, as nginx's
-//! `limit_req rate=50r/s burst=10 nodelay`.
+//! `limit_req rate=50r/s burst=10 nodelay`. `spread = false` counts the period alone: the
+//! whole allowance may go at once (a quota, as Kong's and APISIX's counters).
+//!
+//! With `store = "NAME"` the count is shared by every replica that names the same store
+//! (`[stores.NAME]`, Redis): the same two windows, counted atomically by one script on the
+//! store, one round trip per request; a key the store refused is refused locally, with no
+//! round trip, until it has room again. When the store does not answer within its timeout
+//! (or is backing off after errors), `on_store_error` decides: `local` (the default) counts
+//! here at the limit divided by `replicas` (when set), `allow` lets the request through,
+//! `deny` answers 503. Each such request counts in `gatehouse_rate_limit_fallbacks_total`.
 //!
 //! ```toml
 //! [plugins.per-ip]
@@ -26,11 +35,16 @@
 //! key = "client_ip"          # client_ip | consumer | header:NAME | route
 //! rate = "50/s"              # N/s or N/m
 //! burst = 10
+//! spread = true              # false: a quota per period, no pacing within it
 //! # or, instead of rate: concurrency = 20   (requests in flight per key)
+//! store = "shared"           # count across replicas ([stores.shared])
+//! on_store_error = "local"   # local | allow | deny
+//! replicas = 4               # the local fallback counts limit / 4
 //! ```
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -43,6 +57,7 @@ use pingora_proxy::Session;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::store::{BuildEnv, SharedCounter, WindowRule};
 use crate::{refuse, Decision, Phases, Plugin, PluginCtx};
 
 /// What requests are counted by.
@@ -113,6 +128,19 @@ fn default_key() -> KeyBy {
     KeyBy::ClientIp
 }
 
+/// What a rate limit with a store does while the store cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Count here, at the limit divided by `replicas` (when set).
+    #[default]
+    Local,
+    /// Let requests through, uncounted.
+    Allow,
+    /// Refuse them (503).
+    Deny,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -125,6 +153,16 @@ pub struct Config {
     /// Send the RateLimit-* headers on every response, not only on 429.
     #[serde(default)]
     pub headers: bool,
+    /// Spread the allowance over the period (the default), or let it all go at once as a
+    /// quota (`false`: Kong's and APISIX's per-minute counters do so).
+    #[serde(default = "crate::config::default_true")]
+    pub spread: bool,
+    /// A `[stores.NAME]` to count in, shared with the other replicas.
+    pub store: Option<String>,
+    #[serde(default)]
+    pub on_store_error: OnStoreError,
+    /// How many replicas share the store: the `local` fallback counts `limit / replicas`.
+    pub replicas: Option<u32>,
 }
 
 impl Config {
@@ -136,6 +174,13 @@ impl Config {
                 .into()),
             (None, Some(0)) => Err("`concurrency = 0` refuses everything".into()),
             (None, Some(_)) if self.burst > 0 => Err("`burst` applies to `rate` only".into()),
+            (None, Some(_)) if self.store.is_some() => Err("`store` applies to `rate` only \
+                                                             (requests in flight are counted per replica)"
+                .into()),
+            _ if self.store.is_none() && self.replicas.is_some() => {
+                Err("`replicas` applies with a `store` only".into())
+            }
+            _ if self.replicas == Some(0) => Err("`replicas` must be at least 1".into()),
             _ => Ok(()),
         }
     }
@@ -230,9 +275,26 @@ enum Limiter {
 
 pub struct RateLimit {
     key: KeyBy,
+    /// Counting here: the limiter, or with a store its `local` fallback.
     limiter: Limiter,
+    /// What `limiter` allows per period (what the headers report when it decides).
     limit: u32,
     headers: bool,
+    shared: Option<Shared>,
+}
+
+/// Counting in a store, with every replica that names it.
+struct Shared {
+    store: Arc<dyn SharedCounter>,
+    rule: WindowRule,
+    limit: u32,
+    period: Duration,
+    on_error: OnStoreError,
+    /// `rl:PLUGIN:`: every replica with the same config counts under the same keys.
+    prefix: Vec<u8>,
+    /// Keys the store refused, until they have room again: refused here, no round trip.
+    over: quick_cache::sync::Cache<u64, Instant>,
+    fallbacks: Option<prometheus::IntCounter>,
 }
 
 /// IPv6 clients are counted per /64: one site gets a whole /64 and could otherwise rotate
@@ -257,6 +319,83 @@ enum Key<'a> {
     Text(&'a [u8]),
 }
 
+/// Keys longer than this are hashed in the store (a header may be kilobytes).
+const STORE_KEY_MAX: usize = 96;
+
+impl Key<'_> {
+    fn hash64(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut h);
+        h.finish()
+    }
+
+    /// The key's name in the store after `prefix`: readable when short (`ip:10.0.0.1`,
+    /// `k:alice`), a SHA-256 when long; the same on every replica and version.
+    fn store_key(&self, prefix: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut out = Vec::with_capacity(prefix.len() + 48);
+        out.extend_from_slice(prefix);
+        match self {
+            Key::Ip(Some(ip)) => {
+                let _ = write!(out, "ip:{ip}");
+            }
+            Key::Ip(None) => out.extend_from_slice(b"ip:-"),
+            Key::Text(t) if t.len() <= STORE_KEY_MAX => {
+                out.extend_from_slice(b"k:");
+                out.extend_from_slice(t);
+            }
+            Key::Text(t) => {
+                use sha2::Digest;
+                out.extend_from_slice(b"h:");
+                out.extend_from_slice(hex::encode(sha2::Sha256::digest(t)).as_bytes());
+            }
+        }
+        out
+    }
+}
+
+impl Shared {
+    /// The store's verdict, or `None` when the store cannot answer (then `on_error`).
+    async fn decide(&self, key: &Key<'_>, hash: u64) -> Option<Verdict> {
+        let now = Instant::now();
+        if let Some(until) = self.over.get(&hash) {
+            if until > now {
+                return Some(self.refused((until - now).as_millis() as u64));
+            }
+            self.over.remove(&hash);
+        }
+        let v = self
+            .store
+            .hit(&key.store_key(&self.prefix), &self.rule, 1, false)
+            .await
+            .ok()?;
+        if v.ok {
+            return Some(Verdict {
+                ok: true,
+                remaining: v.remaining,
+                reset_secs: v
+                    .retry_ms
+                    .div_ceil(1000)
+                    .clamp(1, self.period.as_secs().max(1)),
+            });
+        }
+        let retry = v.retry_ms.max(1);
+        self.over.insert(hash, now + Duration::from_millis(retry));
+        Some(self.refused(retry))
+    }
+
+    fn refused(&self, retry_ms: u64) -> Verdict {
+        Verdict {
+            ok: false,
+            remaining: 0,
+            // Whole seconds, rounded up: a client waiting this long finds room.
+            reset_secs: retry_ms
+                .div_ceil(1000)
+                .clamp(1, self.period.as_secs().max(1)),
+        }
+    }
+}
+
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
@@ -268,21 +407,49 @@ struct Verdict {
     reset_secs: u64,
 }
 
+/// How many slices a period is cut into: a tenth each, fewer for rates under 10 per period,
+/// one (the period itself) when the allowance is not spread.
+fn slices(spec: RateSpec, spread: bool) -> u32 {
+    if spread {
+        spec.count.clamp(1, 10)
+    } else {
+        1
+    }
+}
+
+fn local_limiter(spec: RateSpec, burst: u32, spread: bool) -> (Limiter, u32) {
+    let slices = slices(spec, spread);
+    (
+        Limiter::Rate {
+            period: Window::new(spec.per),
+            slice: Window::new(spec.per / slices),
+            slice_limit: f64::from(spec.count) / f64::from(slices) + f64::from(burst),
+            spec,
+        },
+        spec.count.saturating_add(burst),
+    )
+}
+
+/// Distinct keys remembered as over their limit, per plugin: a flood of fresh keys evicts
+/// old entries (they then cost a round trip again), never grows memory.
+const OVER_KEYS: usize = 16 * 1024;
+
 impl RateLimit {
-    pub fn new(c: Config) -> Self {
+    pub fn new(c: Config, env: &BuildEnv) -> Self {
+        let store = c.store.as_ref().and_then(|n| env.stores.get(n).cloned());
         let (limiter, limit) = match (c.rate, c.concurrency) {
-            (Some(spec), _) => {
-                let slices = spec.count.clamp(1, 10);
-                (
-                    Limiter::Rate {
-                        period: Window::new(spec.per),
-                        slice: Window::new(spec.per / slices),
-                        slice_limit: f64::from(spec.count) / f64::from(slices) + f64::from(c.burst),
-                        spec,
+            (Some(spec), _) => match (&store, c.replicas) {
+                // The local fallback of a shared limit: this replica's share.
+                (Some(_), Some(n)) if n > 1 => local_limiter(
+                    RateSpec {
+                        count: spec.count.div_ceil(n),
+                        per: spec.per,
                     },
-                    spec.count.saturating_add(c.burst),
-                )
-            }
+                    c.burst.div_ceil(n),
+                    c.spread,
+                ),
+                _ => local_limiter(spec, c.burst, c.spread),
+            },
             (None, max) => {
                 let max = max.unwrap_or(1);
                 (
@@ -294,16 +461,43 @@ impl RateLimit {
                 )
             }
         };
+        let shared = match (store, c.rate) {
+            (Some(store), Some(spec)) => {
+                let slices = slices(spec, c.spread);
+                let period_ms = spec.per.as_millis() as u64;
+                let slice_limit = f64::from(spec.count) / f64::from(slices) + f64::from(c.burst);
+                let mut prefix = b"rl:".to_vec();
+                prefix.extend_from_slice(env.name.as_bytes());
+                prefix.push(b':');
+                Some(Shared {
+                    store,
+                    rule: WindowRule {
+                        period_ms,
+                        limit: u64::from(spec.count) + u64::from(c.burst),
+                        slice_ms: period_ms / u64::from(slices),
+                        slice_limit_milli: (slice_limit * 1000.0).round() as u64,
+                    },
+                    limit: spec.count.saturating_add(c.burst),
+                    period: spec.per,
+                    on_error: c.on_store_error,
+                    prefix,
+                    over: quick_cache::sync::Cache::new(OVER_KEYS),
+                    fallbacks: env.fallbacks.clone(),
+                })
+            }
+            _ => None,
+        };
         RateLimit {
             key: c.key,
             limiter,
             limit,
             headers: c.headers,
+            shared,
         }
     }
 
-    fn key_hash(&self, s: &Session, cx: &PluginCtx) -> u64 {
-        let key = match &self.key {
+    fn key<'a>(&'a self, s: &'a Session, cx: &'a PluginCtx) -> Key<'a> {
+        match &self.key {
             KeyBy::ClientIp => Key::Ip(cx.client_ip.map(per_site)),
             KeyBy::Consumer => match cx.consumer() {
                 Some(c) => Key::Text(c.as_bytes()),
@@ -314,10 +508,7 @@ impl RateLimit {
                 None => Key::Ip(cx.client_ip.map(per_site)),
             },
             KeyBy::Route => Key::Text(cx.route.as_deref().unwrap_or("").as_bytes()),
-        };
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        h.finish()
+        }
     }
 
     fn check(&self, key: u64, cx: &mut PluginCtx) -> Verdict {
@@ -365,9 +556,9 @@ impl RateLimit {
         }
     }
 
-    fn header_values(&self, v: &Verdict) -> [(HeaderName, HeaderValue); 3] {
+    fn header_values(&self, limit: u32, v: &Verdict) -> [(HeaderName, HeaderValue); 3] {
         [
-            (RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit)),
+            (RATELIMIT_LIMIT.clone(), HeaderValue::from(limit)),
             (RATELIMIT_REMAINING.clone(), HeaderValue::from(v.remaining)),
             (RATELIMIT_RESET.clone(), HeaderValue::from(v.reset_secs)),
         ]
@@ -392,15 +583,38 @@ impl Plugin for RateLimit {
     }
 
     async fn request(&self, s: &mut Session, cx: &mut PluginCtx) -> Result<Decision> {
-        let key = self.key_hash(s, cx);
-        let v = self.check(key, cx);
+        let key = self.key(s, cx);
+        let hash = key.hash64();
+        let (limit, v) = match &self.shared {
+            None => (self.limit, self.check(hash, cx)),
+            Some(sh) => match sh.decide(&key, hash).await {
+                Some(v) => (sh.limit, v),
+                None => {
+                    if let Some(c) = &sh.fallbacks {
+                        c.inc();
+                    }
+                    match sh.on_error {
+                        OnStoreError::Local => (self.limit, self.check(hash, cx)),
+                        OnStoreError::Allow => return Ok(Decision::Continue),
+                        OnStoreError::Deny => {
+                            return Ok(refuse(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "rate limit store unavailable",
+                                cx,
+                                vec![(http::header::RETRY_AFTER, HeaderValue::from_static("1"))],
+                            ))
+                        }
+                    }
+                }
+            },
+        };
         if v.ok {
             if self.headers {
-                cx.keep(self, Reported(self.header_values(&v)));
+                cx.keep(self, Reported(self.header_values(limit, &v)));
             }
             return Ok(Decision::Continue);
         }
-        let mut headers = self.header_values(&v).to_vec();
+        let mut headers = self.header_values(limit, &v).to_vec();
         headers.push((http::header::RETRY_AFTER, HeaderValue::from(v.reset_secs)));
         Ok(refuse(
             StatusCode::TOO_MANY_REQUESTS,

@@ -54,7 +54,7 @@ pub fn config_json(source: &str) -> Option<Value> {
             match (k.as_str(), x) {
                 // Tables of named things: the names are the user's (a plugin called
                 // "api-auth"), not secrets; what is inside each is judged as usual.
-                ("plugins" | "upstreams" | "gateways", Value::Object(named)) => {
+                ("plugins" | "upstreams" | "gateways" | "stores", Value::Object(named)) => {
                     named.values_mut().for_each(redact)
                 }
                 (_, x) => redact(x),

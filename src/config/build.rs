@@ -19,7 +19,14 @@ use super::routes::{route, route_key, Refs};
 use super::upstreams::upstream;
 use super::*;
 
-const SECTIONS: &[&str] = &["server", "upstreams", "plugins", "gateways", "routes"];
+const SECTIONS: &[&str] = &[
+    "server",
+    "stores",
+    "upstreams",
+    "plugins",
+    "gateways",
+    "routes",
+];
 
 pub(super) struct Loader<'a> {
     src: &'a str,
@@ -169,6 +176,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
     let mut server = None;
     let mut upstream_vals = Vec::new();
     let mut plugin_vals = Vec::new();
+    let mut store_vals = Vec::new();
     let mut gateway_vals = Vec::new();
     let mut route_vals = Vec::new();
     for (key, value) in doc.into_inner() {
@@ -177,6 +185,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             "server" => server = Some(value),
             "upstreams" => upstream_vals = ld.named_tables(value, "upstreams"),
             "plugins" => plugin_vals = ld.named_tables(value, "plugins"),
+            "stores" => store_vals = ld.named_tables(value, "stores"),
             "gateways" => gateway_vals = ld.named_tables(value, "gateways"),
             "routes" => {
                 let span = value.span();
@@ -203,13 +212,37 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
 
     // Files named in plugin configs are relative to the config file, as nginx's includes.
     let base = path.parent().unwrap_or(Path::new("."));
+    let mut stores = Vec::new();
+    let mut store_names = HashMap::new();
+    for (name, value) in store_vals {
+        let ctx = format!("store \"{}\"", name.get_ref());
+        store_names.insert(name.get_ref().clone(), true);
+        let span = value.span();
+        if let Some(f) = ld.de::<super::stores::StoreFile>(value, &ctx) {
+            if let Some(s) = super::stores::store(&mut ld, name.get_ref(), f, span) {
+                stores.push(s);
+            }
+        }
+    }
+
     // Plugins first: everything else refers to them by name.
     let mut plugins = Vec::new();
     let mut plugin_names = HashMap::new();
+    let mut store_refs = Vec::new();
     for (name, value) in plugin_vals {
         let ctx = format!("plugin \"{}\"", name.get_ref());
         // Known names even when broken, so references to them are not reported twice.
         plugin_names.insert(name.get_ref().clone(), None);
+        if let DeValue::Table(t) = value.get_ref() {
+            if let Some(r) = t.get("store") {
+                if let DeValue::String(v) = r.get_ref() {
+                    store_refs.push((
+                        name.get_ref().clone(),
+                        Spanned::new(r.span(), v.to_string()),
+                    ));
+                }
+            }
+        }
         if let Some(cfg) = plugin_config(&mut ld, value, &ctx, base) {
             plugin_names.insert(name.get_ref().clone(), Some(plugins.len()));
             plugins.push(NamedPlugin {
@@ -233,6 +266,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
         }
     }
 
+    super::stores::check_refs(&mut ld, &store_refs, &store_names);
     let server_plugins = plugin_refs(&mut ld, &server_file.plugins, &plugin_names, "[server]");
     let mut gateways = Vec::new();
     let mut gateway_names = HashMap::new();
@@ -425,6 +459,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
     let access_log = super::admin::access_log(&mut ld, &server_file, path);
     let log_json = super::admin::log_json(&mut ld, &server_file);
     let tracing = super::admin::tracing(&mut ld, &server_file);
+    let node_name = super::stores::node_name(&mut ld, &server_file);
 
     if !ld.errors.is_empty() {
         ld.errors.sort_by_key(|e| (e.line, e.col));
@@ -481,7 +516,9 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             access_log,
             log_json,
             tracing,
+            node_name,
         },
+        stores,
         upstreams,
         plugins,
         gateways,

@@ -44,6 +44,7 @@ pub struct ServerFile {
     pub log_format: Option<Spanned<String>>,
     pub tracing: Option<Spanned<TracingFile>>,
     pub max_aggregate_parts: Option<Spanned<usize>>,
+    pub node_name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

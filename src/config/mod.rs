@@ -21,6 +21,7 @@ mod client;
 pub mod file;
 pub mod offload;
 mod routes;
+mod stores;
 mod tls;
 mod upstream_tls;
 mod upstreams;
@@ -36,6 +37,8 @@ pub struct Config {
     /// The file's text as loaded (for `/config`, redacted, and the digest in `/status`).
     pub source: std::sync::Arc<str>,
     pub server: Server,
+    /// `[stores.NAME]`: shared stores (Redis).
+    pub stores: Vec<crate::stores::Settings>,
     pub upstreams: Vec<Upstream>,
     pub plugins: Vec<NamedPlugin>,
     pub gateways: Vec<Gateway>,
@@ -73,6 +76,8 @@ pub struct Server {
     pub log_json: bool,
     /// Span export; `None`: trace context still flows, nothing is exported.
     pub tracing: Option<crate::trace::Settings>,
+    /// This replica's name in the fleet (`node_name`, default the host name).
+    pub node_name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 pub mod cache_kit;
 pub mod pki;
 pub mod raw;
+pub mod redis;
 
 use std::convert::Infallible;
 use std::future::Future;

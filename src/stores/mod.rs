@@ -1,0 +1,502 @@
+//! Shared state over Redis (or Valkey): what replicas of the gateway count together.
+//!
+//! A `[stores.NAME]` section names one Redis deployment: a single server (`url`), a Cluster
+//! (`cluster`) or a master found through Sentinels (`sentinel`). Connections are made and
+//! remade off the request path by a keeper task (in the background service's runtime), so
+//! a request never waits for a connect: it finds the store usable, or it falls back at once.
+//!
+//! Failures are handled per store, not per request: after an error the store is left alone
+//! for a back-off (100 ms doubling to 5 s) and then one request probes it; the log says it
+//! once when an episode starts and once when it ends; `gatehouse_store_errors_total{store,kind}`
+//! counts every error. A connection error (a refused or dropped connection, or a server
+//! that is no longer a master: `READONLY`, `MASTERDOWN`…) drops the connections and the
+//! keeper makes new ones, asking the Sentinels for the master again: a failover is followed
+//! without a restart. A Cluster connection follows slot moves (`MOVED`/`ASK`) by itself.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use gatehouse_plugins::store::{SharedCounter, SharedVerdict, StoreUnavailable, WindowRule};
+use prometheus::IntCounter;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
+use tokio::sync::Notify;
+
+/// Where the store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+    /// The master named `master`, as the Sentinels at `nodes` know it.
+    Sentinel {
+        master: String,
+        nodes: Vec<String>,
+    },
+}
+
+impl Target {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Single(_) => "single",
+            Target::Cluster(_) => "cluster",
+            Target::Sentinel { .. } => "sentinel",
+        }
+    }
+}
+
+/// A store as the config sets it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub name: String,
+    pub target: Target,
+    /// Connections to a single server or a Sentinel-found master (each multiplexes every
+    /// request sent to it); a Cluster connection is one per node, kept by the client.
+    pub pool_size: usize,
+    /// The longest a request waits for the store, connection included.
+    pub timeout: Duration,
+    /// Put before every key, so several gateways (or other programs) can share a Redis.
+    pub prefix: String,
+}
+
+impl Settings {
+    /// Checks what can be checked without connecting: every URL parses.
+    pub fn validate(&self) -> Result<(), String> {
+        let urls: Vec<&String> = match &self.target {
+            Target::Single(u) => vec![u],
+            Target::Cluster(n) | Target::Sentinel { nodes: n, .. } => n.iter().collect(),
+        };
+        for u in urls {
+            // The URL itself is not repeated: it may hold a password; the line says which.
+            redis::Client::open(u.as_str()).map_err(|e| format!("invalid Redis URL: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+const BACKOFF_MIN_MS: u64 = 100;
+const BACKOFF_MAX_MS: u64 = 5_000;
+/// Connecting gets more time than a request: it happens off the request path.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Error kinds of `gatehouse_store_errors_total`.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// The store did not answer within `timeout`.
+    Timeout = 0,
+    /// No connection could be made.
+    Connect = 1,
+    /// A connection broke, or the server is no longer the master.
+    Connection = 2,
+    /// The server answered with an error.
+    Reply = 3,
+}
+const KINDS: [&str; 4] = ["timeout", "connect", "connection", "reply"];
+
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Whether the store takes requests, and when to try again if not.
+struct Health {
+    epoch: Instant,
+    /// Milliseconds since `epoch` before which no request tries the store; 0: it is up.
+    retry_at: AtomicU64,
+    backoff_ms: AtomicU64,
+    /// In an episode of errors (logged once at its start, once at its end).
+    down: AtomicBool,
+    episode_errors: AtomicU64,
+}
+
+impl Health {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether this request may use the store: it is up, or its back-off has passed and this
+    /// request won the probe (the others go on falling back meanwhile).
+    fn usable(&self) -> bool {
+        let at = self.retry_at.load(Relaxed);
+        if at == 0 {
+            return true;
+        }
+        let now = self.now_ms();
+        now >= at
+            && self
+                .retry_at
+                .compare_exchange(at, now + self.backoff_ms.load(Relaxed), Relaxed, Relaxed)
+                .is_ok()
+    }
+
+    /// Lets the next request probe at once (new connections were made).
+    fn probe_now(&self) {
+        if self.retry_at.load(Relaxed) != 0 {
+            self.retry_at.store(1, Relaxed);
+        }
+    }
+
+    /// Returns whether this error starts an episode.
+    fn failed(&self) -> bool {
+        let b = self.backoff_ms.load(Relaxed).max(BACKOFF_MIN_MS / 2) * 2;
+        let b = b.min(BACKOFF_MAX_MS);
+        self.backoff_ms.store(b, Relaxed);
+        self.retry_at.store(self.now_ms() + b, Relaxed);
+        self.episode_errors.fetch_add(1, Relaxed);
+        !self.down.swap(true, Relaxed)
+    }
+
+    /// Returns the errors of the episode this success ends, if one was going on.
+    fn succeeded(&self) -> Option<u64> {
+        if self.retry_at.load(Relaxed) != 0 {
+            self.retry_at.store(0, Relaxed);
+        }
+        if !self.down.load(Relaxed) {
+            return None;
+        }
+        self.backoff_ms.store(0, Relaxed);
+        self.down
+            .swap(false, Relaxed)
+            .then(|| self.episode_errors.swap(0, Relaxed))
+    }
+}
+
+/// One Redis deployment, shared by every plugin that names it and kept across reloads while
+/// its settings do not change.
+pub struct Store {
+    pub settings: Settings,
+    conns: ArcSwapOption<Vec<Conn>>,
+    health: Health,
+    /// Asks the keeper for new connections.
+    wake: Arc<Notify>,
+    keeper: AtomicBool,
+    errors: [IntCounter; 4],
+    window: redis::Script,
+    /// Rotates requests over the pool's connections (no lock: a relaxed counter).
+    next: AtomicU64,
+}
+
+impl Store {
+    pub fn new(settings: Settings) -> Store {
+        let errors = KINDS.map(|k| {
+            crate::metrics::METRICS
+                .store_errors
+                .with_label_values(&[&settings.name, k])
+        });
+        Store {
+            settings,
+            conns: ArcSwapOption::empty(),
+            health: Health {
+                epoch: Instant::now(),
+                retry_at: AtomicU64::new(0),
+                backoff_ms: AtomicU64::new(0),
+                down: AtomicBool::new(false),
+                episode_errors: AtomicU64::new(0),
+            },
+            wake: Arc::new(Notify::new()),
+            keeper: AtomicBool::new(false),
+            errors,
+            window: redis::Script::new(include_str!("window.lua")),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// Whether the store answers now (connected and not in an episode of errors).
+    pub fn up(&self) -> bool {
+        self.conns.load().is_some() && !self.health.down.load(Relaxed)
+    }
+
+    /// A connection to send one request on, or `None`: not connected, or backing off.
+    fn conn(&self) -> Option<Conn> {
+        let conns = self.conns.load();
+        let conns = conns.as_ref()?;
+        if conns.is_empty() || !self.health.usable() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Relaxed) as usize % conns.len();
+        Some(conns[i].clone())
+    }
+
+    fn fault(&self, kind: Kind, what: &dyn std::fmt::Display) {
+        self.errors[kind as usize].inc();
+        if self.health.failed() {
+            log::warn!(
+                "store \"{}\": {}: {what}; plugins apply their on_store_error policy until it answers",
+                self.settings.name,
+                KINDS[kind as usize]
+            );
+        }
+        if matches!(kind, Kind::Connection | Kind::Connect) {
+            self.conns.store(None);
+            self.wake.notify_one();
+        }
+    }
+
+    fn recovered(&self) {
+        if let Some(n) = self.health.succeeded() {
+            log::warn!(
+                "store \"{}\": answering again (after {n} error(s))",
+                self.settings.name
+            );
+        }
+    }
+
+    /// Runs `f` on a connection, within `timeout`; errors are counted, logged once per
+    /// episode and turn into [`StoreUnavailable`].
+    async fn run<T, F, Fut>(&self, timeout: Duration, f: F) -> Result<T, StoreUnavailable>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let conn = self.conn().ok_or(StoreUnavailable)?;
+        match pingora_timeout::timeout(timeout, f(conn)).await {
+            Ok(Ok(v)) => {
+                self.recovered();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.fault(classify(&e), &e);
+                Err(StoreUnavailable)
+            }
+            Err(_) => {
+                self.fault(
+                    Kind::Timeout,
+                    &format_args!("no answer within {:?}", self.settings.timeout),
+                );
+                Err(StoreUnavailable)
+            }
+        }
+    }
+
+    /// Starts the keeper task on the current runtime, once. It holds the store weakly and
+    /// ends when a reload drops the store.
+    pub fn start(self: &Arc<Self>) {
+        if self.keeper.swap(true, Relaxed) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let wake = self.wake.clone();
+        tokio::spawn(async move {
+            let mut sentinel = None;
+            loop {
+                let Some(store) = weak.upgrade() else { return };
+                if store.conns.load().is_none() {
+                    let made = tokio::time::timeout(
+                        CONNECT_TIMEOUT,
+                        connect(&store.settings, &mut sentinel),
+                    )
+                    .await;
+                    match made {
+                        Ok(Ok(conns)) => {
+                            store.conns.store(Some(Arc::new(conns)));
+                            if store.health.down.load(Relaxed) {
+                                // The next request probes at once; the episode ends when
+                                // one is answered (a connection alone proves little: a
+                                // Cluster may still route the key to a dead master).
+                                store.health.probe_now();
+                            } else {
+                                log::info!("store \"{}\": connected", store.settings.name);
+                            }
+                        }
+                        Ok(Err(e)) => store.fault(Kind::Connect, &e),
+                        Err(_) => store.fault(
+                            Kind::Connect,
+                            &format_args!("no connection within {CONNECT_TIMEOUT:?}"),
+                        ),
+                    }
+                }
+                let connected = store.conns.load().is_some();
+                let backoff = Duration::from_millis(
+                    store.health.backoff_ms.load(Relaxed).max(BACKOFF_MIN_MS),
+                );
+                drop(store);
+                if connected {
+                    // Woken for a reconnect, or now and then to notice a dropped store.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+                } else {
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        });
+    }
+}
+
+/// Errors that mean "this connection cannot serve": make new ones (and ask the Sentinels
+/// again). Other error replies leave the connections alone.
+fn classify(e: &RedisError) -> Kind {
+    if e.is_timeout() {
+        return Kind::Timeout;
+    }
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+    {
+        return Kind::Connection;
+    }
+    match e.code() {
+        Some("READONLY" | "MASTERDOWN" | "LOADING" | "CLUSTERDOWN" | "TRYAGAIN") => {
+            Kind::Connection
+        }
+        _ => Kind::Reply,
+    }
+}
+
+async fn connect(
+    s: &Settings,
+    sentinel: &mut Option<redis::sentinel::SentinelClient>,
+) -> Result<Vec<Conn>, RedisError> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(None);
+    let client = match &s.target {
+        Target::Cluster(nodes) => {
+            let c = redis::cluster::ClusterClient::builder(nodes.clone())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .retries(1)
+                .build()?;
+            let conn = c.get_async_connection().await?;
+            return Ok(vec![Conn::Cluster(conn)]);
+        }
+        Target::Single(url) => redis::Client::open(url.as_str())?,
+        Target::Sentinel { master, nodes } => {
+            let sc = match sentinel {
+                Some(sc) => sc,
+                None => sentinel.insert(redis::sentinel::SentinelClient::build(
+                    nodes.clone(),
+                    master.clone(),
+                    None,
+                    redis::sentinel::SentinelServerType::Master,
+                )?),
+            };
+            sc.async_get_client().await?
+        }
+    };
+    let mut conns = Vec::with_capacity(s.pool_size);
+    for _ in 0..s.pool_size.max(1) {
+        let c = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        conns.push(Conn::Single(c));
+    }
+    // A Sentinel may still name a master that has just been demoted: make sure it writes.
+    if matches!(s.target, Target::Sentinel { .. }) {
+        let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conns[0]).await?;
+        if !matches!(role.first(), Some(Value::BulkString(r)) if r == b"master") {
+            return Err(RedisError::from((
+                redis::ErrorKind::Io,
+                "the server the Sentinels name is not a master (yet)",
+            )));
+        }
+    }
+    Ok(conns)
+}
+
+#[async_trait]
+impl SharedCounter for Store {
+    fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    async fn hit(
+        &self,
+        key: &[u8],
+        rule: &WindowRule,
+        hits: u64,
+        force: bool,
+    ) -> Result<SharedVerdict, StoreUnavailable> {
+        let mut full = Vec::with_capacity(self.settings.prefix.len() + key.len());
+        full.extend_from_slice(self.settings.prefix.as_bytes());
+        full.extend_from_slice(key);
+        let r: (u64, u64, u64, u64) = self
+            .run(self.settings.timeout, |mut c| async move {
+                self.window
+                    .key(full)
+                    .arg(rule.period_ms)
+                    .arg(rule.limit)
+                    .arg(rule.slice_ms)
+                    .arg(rule.slice_limit_milli)
+                    .arg(hits)
+                    .arg(u8::from(force))
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(SharedVerdict {
+            ok: r.0 == 1,
+            remaining: r.1,
+            retry_ms: r.2,
+            count: r.3,
+        })
+    }
+}
+
+/// Starts the keeper of every store that has none yet (from a runtime that lives as long as
+/// the server: the background service's).
+pub fn start(stores: &[Arc<Store>]) {
+    for s in stores {
+        s.start();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_one_request_probes() {
+        let h = Health {
+            epoch: Instant::now(),
+            retry_at: AtomicU64::new(0),
+            backoff_ms: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+            episode_errors: AtomicU64::new(0),
+        };
+        assert!(h.usable());
+        assert!(h.failed(), "the first error starts an episode");
+        assert!(!h.failed(), "the second does not");
+        assert_eq!(h.backoff_ms.load(Relaxed), 2 * BACKOFF_MIN_MS);
+        assert!(!h.usable(), "backing off");
+        h.retry_at.store(1, Relaxed);
+        assert!(h.usable(), "back-off over: this request probes");
+        assert!(!h.usable(), "and the next one waits for the probe");
+        assert_eq!(h.succeeded(), Some(2));
+        assert!(h.usable());
+        assert_eq!(h.succeeded(), None);
+    }
+}
