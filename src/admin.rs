@@ -27,6 +27,14 @@ pub struct Admin {
 static STARTED: std::sync::LazyLock<std::time::Instant> =
     std::sync::LazyLock::new(std::time::Instant::now);
 
+/// Unix seconds when the process started (the fleet registry's `started`).
+pub fn started_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .saturating_sub(STARTED.elapsed().as_secs())
+}
+
 /// The status page: one self-contained file (inline CSS and JS) that reads /status and
 /// /metrics from this listener.
 const PAGE: &str = include_str!("admin/status.html");
@@ -116,6 +124,7 @@ impl Admin {
             "upstreams": upstreams,
             "cache": cache,
             "stores": stores,
+            "fleet": rt.fleet.as_ref().map(|f| f.status()),
             "last_reload": last_reload,
         })
     }
@@ -150,7 +159,7 @@ fn authorized(session: &ServerSession, token: &str) -> bool {
 /// The config's digest as `/status` shows it: of the redacted config (what `/config` shows),
 /// so it tells which config runs without letting anyone check a guessed secret against it
 /// (the raw file's digest would, offline: the shipped file with one token changed).
-fn config_digest(source: &str) -> Option<String> {
+pub fn config_digest(source: &str) -> Option<String> {
     use sha2::Digest;
     let redacted = redact::config_json(source)?.to_string();
     Some(hex::encode(sha2::Sha256::digest(redacted.as_bytes())))
@@ -294,7 +303,7 @@ impl Admin {
     }
 
     /// `POST /cache/purge?url=ABSOLUTE_URL` or `?tag=TAG`: drops the entries, says how many.
-    fn purge(&self, session: &ServerSession) -> Response<Vec<u8>> {
+    async fn purge(&self, session: &ServerSession) -> Response<Vec<u8>> {
         if let Some(r) = self.refuse(session, "purge") {
             return r;
         }
@@ -310,9 +319,10 @@ impl Admin {
                 _ => {}
             }
         }
-        let (what, purged) = match (by_url, by_tag) {
+        use crate::stores::fleet::Purge;
+        let (what, purge) = match (by_url, by_tag) {
             (Some(u), None) => match purge_key(&u, rt.canonical) {
-                Some(key) => (json!({ "url": key }), crate::cache::STORE.purge_url(&key)),
+                Some(key) => (json!({ "url": key }), Purge::Url(key)),
                 None => {
                     return json_error(
                         StatusCode::BAD_REQUEST,
@@ -320,9 +330,7 @@ impl Admin {
                     )
                 }
             },
-            (None, Some(t)) if !t.is_empty() => {
-                (json!({ "tag": t }), crate::cache::STORE.purge_tag(&t))
-            }
+            (None, Some(t)) if !t.is_empty() => (json!({ "tag": t }), Purge::Tag(t)),
             _ => {
                 return json_error(
                     StatusCode::BAD_REQUEST,
@@ -330,9 +338,49 @@ impl Admin {
                 )
             }
         };
+        let purged = match &purge {
+            Purge::Url(k) => crate::cache::STORE.purge_url(k),
+            Purge::Tag(t) => crate::cache::STORE.purge_tag(t),
+            Purge::All => crate::cache::STORE.purge_all(),
+        };
         log::info!("cache purge {what}: {purged} entries");
-        let body = json!({ "purged": purged, "target": what });
-        reply(StatusCode::OK, "application/json", format!("{body}\n"))
+        let Some(fleet) = rt.fleet.clone() else {
+            let body = json!({ "purged": purged, "target": what });
+            return reply(StatusCode::OK, "application/json", format!("{body}\n"));
+        };
+        // The other replicas: those the registry saw lately must confirm within the deadline.
+        fleet.refresh().await;
+        let expect = fleet.peers_up();
+        let (status, replicas) = match fleet.publish(&purge).await {
+            Ok(id) => {
+                let acks = fleet.acks(&id, &expect, rt.purge_deadline).await;
+                let missing: Vec<&String> =
+                    expect.iter().filter(|n| !acks.contains_key(*n)).collect();
+                let confirmed: Vec<Value> = acks
+                    .iter()
+                    .map(|(n, p)| json!({ "node": n, "purged": p }))
+                    .collect();
+                if !missing.is_empty() {
+                    log::warn!(
+                        "cache purge {what}: no confirmation from {missing:?} within {:?}",
+                        rt.purge_deadline
+                    );
+                }
+                (
+                    StatusCode::OK,
+                    json!({ "id": id, "this": fleet.node, "confirmed": confirmed, "missing": missing }),
+                )
+            }
+            Err(e) => {
+                log::warn!("cache purge {what}: the other replicas were not told: {e}");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({ "this": fleet.node, "error": format!("the other replicas were not told: {e}"), "missing": expect }),
+                )
+            }
+        };
+        let body = json!({ "purged": purged, "target": what, "fleet": replicas });
+        reply(status, "application/json", format!("{body}\n"))
     }
 }
 
@@ -408,7 +456,7 @@ impl ServeHttp for Admin {
                     None => json_error(StatusCode::INTERNAL_SERVER_ERROR, "config not readable"),
                 }
             }
-            "/cache/purge" => self.purge(session),
+            "/cache/purge" => self.purge(session).await,
             "/reload" => self.reload(session).await,
             "/metrics" => reply(
                 StatusCode::OK,

@@ -228,6 +228,15 @@ impl Store {
         self.drop_all(&keys)
     }
 
+    /// Drops every entry (a replica that may have missed a purge); returns how many.
+    pub fn purge_all(&self) -> usize {
+        let keys: Vec<u128> = {
+            let ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            ix.by_url.values().flat_map(|s| s.iter().copied()).collect()
+        };
+        self.drop_all(&keys)
+    }
+
     fn drop_all(&self, keys: &[u128]) -> usize {
         self.purges.fetch_add(1, Ordering::SeqCst);
         let mut n = 0;

@@ -112,6 +112,9 @@ pub struct Runtime {
     pub stores: Vec<Arc<crate::stores::Store>>,
     /// This replica's name in the fleet.
     pub node_name: Arc<str>,
+    /// The fleet (`[server] fleet_store`): registry and shared purges.
+    pub fleet: Option<Arc<crate::stores::fleet::Fleet>>,
+    pub purge_deadline: std::time::Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub canonical: crate::path::Options,
     pub client: crate::front::ClientLimits,
@@ -319,6 +322,8 @@ impl Runtime {
         Ok(Runtime {
             gateways: gateways.into(),
             pools,
+            fleet: fleet(cfg, &stores, previous),
+            purge_deadline: cfg.server.purge_deadline,
             stores,
             node_name: cfg.server.node_name.as_str().into(),
             trusted_proxies: cfg.server.trusted_proxies.clone(),
@@ -404,4 +409,31 @@ fn access_log(
             let path = s.path.as_deref().unwrap_or(std::path::Path::new("-"));
             format!("access_log {}: {e}", path.display())
         })
+}
+
+/// The fleet of `[server] fleet_store`: kept across a reload while its store and this node's
+/// name stay (its reader goes on from where it is).
+fn fleet(
+    cfg: &Config,
+    stores: &[Arc<crate::stores::Store>],
+    previous: Option<&Runtime>,
+) -> Option<Arc<crate::stores::fleet::Fleet>> {
+    use crate::stores::fleet::{Fleet, Purge};
+    let name = cfg.server.fleet_store.as_deref()?;
+    let store = stores.iter().find(|s| s.settings.name == name)?;
+    if let Some(f) = previous.and_then(|p| p.fleet.as_ref()) {
+        if Arc::ptr_eq(&f.store, store) && f.node == cfg.server.node_name {
+            return Some(f.clone());
+        }
+    }
+    let apply = Arc::new(|p: &Purge| match p {
+        Purge::Url(u) => crate::cache::STORE.purge_url(u),
+        Purge::Tag(t) => crate::cache::STORE.purge_tag(t),
+        Purge::All => crate::cache::STORE.purge_all(),
+    });
+    Some(Fleet::new(
+        store.clone(),
+        cfg.server.node_name.clone(),
+        apply,
+    ))
 }

@@ -251,10 +251,34 @@ impl Reloader {
         }
         health::spawn_checks(&rt.pools);
         crate::stores::start(&rt.stores);
+        start_fleet(
+            &rt,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs()),
+        );
         crate::systemd::notify("STATUS=reloaded");
         log::info!("reloaded {}", self.path.display());
         Ok(())
     }
+}
+
+/// Says who this replica is in the fleet registry (version, config digest, last reload) and
+/// starts the fleet's tasks if they are not running.
+fn start_fleet(rt: &crate::runtime::Runtime, last_reload: Option<u64>) {
+    let Some(f) = &rt.fleet else { return };
+    let config = rt
+        .config_digest
+        .get_or_init(|| crate::admin::config_digest(&rt.config_source))
+        .clone();
+    f.set_info(crate::stores::fleet::NodeInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        config,
+        last_reload,
+        started: crate::admin::started_unix(),
+    });
+    f.start();
 }
 
 /// SIGUSR1 reopens the access log (logrotate's `postrotate`, as nginx's USR1).
@@ -280,6 +304,7 @@ impl BackgroundService for Reloader {
         // Health-check tasks live in this service's runtime, for as long as the server runs.
         health::spawn_checks(&self.live.load().pools);
         crate::stores::start(&self.live.load().stores);
+        start_fleet(&self.live.load(), None);
         tokio::spawn(crate::upstream::resolve::run(self.live.clone()));
         let addrs = self
             .listeners

@@ -378,3 +378,225 @@ async fn a_sentinel_failover_is_followed() {
     let m = common::metrics_text(admin).await;
     assert!(metric(&m, "gatehouse_store_errors_total") >= 1.0, "{m}");
 }
+
+const TOKEN: &str = "fleet-test-token-0123456789";
+
+/// A replica named `node` with one cached route (`/`) and the fleet on the store at `url`.
+fn cached_replica(
+    node: &str,
+    url: &str,
+    up: std::net::SocketAddr,
+    extra: &str,
+) -> (u16, u16, Gatehouse) {
+    let (port, admin) = (free_port(), free_port());
+    let toml = format!(
+        "[server]\nthreads = 1\nadmin = \"127.0.0.1:{admin}\"\nadmin_token = \"{TOKEN}\"\n\
+         node_name = \"{node}\"\nfleet_store = \"shared\"\n{extra}\n\
+         [stores.shared]\nurl = \"{url}\"\n\
+         [upstreams.up]\npeers = [\"{up}\"]\n\
+         [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [[routes]]\npath = \"/\"\nupstream = \"up\"\ncache = {{ ttl = \"60s\" }}\n"
+    );
+    let g = Gatehouse::start(&toml, &[port, admin]);
+    (port, admin, g)
+}
+
+/// An upstream whose answers are cacheable for a minute and tagged `tag-PATH`.
+async fn tagged_upstream() -> std::net::SocketAddr {
+    common::serve(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let path = req.uri().path().trim_start_matches('/').to_string();
+        hyper::Response::builder()
+            .header("cache-control", "public, max-age=60")
+            .header("surrogate-key", format!("tag-{path}"))
+            .body(common::full(format!("page {path}")))
+            .unwrap()
+    })
+    .await
+}
+
+async fn cache_status(port: u16, path: &str) -> String {
+    let (_, h, _) = common::get(&format!("http://127.0.0.1:{port}{path}"), &[]).await;
+    h.get("x-cache-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+async fn purge(admin: u16, query: &str) -> (u16, serde_json::Value) {
+    let r = common::client()
+        .post(format!("http://127.0.0.1:{admin}/cache/purge?{query}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("purge");
+    (r.status().as_u16(), r.json().await.expect("purge json"))
+}
+
+/// The fleet as `admin`'s /status shows it: node -> its entry.
+async fn fleet_nodes(admin: u16) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let st = common::admin_status(admin).await;
+    st["fleet"]["nodes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| (n["node"].as_str().unwrap_or("").to_string(), n.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_on_one_replica_reaches_the_others_and_says_who_confirmed() {
+    let redis = Redis::start();
+    let up = tagged_upstream().await;
+    let (pa, aa, _a) = cached_replica("gw-a", &redis.url(), up, "");
+    let (pb, ab, _b) = cached_replica("gw-b", &redis.url(), up, "");
+    assert!(
+        until(10, async || {
+            let n = fleet_nodes(aa).await;
+            n.get("gw-b").is_some_and(|b| b["up"] == true)
+        })
+        .await,
+        "gw-a sees gw-b in the fleet"
+    );
+
+    for port in [pa, pb] {
+        for path in ["/one", "/two"] {
+            assert_eq!(cache_status(port, path).await, "MISS");
+            assert_eq!(cache_status(port, path).await, "HIT");
+        }
+    }
+    // By tag on gw-a: gw-b confirms within the deadline, and its entry is gone.
+    let t = Instant::now();
+    let (status, body) = purge(aa, "tag=tag-one").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(body["purged"], 1, "{body}");
+    assert_eq!(body["fleet"]["this"], "gw-a", "{body}");
+    assert_eq!(
+        body["fleet"]["confirmed"],
+        serde_json::json!([{ "node": "gw-b", "purged": 1 }]),
+        "{body}"
+    );
+    assert_eq!(body["fleet"]["missing"], serde_json::json!([]), "{body}");
+    assert_eq!(cache_status(pb, "/one").await, "MISS");
+    assert_eq!(
+        cache_status(pb, "/two").await,
+        "HIT",
+        "only the tagged entry went"
+    );
+    // By URL on gw-b, naming gw-a's entry: the cache key holds the port, so each replica's
+    // entry has its own URL.
+    let (status, body) = purge(ab, &format!("url=http://127.0.0.1:{pa}/two")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["purged"], 0, "{body}");
+    assert_eq!(
+        body["fleet"]["confirmed"],
+        serde_json::json!([{ "node": "gw-a", "purged": 1 }]),
+        "{body}"
+    );
+    assert_eq!(cache_status(pa, "/two").await, "MISS");
+
+    // A replica that stopped: the registry still lists it until it has been silent 10 s;
+    // meanwhile a purge says it did not confirm.
+    drop(_b);
+    let (status, body) = purge(aa, "tag=tag-two").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["fleet"]["missing"],
+        serde_json::json!(["gw-b"]),
+        "{body}"
+    );
+
+    // A replica with another config shows as such on the others' /status.
+    let (_pc, _ac, _c) = cached_replica("gw-c", &redis.url(), up, "cache_size = \"64MiB\"");
+    assert!(
+        until(10, async || fleet_nodes(aa).await.contains_key("gw-c")).await,
+        "gw-c registers"
+    );
+    let nodes = fleet_nodes(aa).await;
+    assert_eq!(nodes["gw-c"]["same_config"], false, "{nodes:?}");
+    assert_eq!(nodes["gw-c"]["same_version"], true, "{nodes:?}");
+    assert_eq!(nodes["gw-a"]["this"], true, "{nodes:?}");
+    assert_eq!(nodes["gw-a"]["same_config"], true, "{nodes:?}");
+    let own = common::admin_status(aa).await;
+    assert_eq!(nodes["gw-a"]["config"], own["config"]["sha256"], "{own}");
+
+    // The status page draws the same: gw-c up with another config, gw-a this one.
+    let dom = common::browser_dom(aa).await;
+    assert!(
+        dom.contains(r#"data-node="gw-c" data-state="up" data-same-config="false""#),
+        "{dom}"
+    );
+    assert!(dom.contains("(this one)"), "{dom}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_catches_up_after_a_disconnect_or_empties_what_it_cannot_prove() {
+    let mut redis = Redis::start();
+    let up = tagged_upstream().await;
+    let (pa, aa, _a) = cached_replica("gw-a", &redis.url(), up, "");
+    let (pb, ab, gb) = cached_replica("gw-b", &redis.url(), up, "");
+    assert!(
+        until(10, async || fleet_nodes(aa).await.contains_key("gw-b")).await,
+        "gw-a sees gw-b"
+    );
+    for path in ["/one", "/two", "/three"] {
+        cache_status(pb, path).await;
+        assert_eq!(cache_status(pb, path).await, "HIT");
+    }
+    let _ = pa;
+
+    // Every client connection cut: gw-b's reader reconnects and reads on from where it was;
+    // a purge made meanwhile still reaches it, and nothing else is dropped.
+    redis.cli(&["client", "kill", "type", "normal"]);
+    let (status, body) = purge(aa, "tag=tag-one").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        until(5, async || cache_status(pb, "/one").await == "MISS").await,
+        "the purge reached gw-b after its reconnect"
+    );
+    assert_eq!(
+        cache_status(pb, "/two").await,
+        "HIT",
+        "not emptied: nothing was missed"
+    );
+    let st = common::admin_status(ab).await;
+    assert_eq!(
+        st["fleet"]["purges"]["emptied_because"],
+        serde_json::Value::Null,
+        "{st}"
+    );
+
+    // The store restarted empty: whatever was purged while it was gone cannot be known, so
+    // gw-b empties its cache and says why.
+    redis.restart();
+    assert!(
+        until(10, async || {
+            let st = common::admin_status(ab).await;
+            st["fleet"]["purges"]["emptied_because"].is_string()
+        })
+        .await,
+        "gw-b says it emptied its cache:\n{}",
+        gb.log()
+    );
+    let st = common::admin_status(ab).await;
+    assert!(
+        st["fleet"]["purges"]["emptied_because"]
+            .as_str()
+            .unwrap()
+            .contains("lost its data"),
+        "{st}"
+    );
+    assert_eq!(cache_status(pb, "/two").await, "MISS");
+    assert_eq!(cache_status(pb, "/three").await, "MISS");
+    // /one was fetched again after its purge: three entries went.
+    assert!(
+        gb.log().contains("fleet: emptied the cache (3 entries)"),
+        "{}",
+        gb.log()
+    );
+}

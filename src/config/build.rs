@@ -460,6 +460,7 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
     let log_json = super::admin::log_json(&mut ld, &server_file);
     let tracing = super::admin::tracing(&mut ld, &server_file);
     let node_name = super::stores::node_name(&mut ld, &server_file);
+    let (fleet_store, purge_deadline) = super::stores::fleet(&mut ld, &server_file, &store_names);
 
     if !ld.errors.is_empty() {
         ld.errors.sort_by_key(|e| (e.line, e.col));
@@ -517,6 +518,8 @@ pub(super) fn build(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> 
             log_json,
             tracing,
             node_name,
+            fleet_store,
+            purge_deadline,
         },
         stores,
         upstreams,

@@ -45,6 +45,8 @@ pub struct ServerFile {
     pub tracing: Option<Spanned<TracingFile>>,
     pub max_aggregate_parts: Option<Spanned<usize>>,
     pub node_name: Option<Spanned<String>>,
+    pub fleet_store: Option<Spanned<String>>,
+    pub purge_deadline: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Deserialize)]

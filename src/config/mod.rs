@@ -78,6 +78,10 @@ pub struct Server {
     pub tracing: Option<crate::trace::Settings>,
     /// This replica's name in the fleet (`node_name`, default the host name).
     pub node_name: String,
+    /// The store replicas register in and share purges through (`fleet_store`).
+    pub fleet_store: Option<String>,
+    /// How long a purge waits for the other replicas' acknowledgements.
+    pub purge_deadline: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

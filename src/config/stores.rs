@@ -98,6 +98,14 @@ pub(super) fn store(
         }
         Some(p) => p.into_inner(),
     };
+    if f.prefix.as_deref().is_some_and(|p| p.contains(['{', '}'])) {
+        ld.err(
+            span,
+            &ctx,
+            "`prefix` must not hold `{` or `}`: Redis Cluster would read them as a hash tag",
+        );
+        return None;
+    }
     let s = Settings {
         name: name.to_string(),
         target,
@@ -157,4 +165,46 @@ pub(super) fn node_name(ld: &mut Loader, f: &super::file::ServerFile) -> String 
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "gatehouse".into()),
     }
+}
+
+/// `[server] fleet_store` (a store of the file) and `purge_deadline` (default 1 s).
+pub(super) fn fleet(
+    ld: &mut Loader,
+    f: &super::file::ServerFile,
+    known: &HashMap<String, bool>,
+) -> (Option<String>, Duration) {
+    let store = f.fleet_store.as_ref().and_then(|s| {
+        if known.contains_key(s.get_ref()) {
+            Some(s.get_ref().clone())
+        } else {
+            ld.err(
+                s.span(),
+                "[server]",
+                format!("`fleet_store`: unknown store \"{}\"", s.get_ref()),
+            );
+            None
+        }
+    });
+    let deadline = match &f.purge_deadline {
+        None => Duration::from_secs(1),
+        Some(d) if d.get_ref().0.is_zero() || d.get_ref().0 > Duration::from_secs(30) => {
+            ld.err(
+                d.span(),
+                "[server]",
+                "`purge_deadline` must be more than 0 and at most 30s",
+            );
+            Duration::from_secs(1)
+        }
+        Some(d) => d.get_ref().0,
+    };
+    if f.purge_deadline.is_some() && f.fleet_store.is_none() {
+        if let Some(d) = &f.purge_deadline {
+            ld.warn(
+                d.span(),
+                "[server]",
+                "`purge_deadline` has no effect without `fleet_store`",
+            );
+        }
+    }
+    (store, deadline)
 }

@@ -25,6 +25,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 use tokio::sync::Notify;
 
+pub mod fleet;
+
 /// Where the store is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -300,6 +302,55 @@ impl Store {
                 );
                 Err(StoreUnavailable)
             }
+        }
+    }
+
+    /// One command off the request path (fleet work), on the shared connections. It may
+    /// wait: while the store backs off or reconnects it is tried again every 50 ms, until
+    /// `timeout`.
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: Cmd,
+        timeout: Duration,
+    ) -> Result<T, StoreUnavailable> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let conn = self.conns.load().as_ref().and_then(|c| c.first().cloned());
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let Some(mut c) = conn {
+                match tokio::time::timeout(left, cmd.query_async(&mut c)).await {
+                    Ok(Ok(v)) => {
+                        self.recovered();
+                        return Ok(v);
+                    }
+                    Ok(Err(e)) => self.fault(classify(&e), &e),
+                    Err(_) => {
+                        self.fault(Kind::Timeout, &format_args!("no answer within {timeout:?}"))
+                    }
+                }
+            }
+            if tokio::time::Instant::now() + Duration::from_millis(50) >= deadline {
+                return Err(StoreUnavailable);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A connection of its own, for a reader that blocks (`XREAD BLOCK` would hold up every
+    /// request multiplexed on a shared one).
+    async fn dedicated(&self) -> Result<Conn, RedisError> {
+        let mut s = self.settings.clone();
+        s.pool_size = 1;
+        let made = tokio::time::timeout(CONNECT_TIMEOUT, connect(&s, &mut None)).await;
+        match made {
+            Ok(Ok(mut c)) => c
+                .pop()
+                .ok_or_else(|| RedisError::from((redis::ErrorKind::Io, "no connection made"))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(RedisError::from((
+                redis::ErrorKind::Io,
+                "no connection within the connect timeout",
+            ))),
         }
     }
 

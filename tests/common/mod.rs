@@ -429,3 +429,34 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, reqwest::header::
     let h = resp.headers().clone();
     (status, h, resp.text().await.expect("body"))
 }
+
+/// The admin status page at `admin` as headless chromium renders it (the DOM once its
+/// scripts ran), with no console message allowed.
+pub async fn browser_dom(admin: u16) -> String {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let out = tokio::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=8000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("http://127.0.0.1:{admin}/"))
+        .output()
+        .await
+        .expect("chromium (scripts/bootstrap.sh test installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        dom.contains("data-loaded=\"1\""),
+        "page not filled:\n{dom}\n{err}"
+    );
+    let console: Vec<&str> = err.lines().filter(|l| l.contains("CONSOLE")).collect();
+    assert!(console.is_empty(), "console messages: {console:?}");
+    dom
+}
