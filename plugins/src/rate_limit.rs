@@ -29,6 +29,13 @@
 //! here at the limit divided by `replicas` (when set), `allow` lets the request through,
 //! `deny` answers 503. Each such request counts in `gatehouse_rate_limit_fallbacks_total`.
 //!
+//! `sync_every` (approximate mode, for very hot keys) takes the store off the request path:
+//! each replica counts here on top of the fleet's totals as of the last sync, and a task sends
+//! its counts and takes the totals back every `sync_every`. Between two syncs each replica
+//! assumes the others let through as many as it did (`replicas`), so the fleet overshoots by
+//! what arrives unevenly within one interval; when no sync has been answered for three
+//! intervals, `on_store_error` applies.
+//!
 //! ```toml
 //! [plugins.per-ip]
 //! kind = "rate_limit"
@@ -163,6 +170,9 @@ pub struct Config {
     pub on_store_error: OnStoreError,
     /// How many replicas share the store: the `local` fallback counts `limit / replicas`.
     pub replicas: Option<u32>,
+    /// Approximate mode: count here and tell the store every so often (no round trip on the
+    /// request path); the fleet may overshoot by what the replicas let through in between.
+    pub sync_every: Option<crate::config::Dur>,
 }
 
 impl Config {
@@ -181,6 +191,16 @@ impl Config {
                 Err("`replicas` applies with a `store` only".into())
             }
             _ if self.replicas == Some(0) => Err("`replicas` must be at least 1".into()),
+            _ if self.store.is_none() && self.sync_every.is_some() => {
+                Err("`sync_every` applies with a `store` only".into())
+            }
+            _ if self
+                .sync_every
+                .as_ref()
+                .is_some_and(|d| d.0 < Duration::from_millis(10) || d.0 > Duration::from_secs(10)) =>
+            {
+                Err("`sync_every` must be between 10ms and 10s".into())
+            }
             _ => Ok(()),
         }
     }
@@ -295,6 +315,133 @@ struct Shared {
     /// Keys the store refused, until they have room again: refused here, no round trip.
     over: quick_cache::sync::Cache<u64, Instant>,
     fallbacks: Option<prometheus::IntCounter>,
+    /// `sync_every`: counted here, synced in the background.
+    approx: Option<Arc<Approx>>,
+}
+
+/// Approximate mode: each key counts here on top of what the store said at the last sync;
+/// a task sends the counts every `every` and takes the fleet's totals back.
+struct Approx {
+    store: Arc<dyn SharedCounter>,
+    rule: WindowRule,
+    every: Duration,
+    /// `replicas`: between syncs, each replica assumes the others let through as many as it.
+    share: u64,
+    keys: quick_cache::sync::Cache<u64, Arc<Counted>>,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last sync the store answered.
+    synced: AtomicU64,
+    running: std::sync::atomic::AtomicBool,
+}
+
+/// One key in approximate mode.
+struct Counted {
+    store_key: Vec<u8>,
+    /// Let through here since the last sync.
+    pending: AtomicU64,
+    /// The fleet's counts at the last sync: the period's, the slice's.
+    period: AtomicU64,
+    slice: AtomicU64,
+}
+
+impl Approx {
+    /// Whether the last sync is recent enough to decide on (else the store counts as down).
+    fn fresh(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        now.saturating_sub(self.synced.load(Ordering::Relaxed))
+            <= 3 * self.every.as_millis() as u64 + self.rule.period_ms.min(1000)
+    }
+
+    fn decide(self: &Arc<Self>, key: &Key<'_>, hash: u64, prefix: &[u8]) -> Option<(bool, u64)> {
+        if !self.running.swap(true, Ordering::Relaxed) {
+            let weak = Arc::downgrade(self);
+            tokio::spawn(sync_loop(weak));
+        }
+        if !self.fresh() {
+            return None;
+        }
+        let c = self
+            .keys
+            .get_or_insert_with(&hash, || {
+                Ok::<_, ()>(Arc::new(Counted {
+                    store_key: key.store_key(prefix),
+                    pending: AtomicU64::new(0),
+                    period: AtomicU64::new(0),
+                    slice: AtomicU64::new(0),
+                }))
+            })
+            .ok()?;
+        let (known, known_slice) = (
+            c.period.load(Ordering::Relaxed),
+            c.slice.load(Ordering::Relaxed),
+        );
+        let room = |pending: u64| {
+            let p = pending * self.share;
+            known + p < self.rule.limit && (known_slice + p) * 1000 < self.rule.slice_limit_milli
+        };
+        // Checked and counted in one step: concurrent requests cannot both take the last room.
+        let counted = c
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+                room(p).then_some(p + 1)
+            });
+        let pending = match counted {
+            Ok(p) | Err(p) => p * self.share,
+        };
+        Some((
+            counted.is_ok(),
+            self.rule.limit.saturating_sub(known + pending + 1),
+        ))
+    }
+
+    /// One sync: every key with counts to send or a count that still weighs, 32 at a time.
+    async fn sync(&self) {
+        let keys: Vec<Arc<Counted>> = self
+            .keys
+            .iter()
+            .map(|(_, c)| c)
+            .filter(|c| {
+                c.pending.load(Ordering::Relaxed) > 0
+                    || c.period.load(Ordering::Relaxed) > 0
+                    || c.slice.load(Ordering::Relaxed) > 0
+            })
+            .collect();
+        let mut answered = keys.is_empty();
+        for chunk in keys.chunks(32) {
+            let calls = chunk.iter().map(|c| async move {
+                let n = c.pending.swap(0, Ordering::Relaxed);
+                match self.store.hit(&c.store_key, &self.rule, n, true).await {
+                    Ok(v) => {
+                        c.period.store(v.count, Ordering::Relaxed);
+                        c.slice.store(v.slice_count, Ordering::Relaxed);
+                        true
+                    }
+                    Err(_) => {
+                        // Sent again next time.
+                        c.pending.fetch_add(n, Ordering::Relaxed);
+                        false
+                    }
+                }
+            });
+            for ok in futures::future::join_all(calls).await {
+                answered |= ok;
+            }
+        }
+        if answered {
+            self.synced
+                .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn sync_loop(weak: std::sync::Weak<Approx>) {
+    loop {
+        let Some(a) = weak.upgrade() else { return };
+        let every = a.every;
+        a.sync().await;
+        drop(a);
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// IPv6 clients are counted per /64: one site gets a whole /64 and could otherwise rotate
@@ -357,6 +504,19 @@ impl Key<'_> {
 impl Shared {
     /// The store's verdict, or `None` when the store cannot answer (then `on_error`).
     async fn decide(&self, key: &Key<'_>, hash: u64) -> Option<Verdict> {
+        if let Some(a) = &self.approx {
+            let (ok, remaining) = a.decide(key, hash, &self.prefix)?;
+            return Some(if ok {
+                Verdict {
+                    ok,
+                    remaining,
+                    reset_secs: 1,
+                }
+            } else {
+                // Room comes back when a sync says the window moved.
+                self.refused(a.every.as_millis() as u64)
+            });
+        }
         let now = Instant::now();
         if let Some(until) = self.over.get(&hash) {
             if until > now {
@@ -469,20 +629,33 @@ impl RateLimit {
                 let mut prefix = b"rl:".to_vec();
                 prefix.extend_from_slice(env.name.as_bytes());
                 prefix.push(b':');
+                let rule = WindowRule {
+                    period_ms,
+                    limit: u64::from(spec.count) + u64::from(c.burst),
+                    slice_ms: period_ms / u64::from(slices),
+                    slice_limit_milli: (slice_limit * 1000.0).round() as u64,
+                };
                 Some(Shared {
-                    store,
-                    rule: WindowRule {
-                        period_ms,
-                        limit: u64::from(spec.count) + u64::from(c.burst),
-                        slice_ms: period_ms / u64::from(slices),
-                        slice_limit_milli: (slice_limit * 1000.0).round() as u64,
-                    },
+                    store: store.clone(),
+                    rule,
                     limit: spec.count.saturating_add(c.burst),
                     period: spec.per,
                     on_error: c.on_store_error,
                     prefix,
                     over: quick_cache::sync::Cache::new(OVER_KEYS),
                     fallbacks: env.fallbacks.clone(),
+                    approx: c.sync_every.as_ref().map(|d| {
+                        Arc::new(Approx {
+                            store: store.clone(),
+                            rule,
+                            every: d.0,
+                            share: u64::from(c.replicas.unwrap_or(1)),
+                            keys: quick_cache::sync::Cache::new(OVER_KEYS),
+                            epoch: Instant::now(),
+                            synced: AtomicU64::new(0),
+                            running: std::sync::atomic::AtomicBool::new(false),
+                        })
+                    }),
                 })
             }
             _ => None,

@@ -33,6 +33,8 @@ pub struct SharedVerdict {
     pub retry_ms: u64,
     /// The key's count over the period as the store sees it now (sliding estimate).
     pub count: u64,
+    /// The same over the slice.
+    pub slice_count: u64,
 }
 
 /// The store did not answer in time, or is known to be down (then no I/O was tried).

@@ -494,7 +494,7 @@ impl SharedCounter for Store {
         let mut full = Vec::with_capacity(self.settings.prefix.len() + key.len());
         full.extend_from_slice(self.settings.prefix.as_bytes());
         full.extend_from_slice(key);
-        let r: (u64, u64, u64, u64) = self
+        let r: (u64, u64, u64, u64, u64) = self
             .run(self.settings.timeout, |mut c| async move {
                 self.window
                     .key(full)
@@ -513,6 +513,7 @@ impl SharedCounter for Store {
             remaining: r.1,
             retry_ms: r.2,
             count: r.3,
+            slice_count: r.4,
         })
     }
 }

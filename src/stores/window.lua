@@ -8,7 +8,7 @@
 -- ARGV     period_ms, limit, slice_ms, slice_limit (thousandths), hits, force (1: count the
 --          hits even over the limit: hits an approximate-mode replica already let through)
 -- Returns  {ok, remaining, ms (refused: until there is room; else until the period's
---          window moves), count}
+--          window moves), the period's count, the slice's count}
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -51,7 +51,7 @@ if force or (pe < limit and se < slimit) then
   redis.call('PEXPIRE', KEYS[1], period * 2)
   local rem = math.floor(limit - pe - hits)
   if rem < 0 then rem = 0 end
-  return {1, rem, math.ceil((1 - pf) * period), math.floor(pe + hits)}
+  return {1, rem, math.ceil((1 - pf) * period), math.floor(pe + hits), math.floor(se + hits)}
 end
 
 local retry = 0
@@ -60,4 +60,4 @@ if se >= slimit then
   local r = wait(sc, sp, sf, slice, slimit)
   if r > retry then retry = r end
 end
-return {0, 0, math.ceil(retry), math.floor(pe)}
+return {0, 0, math.ceil(retry), math.floor(pe), math.floor(se)}
