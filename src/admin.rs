@@ -4,6 +4,7 @@
 //! circuit breaker state), `/metrics`, `/config` (secrets redacted), and the mutating
 //! `POST /cache/purge` and `POST /reload` behind the admin token. Reads need the token too
 //! with `admin_auth = "all"`; otherwise keep the listener on loopback or a management network.
+pub mod history;
 mod redact;
 
 use std::net::SocketAddr;
@@ -356,8 +357,9 @@ impl Admin {
                 let acks = fleet.acks(&id, &expect, rt.purge_deadline).await;
                 let missing: Vec<&String> =
                     expect.iter().filter(|n| !acks.contains_key(*n)).collect();
-                let confirmed: Vec<Value> = acks
-                    .iter()
+                // This replica first: it purged before telling the others.
+                let confirmed: Vec<Value> = std::iter::once((&fleet.node, &(purged as u64)))
+                    .chain(acks.iter().filter(|(n, _)| **n != fleet.node))
                     .map(|(n, p)| json!({ "node": n, "purged": p }))
                     .collect();
                 if !missing.is_empty() {
@@ -462,6 +464,11 @@ impl ServeHttp for Admin {
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
                 crate::metrics::render(&self.live.load()),
+            ),
+            "/history" => reply(
+                StatusCode::OK,
+                "application/json",
+                format!("{}\n", history::HISTORY.json()),
             ),
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             "/readyz" => {

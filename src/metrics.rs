@@ -34,6 +34,7 @@ pub struct Families {
     pub plugin_duration: HistogramVec,
     pub access_log_dropped: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
     pub store_errors: IntCounterVec,
     pub rate_limit_fallbacks: IntCounterVec,
 }
@@ -190,6 +191,12 @@ pub static METRICS: LazyLock<Families> = LazyLock::new(|| {
             "gatehouse_tls_handshake_failures_total",
             "Client TLS handshakes that failed, by gateway and reason (crate::tls::failures)",
             &["gateway", "reason"],
+        ),
+        upstream_errors: counter(
+            &r,
+            "gatehouse_upstream_errors_total",
+            "Upstream attempts that failed: kind=failed (no answer: connect, timeout, reset) or 5xx (an answer with a 5xx status)",
+            &["upstream", "kind"],
         ),
         store_errors: counter(
             &r,

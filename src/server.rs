@@ -313,6 +313,7 @@ impl BackgroundService for Reloader {
             .collect();
         tokio::spawn(crate::systemd::ready_when_listening(addrs));
         tokio::spawn(reopen_logs_on_usr1());
+        tokio::spawn(crate::admin::history::run());
         tokio::spawn(crate::upgrade::on_usr2(
             self.path.clone(),
             self.upgrade_sock.clone(),

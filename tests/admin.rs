@@ -213,3 +213,152 @@ async fn status_page_in_a_headless_browser() {
     let console: Vec<&str> = err.lines().filter(|l| l.contains("CONSOLE")).collect();
     assert!(console.is_empty(), "console messages: {console:?}");
 }
+
+/// Pixels of `rgb` exactly, in a PNG file.
+fn pixels_of(png_path: &std::path::Path, rgb: [u8; 3]) -> usize {
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(png_path).expect("screenshot"),
+    ));
+    let mut reader = decoder.read_info().expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    let step = match info.color_type {
+        png::ColorType::Rgba => 4,
+        png::ColorType::Rgb => 3,
+        other => panic!("unexpected PNG colour type {other:?}"),
+    };
+    buf[..info.buffer_size()]
+        .chunks(step)
+        .filter(|p| p[..3] == rgb)
+        .count()
+}
+
+/// The page's "Last 15 minutes" charts, kept by the process: after a few seconds of traffic
+/// to a route that answers and one whose upstream is gone, a screenshot in headless chromium
+/// holds each series' line (its exact colour, which only the drawn lines use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_draws_the_last_fifteen_minutes() {
+    let up = echo("u").await;
+    let (admin, port, dead) = (free_port(), free_port(), free_port());
+    let toml = format!(
+        "[server]\nthreads = 1\nadmin = \"127.0.0.1:{admin}\"\n\
+         [upstreams.app]\npeers = [\"{up}\"]\n[upstreams.gone]\npeers = [\"127.0.0.1:{dead}\"]\n\
+         [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [[routes]]\nname = \"ok\"\npath = \"/ok\"\nupstream = \"app\"\n\
+         [[routes]]\nname = \"broken\"\npath = \"/broken\"\nupstream = \"gone\"\n"
+    );
+    let _g = Gatehouse::start(&toml, &[port, admin]);
+    let c = client();
+    let history = || async {
+        let h: serde_json::Value = c
+            .get(format!("http://127.0.0.1:{admin}/history"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        h
+    };
+    let points = |h: &serde_json::Value, name: &str, field: &str| -> Vec<f64> {
+        h["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["name"] == name)
+            .flat_map(|s| {
+                s[field]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|v| v.as_f64())
+            })
+            .collect()
+    };
+    // Traffic until three points of each series show (a point every 5 s), 40 s at most.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut i = 0u32;
+    loop {
+        c.get(format!("http://127.0.0.1:{port}/ok"))
+            .send()
+            .await
+            .unwrap();
+        if i.is_multiple_of(4) {
+            let r = c
+                .get(format!("http://127.0.0.1:{port}/broken"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 502);
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if i.is_multiple_of(50) {
+            let h = history().await;
+            if points(&h, "g/ok", "rate").len() >= 3
+                && points(&h, "g/broken", "error_pct").len() >= 3
+            {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "history: {}", history().await);
+    }
+    let h = history().await;
+    assert!(points(&h, "g/ok", "rate").iter().all(|r| *r > 5.0), "{h}");
+    assert!(
+        points(&h, "g/ok", "error_pct").iter().all(|e| *e == 0.0),
+        "{h}"
+    );
+    assert!(
+        points(&h, "g/broken", "error_pct")
+            .iter()
+            .all(|e| *e == 100.0),
+        "{h}"
+    );
+    assert!(!points(&h, "g/ok", "p99_ms").is_empty(), "{h}");
+    assert!(
+        !points(&h, "gone", "error_pct").is_empty(),
+        "upstream series: {h}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let shot = dir.path().join("status.png");
+    let out = tokio::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--hide-scrollbars",
+            "--force-device-scale-factor=1",
+            "--window-size=1280,1400",
+            "--virtual-time-budget=8000",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.path().join("profile").display()
+        ))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("http://127.0.0.1:{admin}/"))
+        .output()
+        .await
+        .expect("chromium (scripts/bootstrap.sh test installs it)");
+    assert!(
+        shot.exists(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (name, rgb) in [
+        ("requests/s", [0x09, 0x69, 0xda]),
+        ("errors %", [0xcf, 0x22, 0x2e]),
+        ("p50", [0x1a, 0x7f, 0x37]),
+        ("p99", [0xbc, 0x4c, 0x00]),
+    ] {
+        let n = pixels_of(&shot, rgb);
+        // A line across most of a 180-pixel chart, 2 pixels thick, in at least one row.
+        assert!(
+            n >= 200,
+            "{name}: {n} pixels of its colour in the screenshot"
+        );
+    }
+}

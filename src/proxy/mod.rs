@@ -289,7 +289,7 @@ impl ProxyHttp for GatewayProxy {
         let retry = match (ctx.rt.clone(), ctx.upstream, ctx.peer_idx) {
             (Some(rt), Some(up), Some(idx)) => {
                 let pool = &rt.pools[up];
-                pool.report(idx, false);
+                pool.no_answer(idx);
                 ctx.upstream_failed = true;
                 balance::may_retry(pool, session, ctx, true)
             }
@@ -343,7 +343,7 @@ impl ProxyHttp for GatewayProxy {
         let mut e = e.more_context(format!("Peer: {peer}"));
         if let (Some(rt), Some(up), Some(idx)) = (ctx.rt.clone(), ctx.upstream, ctx.peer_idx) {
             let pool = &rt.pools[up];
-            pool.report(idx, false);
+            pool.no_answer(idx);
             ctx.upstream_failed = true;
             let retry = balance::may_retry(pool, session, ctx, replayable);
             e.set_retry(retry);
@@ -405,6 +405,9 @@ impl ProxyHttp for GatewayProxy {
             let took = t.elapsed();
             pool.upstream_time.observe(took.as_secs_f64());
             ctx.upstream_time = Some(took);
+        }
+        if status >= 500 {
+            pool.answered_5xx.inc();
         }
         pool.report(idx, !pool.is_failure_status(status));
         if let (Some(b), Some(probe), false) = (&pool.breaker, ctx.probe, ctx.recorded) {

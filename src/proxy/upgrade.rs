@@ -493,7 +493,7 @@ impl super::GatewayProxy {
             Err(e) => {
                 ctx.upstream_failed = true;
                 if let Some(idx) = ctx.peer_idx {
-                    pool.report(idx, false);
+                    pool.no_answer(idx);
                 }
                 return Err(e);
             }

@@ -159,6 +159,9 @@ pub struct Pool {
     pub checked: AtomicBool,
     /// This upstream's series, resolved once (no label lookup per request).
     pub upstream_time: prometheus::Histogram,
+    /// `gatehouse_upstream_errors_total`: attempts with no answer, answers with a 5xx.
+    pub failed: prometheus::IntCounter,
+    pub answered_5xx: prometheus::IntCounter,
     pub retries: prometheus::IntCounter,
 }
 
@@ -306,6 +309,12 @@ impl Pool {
             retries: crate::metrics::METRICS
                 .retries
                 .with_label_values(&[cfg.name.as_str()]),
+            failed: crate::metrics::METRICS
+                .upstream_errors
+                .with_label_values(&[cfg.name.as_str(), "failed"]),
+            answered_5xx: crate::metrics::METRICS
+                .upstream_errors
+                .with_label_values(&[cfg.name.as_str(), "5xx"]),
             cfg: cfg.clone(),
         })
     }
@@ -441,6 +450,12 @@ impl Pool {
     }
 
     /// Reports one try's outcome on peer `idx` for passive health.
+    /// An attempt on peer `idx` that got no answer.
+    pub fn no_answer(&self, idx: usize) {
+        self.failed.inc();
+        self.report(idx, false);
+    }
+
     pub fn report(&self, idx: usize, ok: bool) {
         let Some(ph) = &self.cfg.passive_health else {
             return;
