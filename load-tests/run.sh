@@ -3,7 +3,7 @@
 # on this machine, in alternating rounds with the same client settings. Traffic stays on
 # loopback; every run stops by itself.
 #
-#   load-tests/run.sh [all|plain|routes|large|idle|selection|plugins|cache|ops|aggregate|tls]   (default: all, ~12 minutes)
+#   load-tests/run.sh [all|plain|routes|large|idle|selection|plugins|cache|ops|aggregate|tls|fleet]   (default: all, ~13 minutes)
 #   ROUNDS=2 DURATION=8s CONNS="50 200" load-tests/run.sh plain
 #
 # Fronts, each with one worker: the upstream directly (the ceiling), nginx as a reverse proxy
@@ -23,15 +23,16 @@ scenario=${1:-all}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-8s}
 CONNS=${CONNS:-"50 200"}
-case "$scenario" in all|plain|routes|large|idle|selection|plugins|cache|ops|aggregate|tls) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
+case "$scenario" in all|plain|routes|large|idle|selection|plugins|cache|ops|aggregate|tls|fleet) ;; *) echo "unknown scenario $scenario" >&2; exit 2;; esac
 
 . load-tests/setup.sh
-setup_kit nginx:nginx-light wrk:wrk python3:python3 openssl:openssl curl:curl
+setup_kit nginx:nginx-light wrk:wrk python3:python3 openssl:openssl curl:curl redis-server:redis-server
 
 UP=18301 NGX=18302 BARE=18303 GH=18304 NGX10K=18305 GH10K=18306 UP2=18307 GHRR=18308 GHHASH=18309
 GHPLUG=18310 BAREGW=18311 GHFWD=18312 NGX10=18313 GH10=18314
 NGXC=18315 GHC=18316 NGXZ=18317 GHZ=18318 GHOPS=18319 NGXLOG=18320 GHAGG=18321
 NGXEC=18322 NGXRSA=18323 GHEC=18324 GHRSA=18325
+REDIS=18326 GHFL=18327 GHFL2=18328
 hz=$(getconf CLK_TCK)
 # CPU cycles per request from the hardware counters, where perf can read them (not in every
 # VM): unlike req/s, they barely move with what the neighbours do.
@@ -238,6 +239,79 @@ ROUTES
   RUST_LOG=error start "$gh" run -c "$work/ghplug.toml"
   printf 'wrk.headers["Authorization"] = "Bearer %s"\n' "$token" > "$work/jwt.lua"
 fi
+if [ "$scenario" = all ] || [ "$scenario" = fleet ]; then
+  # Rate limits counted in Redis against the same limit counted in the process: one gateway,
+  # three routes, 10,000 API keys (x-user), limits high enough never to refuse (the cost of
+  # counting, not of refusals). A second replica for the overshoot runs (run_fleet).
+  ports="$ports $REDIS $GHFL $GHFL2"
+  start redis-server --port $REDIS --bind 127.0.0.1 --save "" --appendonly no --dir "$work"
+  fleet_toml() { # port
+    gatehouse_conf "$1" "$(cat <<ROUTES
+[stores.shared]
+url = "redis://127.0.0.1:$REDIS"
+[plugins.local]
+kind = "rate_limit"
+key = "header:x-user"
+rate = "10000000/s"
+[plugins.redis]
+kind = "rate_limit"
+key = "header:x-user"
+rate = "10000000/s"
+store = "shared"
+[plugins.approx]
+kind = "rate_limit"
+key = "header:x-user"
+rate = "10000000/s"
+store = "shared"
+sync_every = "100ms"
+[plugins.hot-exact]
+kind = "rate_limit"
+key = "route"
+rate = "100/s"
+spread = false
+store = "shared"
+[plugins.hot-approx]
+kind = "rate_limit"
+key = "route"
+rate = "100/s"
+spread = false
+store = "shared"
+sync_every = "100ms"
+replicas = 2
+[[routes]]
+path = "/local"
+upstream = "up"
+plugins = ["local"]
+[[routes]]
+path = "/redis"
+upstream = "up"
+plugins = ["redis"]
+[[routes]]
+path = "/approx"
+upstream = "up"
+plugins = ["approx"]
+[[routes]]
+path = "/hot-exact"
+upstream = "up"
+plugins = ["hot-exact"]
+[[routes]]
+path = "/hot-approx"
+upstream = "up"
+plugins = ["hot-approx"]
+ROUTES
+)"
+  }
+  fleet_toml $GHFL > "$work/ghfl.toml"
+  fleet_toml $GHFL2 > "$work/ghfl2.toml"
+  RUST_LOG=error start "$gh" run -c "$work/ghfl.toml"
+  RUST_LOG=error start "$gh" run -c "$work/ghfl2.toml"
+  cat > "$work/users.lua" <<'LUA'
+math.randomseed(42)
+request = function()
+  return wrk.format(nil, nil, { ["x-user"] = "user-" .. math.random(1, 10000) })
+end
+LUA
+fi
 for p in $ports; do
   for _ in $(seq 300); do (: </dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
   if ! (: </dev/tcp/127.0.0.1/$p) 2>/dev/null; then
@@ -438,6 +512,61 @@ run_tls() { # keep-alive requests, resumed handshakes, full handshakes; nginx an
     done
   done
 }
+script_calls() { redis-cli -p $REDIS info commandstats | awk -F'[=,]' '/^cmdstat_eval(sha)?:/ {n += $2} END {print n + 0}'; }
+
+run_fleet() { # rate limits in Redis against the same limits in the process; overshoot
+  local before after reqs
+  for c in $CONNS; do
+    for r in $(seq "$ROUNDS"); do
+      measure fleet "gatehouse, local limit" $GHFL "$c" /local "$work/users.lua"
+      before=$(script_calls)
+      measure fleet "gatehouse, Redis store" $GHFL "$c" /redis "$work/users.lua"
+      after=$(script_calls)
+      reqs=$(tail -1 "$rows" | awk -F'|' -v d="${DURATION%s}" '{printf "%.0f", $4 * d}')
+      echo "  Redis script calls per request: $(awk -v a="$after" -v b="$before" -v n="$reqs" 'BEGIN { printf "%.3f", (a - b) / n }')" >&2
+      echo "calls|Redis store c$c|$((after - before))|$reqs" >> "$work/calls"
+      before=$(script_calls)
+      measure fleet "gatehouse, Redis store, sync_every 100ms" $GHFL "$c" /approx "$work/users.lua"
+      after=$(script_calls)
+      reqs=$(tail -1 "$rows" | awk -F'|' -v d="${DURATION%s}" '{printf "%.0f", $4 * d}')
+      echo "calls|Redis store, sync_every 100ms c$c|$((after - before))|$reqs" >> "$work/calls"
+    done
+  done
+  # Overshoot: one key limited to 100/s, offered 1,000/s (10x) for 5 s over two replicas.
+  for route in hot-exact hot-approx; do
+    python3 - "$GHFL" "$GHFL2" "/$route" "$work/overshoot" <<'PY'
+import http.client, sys, threading, time
+a, b, path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+RATE, SECS = 500, 5.0          # per replica: 2 x 500 = 1,000 req/s, 10x the limit
+ok = [0, 0]
+def run(i, port):
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    t0 = time.monotonic()
+    n = 0
+    while True:
+        due = t0 + n / RATE
+        now = time.monotonic()
+        if due - t0 >= SECS:
+            break
+        if due > now:
+            time.sleep(due - now)
+        c.request("GET", path)
+        r = c.getresponse()
+        r.read()
+        if r.status == 200:
+            ok[i] += 1
+        n += 1
+th = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate((a, b))]
+[t.start() for t in th]
+[t.join() for t in th]
+# 100/s as a quota (spread = false): what two sliding windows of 1 s allow in 5 s is about
+# 5 x 100, plus what the first window's count still weighs at the start.
+open(out, "a").write(f"{path}|{ok[0] + ok[1]}|{ok[0]}|{ok[1]}\n")
+PY
+    sleep 2
+  done
+}
+
 run_idle() { # memory per idle keep-alive connection
   local n=2000
   for front in "nginx $NGX" "bare-pingora $BARE" "gatehouse $GH"; do
@@ -469,7 +598,7 @@ PY
 }
 
 case "$scenario" in
-  all) run_plain; run_routes; run_large; run_selection; run_plugins; run_cache; run_ops; run_aggregate; run_tls; run_idle ;;
+  all) run_plain; run_routes; run_large; run_selection; run_plugins; run_cache; run_ops; run_aggregate; run_tls; run_fleet; run_idle ;;
   *) "run_$scenario" ;;
 esac
 
@@ -496,7 +625,7 @@ print("| scenario | front | conns | req/s | p50 ms | p99 ms | CPU µs/req | kcyc
 print("|---|---|---|---|---|---|---|---|---|---|")
 base = {}
 for (sc, front, c), v in groups.items():
-    if front.startswith("nginx") or front == "gatehouse, plain route":
+    if front.startswith("nginx") or front in ("gatehouse, plain route", "gatehouse, local limit"):
         base.setdefault((sc, c), (med([x[0] for x in v]), med([x[3] for x in v])))
 for (sc, front, c), v in groups.items():
     if sc == "idle":
@@ -532,7 +661,9 @@ pairs = [("plain", "gatehouse, forwarded_headers = []", "bare pingora", "Gatehou
          ("gzip-100k", "gatehouse gzip 6", "nginx gzip 6", "Gatehouse gzip 6 ÷ nginx gzip 6, 100 KB JSON"),
          ("ops", "gatehouse, JSON access log + /metrics scraped", "gatehouse, plain", "Gatehouse with JSON access log + scrapes ÷ without"),
          ("ops", "nginx, JSON access_log", "nginx", "nginx with JSON access_log ÷ without"),
-         ("ops", "gatehouse, JSON access log + /metrics scraped", "nginx, JSON access_log", "Gatehouse ÷ nginx, both with JSON access logs")]
+         ("ops", "gatehouse, JSON access log + /metrics scraped", "nginx, JSON access_log", "Gatehouse ÷ nginx, both with JSON access logs"),
+         ("fleet", "gatehouse, Redis store", "gatehouse, local limit", "Rate limit counted in Redis ÷ in the process"),
+         ("fleet", "gatehouse, Redis store, sync_every 100ms", "gatehouse, local limit", "Rate limit in Redis, approximate mode ÷ in the process")]
 for alg, name in (("ecdsa", "ECDSA P-256"), ("rsa", "RSA 2048")):
     pairs += [(f"tls-keepalive-{alg}", "gatehouse", "nginx", f"Gatehouse ÷ nginx, keep-alive requests over TLS, {name}"),
               (f"tls-resumed-{alg}", "gatehouse", "nginx", f"Gatehouse ÷ nginx, resumed handshakes (one request each), {name}"),
@@ -583,6 +714,18 @@ out="load-tests/results/$(date -u +%Y%m%d-%H%M%S)-$scenario.md"
   echo "Base of the ratios: nginx in its scenario; for plugins, the same gateway's plain route."
   echo
   echo "$table"
+  if [ -s "$work/calls" ]; then
+    echo
+    echo "Redis script calls per request (INFO commandstats, EVALSHA + EVAL, ÷ requests):"
+    echo
+    awk -F'|' '{c[$2] += $3; n[$2] += $4} END {for (k in c) printf "- %s: %.3f\n", k, c[k] / n[k]}' "$work/calls" | sort
+  fi
+  if [ -s "$work/overshoot" ]; then
+    echo
+    echo "Overshoot: one key limited to 100/s (spread = false), offered 1,000 req/s (10×) for 5 s over two replicas sharing Redis; about 500 is the limit's share of 5 s:"
+    echo
+    awk -F'|' '{printf "- %s: %d served (%d + %d), %.2f× of 500\n", $1, $2, $3, $4, $2 / 500}' "$work/overshoot"
+  fi
 } > "$out"
 echo
 cat "$out"

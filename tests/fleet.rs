@@ -329,6 +329,43 @@ async fn a_cluster_failover_is_followed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_slot_move_is_followed_and_the_count_goes_on() {
+    let cluster = Cluster::start();
+    let up = common::echo("up").await;
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store = format!("cluster = [{}]\ntimeout = \"200ms\"", nodes.join(", "));
+    let plugins = limit("deny", "5/m", "on_store_error = \"deny\"");
+    let (port, admin, _gw) = replica(&store, &plugins, &["deny"], up);
+    for i in 0..3 {
+        assert_eq!(
+            timed(port, "/deny", "moving-key").await.0,
+            200,
+            "request {i}"
+        );
+    }
+    let key = "gatehouse:rl:deny:k:moving-key";
+    let (from, to) = cluster.move_slot_of(key);
+    assert_eq!(cluster.master_of(key), to);
+    assert_ne!(from, to);
+    // The client follows MOVED to the new owner; the count moved with the key.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(timed(port, "/deny", "moving-key").await.0);
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 429],
+        "counted on the new owner, from 3"
+    );
+    let m = common::metrics_text(admin).await;
+    assert_eq!(
+        metric(&m, "gatehouse_rate_limit_fallbacks_total"),
+        0.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_is_followed() {
     let mut s = Sentinels::start();
     let up = common::echo("up").await;
@@ -469,16 +506,12 @@ async fn a_purge_on_one_replica_reaches_the_others_and_says_who_confirmed() {
     let t = Instant::now();
     let (status, body) = purge(aa, "tag=tag-one").await;
     assert_eq!(status, 200, "{body}");
-    assert!(
-        t.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     assert_eq!(body["purged"], 1, "{body}");
     assert_eq!(body["fleet"]["this"], "gw-a", "{body}");
     assert_eq!(
         body["fleet"]["confirmed"],
-        serde_json::json!([{ "node": "gw-b", "purged": 1 }]),
+        serde_json::json!([{ "node": "gw-a", "purged": 1 }, { "node": "gw-b", "purged": 1 }]),
         "{body}"
     );
     assert_eq!(body["fleet"]["missing"], serde_json::json!([]), "{body}");
@@ -495,7 +528,7 @@ async fn a_purge_on_one_replica_reaches_the_others_and_says_who_confirmed() {
     assert_eq!(body["purged"], 0, "{body}");
     assert_eq!(
         body["fleet"]["confirmed"],
-        serde_json::json!([{ "node": "gw-a", "purged": 1 }]),
+        serde_json::json!([{ "node": "gw-b", "purged": 0 }, { "node": "gw-a", "purged": 1 }]),
         "{body}"
     );
     assert_eq!(cache_status(pa, "/two").await, "MISS");

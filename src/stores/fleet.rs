@@ -290,6 +290,10 @@ impl Fleet {
         if self.store.query::<i64>(cmd, OP_TIMEOUT).await.is_err() {
             return false;
         }
+        // A fleet that stopped altogether leaves nothing behind for long.
+        let mut exp = redis::cmd("PEXPIRE");
+        exp.arg(&self.nodes_key).arg(FORGET_AFTER_MS);
+        let _ = self.store.query::<i64>(exp, OP_TIMEOUT).await;
         self.refresh().await;
         true
     }

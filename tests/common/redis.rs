@@ -214,6 +214,44 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Moves the slot of `key` (and its keys) from its master to another master, as
+    /// `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE, then NODE everywhere.
+    /// Returns (from, to) as indexes.
+    pub fn move_slot_of(&self, key: &str) -> (usize, usize) {
+        let from = self.master_of(key);
+        let to = (0..self.nodes.len())
+            .find(|&i| {
+                i != from
+                    && self.nodes[i].child.is_some()
+                    && self.nodes[i].cli(&["role"]).starts_with("master")
+            })
+            .expect("another master");
+        let (a, b) = (&self.nodes[from], &self.nodes[to]);
+        let slot = a.cli(&["cluster", "keyslot", key]);
+        let (id_a, id_b) = (a.cli(&["cluster", "myid"]), b.cli(&["cluster", "myid"]));
+        assert_eq!(
+            b.cli(&["cluster", "setslot", &slot, "importing", &id_a]),
+            "OK"
+        );
+        assert_eq!(
+            a.cli(&["cluster", "setslot", &slot, "migrating", &id_b]),
+            "OK"
+        );
+        let keys = a.cli(&["cluster", "getkeysinslot", &slot, "100"]);
+        for k in keys.lines().filter(|k| !k.is_empty()) {
+            let r = a.cli(&["migrate", "127.0.0.1", &b.port.to_string(), k, "0", "5000"]);
+            assert_eq!(r, "OK", "migrate {k}");
+        }
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            if n.cli(&["role"]).starts_with("master") {
+                n.cli(&["cluster", "setslot", &slot, "node", &id_b]);
+            }
+        }
+        (from, to)
+    }
+}
+
 /// A master, its replica and three Sentinels that watch them (quorum 2), with a failover
 /// after one second of silence.
 pub struct Sentinels {
