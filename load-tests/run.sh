@@ -520,11 +520,14 @@ run_fleet() { # rate limits in Redis against the same limits in the process; ove
     for r in $(seq "$ROUNDS"); do
       measure fleet "gatehouse, local limit" $GHFL "$c" /local "$work/users.lua"
       before=$(script_calls)
+      rc0=$(cpu_ticks "$(pid_of $REDIS)")
       measure fleet "gatehouse, Redis store" $GHFL "$c" /redis "$work/users.lua"
+      rc1=$(cpu_ticks "$(pid_of $REDIS)")
       after=$(script_calls)
       reqs=$(tail -1 "$rows" | awk -F'|' -v d="${DURATION%s}" '{printf "%.0f", $4 * d}')
       echo "  Redis script calls per request: $(awk -v a="$after" -v b="$before" -v n="$reqs" 'BEGIN { printf "%.3f", (a - b) / n }')" >&2
       echo "calls|Redis store c$c|$((after - before))|$reqs" >> "$work/calls"
+      echo "redis|Redis store c$c|$((rc1 - rc0))|$reqs" >> "$work/redis-cpu"
       before=$(script_calls)
       measure fleet "gatehouse, Redis store, sync_every 100ms" $GHFL "$c" /approx "$work/users.lua"
       after=$(script_calls)
@@ -719,6 +722,12 @@ out="load-tests/results/$(date -u +%Y%m%d-%H%M%S)-$scenario.md"
     echo "Redis script calls per request (INFO commandstats, EVALSHA + EVAL, ÷ requests):"
     echo
     awk -F'|' '{c[$2] += $3; n[$2] += $4} END {for (k in c) printf "- %s: %.3f\n", k, c[k] / n[k]}' "$work/calls" | sort
+  fi
+  if [ -s "$work/redis-cpu" ]; then
+    echo
+    echo "Redis' own CPU per request (utime + stime of redis-server ÷ requests; it shares the cores with the gateway, wrk and the upstream here):"
+    echo
+    awk -F'|' -v hz="$hz" '{c[$2] += $3; n[$2] += $4} END {for (k in c) printf "- %s: %.1f µs\n", k, c[k] * 1e6 / hz / n[k]}' "$work/redis-cpu" | sort
   fi
   if [ -s "$work/overshoot" ]; then
     echo
