@@ -421,7 +421,8 @@ fn fleet(
     use crate::stores::fleet::{Fleet, Purge};
     let name = cfg.server.fleet_store.as_deref()?;
     let store = stores.iter().find(|s| s.settings.name == name)?;
-    if let Some(f) = previous.and_then(|p| p.fleet.as_ref()) {
+    let before = previous.and_then(|p| p.fleet.as_ref());
+    if let Some(f) = before {
         if Arc::ptr_eq(&f.store, store) && f.node == cfg.server.node_name {
             return Some(f.clone());
         }
@@ -431,9 +432,12 @@ fn fleet(
         Purge::Tag(t) => crate::cache::STORE.purge_tag(t),
         Purge::All => crate::cache::STORE.purge_all(),
     });
+    // A new fleet reads on from where the one it replaces was (another Redis has another
+    // epoch: then the cache is emptied, as it must be).
     Some(Fleet::new(
         store.clone(),
         cfg.server.node_name.clone(),
         apply,
+        before.map(|f| f.position()),
     ))
 }

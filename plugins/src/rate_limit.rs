@@ -342,6 +342,8 @@ struct Counted {
     /// The fleet's counts at the last sync: the period's, the slice's.
     period: AtomicU64,
     slice: AtomicU64,
+    /// Asked about since the last sync: its totals are worth fetching again.
+    touched: std::sync::atomic::AtomicBool,
 }
 
 impl Approx {
@@ -368,9 +370,13 @@ impl Approx {
                     pending: AtomicU64::new(0),
                     period: AtomicU64::new(0),
                     slice: AtomicU64::new(0),
+                    touched: std::sync::atomic::AtomicBool::new(false),
                 }))
             })
             .ok()?;
+        if !c.touched.load(Ordering::Relaxed) {
+            c.touched.store(true, Ordering::Relaxed);
+        }
         let (known, known_slice) = (
             c.period.load(Ordering::Relaxed),
             c.slice.load(Ordering::Relaxed),
@@ -394,16 +400,16 @@ impl Approx {
         ))
     }
 
-    /// One sync: every key with counts to send or a count that still weighs, 32 at a time.
+    /// One sync: every key with counts to send or asked about since the last, 32 at a time.
     async fn sync(&self) {
         let keys: Vec<Arc<Counted>> = self
             .keys
             .iter()
             .map(|(_, c)| c)
+            // Keys with counts to send, or asked about since (a refused key learns when its
+            // window has moved); others cost nothing.
             .filter(|c| {
-                c.pending.load(Ordering::Relaxed) > 0
-                    || c.period.load(Ordering::Relaxed) > 0
-                    || c.slice.load(Ordering::Relaxed) > 0
+                c.touched.swap(false, Ordering::Relaxed) || c.pending.load(Ordering::Relaxed) > 0
             })
             .collect();
         let mut answered = keys.is_empty();
@@ -487,7 +493,10 @@ impl Key<'_> {
                 let _ = write!(out, "ip:{ip}");
             }
             Key::Ip(None) => out.extend_from_slice(b"ip:-"),
-            Key::Text(t) if t.len() <= STORE_KEY_MAX => {
+            // Braces would make a Redis Cluster hash tag: a client could pick the slot.
+            Key::Text(t)
+                if t.len() <= STORE_KEY_MAX && !t.iter().any(|b| matches!(b, b'{' | b'}')) =>
+            {
                 out.extend_from_slice(b"k:");
                 out.extend_from_slice(t);
             }
@@ -836,6 +845,19 @@ mod tests {
         assert_eq!(w.estimate(1).0, 2.0);
         assert_eq!(w.estimate(2).0, 1.0);
         assert_eq!(w.estimate(3).0, 0.0);
+    }
+
+    #[test]
+    fn store_keys_are_readable_or_hashed() {
+        let p = b"rl:x:";
+        assert_eq!(Key::Text(b"alice").store_key(p), b"rl:x:k:alice");
+        let ip = Key::Ip(Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(ip.store_key(p), b"rl:x:ip:10.0.0.1");
+        // Braces would pick a Redis Cluster slot; long values are hashed too.
+        for t in [&b"{slot}"[..], &[b'a'; 200][..]] {
+            let k = Key::Text(t).store_key(p);
+            assert!(k.starts_with(b"rl:x:h:") && k.len() == 7 + 64, "{k:?}");
+        }
     }
 
     #[test]

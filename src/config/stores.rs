@@ -26,6 +26,9 @@ pub(super) struct StoreFile {
 struct SentinelFile {
     master: String,
     nodes: Vec<String>,
+    /// What the master wants (the Sentinels' own credentials go in their URLs).
+    username: Option<String>,
+    password: Option<String>,
 }
 
 /// The validated settings of one `[stores.NAME]`, or `None` (its errors recorded).
@@ -61,6 +64,7 @@ pub(super) fn store(
                 Target::Sentinel {
                     master: s.master,
                     nodes: s.nodes,
+                    auth: s.password.map(|p| (s.username, p)),
                 },
                 s_span,
             )

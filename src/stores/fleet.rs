@@ -90,10 +90,20 @@ pub struct Fleet {
     members: Mutex<BTreeMap<String, (serde_json::Value, u64)>>,
     apply: Apply,
     started: AtomicBool,
+    /// Where the reader is (epoch, last entry read): carried over to the fleet a reload
+    /// makes in its place, so a reload loses no purge.
+    position: Mutex<(Option<String>, Option<String>)>,
 }
 
 impl Fleet {
-    pub fn new(store: Arc<Store>, node: String, apply: Apply) -> Arc<Fleet> {
+    /// `resume`: the position of the fleet this one replaces (a reload changed its store's
+    /// settings), if any.
+    pub fn new(
+        store: Arc<Store>,
+        node: String,
+        apply: Apply,
+        resume: Option<(Option<String>, Option<String>)>,
+    ) -> Arc<Fleet> {
         let p = store.settings.prefix.clone();
         Arc::new(Fleet {
             nodes_key: format!("{p}{{fleet}}:nodes"),
@@ -107,7 +117,13 @@ impl Fleet {
             members: Mutex::new(BTreeMap::new()),
             apply,
             started: AtomicBool::new(false),
+            position: Mutex::new(resume.unwrap_or_default()),
         })
+    }
+
+    /// Where the reader is: (epoch, last entry read).
+    pub fn position(&self) -> (Option<String>, Option<String>) {
+        self.position.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
     pub fn set_info(&self, info: NodeInfo) {
@@ -157,11 +173,11 @@ impl Fleet {
         loop {
             let mut cmd = redis::cmd("HGETALL");
             cmd.arg(&key);
-            if let Ok(m) = self
-                .store
-                .query::<BTreeMap<String, u64>>(cmd, OP_TIMEOUT)
-                .await
-            {
+            // Never past the deadline (a slow store makes the answer say who is missing).
+            let left = end
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_millis(10));
+            if let Ok(m) = self.store.query::<BTreeMap<String, u64>>(cmd, left).await {
                 got = m;
             }
             if expect.iter().all(|n| got.contains_key(n)) || tokio::time::Instant::now() >= end {
@@ -251,8 +267,13 @@ impl Fleet {
             }
         });
         let weak = Arc::downgrade(self);
+        let (epoch, last) = self.position();
         tokio::spawn(async move {
-            let mut r = Reader::default();
+            let mut r = Reader {
+                conn: None,
+                epoch,
+                last,
+            };
             loop {
                 let Some(f) = weak.upgrade() else { return };
                 if let Err(e) = f.read(&mut r).await {
@@ -342,19 +363,42 @@ impl Fleet {
             .await
             .map_err(|e| e.to_string())?;
             let (newest, deleted) = self.stream_info(&mut conn).await?;
+            // A stream that does not exist yet gets a first entry, so that the position a
+            // reader keeps is always an entry's id, which only trimming removes.
+            let newest = match newest {
+                Some(n) => n,
+                None => {
+                    let mut add = redis::cmd("XADD");
+                    add.arg(&self.stream_key)
+                        .arg("*")
+                        .arg("from")
+                        .arg(&self.node)
+                        .arg("kind")
+                        .arg("start");
+                    tokio::time::timeout(OP_TIMEOUT, add.query_async::<String>(&mut conn))
+                        .await
+                        .map_err(|_| "no answer".to_string())?
+                        .map_err(|e| e.to_string())?
+                }
+            };
+            let first = self.stream_edge(&mut conn, "XRANGE", "-", "+").await?;
             let lost = match (&r.epoch, r.last.as_deref()) {
                 // A new reader: this process's cache is no older than the stream's end.
                 (None, _) | (_, None) => None,
                 (Some(e), _) if *e != epoch => Some("the store lost its data (new epoch)"),
-                (Some(_), Some(last)) => match (&newest, &deleted) {
-                    (None, _) if last != "0-0" => Some("the purge stream is gone"),
-                    (_, Some(d)) if id_lt(last, d) => {
-                        Some("purges it missed were trimmed from the stream")
-                    }
-                    _ => None,
-                },
+                (Some(_), Some(last)) if id_lt(&newest, last) => Some(
+                    "the stream ends before what this replica had read (a failover lost entries)",
+                ),
+                (Some(_), Some(last))
+                    if first
+                        .as_deref()
+                        .map_or(id_lt(last, &newest), |f| id_lt(last, f))
+                        || deleted.as_deref().is_some_and(|d| id_lt(last, d)) =>
+                {
+                    Some("purges it missed were trimmed from the stream")
+                }
+                _ => None,
             };
-            let newest = newest.unwrap_or_else(|| "0-0".into());
             if let Some(why) = lost {
                 let n = (self.apply)(&Purge::All);
                 log::warn!(
@@ -408,14 +452,17 @@ impl Fleet {
                 if let Some(p) = p {
                     let n = (self.apply)(&p);
                     log::info!("fleet: purge {p:?} from {from}: {n} entries");
-                    let mut cmd = redis::cmd("HSET");
-                    cmd.arg(format!("{}{id}", self.ack_prefix))
-                        .arg(&self.node)
-                        .arg(n);
-                    let mut exp = redis::cmd("PEXPIRE");
-                    exp.arg(format!("{}{id}", self.ack_prefix)).arg(60_000);
+                    // The acknowledgement and its expiry in one step: an ack key never stays.
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(
+                        "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) \
+                         return redis.call('PEXPIRE', KEYS[1], 60000)",
+                    )
+                    .arg(1)
+                    .arg(format!("{}{id}", self.ack_prefix))
+                    .arg(&self.node)
+                    .arg(n);
                     let _ = self.store.query::<i64>(cmd, OP_TIMEOUT).await;
-                    let _ = self.store.query::<i64>(exp, OP_TIMEOUT).await;
                     if let Ok(mut f) = self.following.lock() {
                         f.applied += 1;
                     }
@@ -426,7 +473,27 @@ impl Fleet {
         if let Ok(mut f) = self.following.lock() {
             f.last = r.last.clone();
         }
+        if let Ok(mut p) = self.position.lock() {
+            *p = (r.epoch.clone(), r.last.clone());
+        }
         Ok(())
+    }
+
+    /// The id of the stream's oldest (`XRANGE - +`) or newest (`XREVRANGE + -`) entry.
+    async fn stream_edge(
+        &self,
+        conn: &mut super::Conn,
+        cmd: &str,
+        a: &str,
+        b: &str,
+    ) -> Result<Option<String>, String> {
+        let mut c = redis::cmd(cmd);
+        c.arg(&self.stream_key).arg(a).arg(b).arg("COUNT").arg(1);
+        let v: Value = tokio::time::timeout(OP_TIMEOUT, c.query_async(conn))
+            .await
+            .map_err(|_| "no answer".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(entries(&v).into_iter().next().map(|(id, _)| id))
     }
 
     /// The stream's last generated id and the largest id it ever deleted (trimmed), or
@@ -464,7 +531,6 @@ impl Fleet {
 }
 
 /// The purge reader's own state, kept across reconnects.
-#[derive(Default)]
 struct Reader {
     conn: Option<super::Conn>,
     epoch: Option<String>,

@@ -32,10 +32,12 @@ pub mod fleet;
 pub enum Target {
     Single(String),
     Cluster(Vec<String>),
-    /// The master named `master`, as the Sentinels at `nodes` know it.
+    /// The master named `master`, as the Sentinels at `nodes` know it; `auth`: the user
+    /// and password the master wants (the Sentinels' own are in their URLs).
     Sentinel {
         master: String,
         nodes: Vec<String>,
+        auth: Option<(Option<String>, String)>,
     },
 }
 
@@ -80,6 +82,8 @@ impl Settings {
 
 const BACKOFF_MIN_MS: u64 = 100;
 const BACKOFF_MAX_MS: u64 = 5_000;
+/// Timeouts in a row after which the connections are made again.
+const RECONNECT_AFTER_TIMEOUTS: u32 = 3;
 /// Connecting gets more time than a request: it happens off the request path.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -140,6 +144,9 @@ struct Health {
     /// In an episode of errors (logged once at its start, once at its end).
     down: AtomicBool,
     episode_errors: AtomicU64,
+    /// A probe is out: its failure doubles the back-off (a late failure of a request sent
+    /// before the episode began does not).
+    probing: AtomicBool,
 }
 
 impl Health {
@@ -155,11 +162,15 @@ impl Health {
             return true;
         }
         let now = self.now_ms();
-        now >= at
+        let won = now >= at
             && self
                 .retry_at
                 .compare_exchange(at, now + self.backoff_ms.load(Relaxed), Relaxed, Relaxed)
-                .is_ok()
+                .is_ok();
+        if won {
+            self.probing.store(true, Relaxed);
+        }
+        won
     }
 
     /// Lets the next request probe at once (new connections were made).
@@ -169,14 +180,22 @@ impl Health {
         }
     }
 
-    /// Returns whether this error starts an episode.
+    /// Returns whether this error starts an episode. The back-off starts at its minimum and
+    /// doubles each time a probe fails; errors of requests already under way when the
+    /// episode began leave it alone.
     fn failed(&self) -> bool {
-        let b = self.backoff_ms.load(Relaxed).max(BACKOFF_MIN_MS / 2) * 2;
-        let b = b.min(BACKOFF_MAX_MS);
+        self.episode_errors.fetch_add(1, Relaxed);
+        let starts = !self.down.swap(true, Relaxed);
+        let b = if starts {
+            BACKOFF_MIN_MS
+        } else if self.probing.swap(false, Relaxed) {
+            (self.backoff_ms.load(Relaxed) * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS)
+        } else {
+            return false;
+        };
         self.backoff_ms.store(b, Relaxed);
         self.retry_at.store(self.now_ms() + b, Relaxed);
-        self.episode_errors.fetch_add(1, Relaxed);
-        !self.down.swap(true, Relaxed)
+        starts
     }
 
     /// Returns the errors of the episode this success ends, if one was going on.
@@ -184,6 +203,7 @@ impl Health {
         if self.retry_at.load(Relaxed) != 0 {
             self.retry_at.store(0, Relaxed);
         }
+        self.probing.store(false, Relaxed);
         if !self.down.load(Relaxed) {
             return None;
         }
@@ -211,11 +231,19 @@ pub struct Store {
     uid: usize,
     /// Bumped when connections are found broken: the threads' own ones are made again too.
     generation: AtomicU64,
+    /// Alive while the store is: a thread's connection to a store a reload dropped goes.
+    token: Arc<()>,
+    /// Timeouts in a row: a server that went silent (a dead VM, a partition) is not noticed
+    /// by TCP for minutes; after a few, the connections are made again.
+    timeouts: std::sync::atomic::AtomicU32,
+    /// When an error answer was last logged (they are not outages: logged once a minute).
+    reply_logged: AtomicU64,
 }
 
 /// A worker thread's own connection to a store.
 struct Local {
     uid: usize,
+    alive: std::sync::Weak<()>,
     generation: u64,
     state: LocalState,
 }
@@ -254,6 +282,7 @@ impl Store {
                 backoff_ms: AtomicU64::new(0),
                 down: AtomicBool::new(false),
                 episode_errors: AtomicU64::new(0),
+                probing: AtomicBool::new(false),
             },
             wake: Arc::new(Notify::new()),
             keeper: AtomicBool::new(false),
@@ -262,6 +291,9 @@ impl Store {
             next: AtomicU64::new(0),
             uid: NEXT_UID.fetch_add(1, Relaxed),
             generation: AtomicU64::new(0),
+            token: Arc::new(()),
+            timeouts: std::sync::atomic::AtomicU32::new(0),
+            reply_logged: AtomicU64::new(0),
         }
     }
 
@@ -275,25 +307,26 @@ impl Store {
     }
 
     /// A connection to send one request on, or `None`: not connected, or backing off.
-    fn conn(&self) -> Option<Conn> {
+    fn conn(&self) -> Option<(Conn, u64)> {
+        let generation = self.generation.load(Relaxed);
         let conns = self.conns.load();
         let conns = conns.as_ref()?;
         if conns.is_empty() || !self.health.usable() {
             return None;
         }
-        if let Some(c) = self.local() {
-            return Some(c);
+        if let Some(c) = self.local(generation) {
+            return Some((c, generation));
         }
         let i = self.next.fetch_add(1, Relaxed) as usize % conns.len();
-        Some(conns[i].clone())
+        Some((conns[i].clone(), generation))
     }
 
     /// This thread's own connection, once made; asks for one (made by a task of this
     /// thread's runtime) when there is none. Meanwhile the shared pool serves.
-    fn local(&self) -> Option<Conn> {
-        let generation = self.generation.load(Relaxed);
+    fn local(&self, generation: u64) -> Option<Conn> {
         LOCAL.with(|l| {
             let mut l = l.borrow_mut();
+            l.retain(|x| x.alive.strong_count() > 0);
             let at = l.iter().position(|x| x.uid == self.uid);
             if let Some(x) = at.map(|i| &mut l[i]) {
                 if x.generation == generation {
@@ -332,6 +365,7 @@ impl Store {
             });
             let fresh = Local {
                 uid: self.uid,
+                alive: Arc::downgrade(&self.token),
                 generation,
                 state: LocalState::Pending(rx),
             };
@@ -343,8 +377,27 @@ impl Store {
         })
     }
 
-    fn fault(&self, kind: Kind, what: &dyn std::fmt::Display) {
+    /// An error on a connection of `generation`.
+    fn fault(&self, kind: Kind, what: &dyn std::fmt::Display, generation: u64) {
         self.errors[kind as usize].inc();
+        if let Kind::Reply = kind {
+            // An error answer (a key of another type, a missing permission) is no outage:
+            // this request falls back, the store stays in use.
+            let now = self.health.now_ms();
+            let last = self.reply_logged.load(Relaxed);
+            if (last == 0 || now.saturating_sub(last) >= 60_000)
+                && self
+                    .reply_logged
+                    .compare_exchange(last, now, Relaxed, Relaxed)
+                    .is_ok()
+            {
+                log::warn!(
+                    "store \"{}\": error answer: {what} (said once a minute)",
+                    self.settings.name
+                );
+            }
+            return;
+        }
         if self.health.failed() {
             log::warn!(
                 "store \"{}\": {}: {what}; plugins apply their on_store_error policy until it answers",
@@ -352,14 +405,26 @@ impl Store {
                 KINDS[kind as usize]
             );
         }
-        if matches!(kind, Kind::Connection | Kind::Connect) {
-            self.generation.fetch_add(1, Relaxed);
+        let silent = matches!(kind, Kind::Timeout)
+            && self.timeouts.fetch_add(1, Relaxed) + 1 >= RECONNECT_AFTER_TIMEOUTS;
+        // Only the connections that failed are remade: a late error from the pool before
+        // leaves the new one alone.
+        if (silent || matches!(kind, Kind::Connection | Kind::Connect))
+            && self
+                .generation
+                .compare_exchange(generation, generation + 1, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.timeouts.store(0, Relaxed);
             self.conns.store(None);
             self.wake.notify_one();
         }
     }
 
     fn recovered(&self) {
+        if self.timeouts.load(Relaxed) != 0 {
+            self.timeouts.store(0, Relaxed);
+        }
         if let Some(n) = self.health.succeeded() {
             log::warn!(
                 "store \"{}\": answering again (after {n} error(s))",
@@ -375,20 +440,21 @@ impl Store {
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        let conn = self.conn().ok_or(StoreUnavailable)?;
+        let (conn, generation) = self.conn().ok_or(StoreUnavailable)?;
         match pingora_timeout::timeout(timeout, f(conn)).await {
             Ok(Ok(v)) => {
                 self.recovered();
                 Ok(v)
             }
             Ok(Err(e)) => {
-                self.fault(classify(&e), &e);
+                self.fault(classify(&e), &e, generation);
                 Err(StoreUnavailable)
             }
             Err(_) => {
                 self.fault(
                     Kind::Timeout,
-                    &format_args!("no answer within {:?}", self.settings.timeout),
+                    &format_args!("no answer within {timeout:?}"),
+                    generation,
                 );
                 Err(StoreUnavailable)
             }
@@ -405,6 +471,7 @@ impl Store {
     ) -> Result<T, StoreUnavailable> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            let generation = self.generation.load(Relaxed);
             let conn = self.conns.load().as_ref().and_then(|c| c.first().cloned());
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if let Some(mut c) = conn {
@@ -413,10 +480,19 @@ impl Store {
                         self.recovered();
                         return Ok(v);
                     }
-                    Ok(Err(e)) => self.fault(classify(&e), &e),
-                    Err(_) => {
-                        self.fault(Kind::Timeout, &format_args!("no answer within {timeout:?}"))
+                    Ok(Err(e)) => {
+                        let kind = classify(&e);
+                        self.fault(kind, &e, generation);
+                        if let Kind::Reply = kind {
+                            // Asking again would get the same answer.
+                            return Err(StoreUnavailable);
+                        }
                     }
+                    Err(_) => self.fault(
+                        Kind::Timeout,
+                        &format_args!("no answer within {timeout:?}"),
+                        generation,
+                    ),
                 }
             }
             if tokio::time::Instant::now() + Duration::from_millis(50) >= deadline {
@@ -474,10 +550,13 @@ impl Store {
                                 log::info!("store \"{}\": connected", store.settings.name);
                             }
                         }
-                        Ok(Err(e)) => store.fault(Kind::Connect, &e),
+                        Ok(Err(e)) => {
+                            store.fault(Kind::Connect, &e, store.generation.load(Relaxed))
+                        }
                         Err(_) => store.fault(
                             Kind::Connect,
                             &format_args!("no connection within {CONNECT_TIMEOUT:?}"),
+                            store.generation.load(Relaxed),
                         ),
                     }
                 }
@@ -511,7 +590,7 @@ fn classify(e: &RedisError) -> Kind {
         return Kind::Connection;
     }
     match e.code() {
-        Some("READONLY" | "MASTERDOWN" | "LOADING" | "CLUSTERDOWN" | "TRYAGAIN") => {
+        Some("READONLY" | "MASTERDOWN" | "LOADING" | "CLUSTERDOWN" | "TRYAGAIN" | "NOREPLICAS") => {
             Kind::Connection
         }
         _ => Kind::Reply,
@@ -535,13 +614,24 @@ async fn connect(
             return Ok(vec![Conn::Cluster(conn)]);
         }
         Target::Single(url) => redis::Client::open(url.as_str())?,
-        Target::Sentinel { master, nodes } => {
+        Target::Sentinel {
+            master,
+            nodes,
+            auth,
+        } => {
+            let info = auth.as_ref().map(|(user, password)| {
+                let mut r = redis::RedisConnectionInfo::default().set_password(password);
+                if let Some(u) = user {
+                    r = r.set_username(u);
+                }
+                redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(r)
+            });
             let sc = match sentinel {
                 Some(sc) => sc,
                 None => sentinel.insert(redis::sentinel::SentinelClient::build(
                     nodes.clone(),
                     master.clone(),
-                    None,
+                    info,
                     redis::sentinel::SentinelServerType::Master,
                 )?),
             };
@@ -628,16 +718,25 @@ mod tests {
             backoff_ms: AtomicU64::new(0),
             down: AtomicBool::new(false),
             episode_errors: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
         };
         assert!(h.usable());
         assert!(h.failed(), "the first error starts an episode");
         assert!(!h.failed(), "the second does not");
-        assert_eq!(h.backoff_ms.load(Relaxed), 2 * BACKOFF_MIN_MS);
+        assert_eq!(
+            h.backoff_ms.load(Relaxed),
+            BACKOFF_MIN_MS,
+            "a late error of a request sent before the episode does not double it"
+        );
         assert!(!h.usable(), "backing off");
         h.retry_at.store(1, Relaxed);
         assert!(h.usable(), "back-off over: this request probes");
         assert!(!h.usable(), "and the next one waits for the probe");
-        assert_eq!(h.succeeded(), Some(2));
+        assert!(!h.failed(), "the probe failed");
+        assert_eq!(h.backoff_ms.load(Relaxed), 2 * BACKOFF_MIN_MS, "doubled");
+        h.retry_at.store(1, Relaxed);
+        assert!(h.usable());
+        assert_eq!(h.succeeded(), Some(3));
         assert!(h.usable());
         assert_eq!(h.succeeded(), None);
     }
