@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::Value;
 use serde_json::json;
@@ -68,6 +68,30 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 const DOWN_AFTER_MS: u64 = 10_000;
 const FORGET_AFTER_MS: u64 = 600_000;
 const STREAM_MAX: u64 = 10_000;
+/// The registry in one step: KEYS[1] the hash; ARGV: this node ('' to only read), its JSON,
+/// how long a silent entry stays (ms). Returns Redis' time (ms), then node, "SEEN_MS JSON"...
+const REGISTRY_LUA: &str = "
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local forget = tonumber(ARGV[3])
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', now) .. ' ' .. ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], forget)
+end
+local all = redis.call('HGETALL', KEYS[1])
+local out = {string.format('%.0f', now)}
+for i = 1, #all, 2 do
+  local seen = tonumber(string.match(all[i + 1], '^(%d+) ')) or 0
+  if now - seen > forget then
+    redis.call('HDEL', KEYS[1], all[i])
+  else
+    out[#out + 1] = all[i]
+    out[#out + 1] = all[i + 1]
+  end
+end
+return out
+";
+
 /// Fleet operations happen off the request path: they may wait longer than a rate limit.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -76,6 +100,9 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// The registry as last read: node → (its JSON, its age then in ms), and when it was read.
+type Members = (BTreeMap<String, (serde_json::Value, u64)>, Instant);
 
 pub struct Fleet {
     pub store: Arc<Store>,
@@ -86,8 +113,8 @@ pub struct Fleet {
     ack_prefix: String,
     info: Mutex<NodeInfo>,
     following: Mutex<Following>,
-    /// The registry as last read: node → (its JSON, when it was written).
-    members: Mutex<BTreeMap<String, (serde_json::Value, u64)>>,
+    /// The registry as last read.
+    members: Mutex<Members>,
     apply: Apply,
     started: AtomicBool,
     /// Where the reader is (epoch, last entry read): carried over to the fleet a reload
@@ -114,7 +141,7 @@ impl Fleet {
             node,
             info: Mutex::new(NodeInfo::default()),
             following: Mutex::new(Following::default()),
-            members: Mutex::new(BTreeMap::new()),
+            members: Mutex::new((BTreeMap::new(), Instant::now())),
             apply,
             started: AtomicBool::new(false),
             position: Mutex::new(resume.unwrap_or_default()),
@@ -189,14 +216,12 @@ impl Fleet {
 
     /// The other replicas seen lately (up): those a purge expects to confirm.
     pub fn peers_up(&self) -> Vec<String> {
-        let now = now_ms();
         self.members
             .lock()
             .map(|m| {
-                m.iter()
-                    .filter(|(n, (_, seen))| {
-                        **n != self.node && now.saturating_sub(*seen) < DOWN_AFTER_MS
-                    })
+                let since = m.1.elapsed().as_millis() as u64;
+                m.0.iter()
+                    .filter(|(n, (_, age))| **n != self.node && age + since < DOWN_AFTER_MS)
                     .map(|(n, _)| n.clone())
                     .collect()
             })
@@ -205,15 +230,15 @@ impl Fleet {
 
     /// `/status`'s `fleet`: every replica the registry knows, this one compared with each.
     pub fn status(&self) -> serde_json::Value {
-        let now = now_ms();
         let me = self.info.lock().map(|i| i.clone()).unwrap_or_default();
         let nodes: Vec<serde_json::Value> = self
             .members
             .lock()
             .map(|m| {
-                m.iter()
-                    .map(|(n, (v, seen))| {
-                        let age = now.saturating_sub(*seen);
+                let since = m.1.elapsed().as_millis() as u64;
+                m.0.iter()
+                    .map(|(n, (v, age))| {
+                        let age = age + since;
                         json!({
                             "node": n,
                             "this": *n == self.node,
@@ -304,48 +329,43 @@ impl Fleet {
             "config": info.config,
             "last_reload": info.last_reload,
             "started": info.started,
-            "seen": now_ms(),
         });
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(&self.nodes_key).arg(&self.node).arg(me.to_string());
-        if self.store.query::<i64>(cmd, OP_TIMEOUT).await.is_err() {
-            return false;
-        }
-        // A fleet that stopped altogether leaves nothing behind for long.
-        let mut exp = redis::cmd("PEXPIRE");
-        exp.arg(&self.nodes_key).arg(FORGET_AFTER_MS);
-        let _ = self.store.query::<i64>(exp, OP_TIMEOUT).await;
-        self.refresh().await;
-        true
+        self.registry(Some(me.to_string())).await
     }
 
     /// Reads the registry (a purge does, so it expects every replica registered by now).
     pub async fn refresh(&self) {
-        let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(&self.nodes_key);
-        let Ok(all) = self
-            .store
-            .query::<BTreeMap<String, String>>(cmd, OP_TIMEOUT)
-            .await
-        else {
-            return;
+        self.registry(None).await;
+    }
+
+    /// One script: this replica's entry written (with Redis' clock, so replicas whose clocks
+    /// disagree still agree on who is up), entries silent for 10 minutes dropped, the rest
+    /// read with their ages.
+    async fn registry(&self, me: Option<String>) -> bool {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(REGISTRY_LUA)
+            .arg(1)
+            .arg(&self.nodes_key)
+            .arg(if me.is_some() { self.node.as_str() } else { "" })
+            .arg(me.unwrap_or_default())
+            .arg(FORGET_AFTER_MS);
+        let Ok(v) = self.store.query::<Vec<String>>(cmd, OP_TIMEOUT).await else {
+            return false;
         };
-        let now = now_ms();
+        let read_at = Instant::now();
+        let now: u64 = v.first().and_then(|n| n.parse().ok()).unwrap_or(0);
         let mut members = BTreeMap::new();
-        for (node, v) in all {
-            let v: serde_json::Value = serde_json::from_str(&v).unwrap_or_default();
-            let seen = v["seen"].as_u64().unwrap_or(0);
-            if now.saturating_sub(seen) > FORGET_AFTER_MS {
-                let mut cmd = redis::cmd("HDEL");
-                cmd.arg(&self.nodes_key).arg(&node);
-                let _ = self.store.query::<i64>(cmd, OP_TIMEOUT).await;
-                continue;
-            }
-            members.insert(node, (v, seen));
+        for pair in v.get(1..).unwrap_or_default().chunks(2) {
+            let [node, entry] = pair else { continue };
+            let (seen, json) = entry.split_once(' ').unwrap_or(("0", "{}"));
+            let age = now.saturating_sub(seen.parse().unwrap_or(0));
+            let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+            members.insert(node.clone(), (v, age));
         }
         if let Ok(mut m) = self.members.lock() {
-            *m = members;
+            *m = (members, read_at);
         }
+        true
     }
 
     /// One step of following the stream: connect (and check what was missed) if needed,
