@@ -367,7 +367,8 @@ async fn a_cluster_slot_move_is_followed_and_the_count_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_is_followed() {
-    let mut s = Sentinels::start();
+    // A master that wants a password: the store gives it to whichever the Sentinels name.
+    let mut s = Sentinels::start(Some("sentinel-test-pw"));
     let up = common::echo("up").await;
     let nodes: Vec<String> = s
         .sentinel_urls()
@@ -375,7 +376,8 @@ async fn a_sentinel_failover_is_followed() {
         .map(|u| format!("\"{u}\""))
         .collect();
     let store = format!(
-        "sentinel = {{ master = \"{}\", nodes = [{}] }}\ntimeout = \"100ms\"",
+        "sentinel = {{ master = \"{}\", nodes = [{}], password = \"sentinel-test-pw\" }}\n\
+         timeout = \"100ms\"",
         Sentinels::NAME,
         nodes.join(", ")
     );

@@ -12,6 +12,8 @@ use super::free_port;
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// `requirepass`: the CLI calls give it.
+    password: Option<String>,
     args: Vec<String>,
     dir: std::path::PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -27,9 +29,10 @@ pub fn cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn wait_ping(port: u16) {
+fn wait_ping(r: &Redis) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while cli(port, &["ping"]) != "PONG" {
+    let port = r.port;
+    while r.cli(&["ping"]) != "PONG" {
         assert!(Instant::now() < deadline, "redis on {port} did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -43,6 +46,11 @@ impl Redis {
 
     /// A server with extra `--name value` settings.
     pub fn with(extra: &[&str]) -> Redis {
+        Redis::with_password(extra, None)
+    }
+
+    /// A server that wants `password` (and gives it to its master: `masterauth`).
+    pub fn with_password(extra: &[&str], password: Option<&str>) -> Redis {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         let port = free_port();
@@ -62,9 +70,13 @@ impl Redis {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
+        if let Some(p) = password {
+            args.extend(["--requirepass", p, "--masterauth", p].map(String::from));
+        }
         let mut r = Redis {
             child: None,
             port,
+            password: password.map(String::from),
             args,
             dir,
             _tmp: Some(tmp),
@@ -86,7 +98,7 @@ impl Redis {
             .spawn()
             .expect("redis-server (apt-get install redis-server)");
         self.child = Some(child);
-        wait_ping(self.port);
+        wait_ping(self);
     }
 
     pub fn url(&self) -> String {
@@ -94,7 +106,14 @@ impl Redis {
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        cli(self.port, args)
+        match &self.password {
+            Some(p) => {
+                let mut all = vec!["--no-auth-warning", "-a", p.as_str()];
+                all.extend_from_slice(args);
+                cli(self.port, &all)
+            }
+            None => cli(self.port, args),
+        }
     }
 
     fn signal(&self, sig: &str) {
@@ -263,9 +282,16 @@ pub struct Sentinels {
 impl Sentinels {
     pub const NAME: &'static str = "gh-master";
 
-    pub fn start() -> Sentinels {
-        let master = Redis::start();
-        let replica = Redis::with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    /// With `password`: the master and the replica want it (the Sentinels do not).
+    pub fn start(password: Option<&str>) -> Sentinels {
+        let master = Redis::with_password(&[], password);
+        let replica = Redis::with_password(
+            &["--replicaof", "127.0.0.1", &master.port.to_string()],
+            password,
+        );
+        let auth = password.map_or(String::new(), |p| {
+            format!("sentinel auth-pass {} {p}\n", Self::NAME)
+        });
         let sentinels = (0..3)
             .map(|_| {
                 let tmp = tempfile::tempdir().expect("tempdir");
@@ -278,7 +304,7 @@ impl Sentinels {
                          sentinel monitor {name} 127.0.0.1 {mport} 2\n\
                          sentinel down-after-milliseconds {name} 1000\n\
                          sentinel failover-timeout {name} 5000\n\
-                         sentinel parallel-syncs {name} 1\n",
+                         sentinel parallel-syncs {name} 1\n{auth}",
                         dir = tmp.path().display(),
                         name = Self::NAME,
                         mport = master.port
@@ -288,6 +314,7 @@ impl Sentinels {
                 let mut r = Redis {
                     child: None,
                     port,
+                    password: None,
                     args: vec!["--sentinel".into()],
                     dir: tmp.path().to_path_buf(),
                     _tmp: Some(tmp),
