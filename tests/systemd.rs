@@ -306,3 +306,112 @@ fn the_upgrade_script_hands_the_listeners_over() {
     assert!(!run.path().join("upgrade.sock").exists());
     assert!(!run.path().join("upgrade.sock.lock").exists());
 }
+
+/// The instance's user owns its log directory, so it may plant a link there: run as root,
+/// the script must never create, append to or hand over what such a link names (it used to
+/// create the target as root and chown it to the user: `/etc/ld.so.preload`, say). It refuses
+/// a link, and creates a missing log as that user. Needs root (to run an instance as nobody).
+#[test]
+fn the_upgrade_script_opens_the_log_as_the_instances_user_only() {
+    let root = Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&root.stdout).trim() != "0" {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let nobody = 65534;
+    let base = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let logs = base.path().join("log");
+    let etc = base.path().join("etc");
+    std::fs::create_dir(&logs).unwrap();
+    std::fs::create_dir(&etc).unwrap();
+    std::os::unix::fs::chown(&logs, Some(nobody), Some(nobody)).unwrap();
+    let victim = etc.join("ld.so.preload");
+    let planted = logs.join("gatehouse.log");
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+
+    let port = free_port();
+    let config = base.path().join("gatehouse.toml");
+    let toml = format!(
+        "[server]\nupgrade_sock = \"{}/upgrade.sock\"\n\
+         [upstreams.u]\npeers = [\"127.0.0.1:9\"]\n[gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [[routes]]\nupstream = \"u\"\n",
+        logs.display()
+    );
+    std::fs::write(&config, &toml).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut instance = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(BIN)
+        .args(["run", "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = instance.id();
+    let _kill = Kill(&mut instance);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the instance did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let upgrade = |log: &Path, config: &Path| {
+        Command::new(shipped("gatehouse-upgrade"))
+            .args(["-p", &pid.to_string(), "-c"])
+            .arg(config)
+            .env("GATEHOUSE_BIN", BIN)
+            .env("GATEHOUSE_LOG", log)
+            .output()
+            .unwrap()
+    };
+
+    // A planted link: refused, its target never made, the instance untouched.
+    let out = upgrade(&planted, &config);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text_of(&out).contains("is a symbolic link"),
+        "{}",
+        text_of(&out)
+    );
+    assert!(!victim.exists(), "root created the link's target");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+
+    // A missing log is made by the instance's user (a bad config then stops the upgrade).
+    let bad = base.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        toml.replace("upstream = \"u\"", "upstream = \"nope\""),
+    )
+    .unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let fresh = logs.join("fresh.log");
+    let out = upgrade(&fresh, &bad);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text_of(&out).contains("nothing changed"),
+        "{}",
+        text_of(&out)
+    );
+    let m = std::fs::metadata(&fresh).expect("the log was made");
+    assert_eq!(
+        (m.uid(), m.gid()),
+        (nobody, nobody),
+        "made by the instance's user"
+    );
+    // And a log the user cannot write there is refused, not forced as root.
+    let rooted = etc.join("gatehouse.log");
+    let out = upgrade(&rooted, &config);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        !rooted.exists(),
+        "root made a log in a directory the user cannot write"
+    );
+}
