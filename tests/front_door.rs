@@ -91,6 +91,15 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Want)> {
         c("signed Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +2\r\n\r\nhi", Refused(400)),
         c("hex Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x2\r\n\r\nhi", Refused(400)),
         c(
+            "Content-Length with leading zeros: forwarded as the number",
+            "POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 005\r\n\r\nhello",
+            Once {
+                line: "POST /p HTTP/1.1",
+                headers: &[("content-length", Some("5"))],
+                body: b"hello",
+            },
+        ),
+        c(
             "Content-Length and chunked: chunked wins, once",
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
             Once {

@@ -64,6 +64,12 @@ pub fn canonicalize(
     let host = fields.host.cloned();
     let (hosts, upgrade) = (fields.hosts, fields.upgrade);
     let cookie_crumbs = fields.cookies > 1 && req.version == Version::HTTP_2;
+    if let Some(n) = fields.padded_length {
+        // Upstreams disagree on `05` (octal to some parsers): the one framing decided here
+        // is the one they get, in its one spelling.
+        req.insert_header(CONTENT_LENGTH, n)
+            .map_err(|_| bad("invalid Content-Length"))?;
+    }
 
     let absolute = absolute_authority(req.raw_path())?;
     let authority = match req.version {
@@ -264,6 +270,8 @@ struct Fields<'a> {
     hosts: usize,
     upgrade: bool,
     cookies: usize,
+    /// A Content-Length with leading zeros (`05`): forwarded as the number it is (`5`).
+    padded_length: Option<u64>,
 }
 
 /// One pass over the header fields (cheaper than a lookup per name): the Host, and RFC 9112
@@ -274,6 +282,7 @@ fn scan_fields(req: &RequestHeader) -> Result<Fields<'_>, Refusal> {
         hosts: 0,
         upgrade: false,
         cookies: 0,
+        padded_length: None,
     };
     let (mut cls, mut tes) = (0, 0);
     for (name, value) in req.headers.iter() {
@@ -288,6 +297,10 @@ fn scan_fields(req: &RequestHeader) -> Result<Fields<'_>, Refusal> {
             }
             if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
                 return Err(bad("invalid Content-Length"));
+            }
+            if v.len() > 1 && v[0] == b'0' {
+                // 19 digits at most: always a u64.
+                f.padded_length = std::str::from_utf8(v).ok().and_then(|t| t.parse().ok());
             }
         } else if *name == TRANSFER_ENCODING {
             tes += 1;
