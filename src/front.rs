@@ -440,7 +440,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
             if *shutdown.borrow() {
                 session.set_keepalive(None);
             }
-            session.set_read_timeout(Some(limits.body_timeout));
+            // The head has its own clock (header_timeout for the whole head, keepalive_timeout
+            // before it starts): no per-read timeout while it comes, or a gap between two head
+            // reads longer than body_timeout would end in Pingora's ERROR line. The proxy arms
+            // body_timeout once the head is in (early_request_filter).
+            session.set_read_timeout(None);
             clock.arm();
             timer_state.served += 1;
             let timer = HeadTimer {

@@ -324,3 +324,51 @@ async fn tls_handshakes_count_against_the_limits() {
     assert!(!log.contains("ERROR"), "{log}");
     assert!(log.contains("max_connections (4) reached"), "{log}");
 }
+
+/// Gaps in a request head are the head clock's business (header_timeout for the whole head),
+/// not body_timeout's: a head that arrives a line every 1.5 s with `body_timeout = "1s"` is
+/// served if it completes within header_timeout, and cut quietly (no ERROR line: any client
+/// could flood the log) when it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gaps_in_a_head_are_timed_by_header_timeout_not_body_timeout() {
+    let up = echo("u").await;
+    let port = free_port();
+    let g = gateway(port, up, "header_timeout = \"5s\"\nbody_timeout = \"1s\"");
+    let lines: [&[u8]; 3] = [b"GET / HTTP/1.1\r\n", b"Host: a\r\n", b"\r\n"];
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    for l in lines {
+        s.write_all(l).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let mut buf = [0u8; 16];
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(
+        &buf[..n.min(12)],
+        b"HTTP/1.1 200",
+        "served after 4.5 s of a slow head"
+    );
+
+    // Twenty heads that never end: cut at header_timeout, and no line each in the log.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::spawn(trickle(
+                port,
+                b"GET / HTTP/1.1\r\nHost: a\r\nX-1: a\r\nX-2: b\r\nX-3: c\r\nX-4: d\r\n\r\n",
+                Duration::from_millis(1500),
+            ))
+        })
+        .collect();
+    for t in tasks {
+        let cut = t.await.unwrap().expect("cut before the head ended");
+        assert!(
+            cut >= Duration::from_millis(4500),
+            "{cut:?}: cut before header_timeout"
+        );
+        assert!(cut < Duration::from_secs(8), "{cut:?}");
+    }
+    let log = g.log();
+    assert!(
+        !log.contains("ERROR"),
+        "no error line per cut client:\n{log}"
+    );
+}

@@ -146,6 +146,9 @@ impl ProxyHttp for GatewayProxy {
         ctx.start = Some(std::time::Instant::now());
         hop::quiet_interim(session);
         let rt = self.live.load_full();
+        // The head is in: from here reads are the body's (the front read the head with no
+        // per-read timeout, under its own clock).
+        session.set_read_timeout(Some(rt.client.body_timeout));
         let Some(gw) = rt.gateways.get(self.index) else {
             return Error::e_explain(ErrorType::InternalError, "gateway missing from snapshot");
         };
