@@ -48,6 +48,7 @@ fn connection_ended() {
 }
 
 mod limits;
+mod per_ip;
 mod stream;
 pub use limits::ClientLimits;
 use stream::sniff_preface;
@@ -354,6 +355,12 @@ pub struct Front<A> {
     h2c: bool,
     /// A TLS gateway's handshakes, done here once a connection is admitted.
     tls: Option<crate::tls::Handshaker>,
+    /// Connections per client address (`max_connections_per_ip`).
+    per_ip: per_ip::PerIp,
+    /// In an episode of per-address refusals (said once at its start).
+    ip_refusing: AtomicBool,
+    /// `gatehouse_connections_refused_total{gateway,reason}`: max_connections, per_ip.
+    refused: [prometheus::IntCounter; 2],
 }
 
 /// Holds one of the gateway's connection slots.
@@ -393,6 +400,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
             active: AtomicUsize::new(0),
             saturated: AtomicBool::new(false),
             gauge: crate::metrics::connections(&name),
+            per_ip: per_ip::PerIp::default(),
+            ip_refusing: AtomicBool::new(false),
+            refused: ["max_connections", "max_connections_per_ip"].map(|r| {
+                crate::metrics::METRICS
+                    .connections_refused
+                    .with_label_values(&[&name, r])
+            }),
             name,
         }
     }
@@ -400,6 +414,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
     fn admit(&self, max: usize) -> Option<Slot<'_, A>> {
         if self.active.fetch_add(1, Relaxed) >= max {
             self.active.fetch_sub(1, Relaxed);
+            self.refused[0].inc();
             if !self.saturated.swap(true, Relaxed) {
                 log::warn!(
                     "gateway \"{}\": max_connections ({max}) reached, refusing new connections",
@@ -505,6 +520,37 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     ) -> Option<Stream> {
         let limits = self.live.load().client;
         let _slot = self.admit(limits.max_connections)?;
+        let _ip_slot = match limits.max_connections_per_ip {
+            0 => None,
+            max => {
+                let peer = stream
+                    .get_socket_digest()
+                    .and_then(|d| d.peer_addr().cloned())
+                    .and_then(|a| a.as_inet().map(|a| a.ip()));
+                match peer {
+                    Some(ip) => match self.per_ip.admit(ip, max) {
+                        Some(s) => {
+                            if self.ip_refusing.load(Relaxed) {
+                                self.ip_refusing.store(false, Relaxed);
+                            }
+                            Some(s)
+                        }
+                        None => {
+                            self.refused[1].inc();
+                            if !self.ip_refusing.swap(true, Relaxed) {
+                                log::warn!(
+                                    "gateway \"{}\": {ip} holds max_connections_per_ip ({max}); refusing its new connections",
+                                    self.name
+                                );
+                            }
+                            connection_ended();
+                            return None;
+                        }
+                    },
+                    None => None,
+                }
+            }
+        };
         let conn_start = Instant::now();
         let mut stream = stream;
         if let Some(tls) = &self.tls {

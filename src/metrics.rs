@@ -35,6 +35,7 @@ pub struct Families {
     pub access_log_dropped: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
     pub upstream_errors: IntCounterVec,
+    pub connections_refused: IntCounterVec,
     pub store_errors: IntCounterVec,
     pub rate_limit_fallbacks: IntCounterVec,
 }
@@ -190,6 +191,12 @@ pub static METRICS: LazyLock<Families> = LazyLock::new(|| {
             &r,
             "gatehouse_tls_handshake_failures_total",
             "Client TLS handshakes that failed, by gateway and reason (crate::tls::failures)",
+            &["gateway", "reason"],
+        ),
+        connections_refused: counter(
+            &r,
+            "gatehouse_connections_refused_total",
+            "Client connections closed at once, by reason: max_connections, max_connections_per_ip",
             &["gateway", "reason"],
         ),
         upstream_errors: counter(

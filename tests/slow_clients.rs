@@ -372,3 +372,76 @@ async fn gaps_in_a_head_are_timed_by_header_timeout_not_body_timeout() {
         "no error line per cut client:\n{log}"
     );
 }
+
+/// A connection from `src` (any 127.x address) to the gateway.
+async fn connect_from(src: &str, port: u16) -> TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    s.connect(([127, 0, 0, 1], port).into()).await.unwrap()
+}
+
+/// Whether the gateway closes `s` without a word within `within`.
+async fn closed_at_once(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// `max_connections_per_ip`: one address holds at most that many connections; others are
+/// served all along; a connection given back is one the address may open again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_max_connections_per_ip() {
+    let up = echo("u").await;
+    let (port, admin) = (free_port(), free_port());
+    let g = Gatehouse::start(
+        &format!(
+            "[server]\nthreads = 2\nadmin = \"127.0.0.1:{admin}\"\nmax_connections_per_ip = 3\n\
+             [upstreams.u]\npeers = [\"{up}\"]\n\
+             [gateways.g]\nlisten = [\"127.0.0.1:{port}\"]\n[[routes]]\nupstream = \"u\"\n"
+        ),
+        &[port, admin],
+    );
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from("127.0.0.2", port).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = connect_from("127.0.0.2", port).await;
+    assert!(
+        closed_at_once(&mut fourth, Duration::from_secs(2)).await,
+        "a fourth connection from one address is closed"
+    );
+    // Another address is served meanwhile.
+    let mut other = connect_from("127.0.0.3", port).await;
+    other
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    other.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    // One given back: the address may open one again, and it is served.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = connect_from("127.0.0.2", port).await;
+    again
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    again.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+
+    let m = metrics_text(admin).await;
+    assert!(
+        m.contains("gatehouse_connections_refused_total{gateway=\"g\",reason=\"max_connections_per_ip\"} 1"),
+        "{m}"
+    );
+    let log = g.log();
+    assert_eq!(
+        log.matches("max_connections_per_ip (3)").count(),
+        1,
+        "said once:\n{log}"
+    );
+}

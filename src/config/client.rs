@@ -66,12 +66,26 @@ pub(super) fn client_limits(ld: &mut Loader, f: &ServerFile) -> crate::front::Cl
         .as_ref()
         .map(|v| (v.get_ref().0 as usize, v.span()));
     let max_header_size = count(size, "max_header_size", (1 << 20) - 1, d.max_header_size);
+    // 0 is allowed here: no limit per address (the default).
+    let max_connections_per_ip = match &f.max_connections_per_ip {
+        Some(v) if *v.get_ref() > max_connections => {
+            ld.err(
+                v.span(),
+                "[server]",
+                "`max_connections_per_ip` must not be more than `max_connections`",
+            );
+            0
+        }
+        Some(v) => *v.get_ref(),
+        None => d.max_connections_per_ip,
+    };
     ClientLimits {
         header_timeout,
         body_timeout,
         keepalive_timeout,
         send_timeout,
         max_connections,
+        max_connections_per_ip,
         max_requests_per_connection,
         max_headers,
         max_header_size,

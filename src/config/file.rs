@@ -33,6 +33,7 @@ pub struct ServerFile {
     pub keepalive_timeout: Option<Spanned<Dur>>,
     pub send_timeout: Option<Spanned<Dur>>,
     pub max_connections: Option<Spanned<usize>>,
+    pub max_connections_per_ip: Option<Spanned<usize>>,
     pub max_requests_per_connection: Option<Spanned<u32>>,
     pub max_headers: Option<Spanned<usize>>,
     pub max_header_size: Option<Spanned<Size>>,

@@ -10,6 +10,8 @@ pub struct ClientLimits {
     pub keepalive_timeout: Duration,
     pub send_timeout: Duration,
     pub max_connections: usize,
+    /// Connections one client address may hold (0: no limit).
+    pub max_connections_per_ip: usize,
     pub max_requests_per_connection: u32,
     pub max_headers: usize,
     pub max_header_size: usize,
@@ -23,6 +25,7 @@ impl Default for ClientLimits {
             keepalive_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
             max_connections: 10_000,
+            max_connections_per_ip: 0,
             max_requests_per_connection: 10_000,
             max_headers: 100,
             max_header_size: 64 * 1024,
