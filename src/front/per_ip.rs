@@ -11,6 +11,9 @@ use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Mutex;
 
+/// The address a connection counts under: the rate limiter's (IPv6 per /64).
+use gatehouse_plugins::rate_limit::per_site;
+
 const SHARDS: usize = 64;
 
 pub struct PerIp {
@@ -25,20 +28,6 @@ impl Default for PerIp {
     }
 }
 
-/// The address a connection counts under.
-fn site(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    }
-}
-
 impl PerIp {
     fn shard(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -48,7 +37,7 @@ impl PerIp {
 
     /// Takes one of `ip`'s `max` connections, or `None` when it holds them all.
     pub fn admit(&self, ip: IpAddr, max: usize) -> Option<IpSlot<'_>> {
-        let ip = site(ip);
+        let ip = per_site(ip);
         let mut m = self.shard(&ip).lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n as usize >= max {
@@ -60,7 +49,7 @@ impl PerIp {
 
     #[cfg(test)]
     fn held(&self, ip: IpAddr) -> u32 {
-        let ip = site(ip);
+        let ip = per_site(ip);
         let m = self.shard(&ip).lock().unwrap_or_else(|p| p.into_inner());
         m.get(&ip).copied().unwrap_or(0)
     }

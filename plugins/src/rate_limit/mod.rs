@@ -50,7 +50,6 @@
 //! ```
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,14 +57,19 @@ use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora_error::Result;
 use pingora_http::ResponseHeader;
-use pingora_limits::estimator::Estimator;
 use pingora_limits::inflight::Inflight;
 use pingora_proxy::Session;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::store::{BuildEnv, SharedCounter, WindowRule};
+
+mod approx;
+mod window;
+
 use crate::{refuse, Decision, Phases, Plugin, PluginCtx};
+use approx::Approx;
+use window::Window;
 
 /// What requests are counted by.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,80 +210,6 @@ impl Config {
     }
 }
 
-/// Columns per sketch row: 4 × 8192 counters (256 KiB) per window slot. Keys share counters
-/// only when they collide in all four rows, so with tens of thousands of active keys a few
-/// are limited early; a flood of fresh keys cannot saturate the sketch and limit everyone
-/// (with 1024 columns, ~1000 × the limit requests per window could).
-const SKETCH_SLOTS: usize = 8192;
-
-/// Counts per key over aligned windows of `interval`, the current and the previous one.
-///
-/// Like pingora-limits' `Rate`, but its windows are aligned to a fixed epoch and rotated by
-/// compare-and-swap on the window number, so sub-second windows are safe under concurrency
-/// (`Rate` asserts on a reset race within its first second, which would abort the process).
-struct Window {
-    slots: [Estimator; 2],
-    /// The window number each slot holds counts for.
-    holds: [AtomicU64; 2],
-    epoch: Instant,
-    interval_ms: u64,
-}
-
-impl Window {
-    fn new(interval: Duration) -> Window {
-        Window {
-            slots: [
-                Estimator::new(4, SKETCH_SLOTS),
-                Estimator::new(4, SKETCH_SLOTS),
-            ],
-            holds: [AtomicU64::new(0), AtomicU64::new(u64::MAX)],
-            epoch: Instant::now(),
-            interval_ms: (interval.as_millis() as u64).max(1),
-        }
-    }
-
-    /// The current window number, its slot made current, and how far into it we are (0..1).
-    fn current(&self) -> (u64, usize, f64) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let w = now / self.interval_ms;
-        let i = (w % 2) as usize;
-        let held = self.holds[i].load(Ordering::Acquire);
-        // Only forwards: a thread that slept across windows must not rewind a slot.
-        if (held == u64::MAX || held < w)
-            && self.holds[i]
-                .compare_exchange(held, w, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            // Counts of a request racing this reset may be lost: the estimate stays approximate.
-            self.slots[i].reset();
-        }
-        let f = (now % self.interval_ms) as f64 / self.interval_ms as f64;
-        (w, i, f)
-    }
-
-    /// The sliding estimate for `key`, the seconds left in the current window, and the
-    /// current slot (for [`Window::add`], so one request reads the clock once per window).
-    fn estimate(&self, key: u64) -> (f64, f64, usize) {
-        let (w, i, f) = self.current();
-        let j = 1 - i;
-        let prev = if w > 0 && self.holds[j].load(Ordering::Acquire) == w - 1 {
-            self.slots[j].get(key) as f64
-        } else {
-            0.0
-        };
-        let curr = self.slots[i].get(key) as f64;
-        (
-            prev * (1.0 - f) + curr,
-            (1.0 - f) * self.interval_ms as f64 / 1000.0,
-            i,
-        )
-    }
-
-    fn add(&self, slot: usize, key: u64) {
-        self.slots[slot].incr(key, 1);
-    }
-}
-
 enum Limiter {
     Rate {
         period: Window,
@@ -319,140 +249,10 @@ struct Shared {
     approx: Option<Arc<Approx>>,
 }
 
-/// Approximate mode: each key counts here on top of what the store said at the last sync;
-/// a task sends the counts every `every` and takes the fleet's totals back.
-struct Approx {
-    store: Arc<dyn SharedCounter>,
-    rule: WindowRule,
-    every: Duration,
-    /// `replicas`: between syncs, each replica assumes the others let through as many as it.
-    share: u64,
-    keys: quick_cache::sync::Cache<u64, Arc<Counted>>,
-    epoch: Instant,
-    /// Milliseconds since `epoch` of the last sync the store answered.
-    synced: AtomicU64,
-    running: std::sync::atomic::AtomicBool,
-}
-
-/// One key in approximate mode.
-struct Counted {
-    store_key: Vec<u8>,
-    /// Let through here since the last sync.
-    pending: AtomicU64,
-    /// The fleet's counts at the last sync: the period's, the slice's.
-    period: AtomicU64,
-    slice: AtomicU64,
-    /// Asked about since the last sync: its totals are worth fetching again.
-    touched: std::sync::atomic::AtomicBool,
-}
-
-impl Approx {
-    /// Whether the last sync is recent enough to decide on (else the store counts as down).
-    fn fresh(&self) -> bool {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        now.saturating_sub(self.synced.load(Ordering::Relaxed))
-            <= 3 * self.every.as_millis() as u64 + self.rule.period_ms.min(1000)
-    }
-
-    fn decide(self: &Arc<Self>, key: &Key<'_>, hash: u64, prefix: &[u8]) -> Option<(bool, u64)> {
-        if !self.running.swap(true, Ordering::Relaxed) {
-            let weak = Arc::downgrade(self);
-            tokio::spawn(sync_loop(weak));
-        }
-        if !self.fresh() {
-            return None;
-        }
-        let c = self
-            .keys
-            .get_or_insert_with(&hash, || {
-                Ok::<_, ()>(Arc::new(Counted {
-                    store_key: key.store_key(prefix),
-                    pending: AtomicU64::new(0),
-                    period: AtomicU64::new(0),
-                    slice: AtomicU64::new(0),
-                    touched: std::sync::atomic::AtomicBool::new(false),
-                }))
-            })
-            .ok()?;
-        if !c.touched.load(Ordering::Relaxed) {
-            c.touched.store(true, Ordering::Relaxed);
-        }
-        let (known, known_slice) = (
-            c.period.load(Ordering::Relaxed),
-            c.slice.load(Ordering::Relaxed),
-        );
-        let room = |pending: u64| {
-            let p = pending * self.share;
-            known + p < self.rule.limit && (known_slice + p) * 1000 < self.rule.slice_limit_milli
-        };
-        // Checked and counted in one step: concurrent requests cannot both take the last room.
-        let counted = c
-            .pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
-                room(p).then_some(p + 1)
-            });
-        let pending = match counted {
-            Ok(p) | Err(p) => p * self.share,
-        };
-        Some((
-            counted.is_ok(),
-            self.rule.limit.saturating_sub(known + pending + 1),
-        ))
-    }
-
-    /// One sync: every key with counts to send or asked about since the last, 32 at a time.
-    async fn sync(&self) {
-        let keys: Vec<Arc<Counted>> = self
-            .keys
-            .iter()
-            .map(|(_, c)| c)
-            // Keys with counts to send, or asked about since (a refused key learns when its
-            // window has moved); others cost nothing.
-            .filter(|c| {
-                c.touched.swap(false, Ordering::Relaxed) || c.pending.load(Ordering::Relaxed) > 0
-            })
-            .collect();
-        let mut answered = keys.is_empty();
-        for chunk in keys.chunks(32) {
-            let calls = chunk.iter().map(|c| async move {
-                let n = c.pending.swap(0, Ordering::Relaxed);
-                match self.store.hit(&c.store_key, &self.rule, n, true).await {
-                    Ok(v) => {
-                        c.period.store(v.count, Ordering::Relaxed);
-                        c.slice.store(v.slice_count, Ordering::Relaxed);
-                        true
-                    }
-                    Err(_) => {
-                        // Sent again next time.
-                        c.pending.fetch_add(n, Ordering::Relaxed);
-                        false
-                    }
-                }
-            });
-            for ok in futures::future::join_all(calls).await {
-                answered |= ok;
-            }
-        }
-        if answered {
-            self.synced
-                .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        }
-    }
-}
-
-async fn sync_loop(weak: std::sync::Weak<Approx>) {
-    loop {
-        let Some(a) = weak.upgrade() else { return };
-        let every = a.every;
-        a.sync().await;
-        drop(a);
-        tokio::time::sleep(every).await;
-    }
-}
-
 /// IPv6 clients are counted per /64: one site gets a whole /64 and could otherwise rotate
-/// addresses to escape its limit. IPv4 addresses count one by one.
-fn per_site(ip: IpAddr) -> IpAddr {
+/// addresses to escape its limit. IPv4 addresses count one by one (IPv4-mapped ones too).
+/// The core counts connections per address the same way (`max_connections_per_ip`).
+pub fn per_site(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
@@ -654,16 +454,13 @@ impl RateLimit {
                     over: quick_cache::sync::Cache::new(OVER_KEYS),
                     fallbacks: env.fallbacks.clone(),
                     approx: c.sync_every.as_ref().map(|d| {
-                        Arc::new(Approx {
-                            store: store.clone(),
+                        Arc::new(Approx::new(
+                            store.clone(),
                             rule,
-                            every: d.0,
-                            share: u64::from(c.replicas.unwrap_or(1)),
-                            keys: quick_cache::sync::Cache::new(OVER_KEYS),
-                            epoch: Instant::now(),
-                            synced: AtomicU64::new(0),
-                            running: std::sync::atomic::AtomicBool::new(false),
-                        })
+                            d.0,
+                            u64::from(c.replicas.unwrap_or(1)),
+                            OVER_KEYS,
+                        ))
                     }),
                 })
             }
@@ -833,18 +630,6 @@ mod tests {
     fn de<T: for<'a> Deserialize<'a>>(s: &str) -> Result<T, DeError> {
         let d: StrDeserializer<DeError> = s.into_deserializer();
         T::deserialize(d)
-    }
-
-    #[test]
-    fn window_counts_per_key() {
-        let w = Window::new(Duration::from_secs(3600));
-        let slot = w.estimate(1).2;
-        w.add(slot, 1);
-        w.add(slot, 1);
-        w.add(slot, 2);
-        assert_eq!(w.estimate(1).0, 2.0);
-        assert_eq!(w.estimate(2).0, 1.0);
-        assert_eq!(w.estimate(3).0, 0.0);
     }
 
     #[test]
