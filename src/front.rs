@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::config::H2c;
 use crate::runtime::Live;
 use crate::upstream::now_ms;
 use async_trait::async_trait;
@@ -47,9 +48,11 @@ fn connection_ended() {
     }
 }
 
+mod h2;
 mod limits;
 mod per_ip;
 mod stream;
+pub use h2::{body_expected as h2_body_expected, body_read as h2_body_read};
 pub use limits::ClientLimits;
 use stream::sniff_preface;
 pub use stream::Timed;
@@ -78,6 +81,12 @@ pub struct HeadClock {
     line_start_len: AtomicU64,
     /// HTTP/2: bytes read so far (the preface and SETTINGS must come within header_timeout).
     h2_read: AtomicU64,
+    /// HTTP/2: `now_ms()` since a header block has been coming, 0 while none is.
+    h2_head_since: AtomicU64,
+    /// HTTP/2: the client sent control frames or resets past their rate.
+    h2_abuse: AtomicBool,
+    /// HTTP/2: a header block began, or abuse: wakes the connection loop.
+    h2_event: tokio::sync::Notify,
 }
 
 const LINE_DONE: u64 = u64::MAX;
@@ -351,8 +360,8 @@ pub struct Front<A> {
     gauge: prometheus::IntGauge,
     /// `grace_period`: how long a shutdown or upgrade drains.
     grace: Duration,
-    /// `h2c = true`: plain connections that open with the HTTP/2 preface speak HTTP/2.
-    h2c: bool,
+    /// Whether plain connections speak HTTP/2 with prior knowledge.
+    h2c: H2c,
     /// A TLS gateway's handshakes, done here once a connection is admitted.
     tls: Option<crate::tls::Handshaker>,
     /// Connections per client address (`max_connections_per_ip`).
@@ -361,7 +370,19 @@ pub struct Front<A> {
     ip_refusing: AtomicBool,
     /// `gatehouse_connections_refused_total{gateway,reason}`: max_connections, per_ip.
     refused: [prometheus::IntCounter; 2],
+    /// `gatehouse_client_cuts_total{gateway,reason}`, by `CUT_REASONS`.
+    cuts: [prometheus::IntCounter; CUT_REASONS.len()],
 }
+
+/// Why the gateway let a client connection or stream go: the `reason` label of
+/// `gatehouse_client_cuts_total` (`h2::CUT_BODY` indexes body_timeout).
+const CUT_REASONS: [&str; 5] = [
+    "header_timeout",
+    "body_timeout",
+    "send_timeout",
+    "h2_flood",
+    "h2_malformed",
+];
 
 /// Holds one of the gateway's connection slots.
 struct Slot<'a, A>(&'a Front<A>);
@@ -388,7 +409,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
         live: Live,
         name: Arc<str>,
         grace: Duration,
-        h2c: bool,
+        h2c: H2c,
         tls: Option<crate::tls::Handshaker>,
     ) -> Front<A> {
         Front {
@@ -407,7 +428,19 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                     .connections_refused
                     .with_label_values(&[&name, r])
             }),
+            cuts: CUT_REASONS.map(|r| {
+                crate::metrics::METRICS
+                    .client_cuts
+                    .with_label_values(&[&name, r])
+            }),
             name,
+        }
+    }
+
+    /// Counts a connection (or HTTP/2 stream) let go for `reason`, one of `CUT_REASONS`.
+    fn cut(&self, reason: &str) {
+        if let Some(i) = CUT_REASONS.iter().position(|r| *r == reason) {
+            self.cuts[i].inc();
         }
     }
 
@@ -444,6 +477,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
             quiet_exit: true,
             replay,
             h2c: false,
+            frames: None,
         }));
         session.set_keepalive_reuses_remaining(Some(
             limits.max_requests_per_connection.saturating_sub(1),
@@ -483,11 +517,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                     if clock.gone.load(Relaxed) {
                         log::debug!("gateway \"{}\": the client left mid-head", self.name);
                     } else if clock.done.load(Relaxed) {
+                        self.cut("send_timeout");
                         log::debug!(
                             "gateway \"{}\": the client took nothing for send_timeout, closing",
                             self.name
                         );
                     } else {
+                        self.cut("header_timeout");
                         log::debug!(
                             "gateway \"{}\": request head not complete within header_timeout, closing",
                             self.name
@@ -570,43 +606,47 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         }
         let mut h2c = false;
         let mut replay = Vec::new();
-        if self.h2c && stream.get_ssl_digest().is_none() {
+        if self.h2c != H2c::Off && stream.get_ssl_digest().is_none() {
             // A client that does not finish its first bytes in header_timeout is let go,
             // as one that does not finish its head.
             let sniffed = tokio::time::timeout(limits.header_timeout, sniff_preface(&mut stream));
             match sniffed.await {
                 Ok(Some(s)) => (h2c, replay) = s,
-                _ => {
+                Ok(None) => {
+                    connection_ended();
+                    return None;
+                }
+                Err(_) => {
+                    self.cut("header_timeout");
                     connection_ended();
                     return None;
                 }
             }
+            if !h2c && self.h2c == H2c::Only {
+                // RFC 9113 §3.4: a server that receives anything but the preface may send
+                // GOAWAY(PROTOCOL_ERROR) and must close. The HTTP/1 client reads it as garbage
+                // and gives up; nothing it sent was read as a request.
+                use tokio::io::AsyncWriteExt;
+                let _ = stream.write_all(&stream::GOAWAY_PROTOCOL_ERROR).await;
+                let _ = stream.flush().await;
+                connection_ended();
+                return None;
+            }
         }
         if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // HTTP/2 (over TLS by ALPN, or h2c): Pingora runs the connection (its idle
-            // timeout is keepalive_timeout, see server.rs); a client that sends nothing at
-            // all, not even the preface, is gone after header_timeout.
             let clock = Arc::new(HeadClock::default());
-            clock.arm();
             let stream: Stream = Box::new(Timed {
                 inner: stream,
                 clock: clock.clone(),
                 quiet_exit: false,
                 replay,
                 h2c,
+                frames: Some(h2::FrameScan::new()),
             });
-            // The client preface (24 bytes) and its SETTINGS frame (9 at least) are due.
-            let silent = async {
-                // From the connection's start: the time spent sniffing for h2c counts.
-                tokio::time::sleep_until((conn_start + limits.header_timeout).into()).await;
-                if clock.h2_read.load(Relaxed) >= 33 {
-                    std::future::pending::<()>().await;
-                }
-            };
-            return tokio::select! {
-                r = self.proxy.process_new(stream, shutdown) => r,
-                _ = silent => None,
-            };
+            self.serve_h2(stream, clock, conn_start, shutdown, limits)
+                .await;
+            connection_ended();
+            return None;
         }
         self.serve_h1(stream, replay, conn_start, shutdown, limits)
             .await;

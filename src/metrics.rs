@@ -36,6 +36,7 @@ pub struct Families {
     pub tls_handshake_failures: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub connections_refused: IntCounterVec,
+    pub client_cuts: IntCounterVec,
     pub store_errors: IntCounterVec,
     pub rate_limit_fallbacks: IntCounterVec,
 }
@@ -197,6 +198,12 @@ pub static METRICS: LazyLock<Families> = LazyLock::new(|| {
             &r,
             "gatehouse_connections_refused_total",
             "Client connections closed at once, by reason: max_connections, max_connections_per_ip",
+            &["gateway", "reason"],
+        ),
+        client_cuts: counter(
+            &r,
+            "gatehouse_client_cuts_total",
+            "Client connections (or HTTP/2 streams) the gateway let go, by reason: header_timeout, body_timeout, send_timeout, h2_flood (control frames or resets past their rate), h2_malformed (protocol errors, or too many refused streams)",
             &["gateway", "reason"],
         ),
         upstream_errors: counter(

@@ -55,11 +55,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
             index,
             live: live.clone(),
         };
-        let mut http = pingora_proxy::http_proxy(&server.configuration, proxy);
-        // An idle HTTP/2 connection ends like an idle HTTP/1 one.
-        let mut options = pingora::apps::HttpServerOptions::default();
-        options.h2_idle_timeout = Some(cfg.server.client.keepalive_timeout);
-        http.server_options = Some(options);
+        let http = pingora_proxy::http_proxy(&server.configuration, proxy);
         let handshaker = match (&g.tls, &store) {
             (Some(tls), Some(store)) => Some(
                 crate::tls::Handshaker::new(&g.name, store.clone(), tls.h2, &tls.options)
@@ -142,7 +138,7 @@ type ListenerSet = Vec<(
     String,
     Vec<std::net::SocketAddr>,
     Option<(bool, crate::config::TlsOptions)>,
-    bool,
+    crate::config::H2c,
 )>;
 
 fn listener_set(cfg: &Config) -> ListenerSet {

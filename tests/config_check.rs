@@ -299,7 +299,7 @@ fn check_warns_of_published_and_placeholder_secrets() {
     let (code, out) = check_file(&root.join("conf/gatehouse.toml"));
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("gatehouse.toml:50:") && out.contains("the admin token is a published"),
+        out.contains("gatehouse.toml:52:") && out.contains("the admin token is a published"),
         "{out}"
     );
     assert!(out.contains("the JWT `secret` is a published"), "{out}");

@@ -66,6 +66,17 @@ pub(super) fn client_limits(ld: &mut Loader, f: &ServerFile) -> crate::front::Cl
         .as_ref()
         .map(|v| (v.get_ref().0 as usize, v.span()));
     let max_header_size = count(size, "max_header_size", (1 << 20) - 1, d.max_header_size);
+    // h2's own bound on what it tracks per connection is far above any useful value.
+    let streams = f
+        .h2_max_concurrent_streams
+        .as_ref()
+        .map(|v| (*v.get_ref() as usize, v.span()));
+    let h2_max_concurrent_streams = count(
+        streams,
+        "h2_max_concurrent_streams",
+        10_000,
+        d.h2_max_concurrent_streams as usize,
+    ) as u32;
     // 0 is allowed here: no limit per address (the default).
     let max_connections_per_ip = match &f.max_connections_per_ip {
         Some(v) if *v.get_ref() > max_connections => {
@@ -80,6 +91,7 @@ pub(super) fn client_limits(ld: &mut Loader, f: &ServerFile) -> crate::front::Cl
         None => d.max_connections_per_ip,
     };
     ClientLimits {
+        h2_max_concurrent_streams,
         header_timeout,
         body_timeout,
         keepalive_timeout,

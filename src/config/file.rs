@@ -34,6 +34,7 @@ pub struct ServerFile {
     pub send_timeout: Option<Spanned<Dur>>,
     pub max_connections: Option<Spanned<usize>>,
     pub max_connections_per_ip: Option<Spanned<usize>>,
+    pub h2_max_concurrent_streams: Option<Spanned<u32>>,
     pub max_requests_per_connection: Option<Spanned<u32>>,
     pub max_headers: Option<Spanned<usize>>,
     pub max_header_size: Option<Spanned<Size>>,
@@ -208,7 +209,7 @@ pub struct GatewayFile {
     /// Strict-Transport-Security on every answer of a TLS gateway.
     pub hsts: Option<Spanned<String>>,
     /// HTTP/2 with prior knowledge beside HTTP/1 on a plain listener.
-    pub h2c: Option<Spanned<bool>>,
+    pub h2c: Option<Spanned<H2cFile>>,
     /// Client certificates (mTLS) on a TLS gateway.
     pub client_auth: Option<Spanned<super::tls::ClientAuthFile>>,
     #[serde(default)]
@@ -396,4 +397,12 @@ impl<'de> Deserialize<'de> for LevelFile {
 
 fn yes() -> bool {
     true
+}
+
+/// `h2c = true | false | "only"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum H2cFile {
+    Flag(bool),
+    Word(String),
 }

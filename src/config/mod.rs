@@ -244,9 +244,8 @@ pub struct Gateway {
     pub redirect_https: Option<Option<u16>>,
     /// `hsts = "max-age=63072000; includeSubDomains"`: sent on every answer (TLS only).
     pub hsts: Option<http::HeaderValue>,
-    /// `h2c = true`: a plain listener also speaks HTTP/2 to clients that start with its
-    /// preface (prior knowledge: gRPC and other internal clients); HTTP/1 still works.
-    pub h2c: bool,
+    /// `h2c`: whether a plain listener speaks HTTP/2 with prior knowledge.
+    pub h2c: H2c,
     pub forwarded: ForwardedHeaders,
     pub plugins: Vec<usize>,
     pub routes: Vec<Route>,
@@ -401,4 +400,17 @@ pub fn load_str(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
         file: path.to_path_buf(),
         errors,
     })
+}
+
+/// HTTP/2 with prior knowledge on a plain listener (gRPC and other internal clients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum H2c {
+    /// HTTP/1 only (`h2c = false`, the default).
+    #[default]
+    Off,
+    /// `h2c = true`: a connection that opens with the HTTP/2 preface speaks HTTP/2, any
+    /// other HTTP/1.
+    Also,
+    /// `h2c = "only"`: HTTP/2 only; bytes that are not the preface get a GOAWAY.
+    Only,
 }

@@ -373,19 +373,35 @@ pub(super) fn hsts(
     }
 }
 
-/// `h2c = true` on a plain gateway (a TLS one offers h2 by ALPN: `tls.h2`).
-pub(super) fn h2c(ld: &mut Loader, g: &GatewayFile, tls: bool, ctx: &str) -> bool {
+/// `h2c = true | "only"` on a plain gateway (a TLS one offers h2 by ALPN: `tls.h2`).
+pub(super) fn h2c(ld: &mut Loader, g: &GatewayFile, tls: bool, ctx: &str) -> super::H2c {
+    use super::file::H2cFile;
+    use super::H2c;
     let Some(v) = g.h2c.as_ref() else {
-        return false;
+        return H2c::Off;
     };
-    if *v.get_ref() && tls {
+    let mode = match v.get_ref() {
+        H2cFile::Flag(false) => return H2c::Off,
+        H2cFile::Flag(true) => H2c::Also,
+        H2cFile::Word(w) if w == "only" => H2c::Only,
+        H2cFile::Word(w) => {
+            ld.err(
+                v.span(),
+                ctx,
+                format!("`h2c` is true, false or \"only\", not \"{w}\""),
+            );
+            return H2c::Off;
+        }
+    };
+    if tls {
         ld.err(
             v.span(),
             ctx,
             "`h2c` is for a plain listener; over TLS, HTTP/2 is offered by ALPN (`tls.h2`)",
         );
+        return H2c::Off;
     }
-    *v.get_ref() && !tls
+    mode
 }
 
 /// Plugins that read the client certificate (`mtls_auth`, `${tls.*}`) where the gateway asks

@@ -15,6 +15,8 @@ pub struct ClientLimits {
     pub max_requests_per_connection: u32,
     pub max_headers: usize,
     pub max_header_size: usize,
+    /// HTTP/2: streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub h2_max_concurrent_streams: u32,
 }
 
 impl Default for ClientLimits {
@@ -29,6 +31,7 @@ impl Default for ClientLimits {
             max_requests_per_connection: 10_000,
             max_headers: 100,
             max_header_size: 64 * 1024,
+            h2_max_concurrent_streams: 128,
         }
     }
 }

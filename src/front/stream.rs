@@ -28,6 +28,8 @@ pub struct Timed {
     pub(super) replay: Vec<u8>,
     /// The connection began with the HTTP/2 preface: reported as ALPN h2 so Pingora speaks h2.
     pub(super) h2c: bool,
+    /// HTTP/2: the frames read, for the connection loop's limits.
+    pub(super) frames: Option<super::h2::FrameScan>,
 }
 
 impl Timed {
@@ -60,9 +62,13 @@ impl AsyncRead for Timed {
         };
         let read_some = res.is_ok() && buf.filled().len() > before;
         if read_some && !self.quiet_exit {
-            // HTTP/2: only the byte count matters (see Front::process_new).
-            let n = (buf.filled().len() - before) as u64;
-            self.clock.h2_read.fetch_add(n, Relaxed);
+            // HTTP/2: the frames, and the byte count (see Front::serve_h2).
+            let this = &mut *self;
+            let got = &buf.filled()[before..];
+            this.clock.h2_read.fetch_add(got.len() as u64, Relaxed);
+            if let Some(frames) = this.frames.as_mut() {
+                frames.scan(got, &this.clock);
+            }
         } else if read_some {
             self.clock.on_read(&buf.filled()[before..]);
         } else if self.quiet_exit
@@ -183,6 +189,11 @@ impl Peek for Timed {
         (*self.inner).try_peek(buf).await
     }
 }
+
+/// GOAWAY, last stream 0, PROTOCOL_ERROR: the answer of an HTTP/2-only listener to bytes
+/// that are not the preface.
+pub(super) const GOAWAY_PROTOCOL_ERROR: [u8; 17] =
+    [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 

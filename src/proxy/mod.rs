@@ -217,8 +217,10 @@ impl ProxyHttp for GatewayProxy {
             session.set_keepalive(None);
         }
         if session.as_ref().is_http2() {
-            // The HTTP/1 loop bounds writes itself (front.rs); an h2 stream gets Pingora's.
+            // The HTTP/1 loop bounds writes itself (front.rs); an h2 stream gets Pingora's,
+            // and its body reads are bounded by its connection loop (front/h2.rs).
             session.set_write_timeout(Some(limits.send_timeout));
+            crate::front::h2_body_expected(!session.as_mut().is_body_done());
         }
         // Pipelined requests are answered in order, one at a time (RFC 9112 §9.3.2).
         session.set_pipelining_enabled(true);
@@ -454,6 +456,9 @@ impl ProxyHttp for GatewayProxy {
         // body is said once, by `end_of_stream`, never by an empty piece.
         if end_of_stream && body.as_ref().is_some_and(Bytes::is_empty) {
             *body = None;
+        }
+        if session.as_ref().is_http2() {
+            crate::front::h2_body_read(end_of_stream);
         }
         // A retry sends the body again from its start: hooks and mirror see each byte once
         // (a replayed body counted twice against request_limit made a retried PUT a 413).

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cache_kit;
+pub mod h2raw;
 pub mod pki;
 pub mod raw;
 pub mod redis;
@@ -78,7 +79,10 @@ impl Gatehouse {
         let child = Command::new(BIN)
             .args(["run", "-c"])
             .arg(&config)
-            .env("RUST_LOG", "warn,gatehouse=info")
+            .env(
+                "RUST_LOG",
+                std::env::var("GH_LOG").unwrap_or("warn,gatehouse=info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
