@@ -260,3 +260,90 @@ async fn a_retry_does_not_count_the_body_twice() {
         assert_eq!(r.text().await.unwrap(), "12");
     }
 }
+
+/// An HTTP/1.1 upstream on raw sockets that keeps connections alive, answering each GET after
+/// `delay`, until `closing` is set: from then on it reads a request and closes the connection
+/// without a byte of answer. Counts connections and requests read.
+async fn closing_upstream(
+    closing: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    delay: Duration,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            conns.fetch_add(1, Relaxed);
+            let (closing, requests) = (closing.clone(), requests.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    requests.fetch_add(1, Relaxed);
+                    if closing.load(Relaxed) {
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pooled_connection_is_retried_once_on_a_new_one() {
+    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let conns = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let up = closing_upstream(
+        closing.clone(),
+        conns.clone(),
+        requests.clone(),
+        Duration::from_millis(50),
+    )
+    .await;
+    let port = free_port();
+    let _g = gateway(
+        port,
+        &format!("[upstreams.pool]\npeers = [\"{up}\"]\nretries = 0\n"),
+        "",
+    );
+    // A warm-up that leaves about a hundred idle connections in the gateway's pool.
+    let results = hammer(&format!("http://127.0.0.1:{port}/"), 100, 100, &[]).await;
+    assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
+    let pooled = conns.load(Relaxed);
+    assert!(pooled >= 50, "{pooled} connections after the warm-up");
+    // Now the upstream closes every connection on the request it reads, answering nothing.
+    closing.store(true, Relaxed);
+    requests.store(0, Relaxed);
+    let (status, _, _) = common::get(&format!("http://127.0.0.1:{port}/once"), &[]).await;
+    assert_eq!(status, 502);
+    // One pooled connection found dead, then one try on a new connection: never the pool's
+    // next ones.
+    assert_eq!(requests.swap(0, Relaxed), 2);
+    assert_eq!(conns.load(Relaxed), pooled + 1);
+    // The idle connections pooled with the dead one are not used again: the next GET goes
+    // to a new connection at once.
+    let (status, _, _) = common::get(&format!("http://127.0.0.1:{port}/again"), &[]).await;
+    assert_eq!(status, 502);
+    assert_eq!(requests.swap(0, Relaxed), 1);
+    assert_eq!(conns.load(Relaxed), pooled + 2);
+}

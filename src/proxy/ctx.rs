@@ -37,6 +37,8 @@ pub struct RequestCtx {
     pub upstream_failed: bool,
     /// upstream_response_filter raised a retry for the upstream's status.
     pub status_retry: bool,
+    /// The one retry on a new connection after a dead pooled one was taken.
+    pub fresh_retry: bool,
     pub mirror: Option<MirrorState>,
     /// A WebSocket handshake's expected `Sec-WebSocket-Accept`.
     pub ws_accept: Option<String>,

@@ -305,8 +305,8 @@ impl ProxyHttp for GatewayProxy {
     }
 
     /// Errors after the connection was made. A reused keep-alive connection that the peer had
-    /// closed is retried on a fresh one as Pingora would, without counting against the peer;
-    /// other failures count, and are retried only for idempotent requests.
+    /// closed is retried once on a fresh one, without counting against the peer; other
+    /// failures count, and are retried only for idempotent requests.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -321,10 +321,17 @@ impl ProxyHttp for GatewayProxy {
             return e;
         }
         let replayable = balance::idempotent(session);
-        if client_reused && replayable && matches!(e.retry, RetryType::ReusedOnly) {
-            // A pooled connection the peer had closed: try again on a fresh one, and the
-            // same peer may serve it.
-            if let Some(idx) = ctx.peer_idx {
+        if client_reused
+            && replayable
+            && matches!(e.retry, RetryType::ReusedOnly)
+            && !std::mem::replace(&mut ctx.fresh_retry, true)
+        {
+            // A pooled connection the peer had closed before answering: tried again once, on
+            // a new connection (the peer's other idle ones are dropped with it: Pingora would
+            // take the next pooled one, and the next, 16 times over for one GET when an
+            // upstream closes them all). The same peer may serve it; nothing is counted.
+            if let (Some(rt), Some(up), Some(idx)) = (&ctx.rt, ctx.upstream, ctx.peer_idx) {
+                rt.pools[up].drop_idle(idx);
                 ctx.tried.remove(idx);
             }
             e.set_retry(true);

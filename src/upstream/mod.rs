@@ -59,6 +59,10 @@ pub struct PeerState {
     inflight: AtomicUsize,
     failures: AtomicU32,
     ejected_until: AtomicU64,
+    /// The generation of the peer's pooled connections, mixed into the pool key of every
+    /// connection made for it: bumped when a pooled connection turns out dead, so the idle
+    /// ones pooled with it are never handed out again (see `Pool::drop_idle`).
+    pool_epoch: AtomicU64,
 }
 
 impl PeerState {
@@ -79,6 +83,7 @@ impl PeerState {
             inflight: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            pool_epoch: AtomicU64::new(0),
         }
     }
 
@@ -509,7 +514,25 @@ impl Pool {
         o.write_timeout = Some(self.cfg.write_timeout);
         o.idle_timeout = Some(self.cfg.idle_timeout);
         peer_tls(&mut peer, &self.cfg);
+        let epoch = p.pool_epoch.load(Relaxed);
+        if epoch != 0 {
+            peer.group_key = peer
+                .group_key
+                .wrapping_add(epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
         Box::new(peer)
+    }
+
+    /// A pooled connection to peer `idx` was dead (closed by the peer before any answer):
+    /// the others pooled with it likely are too (a restarted or idle-closing upstream).
+    /// Pingora's pool has no call to empty a peer's group, so the peer's pool key moves on:
+    /// the next try connects afresh, and the idle connections left under the old key are
+    /// never used again; they close when the peer closes them or at `idle_timeout`, or are
+    /// evicted first when the pool is full.
+    pub fn drop_idle(&self, idx: usize) {
+        if let Some(p) = self.peers.get(idx) {
+            p.pool_epoch.fetch_add(1, Relaxed);
+        }
     }
 
     pub fn tls(&self) -> bool {
