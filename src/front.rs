@@ -87,6 +87,10 @@ pub struct HeadClock {
     h2_abuse: AtomicBool,
     /// HTTP/2: a header block began, or abuse: wakes the connection loop.
     h2_event: tokio::sync::Notify,
+    /// HTTP/1: the most one read from the socket may return (0: no cap), set while the proxy
+    /// buffers a request body of unknown length (`request_buffering`), so no read overflows
+    /// what Pingora keeps of it.
+    read_cap: AtomicUsize,
 }
 
 const LINE_DONE: u64 = u64::MAX;
@@ -160,6 +164,11 @@ impl HeadClock {
             *w = m.get(i).copied().unwrap_or(b' ');
         }
         k > 0 && first[..k] == want[..k]
+    }
+
+    /// Caps each socket read at `cap` bytes (0: no cap again).
+    pub fn cap_reads(&self, cap: usize) {
+        self.read_cap.store(cap, Relaxed);
     }
 
     fn on_write(&self, blocked: bool) {

@@ -164,7 +164,8 @@ fn bodies_are_framed_once(transport: Transport) {
                 },
                 Some("chunked"),
                 None,
-                "1\r\na\r\n2\r\nbc\r\n3\r\ndef\r\n4\r\nghij\r\n1\r\nk\r\n0\r\n\r\n",
+                // Read whole before it went upstream (request_buffering): one chunk.
+                "B\r\nabcdefghijk\r\n0\r\n\r\n",
             ),
             (
                 Sent {
@@ -173,9 +174,10 @@ fn bodies_are_framed_once(transport: Transport) {
                     headers: &[],
                     frames: Some(&[""]),
                 },
-                Some("chunked"),
+                // Read before it went upstream (request_buffering): known to be empty.
                 None,
-                "0\r\n\r\n",
+                None,
+                "",
             ),
             (
                 Sent {
@@ -217,9 +219,10 @@ fn bodies_are_framed_once(transport: Transport) {
                     headers: &[],
                     frames: Some(&[""]),
                 },
-                Some("chunked"),
+                // Read before it went upstream (request_buffering): known to be empty.
                 None,
-                "0\r\n\r\n",
+                None,
+                "",
             ),
         ];
         for (sent, _, _, _) in &cases {

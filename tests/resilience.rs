@@ -346,4 +346,20 @@ async fn a_dead_pooled_connection_is_retried_once_on_a_new_one() {
     assert_eq!(status, 502);
     assert_eq!(requests.swap(0, Relaxed), 1);
     assert_eq!(conns.load(Relaxed), pooled + 2);
+    // A POST whose body was read whole before it went out (request_buffering) is retried
+    // the same way: once, on a new connection.
+    closing.store(false, Relaxed);
+    let results = hammer(&format!("http://127.0.0.1:{port}/"), 20, 20, &[]).await;
+    assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
+    closing.store(true, Relaxed);
+    requests.store(0, Relaxed);
+    let status = client()
+        .post(format!("http://127.0.0.1:{port}/post"))
+        .body("a small body")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 502);
+    assert_eq!(requests.swap(0, Relaxed), 2);
 }

@@ -65,7 +65,14 @@ pub async fn serve(
     let body =
         if agg.parts.iter().any(|p| p.body) && method != Method::GET && method != Method::HEAD {
             let mut b = BytesMut::new();
+            let h2 = session.as_ref().is_http2();
+            if h2 {
+                crate::front::h2_body_expected(!session.as_mut().is_body_done());
+            }
             while let Some(chunk) = session.read_request_body().await? {
+                if h2 {
+                    crate::front::h2_body_read(session.as_mut().is_body_done());
+                }
                 if b.len() + chunk.len() > agg.max_bytes {
                     let reply = Reply::json_error(
                         StatusCode::PAYLOAD_TOO_LARGE,
@@ -76,6 +83,9 @@ pub async fn serve(
                     return Ok(());
                 }
                 b.extend_from_slice(&chunk);
+            }
+            if h2 {
+                crate::front::h2_body_read(true);
             }
             Some(b.freeze())
         } else {

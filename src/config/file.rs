@@ -265,6 +265,7 @@ pub struct RouteFile {
     #[serde(default = "yes")]
     pub access_log: bool,
     pub aggregate: Option<Spanned<super::aggregate::AggregateFile>>,
+    pub request_buffering: Option<Spanned<Size>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -313,7 +313,14 @@ pub struct Route {
     pub cache: Option<std::sync::Arc<crate::cache::policy::CacheRoute>>,
     /// `access_log = false`: this route's requests are not written to the access log.
     pub access_log: bool,
+    /// `request_buffering`: a request body up to this size is read whole before anything
+    /// goes upstream (0: bodies stream).
+    pub request_buffering: usize,
 }
+
+/// The default and the most of `request_buffering`: what Pingora keeps of a body to send it
+/// again (its retry buffer).
+pub const REQUEST_BUFFERING_MAX: usize = 64 * 1024;
 
 /// Where a route's requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -237,6 +237,19 @@ pub(super) fn route(
         super::offload::cache(ld, c, ctx)
     });
 
+    let request_buffering = match &r.request_buffering {
+        None => super::REQUEST_BUFFERING_MAX,
+        Some(v) if v.get_ref().0 > super::REQUEST_BUFFERING_MAX as u64 => {
+            ld.err(
+                v.span(),
+                ctx,
+                "`request_buffering` is at most \"64KiB\" (what Pingora keeps of a body to send it again); larger bodies stream",
+            );
+            0
+        }
+        Some(v) => v.get_ref().0 as usize,
+    };
+
     if ld.errors.len() > errors_before {
         return None;
     }
@@ -264,6 +277,7 @@ pub(super) fn route(
             plugins,
             compression,
             cache,
+            request_buffering,
         },
     ))
 }

@@ -16,8 +16,13 @@
 //!   have a rate; past it, GOAWAY(ENHANCE_YOUR_CALM). The h2 crate bounds the rest: resets
 //!   before accept (rapid reset), streams it resets itself (MadeYouReset), CONTINUATION
 //!   count, empty and tiny DATA frames, one pending PING and SETTINGS answer;
-//! - each stream's task carries a `StreamClock`: the proxy notes each request body read, and a
-//!   stream whose body has not moved for `body_timeout` is reset;
+//! - each stream's task carries a `StreamClock`: once the gateway starts reading a request
+//!   body (the proxy, connected upstream; request_buffering; an aggregate), a stream whose
+//!   body has not moved for `body_timeout` is reset. Requests answered without their body
+//!   (static files, cache hits, plugins' answers) are never timed. While the proxy waits for
+//!   the upstream to take what it read (Pingora reads no more then), the clock runs too: an
+//!   upstream slower than `body_timeout` to take a piece, within its own `write_timeout`, is
+//!   taken for a stalled client;
 //! - after `max_requests_per_connection` streams, a graceful GOAWAY;
 //! - idle (no stream open) for `keepalive_timeout`: closed.
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -39,10 +44,14 @@ use crate::upstream::now_ms;
 const STREAM_BUFFER: u32 = 64 * 1024;
 /// Control frames (SETTINGS, PING, PRIORITY, unknown types) a client may send in a second.
 const CONTROLS_PER_SEC: u32 = 1000;
-/// Streams a client may reset in a second.
-const RESETS_PER_SEC: u32 = 100;
+/// Streams a client may reset in a second: a browser leaving a page cancels what it had open
+/// (up to h2_max_concurrent_streams, 128 by default); rapid reset sends thousands.
+const RESETS_PER_SEC: u32 = 400;
 /// Streams refused at acceptance (a forbidden byte in the target, bad framing) per connection.
 const MALFORMED_PER_CONN: u32 = 32;
+/// Streams the gateway may reset for a client's protocol error (and refusals past the stream
+/// limit) over a connection's life, h2 counting them; past it, GOAWAY.
+const LOCAL_RESETS_PER_CONN: usize = 256;
 /// How long a connection closed for cause has to flush its GOAWAY.
 const DRAIN: Duration = Duration::from_secs(1);
 
@@ -112,6 +121,9 @@ pub(super) struct FrameScan {
     /// Inside a header block: from a HEADERS frame's first byte to the end of the frame
     /// (HEADERS or CONTINUATION) that has END_HEADERS.
     in_block: bool,
+    /// A HEADERS frame began in the current read (blocks do not interleave: the block open at
+    /// a read's end is the last one begun).
+    began: bool,
     controls: u32,
     resets: u32,
     /// `now_ms()` when the current rate window began.
@@ -139,6 +151,7 @@ impl FrameScan {
             kind: 0,
             flags: 0,
             in_block: false,
+            began: false,
             controls: 0,
             resets: 0,
             window: now_ms(),
@@ -147,6 +160,7 @@ impl FrameScan {
 
     pub(super) fn scan(&mut self, mut bytes: &[u8], clock: &HeadClock) {
         let was_open = self.in_block;
+        self.began = false;
         while !bytes.is_empty() {
             if self.preface_left > 0 {
                 let n = bytes.len().min(self.preface_left as usize);
@@ -178,19 +192,22 @@ impl FrameScan {
                 }
             }
         }
-        if self.in_block != was_open {
-            if self.in_block {
-                clock.h2_head_since.store(now_ms().max(1), Relaxed);
-                clock.h2_event.notify_one();
-            } else {
-                clock.h2_head_since.store(0, Relaxed);
-            }
+        if self.in_block && (self.began || !was_open) {
+            // A block still open at the end of this read, begun in it: its clock starts now
+            // (one begun in an earlier read keeps its time).
+            clock.h2_head_since.store(now_ms().max(1), Relaxed);
+            clock.h2_event.notify_one();
+        } else if !self.in_block && was_open {
+            clock.h2_head_since.store(0, Relaxed);
         }
     }
 
     fn frame_start(&mut self, clock: &HeadClock) {
         match self.kind {
-            HEADERS => self.in_block = true,
+            HEADERS => {
+                self.in_block = true;
+                self.began = true;
+            }
             DATA | CONTINUATION | WINDOW_UPDATE | GOAWAY => {}
             RST_STREAM => {
                 self.resets += 1;
@@ -305,7 +322,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
             .max_send_buffer_size(STREAM_BUFFER as usize)
             // Streams the server resets for a client's protocol error (MadeYouReset): h2's
             // default lets 1024 reach the upstream first.
-            .max_local_error_reset_streams(Some(MALFORMED_PER_CONN as usize * 4));
+            .max_local_error_reset_streams(Some(LOCAL_RESETS_PER_CONN));
         // The client preface is due within header_timeout of the connection's start (TLS
         // handshake and h2c sniffing included), and its SETTINGS frame with it.
         let deadline = conn_start + limits.header_timeout;
@@ -365,7 +382,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                     self.cut("header_timeout");
                     return;
                 }
-                _ = idle_for(&active, idle) => return,
+                // The first request is due within header_timeout, as over HTTP/1.
+                _ = idle_for(&active, if served == 0 { limits.header_timeout } else { idle }) => {
+                    if served == 0 {
+                        self.cut("header_timeout");
+                    }
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    break;
+                }
                 next = HttpSession::from_h2_conn(&mut conn, digest.clone()) => next,
             };
             match next {
@@ -381,7 +405,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                 Ok(None) => return,
                 Ok(Some(H2Accept::Rejected)) => {
                     malformed += 1;
-                    if malformed > MALFORMED_PER_CONN {
+                    if malformed >= MALFORMED_PER_CONN {
                         self.cut("h2_malformed");
                         conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                         break;
@@ -401,7 +425,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                     let name = self.name.clone();
                     let cut = self.cuts[CUT_BODY].clone();
                     let sc = Arc::new(StreamClock::default());
-                    tokio::spawn(STREAM.scope(sc.clone(), async move {
+                    // Spread as Pingora spreads them (its runtimes without work stealing too).
+                    pingora_runtime::current_handle().spawn(STREAM.scope(sc.clone(), async move {
                         let _guard = guard;
                         let session = ServerSession::new_http2(session);
                         tokio::select! {

@@ -49,7 +49,10 @@ impl AsyncRead for Timed {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let r = if self.replay.is_empty() {
+        let cap = self.clock.read_cap.load(Relaxed);
+        let r = if cap > 0 && buf.remaining() > cap && self.replay.is_empty() {
+            capped_read(Pin::new(&mut self.inner), cx, buf, cap)
+        } else if self.replay.is_empty() {
             Pin::new(&mut self.inner).poll_read(cx, buf)
         } else {
             let n = self.replay.len().min(buf.remaining());
@@ -80,6 +83,27 @@ impl AsyncRead for Timed {
             return Poll::Pending;
         }
         r
+    }
+}
+
+/// Reads at most `cap` bytes (and at most 16 KiB) into `buf`. Out of line: its buffer would
+/// otherwise grow every read's stack frame.
+#[inline(never)]
+fn capped_read(
+    inner: Pin<&mut Stream>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+    cap: usize,
+) -> Poll<std::io::Result<()>> {
+    let mut tmp = [0u8; 16 * 1024];
+    let n = cap.min(tmp.len());
+    let mut small = ReadBuf::new(&mut tmp[..n]);
+    match inner.poll_read(cx, &mut small) {
+        Poll::Ready(Ok(())) => {
+            buf.put_slice(small.filled());
+            Poll::Ready(Ok(()))
+        }
+        other => other,
     }
 }
 

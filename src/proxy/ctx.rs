@@ -39,6 +39,9 @@ pub struct RequestCtx {
     pub status_retry: bool,
     /// The one retry on a new connection after a dead pooled one was taken.
     pub fresh_retry: bool,
+    /// The whole request body was read before the first try (`request_buffering`): it can
+    /// be sent again.
+    pub body_held: bool,
     pub mirror: Option<MirrorState>,
     /// A WebSocket handshake's expected `Sec-WebSocket-Accept`.
     pub ws_accept: Option<String>,

@@ -18,6 +18,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::runtime::Live;
 
 pub mod balance;
+mod buffering;
 pub mod caching;
 pub mod canonical;
 pub mod ctx;
@@ -217,10 +218,8 @@ impl ProxyHttp for GatewayProxy {
             session.set_keepalive(None);
         }
         if session.as_ref().is_http2() {
-            // The HTTP/1 loop bounds writes itself (front.rs); an h2 stream gets Pingora's,
-            // and its body reads are bounded by its connection loop (front/h2.rs).
+            // The HTTP/1 loop bounds writes itself (front.rs); an h2 stream gets Pingora's.
             session.set_write_timeout(Some(limits.send_timeout));
-            crate::front::h2_body_expected(!session.as_mut().is_body_done());
         }
         // Pipelined requests are answered in order, one at a time (RFC 9112 §9.3.2).
         session.set_pipelining_enabled(true);
@@ -322,7 +321,7 @@ impl ProxyHttp for GatewayProxy {
         }
         let replayable = balance::idempotent(session);
         if client_reused
-            && replayable
+            && (replayable || ctx.body_held)
             && matches!(e.retry, RetryType::ReusedOnly)
             && !std::mem::replace(&mut ctx.fresh_retry, true)
         {
@@ -371,6 +370,12 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         self.prepare_upstream_request(session, upstream, ctx)
             .await?;
+        if session.as_ref().is_http2() {
+            // Connected: from here the proxy reads the body, and an HTTP/2 stream's reads are
+            // timed by its connection loop (front/h2.rs) from now (not from the head: the
+            // plugins and the connect were not the client's wait).
+            crate::front::h2_body_expected(!session.as_mut().is_body_done());
+        }
         if let (Some(rt), Some(span)) = (&ctx.rt, &ctx.span) {
             rt.tracing.inject(span, upstream);
         }

@@ -67,6 +67,7 @@ mod tests {
             compression: None,
             cache: None,
             access_log: true,
+            request_buffering: 0,
         }
     }
 

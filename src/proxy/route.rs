@@ -88,6 +88,7 @@ impl GatewayProxy {
             self.tunnel(session, ctx, up).await?;
             return Ok(true);
         }
+        ctx.body_held = super::buffering::read_ahead(session, route.request_buffering).await?;
         Ok(false)
     }
 }
