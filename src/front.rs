@@ -48,6 +48,7 @@ fn connection_ended() {
     }
 }
 
+mod evict;
 mod h2;
 mod limits;
 mod per_ip;
@@ -87,6 +88,14 @@ pub struct HeadClock {
     h2_abuse: AtomicBool,
     /// HTTP/2: a header block began, or abuse: wakes the connection loop.
     h2_event: tokio::sync::Notify,
+    /// Overload (`evict.rs`): where the connection sits in the registry, whether it was asked
+    /// to close, the task to wake when it is, whether it ever completed a head, and when it
+    /// was opened (`now_ms()`).
+    reg_slot: AtomicUsize,
+    evict: AtomicBool,
+    evict_waker: futures::task::AtomicWaker,
+    had_request: AtomicBool,
+    opened: AtomicU64,
     /// HTTP/1: the most one read from the socket may return (0: no cap), set while the proxy
     /// buffers a request body of unknown length (`request_buffering`), so no read overflows
     /// what Pingora keeps of it.
@@ -112,6 +121,7 @@ impl HeadClock {
     pub fn head_done(&self) {
         self.waiting.store(false, Relaxed);
         self.done.store(true, Relaxed);
+        self.had_request.store(true, Relaxed);
     }
 
     fn on_read(&self, bytes: &[u8]) {
@@ -212,6 +222,8 @@ struct TimerState {
     seen: u64,
     /// Ticks in a row without a request.
     quiet: u32,
+    /// The connection's task is registered to be woken when it is asked to close.
+    registered: bool,
 }
 
 impl TimerState {
@@ -268,6 +280,14 @@ impl Future for HeadTimer<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if self.clock.gone.load(Relaxed) {
+            return Poll::Ready(());
+        }
+        if !self.state.registered {
+            // Once per connection: its task (and so its waker) is the same for all requests.
+            self.clock.evict_waker.register(cx.waker());
+            self.state.registered = true;
+        }
+        if self.clock.evict.load(Relaxed) && !self.clock.done.load(Relaxed) {
             return Poll::Ready(());
         }
         if self.clock.done.load(Relaxed) {
@@ -381,16 +401,19 @@ pub struct Front<A> {
     refused: [prometheus::IntCounter; 2],
     /// `gatehouse_client_cuts_total{gateway,reason}`, by `CUT_REASONS`.
     cuts: [prometheus::IntCounter; CUT_REASONS.len()],
+    /// The HTTP/1 connections, for closing one waiting for a head at max_connections.
+    waiting: evict::Registry,
 }
 
 /// Why the gateway let a client connection or stream go: the `reason` label of
 /// `gatehouse_client_cuts_total` (`h2::CUT_BODY` indexes body_timeout).
-const CUT_REASONS: [&str; 5] = [
+const CUT_REASONS: [&str; 6] = [
     "header_timeout",
     "body_timeout",
     "send_timeout",
     "h2_flood",
     "h2_malformed",
+    "overload",
 ];
 
 /// Holds one of the gateway's connection slots.
@@ -437,6 +460,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                     .connections_refused
                     .with_label_values(&[&name, r])
             }),
+            waiting: evict::Registry::default(),
             cuts: CUT_REASONS.map(|r| {
                 crate::metrics::METRICS
                     .client_cuts
@@ -455,15 +479,19 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
 
     fn admit(&self, max: usize) -> Option<Slot<'_, A>> {
         if self.active.fetch_add(1, Relaxed) >= max {
-            self.active.fetch_sub(1, Relaxed);
-            self.refused[0].inc();
             if !self.saturated.swap(true, Relaxed) {
                 log::warn!(
-                    "gateway \"{}\": max_connections ({max}) reached, refusing new connections",
+                    "gateway \"{}\": max_connections ({max}) reached: new connections are admitted by closing those that wait longest for a request head, refused when none waits",
                     self.name
                 );
             }
-            return None;
+            // Room is made, not waited for: the chosen connection closes at once, and the
+            // count is over max by the connections being closed meanwhile.
+            if !self.waiting.evict_one() {
+                self.active.fetch_sub(1, Relaxed);
+                self.refused[0].inc();
+                return None;
+            }
         }
         self.gauge.inc();
         Some(Slot(self))
@@ -480,6 +508,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
     ) {
         let base = conn_start - Duration::from_millis(now_ms());
         let clock = Arc::new(HeadClock::default());
+        clock.opened.store(now_ms(), Relaxed);
+        let _registered = self.waiting.register(&clock);
         let mut session = ServerSession::new_http1(Box::new(Timed {
             inner: stream,
             clock: clock.clone(),
@@ -525,6 +555,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                     }
                     if clock.gone.load(Relaxed) {
                         log::debug!("gateway \"{}\": the client left mid-head", self.name);
+                    } else if clock.evict.load(Relaxed) && !clock.done.load(Relaxed) {
+                        self.cut("overload");
+                        log::debug!(
+                            "gateway \"{}\": at max_connections, closing a connection waiting for a head",
+                            self.name
+                        );
                     } else if clock.done.load(Relaxed) {
                         self.cut("send_timeout");
                         log::debug!(

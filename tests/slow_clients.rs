@@ -165,25 +165,31 @@ async fn connections_requests_and_header_fields_are_capped() {
         "max_connections = 5\nmax_requests_per_connection = 3\nmax_headers = 10\n\
          max_header_size = \"1KiB\"\nheader_timeout = \"10s\"",
     );
-    // Five idle connections hold every slot: the next ones are closed at once. Each makes
-    // one request first, so it is certainly accepted and counted before the others come (a
-    // bare connect may still sit in the accept queue on a busy machine).
+    // Five idle keep-alive connections hold every slot: each next one is admitted by closing
+    // one of them (they wait for a head; their clients reconnect without a failed request).
+    // Each makes one request first, so it is certainly accepted and counted before the others
+    // come (a bare connect may still sit in the accept queue on a busy machine).
     let mut held = Vec::new();
     for _ in 0..5 {
         let req = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
         held.push(common::raw::answered_connection(port, req).await);
     }
+    // Three newcomers that stay connected: each needs a slot of its own.
+    let mut newcomers = Vec::new();
     for _ in 0..3 {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
-            .await
-            .expect("refused at once")
-            .unwrap_or(0);
-        assert_eq!(n, 0, "refused");
+        let req = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        newcomers.push(common::raw::answered_connection(port, req).await);
     }
-    drop(held);
+    let mut closed = 0;
+    for mut s in held {
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 3, "one idle connection closed for each newcomer");
+    drop(newcomers);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = client()
         .get(format!("http://127.0.0.1:{port}/"))
@@ -444,4 +450,55 @@ async fn one_address_holds_at_most_max_connections_per_ip() {
         1,
         "said once:\n{log}"
     );
+}
+
+/// At `max_connections`, a slowloris crowd does not lock others out: each newcomer is admitted
+/// by closing the connection that has waited longest for its head, so a normal client is
+/// answered within a second throughout, and no client timeout writes an ERROR line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_the_slowest_make_room() {
+    let up = echo("u").await;
+    let (port, admin) = (free_port(), free_port());
+    let g = gateway(
+        port,
+        up,
+        &format!("admin = \"127.0.0.1:{admin}\"\nmax_connections = 100\nheader_timeout = \"30s\""),
+    );
+    const REQ: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: slowloris/1.0\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    // 300 trickling clients, far more than the 100 slots, arriving over 1.5 s and staying.
+    let attack: Vec<_> = (0..300)
+        .map(|i| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(5 * i)).await;
+                trickle(port, REQ, Duration::from_millis(500)).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(1),
+            client().get(format!("http://127.0.0.1:{port}/")).send(),
+        )
+        .await
+        .expect("answered within a second")
+        .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(t.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = metrics_text(admin).await;
+    let cut: u64 = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("gatehouse_client_cuts_total{gateway=\"g\",reason=\"overload\"} ")
+        })
+        .map_or(0, |v| v.trim().parse().unwrap());
+    assert!(cut >= 150, "{cut} closed to make room\n{m}");
+    for a in attack {
+        a.abort();
+    }
+    let log = g.log();
+    assert!(!log.contains("ERROR"), "{log}");
 }
