@@ -58,7 +58,7 @@ nginx_conf() { # dir port body...
   mkdir -p "$dir"
   cat > "$dir/nginx.conf" <<CONF
 worker_processes 1; daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
-events { worker_connections 10240; }
+events { worker_connections 30000; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
   client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
   uwsgi_temp_path $dir; scgi_temp_path $dir;
@@ -570,33 +570,38 @@ PY
   done
 }
 
-run_idle() { # memory per idle keep-alive connection
-  local n=2000
-  for front in "nginx $NGX" "bare-pingora $BARE" "gatehouse $GH"; do
-    set -- $front
-    local pid before after
-    pid=$(pid_of "$2")
-    before=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
-    python3 - "$2" "$n" "$pid" "$work/idle.out" <<'PY'
-import socket, sys, time
-port, n, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-socks = []
-for _ in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    s.recv(4096)
-    socks.append(s)
-time.sleep(1)
-rss = [l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0].split()[1]
-open(out, "w").write(rss)
-for s in socks:
-    s.close()
-PY
-    after=$(cat "$work/idle.out")
-    local per
-    per=$(awk -v a="$after" -v b="$before" -v n=$n 'BEGIN { printf "%.1f", (a - b) / n }')
-    echo "idle|$1|$n|-|-|-|$per KiB/conn|1||-" >> "$rows"
-    echo "  idle $1: $before -> $after KiB for $n connections ($per KiB each)" >&2
+run_idle() { # memory per client connection: silent, trickling a head, idle keep-alive
+  # 10,000 connections (IDLE_CONNS) held 6 s each way against a fresh process of each front
+  # (an allocator keeps what an earlier mode freed), its RSS sampled every 100 ms
+  # (load-tests/idle.py), a normal request every 500 ms meanwhile.
+  local n=${IDLE_CONNS:-10000} port=18330
+  ulimit -n $((n * 2 + 1000)) 2>/dev/null || true
+  for name in nginx bare-pingora gatehouse; do
+    for mode in silent trickle keepalive; do
+      port=$((port + 1))
+      local p
+      case $name in
+        nginx)
+          nginx_conf "$work/idle$port" $port "$upstream server { listen 127.0.0.1:$port; location / { $NGX_PROXY } }"
+          nginx -p "$work/idle$port" -c "$work/idle$port/nginx.conf" & p=$! ;;
+        bare-pingora) "$bare" 127.0.0.1:$port 127.0.0.1:$UP 1 & p=$! ;;
+        gatehouse)
+          gatehouse_conf $port "$one_route" > "$work/idle$port.toml"
+          RUST_LOG=error "$gh" run -c "$work/idle$port.toml" & p=$! ;;
+      esac
+      for _ in $(seq 100); do (: </dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+      sleep 0.5
+      local line
+      line=$(python3 load-tests/idle.py $port "$(pid_of $port)" "$n" "$mode" 6)
+      # idle.py: mode conns before peak kib_per_conn normal_ms
+      set -- $line
+      echo "idle|$name, $mode|$2|-|-|-|$5|1||-" >> "$rows"
+      echo "  idle $name $mode: $3 -> $4 KiB for $2 connections ($5 KiB each); slowest normal request $6 ms" >&2
+      echo "$name|$mode|$2|$3|$4|$5|$6" >> "$work/idle.rows"
+      kill -9 $p 2>/dev/null || true
+      wait $p 2>/dev/null || true
+      sleep 1
+    done
   done
 }
 
@@ -632,7 +637,7 @@ for (sc, front, c), v in groups.items():
         base.setdefault((sc, c), (med([x[0] for x in v]), med([x[3] for x in v])))
 for (sc, front, c), v in groups.items():
     if sc == "idle":
-        print(f"| {sc} | {front} | {c} | | | | {v[0][3]} | | | |")
+        print(f"| {sc} | {front} | {c} | | | | {v[0][3]} KiB/conn | | | |")
         continue
     rps, cpu = med([x[0] for x in v]), med([x[3] for x in v])
     lat = lambda i: [ms(x[i]) for x in v if ms(x[i]) is not None]
@@ -728,6 +733,14 @@ out="load-tests/results/$(date -u +%Y%m%d-%H%M%S)-$scenario.md"
     echo "Redis' own CPU per request (utime + stime of redis-server ÷ requests; it shares the cores with the gateway, wrk and the upstream here):"
     echo
     awk -F'|' -v hz="$hz" '{c[$2] += $3; n[$2] += $4} END {for (k in c) printf "- %s: %.1f µs\n", k, c[k] * 1e6 / hz / n[k]}' "$work/redis-cpu" | sort
+  fi
+  if [ -s "$work/idle.rows" ]; then
+    echo
+    echo "Memory per client connection (load-tests/idle.py): connections held 6 s against a fresh process; RSS before, at the peak, and the growth per connection; the slowest of the normal requests made every 500 ms meanwhile:"
+    echo
+    echo "| front | connections | mode | RSS before | RSS peak | KiB per connection | slowest normal request |"
+    echo "|---|---|---|---|---|---|---|"
+    awk -F'|' '{printf "| %s | %s | %s | %.1f MB | %.1f MB | %s | %s ms |\n", $1, $3, $2, $4 / 1024, $5 / 1024, $6, $7}' "$work/idle.rows"
   fi
   if [ -s "$work/overshoot" ]; then
     echo

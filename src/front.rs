@@ -191,6 +191,78 @@ impl HeadClock {
     }
 }
 
+/// Writes GOAWAY(PROTOCOL_ERROR) and closes with a lingering close: bytes of the request left
+/// unread would make the close a reset, which may reach the client before the GOAWAY does.
+async fn goaway_and_close(mut stream: Stream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.write_all(&stream::GOAWAY_PROTOCOL_ERROR).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 512];
+    let drain = async {
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+}
+
+/// Reads a connection's first request head into `got` (after what is there already): true
+/// once it is complete, or more than `max` bytes came without its end (Pingora refuses it),
+/// false if the client left first. Nothing is allocated before the first byte comes (it is
+/// read alone, into the future's one byte), then `got` grows as the head does.
+async fn first_head(stream: &mut Stream, got: &mut Vec<u8>, max: usize) -> bool {
+    use tokio::io::AsyncReadExt;
+    if got.is_empty() {
+        let mut first = [0u8; 1];
+        match stream.read(&mut first).await {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {
+                // Small until the head needs more (it doubles): a trickled head holds little.
+                got.reserve(256);
+                got.push(first[0]);
+            }
+        }
+    }
+    let mut from = 0;
+    loop {
+        if memchr::memmem::find(&got[from..], b"\r\n\r\n").is_some()
+            || memchr::memmem::find(&got[from..], b"\n\n").is_some()
+            || got.len() > max + 8192
+        {
+            return true;
+        }
+        from = got.len().saturating_sub(3);
+        if got.len() == got.capacity() {
+            got.reserve(got.len());
+        }
+        match stream.read_buf(got).await {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Resolves when the connection is asked to close to make room (`evict.rs`).
+struct Evicted<'a>(&'a HeadClock);
+
+impl Future for Evicted<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.evict_waker.register(cx.waker());
+        if self.0.evict.load(Relaxed) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
 /// Resolves when the connection has been idle past `keepalive_timeout`, its current head is
 /// overdue, or a write to the client has waited for room longer than `send_timeout`.
 ///
@@ -510,6 +582,50 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
         let clock = Arc::new(HeadClock::default());
         clock.opened.store(now_ms(), Relaxed);
         let _registered = self.waiting.register(&clock);
+        let mut stream = stream;
+        let mut replay = replay;
+        // The first head is read here, into a buffer the size of what came, before Pingora's
+        // session exists: a connection that sends nothing, or trickles its head, holds no
+        // session, head buffer or proxy state meanwhile (10,000 of them held 440 MB that way).
+        clock.arm();
+        let first_head = first_head(&mut stream, &mut replay, limits.max_header_size);
+        let deadline = conn_start + limits.header_timeout;
+        tokio::select! {
+            biased;
+            done = tokio::time::timeout_at(deadline.into(), first_head) => match done {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(_) => {
+                    self.cut("header_timeout");
+                    log::debug!(
+                        "gateway \"{}\": request head not complete within header_timeout, closing",
+                        self.name
+                    );
+                    return;
+                }
+            },
+            _ = Evicted(&clock) => {
+                self.cut("overload");
+                return;
+            }
+        }
+        // Boxed, and so allocated only now: the session and the loop's state.
+        Box::pin(self.keepalive_loop(stream, replay, clock, conn_start, base, shutdown, limits))
+            .await
+    }
+
+    /// The connection's requests, its first head read.
+    #[allow(clippy::too_many_arguments)]
+    async fn keepalive_loop(
+        &self,
+        stream: Stream,
+        replay: Vec<u8>,
+        clock: Arc<HeadClock>,
+        conn_start: Instant,
+        base: Instant,
+        shutdown: &ShutdownWatch,
+        limits: ClientLimits,
+    ) {
         let mut session = ServerSession::new_http1(Box::new(Timed {
             inner: stream,
             clock: clock.clone(),
@@ -637,7 +753,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         if let Some(tls) = &self.tls {
             // Within header_timeout of the connection's start, as the head that follows.
             let deadline = (conn_start + limits.header_timeout).into();
-            match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+            match tokio::time::timeout_at(deadline, Box::pin(tls.accept(stream))).await {
                 Ok(Some(s)) => stream = s,
                 done => {
                     if done.is_err() {
@@ -671,9 +787,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                 // RFC 9113 §3.4: a server that receives anything but the preface may send
                 // GOAWAY(PROTOCOL_ERROR) and must close. The HTTP/1 client reads it as garbage
                 // and gives up; nothing it sent was read as a request.
-                use tokio::io::AsyncWriteExt;
-                let _ = stream.write_all(&stream::GOAWAY_PROTOCOL_ERROR).await;
-                let _ = stream.flush().await;
+                // Boxed: its buffer would otherwise be part of every connection's state.
+                Box::pin(goaway_and_close(stream)).await;
                 connection_ended();
                 return None;
             }
@@ -688,8 +803,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                 h2c,
                 frames: Some(h2::FrameScan::new()),
             });
-            self.serve_h2(stream, clock, conn_start, shutdown, limits)
-                .await;
+            // Boxed: its state would otherwise be part of every connection's, HTTP/1 ones too.
+            Box::pin(self.serve_h2(stream, clock, conn_start, shutdown, limits)).await;
             connection_ended();
             return None;
         }

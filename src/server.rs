@@ -73,8 +73,13 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
         );
         let mut svc = Service::new(format!("gateway {}", g.name), front);
         // TLS too: the front does the handshake once the connection is admitted.
+        let buffer = if g.tls.is_some() {
+            L4_BUFFER
+        } else {
+            PLAIN_L4_BUFFER
+        };
         for addr in &g.listen {
-            svc.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(L4_BUFFER));
+            svc.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffer));
         }
         server.add_service(svc);
         cert_stores.push(store);
@@ -109,6 +114,13 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Live), String> {
 /// client, so `max_connections` of them held 0.75 GB. Larger reads (bodies) bypass it.
 const L4_BUFFER: L4BufferSettings = L4BufferSettings {
     read: Some(16 * 1024),
+    write: None,
+};
+
+/// A plain connection reads straight into Pingora's own head and body buffers: a buffer
+/// under them only copied each read once more, and held 16 KiB for every idle connection.
+const PLAIN_L4_BUFFER: L4BufferSettings = L4BufferSettings {
+    read: Some(0),
     write: None,
 };
 

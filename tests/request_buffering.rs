@@ -294,3 +294,31 @@ fn check_refuses_more_than_the_retry_buffer() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_expects_100_continue_is_not_held() {
+    let got = Arc::new(Got::default());
+    let up = upstream(got.clone()).await;
+    let port = free_port();
+    let _g = gateway(port, up);
+    // The head goes upstream at once: the upstream decides whether the body comes.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(got.bytes.load(Relaxed) > 0, "the head is upstream");
+    s.write_all(b"hello").await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+}

@@ -58,6 +58,10 @@ impl AsyncRead for Timed {
             let n = self.replay.len().min(buf.remaining());
             buf.put_slice(&self.replay[..n]);
             self.replay.drain(..n);
+            if self.replay.is_empty() {
+                // Given back whole: an idle connection keeps no buffer.
+                self.replay = Vec::new();
+            }
             Poll::Ready(Ok(()))
         };
         let Poll::Ready(res) = &r else {

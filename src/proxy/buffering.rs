@@ -8,11 +8,14 @@
 //!
 //! The body is read into Pingora's own retry buffer (64 KiB), which Pingora then sends as the
 //! body of the first try, and of any retry. A read that would overflow it loses the body, so
-//! no read may: a body with a `Content-Length` is read only if it fits; one of unknown length
-//! (chunked HTTP/1, HTTP/2 without `content-length`) is read while the next read cannot
-//! overflow (HTTP/2: a DATA frame is at most 16 KiB; HTTP/1: the front caps each socket read
-//! at what is left, and a head over 16 KiB, whose read buffer may hold more of the body than
-//! that, streams). Whatever is not read whole streams as before, after what was read.
+//! no read may: a body with a `Content-Length` is read only if it fits; a chunked HTTP/1 one
+//! is read while the next read cannot overflow (the front caps each socket read at what is
+//! left, and after a head over 16 KiB, whose read buffer may hold more of the body than that,
+//! it streams). Whatever is not read whole streams as before, after what was read.
+//!
+//! Never read ahead: a body the client sends only once told to go on (`Expect:
+//! 100-continue`: the upstream says so), and an HTTP/2 body without `content-length`, which
+//! may be one direction of a stream both ways (gRPC).
 use pingora::protocols::http::ServerSession;
 use pingora_error::Result;
 use pingora_proxy::Session;
@@ -33,10 +36,19 @@ pub(super) async fn read_ahead(session: &mut Session, limit: usize) -> Result<bo
         return Ok(false);
     }
     let h2 = down.is_http2();
-    let length = content_length(down.req_header());
+    let req = down.req_header();
+    // A client that asked to be told to go on (Expect: 100-continue) sends its body only
+    // after the upstream said so.
+    if req.headers.contains_key(http::header::EXPECT) {
+        return Ok(false);
+    }
+    let length = content_length(req);
     match (h2, length) {
         (_, Some(n)) if n > limit as u64 => return Ok(false),
-        (_, Some(_)) | (true, None) => {}
+        (_, Some(_)) => {}
+        // HTTP/2 without a length may be a stream both ways (gRPC: the client sends its next
+        // message once it has the answer to the last): it streams.
+        (true, None) => return Ok(false),
         (false, None) => {
             // Reads can be capped only on the gateway's own client streams.
             let capped = down.as_http1().is_some_and(|h1| {

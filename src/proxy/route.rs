@@ -88,7 +88,9 @@ impl GatewayProxy {
             self.tunnel(session, ctx, up).await?;
             return Ok(true);
         }
-        ctx.body_held = super::buffering::read_ahead(session, route.request_buffering).await?;
+        if route.request_buffering > 0 && !session.as_mut().is_body_done() {
+            ctx.body_held = super::buffering::read_ahead(session, route.request_buffering).await?;
+        }
         Ok(false)
     }
 }
