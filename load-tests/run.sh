@@ -598,7 +598,12 @@ run_idle() { # memory per client connection: silent, trickling a head, idle keep
       echo "idle|$name, $mode|$2|-|-|-|$5|1||-" >> "$rows"
       echo "  idle $name $mode: $3 -> $4 KiB for $2 connections ($5 KiB each); slowest normal request $6 ms" >&2
       echo "$name|$mode|$2|$3|$4|$5|$6" >> "$work/idle.rows"
-      kill -9 $p 2>/dev/null || true
+      if [ $name = nginx ]; then
+        # Its workers outlive a killed master (and keep the port).
+        nginx -p "$work/idle$port" -c "$work/idle$port/nginx.conf" -s stop 2>/dev/null || true
+      else
+        kill -9 $p 2>/dev/null || true
+      fi
       wait $p 2>/dev/null || true
       sleep 1
     done
