@@ -228,15 +228,30 @@ async fn first_head(stream: &mut Stream, got: &mut Vec<u8>, max: usize) -> bool 
             }
         }
     }
-    let mut from = 0;
+    let mut from: usize = 0;
     loop {
-        if memchr::memmem::find(&got[from..], b"\r\n\r\n").is_some()
-            || memchr::memmem::find(&got[from..], b"\n\n").is_some()
+        // Blank lines before a request line are skipped, as Pingora's parser skips them.
+        let start = got
+            .iter()
+            .position(|&b| b != b'\r' && b != b'\n')
+            .unwrap_or(got.len());
+        let head = &got[start..];
+        let from_here = from.saturating_sub(start);
+        // Its end: an empty line, CRLF or bare LF (`\r\n\r\n` holds `\n\r\n`).
+        if memchr::memmem::find(&head[from_here.min(head.len())..], b"\n\r\n").is_some()
+            || memchr::memmem::find(&head[from_here.min(head.len())..], b"\n\n").is_some()
             || got.len() > max + 8192
         {
             return true;
         }
-        from = got.len().saturating_sub(3);
+        // A first line that is no request line is Pingora's to refuse, at once.
+        if let Some(eol) = memchr::memchr(b'\n', head) {
+            let line = head[..eol].strip_suffix(b"\r").unwrap_or(&head[..eol]);
+            if !(line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")) {
+                return true;
+            }
+        }
+        from = got.len().saturating_sub(2);
         if got.len() == got.capacity() {
             got.reserve(got.len());
         }
@@ -475,6 +490,8 @@ pub struct Front<A> {
     cuts: [prometheus::IntCounter; CUT_REASONS.len()],
     /// The HTTP/1 connections, for closing one waiting for a head at max_connections.
     waiting: evict::Registry,
+    /// The process is about to exit: connections still waiting for a head are closed.
+    draining: AtomicBool,
 }
 
 /// Why the gateway let a client connection or stream go: the `reason` label of
@@ -533,12 +550,25 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                     .with_label_values(&[&name, r])
             }),
             waiting: evict::Registry::default(),
+            draining: AtomicBool::new(false),
             cuts: CUT_REASONS.map(|r| {
                 crate::metrics::METRICS
                     .client_cuts
                     .with_label_values(&[&name, r])
             }),
             name,
+        }
+    }
+
+    /// A connection waiting for a head was asked to close: to make room at max_connections,
+    /// or because the process is about to exit (then it is no cut).
+    fn evicted(&self) {
+        if !self.draining.load(Relaxed) {
+            self.cut("overload");
+            log::debug!(
+                "gateway \"{}\": at max_connections, closing a connection waiting for a head",
+                self.name
+            );
         }
     }
 
@@ -574,20 +604,17 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
         &self,
         stream: Stream,
         replay: Vec<u8>,
+        clock: Arc<HeadClock>,
         conn_start: Instant,
         shutdown: &ShutdownWatch,
         limits: ClientLimits,
     ) {
         let base = conn_start - Duration::from_millis(now_ms());
-        let clock = Arc::new(HeadClock::default());
-        clock.opened.store(now_ms(), Relaxed);
-        let _registered = self.waiting.register(&clock);
         let mut stream = stream;
         let mut replay = replay;
         // The first head is read here, into a buffer the size of what came, before Pingora's
         // session exists: a connection that sends nothing, or trickles its head, holds no
         // session, head buffer or proxy state meanwhile (10,000 of them held 440 MB that way).
-        clock.arm();
         let first_head = first_head(&mut stream, &mut replay, limits.max_header_size);
         let deadline = conn_start + limits.header_timeout;
         tokio::select! {
@@ -605,7 +632,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                 }
             },
             _ = Evicted(&clock) => {
-                self.cut("overload");
+                self.evicted();
                 return;
             }
         }
@@ -665,18 +692,16 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                 biased;
                 r = self.proxy.process_new_http(session, shutdown) => r,
                 _ = timer => {
+                    if clock.evict.load(Relaxed) && !clock.done.load(Relaxed) {
+                        self.evicted();
+                        return;
+                    }
                     if !first && clock.started.load(Relaxed) == 0 && !clock.done.load(Relaxed) {
                         // Idle past keepalive_timeout: the usual end of a keep-alive.
                         return;
                     }
                     if clock.gone.load(Relaxed) {
                         log::debug!("gateway \"{}\": the client left mid-head", self.name);
-                    } else if clock.evict.load(Relaxed) && !clock.done.load(Relaxed) {
-                        self.cut("overload");
-                        log::debug!(
-                            "gateway \"{}\": at max_connections, closing a connection waiting for a head",
-                            self.name
-                        );
                     } else if clock.done.load(Relaxed) {
                         self.cut("send_timeout");
                         log::debug!(
@@ -716,7 +741,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let limits = self.live.load().client;
-        let _slot = self.admit(limits.max_connections)?;
+        // Per address first: a client over its own cap must not make room by closing others'.
         let _ip_slot = match limits.max_connections_per_ip {
             0 => None,
             max => {
@@ -748,12 +773,28 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                 }
             }
         };
+        let _slot = self.admit(limits.max_connections)?;
         let conn_start = Instant::now();
+        // From admission on, the connection waits for a head (its TLS handshake and h2c
+        // preface included): one that sends nothing can be closed to make room.
+        let clock = Arc::new(HeadClock::default());
+        clock.opened.store(now_ms(), Relaxed);
+        clock.arm();
+        let registered = self.waiting.register(&clock);
         let mut stream = stream;
         if let Some(tls) = &self.tls {
             // Within header_timeout of the connection's start, as the head that follows.
             let deadline = (conn_start + limits.header_timeout).into();
-            match tokio::time::timeout_at(deadline, Box::pin(tls.accept(stream))).await {
+            let accepted = tokio::select! {
+                biased;
+                done = tokio::time::timeout_at(deadline, Box::pin(tls.accept(stream))) => done,
+                _ = Evicted(&clock) => {
+                    self.evicted();
+                    connection_ended();
+                    return None;
+                }
+            };
+            match accepted {
                 Ok(Some(s)) => stream = s,
                 done => {
                     if done.is_err() {
@@ -770,8 +811,16 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         if self.h2c != H2c::Off && stream.get_ssl_digest().is_none() {
             // A client that does not finish its first bytes in header_timeout is let go,
             // as one that does not finish its head.
-            let sniffed = tokio::time::timeout(limits.header_timeout, sniff_preface(&mut stream));
-            match sniffed.await {
+            let sniffed = tokio::select! {
+                biased;
+                done = tokio::time::timeout(limits.header_timeout, sniff_preface(&mut stream)) => done,
+                _ = Evicted(&clock) => {
+                    self.evicted();
+                    connection_ended();
+                    return None;
+                }
+            };
+            match sniffed {
                 Ok(Some(s)) => (h2c, replay) = s,
                 Ok(None) => {
                     connection_ended();
@@ -794,6 +843,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             }
         }
         if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // HTTP/2 connections are bounded by their own limits, not closed to make room.
+            drop(registered);
             let clock = Arc::new(HeadClock::default());
             let stream: Stream = Box::new(Timed {
                 inner: stream,
@@ -808,8 +859,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             connection_ended();
             return None;
         }
-        self.serve_h1(stream, replay, conn_start, shutdown, limits)
+        self.serve_h1(stream, replay, clock, conn_start, shutdown, limits)
             .await;
+        drop(registered);
         connection_ended();
         None
     }
@@ -824,6 +876,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     async fn cleanup(&self) {
         let spare = (self.grace / 4).min(Duration::from_secs(1));
         tokio::time::sleep(self.grace - spare).await;
+        // Our connection loop's waits (a first head, a keep-alive) are closed here, Pingora's
+        // own sessions by its cleanup.
+        self.draining.store(true, Relaxed);
+        self.waiting.evict_all();
         self.proxy.http_cleanup().await
     }
 }

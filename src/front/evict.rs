@@ -68,7 +68,7 @@ impl Registry {
             if seen >= SAMPLE {
                 break;
             }
-            let list = self.shards[(first + i) % SHARDS]
+            let list = self.shards[first.wrapping_add(i) % SHARDS]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             if list.is_empty() {
@@ -78,7 +78,7 @@ impl Registry {
             let n = SAMPLE_PER_SHARD.min(list.len());
             seen += n;
             for j in 0..n {
-                let c = &list[(start + j) % list.len()];
+                let c = &list[start.wrapping_add(j) % list.len()];
                 let Some(rank) = rank(c, now) else { continue };
                 if best.as_ref().is_none_or(|(r, _)| rank < *r) {
                     best = Some((rank, c.clone()));
@@ -92,6 +92,21 @@ impl Registry {
                 true
             }
             None => false,
+        }
+    }
+}
+
+impl Registry {
+    /// Asks every connection waiting for a head to close (the process is about to exit).
+    pub fn evict_all(&self) {
+        for shard in &self.shards {
+            let list = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for c in list.iter() {
+                if c.waiting.load(Relaxed) && !c.evict.load(Relaxed) {
+                    c.evict.store(true, Relaxed);
+                    c.evict_waker.wake();
+                }
+            }
         }
     }
 }

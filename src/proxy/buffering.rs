@@ -79,10 +79,15 @@ pub(super) async fn read_ahead(session: &mut Session, limit: usize) -> Result<bo
             Ok(Some(piece)) => {
                 total += piece.len();
                 if h2 {
-                    crate::front::h2_body_read(false);
+                    crate::front::h2_body_read(down.is_body_done());
                 }
             }
-            Ok(None) => break Ok(true),
+            Ok(None) => {
+                if h2 {
+                    crate::front::h2_body_read(true);
+                }
+                break Ok(true);
+            }
             Err(mut e) => {
                 // The client's: a malformed body is its 400, a stalled one its 408.
                 e.as_down();

@@ -320,8 +320,16 @@ impl ProxyHttp for GatewayProxy {
             return e;
         }
         let replayable = balance::idempotent(session);
+        // A held body can be sent again, but a request that is not idempotent only when the
+        // peer closed before a byte of its answer (Pingora says how many it had read): after
+        // that the peer may have acted on it (RFC 9110 §9.2.2).
+        let unanswered = || {
+            e.context
+                .as_ref()
+                .is_some_and(|c| c.as_str().ends_with("bytes already read: 0"))
+        };
         if client_reused
-            && (replayable || ctx.body_held)
+            && (replayable || (ctx.body_held && unanswered()))
             && matches!(e.retry, RetryType::ReusedOnly)
             && !std::mem::replace(&mut ctx.fresh_retry, true)
         {
