@@ -247,3 +247,23 @@ pub(super) async fn sniff_preface(stream: &mut Stream) -> Option<(bool, Vec<u8>)
         }
     }
 }
+
+/// Writes GOAWAY(PROTOCOL_ERROR) and closes with a lingering close: bytes of the request left
+/// unread would make the close a reset, which may reach the client before the GOAWAY does.
+pub(super) async fn goaway_and_close(mut stream: Stream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.write_all(&GOAWAY_PROTOCOL_ERROR).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 512];
+    let drain = async {
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+}

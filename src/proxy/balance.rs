@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use pingora::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, Result, RetryType};
 use pingora_proxy::Session;
 
 use crate::config::{Selection, Target};
@@ -130,4 +130,89 @@ pub fn may_retry(pool: &Pool, session: &Session, ctx: &mut RequestCtx, replayabl
 /// Idempotent, with its body still replayable: safe to send again after it reached a peer.
 pub fn idempotent(session: &Session) -> bool {
     session.req_header().method.is_idempotent() && !session.as_ref().retry_buffer_truncated()
+}
+
+/// A failed connect never reached the peer: safe to retry elsewhere, whatever the method.
+pub fn after_connect_failure(
+    session: &Session,
+    ctx: &mut RequestCtx,
+    mut e: Box<Error>,
+) -> Box<Error> {
+    let retry = match (ctx.rt.clone(), ctx.upstream, ctx.peer_idx) {
+        (Some(rt), Some(up), Some(idx)) => {
+            let pool = &rt.pools[up];
+            pool.no_answer(idx);
+            ctx.upstream_failed = true;
+            may_retry(pool, session, ctx, true)
+        }
+        _ => false,
+    };
+    e.set_retry(retry);
+    e
+}
+
+/// Errors after the connection was made. A reused keep-alive connection that the peer had
+/// closed is retried once on a fresh one, without counting against the peer; other
+/// failures count, and are retried only for idempotent requests.
+pub fn after_proxy_failure(
+    peer: &HttpPeer,
+    session: &mut Session,
+    e: Box<Error>,
+    ctx: &mut RequestCtx,
+    client_reused: bool,
+) -> Box<Error> {
+    let mut e = e;
+    if std::mem::take(&mut ctx.status_retry) {
+        // Raised by upstream_response_filter, already decided and counted.
+        return e;
+    }
+    let replayable = idempotent(session);
+    // A held body can be sent again, but a request that is not idempotent only when the
+    // peer closed before a byte of its answer (Pingora says how many it had read): after
+    // that the peer may have acted on it (RFC 9110 §9.2.2).
+    let unanswered = || {
+        e.context
+            .as_ref()
+            .is_some_and(|c| c.as_str().ends_with("bytes already read: 0"))
+    };
+    if client_reused
+        && (replayable || (ctx.body_held && unanswered()))
+        && matches!(e.retry, RetryType::ReusedOnly)
+        && !std::mem::replace(&mut ctx.fresh_retry, true)
+    {
+        // A pooled connection the peer had closed before answering: tried again once, on
+        // a new connection (the peer's other idle ones are dropped with it: Pingora would
+        // take the next pooled one, and the next, 16 times over for one GET when an
+        // upstream closes them all). The same peer may serve it; nothing is counted.
+        if let (Some(rt), Some(up), Some(idx)) = (&ctx.rt, ctx.upstream, ctx.peer_idx) {
+            rt.pools[up].drop_idle(idx);
+            ctx.tried.remove(idx);
+        }
+        e.set_retry(true);
+        return e;
+    }
+    e.set_retry(false);
+    // An upstream that times out waiting while the client is still sending its body may
+    // be waiting for that body: nobody's verdict (a slow upload must not eject a peer).
+    if e.esource() == &ErrorSource::Upstream
+        && e.etype() == &ErrorType::ReadTimedout
+        && !session.is_body_done()
+    {
+        e.esource = ErrorSource::Internal;
+    }
+    // Only the upstream's own failures count against it and are retried: not the
+    // client's (a body over a limit, a disconnect), not ours. The peer is named in the
+    // log for those alone: a client's error reply must not show upstream addresses.
+    if e.esource() != &ErrorSource::Upstream {
+        return e;
+    }
+    let mut e = e.more_context(format!("Peer: {peer}"));
+    if let (Some(rt), Some(up), Some(idx)) = (ctx.rt.clone(), ctx.upstream, ctx.peer_idx) {
+        let pool = &rt.pools[up];
+        pool.no_answer(idx);
+        ctx.upstream_failed = true;
+        let retry = may_retry(pool, session, ctx, replayable);
+        e.set_retry(retry);
+    }
+    e
 }
