@@ -36,8 +36,6 @@ pub struct HeadClock {
     /// Pingora carried over from a pipelined read.
     pub(super) line_start: AtomicU64,
     pub(super) line_start_len: AtomicU64,
-    /// HTTP/2: bytes read so far (the preface and SETTINGS must come within header_timeout).
-    pub(super) h2_read: AtomicU64,
     /// HTTP/2: `now_ms()` since a header block has been coming, 0 while none is.
     pub(super) h2_head_since: AtomicU64,
     /// HTTP/2: the client sent control frames or resets past their rate.

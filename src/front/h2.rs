@@ -342,13 +342,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                 return;
             }
         };
-        let silent = async {
-            tokio::time::sleep_until(deadline.into()).await;
-            if clock.h2_read.load(Relaxed) >= 33 {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::pin!(silent);
         // No keep-alive at all (0s) still lets a connection send its first request.
         let idle = match limits.keepalive_timeout {
             t if t.is_zero() => limits.header_timeout,
@@ -378,12 +371,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
                     conn.abrupt_shutdown(reason);
                     break;
                 }
-                _ = &mut silent => {
-                    self.cut("header_timeout");
-                    return;
-                }
-                // The first request is due within header_timeout, as over HTTP/1.
-                _ = idle_for(&active, if served == 0 { limits.header_timeout } else { idle }) => {
+                // The first request is due within header_timeout of the connection's start,
+                // as over HTTP/1 (a client that sends the preface and nothing more included).
+                _ = idle_for(&active, if served == 0 {
+                    deadline.saturating_duration_since(Instant::now())
+                } else {
+                    idle
+                }) => {
                     if served == 0 {
                         self.cut("header_timeout");
                     }

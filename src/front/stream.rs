@@ -69,10 +69,9 @@ impl AsyncRead for Timed {
         };
         let read_some = res.is_ok() && buf.filled().len() > before;
         if read_some && !self.quiet_exit {
-            // HTTP/2: the frames, and the byte count (see Front::serve_h2).
+            // HTTP/2: the frames, for the connection loop (see Front::serve_h2).
             let this = &mut *self;
             let got = &buf.filled()[before..];
-            this.clock.h2_read.fetch_add(got.len() as u64, Relaxed);
             if let Some(frames) = this.frames.as_mut() {
                 frames.scan(got, &this.clock);
             }
